@@ -1,0 +1,786 @@
+"""Hugging Face checkpoints: config.json <-> `ModelConfig`, parameter names both ways, safetensors files.
+
+This is the only module where Hugging Face config fields and parameter names appear. A folder holds config.json
+and the weights as model.safetensors, as shards listed in model.safetensors.index.json, or as pytorch_model.bin
+(read only through `torch.load(weights_only=True)`). Writing always produces safetensors, atomically: the folder
+is built under a temporary name and swapped in, so a kill mid-write leaves the previous folder intact.
+
+Supported architectures (config.json `architectures[0]`, else `model_type`):
+GPT-2 / DistilGPT2 (GPT2LMHeadModel, GPT2Model), Llama / SmolLM2 (LlamaForCausalLM, LlamaModel),
+BERT / MiniLM, DistilBERT and RoBERTa (the bare model, ForMaskedLM, ForSequenceClassification).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from lmforge.config import ModelConfig
+from lmforge.models import build_model
+
+__all__ = ["ARCHITECTURES", "CheckpointError", "config_from_hf", "config_to_hf", "parse_size", "read_checkpoint",
+           "read_config", "read_tensors", "state_dict_from_hf", "state_dict_to_hf", "weight_files", "write_checkpoint"]
+
+CONFIG_FILE = "config.json"
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_FILE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+WEIGHT_FILE_PATTERN = re.compile(r"^(model(-\d+-of-\d+)?\.safetensors|pytorch_model(-\d+-of-\d+)?\.bin)(\.index\.json)?$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, malformed or does not match its config; the message names the file/field."""
+
+
+# architecture -> (model_type, head). The bare models of the decoders keep the LM head tied to the embeddings.
+ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "GPT2LMHeadModel": ("gpt2", "lm"),
+    "GPT2Model": ("gpt2", "lm"),
+    "LlamaForCausalLM": ("llama", "lm"),
+    "LlamaModel": ("llama", "lm"),
+    "BertModel": ("bert", "none"),
+    "BertForMaskedLM": ("bert", "lm"),
+    "BertForSequenceClassification": ("bert", "classify"),
+    "DistilBertModel": ("distilbert", "none"),
+    "DistilBertForMaskedLM": ("distilbert", "lm"),
+    "DistilBertForSequenceClassification": ("distilbert", "classify"),
+    "RobertaModel": ("roberta", "none"),
+    "RobertaForMaskedLM": ("roberta", "lm"),
+    "RobertaForSequenceClassification": ("roberta", "classify"),
+}
+# What lmforge writes for each (family, head); GPT2Model / LlamaModel are read as their LM-head versions.
+WRITE_ARCHITECTURE = {
+    ("gpt2", "lm"): "GPT2LMHeadModel",
+    ("llama", "lm"): "LlamaForCausalLM",
+    **{(fam, head): arch for arch, (fam, head) in ARCHITECTURES.items() if fam not in ("gpt2", "llama")},
+}
+DEFAULT_HEAD = {"gpt2": "lm", "llama": "lm", "bert": "none", "distilbert": "none", "roberta": "none"}
+# Prefix of the base model's parameters inside the *For* head models.
+BASE_PREFIX = {"gpt2": "transformer.", "llama": "model.", "bert": "bert.", "distilbert": "distilbert.",
+               "roberta": "roberta."}
+
+ACTIVATIONS_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
+                  "silu": "silu", "swish": "silu"}
+ACTIVATIONS_OUT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
+DISTILBERT_NORM_EPS = 1e-12  # hard-coded in transformers' DistilBERT
+
+
+# --- config.json <-> ModelConfig ---------------------------------------------------------------------------------
+
+_REQUIRED = object()
+
+
+class _Fields:
+    """Typed access to config.json fields with errors that name the file and the field."""
+
+    def __init__(self, raw: dict[str, Any], where: str):
+        self.raw, self.where = raw, where
+
+    def get(self, name: str, kind: type, default: Any = _REQUIRED) -> Any:
+        value = self.raw.get(name, None)
+        if value is None:
+            if default is _REQUIRED:
+                raise CheckpointError(f"{self.where}: required field {name!r} is missing")
+            return default
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
+              else isinstance(value, kind) and not (kind is int and isinstance(value, bool)))
+        if not ok:
+            raise CheckpointError(f"{self.where}: field {name!r} must be {kind.__name__}, got {value!r}")
+        return float(value) if kind is float else value
+
+    def activation(self, name: str, default: str) -> str:
+        value = self.get(name, str, default)
+        if value not in ACTIVATIONS_IN:
+            raise CheckpointError(f"{self.where}: field {name!r} = {value!r} is not supported; "
+                                  f"expected one of {sorted(ACTIVATIONS_IN)}")
+        return ACTIVATIONS_IN[value]
+
+    def token_ids(self) -> dict[str, Any]:
+        out = {}
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = self.raw.get(name)
+            if value is not None and not (isinstance(value, int) or (isinstance(value, list) and all(
+                    isinstance(v, int) for v in value))):
+                raise CheckpointError(f"{self.where}: field {name!r} must be an integer or a list of integers, "
+                                      f"got {value!r}")
+            out[name] = value
+        return out
+
+    def reject(self, name: str, unsupported: Any, why: str) -> None:
+        if self.raw.get(name) == unsupported:
+            raise CheckpointError(f"{self.where}: field {name!r} = {unsupported!r} is not supported ({why})")
+
+
+def _gpt2_fields(f: _Fields) -> dict[str, Any]:
+    f.reject("scale_attn_by_inverse_layer_idx", True, "lmforge scales attention by 1/sqrt(head size) only")
+    f.reject("add_cross_attention", True, "lmforge decoders have no cross-attention")
+    f.reject("scale_attn_weights", False, "lmforge always scales attention scores")
+    d_model = f.get("n_embd", int)
+    return dict(arch="decoder", vocab_size=f.get("vocab_size", int),
+                max_seq_len=f.get("n_positions", int, f.raw.get("n_ctx", 1024)), d_model=d_model,
+                n_layer=f.get("n_layer", int), n_head=f.get("n_head", int), d_ff=f.get("n_inner", int, 4 * d_model),
+                activation=f.activation("activation_function", "gelu_new"),
+                norm_eps=f.get("layer_norm_epsilon", float, 1e-5), norm="layernorm", norm_position="pre",
+                position="learned", gated_mlp=False, attn_bias=True, mlp_bias=True,
+                tie_embeddings=f.get("tie_word_embeddings", bool, True), dropout=f.get("resid_pdrop", float, 0.0))
+
+
+def _llama_fields(f: _Fields) -> dict[str, Any]:
+    rope = f.get("rope_parameters", dict, None) or f.get("rope_scaling", dict, None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise CheckpointError(f"{f.where}: rope type {rope_type!r} (field 'rope_parameters') is not supported; "
+                              "expected 'default'")
+    theta = rope.get("rope_theta", f.get("rope_theta", float, 10000.0))
+    n_head = f.get("num_attention_heads", int)
+    return dict(arch="decoder", vocab_size=f.get("vocab_size", int), d_model=f.get("hidden_size", int),
+                d_ff=f.get("intermediate_size", int), n_layer=f.get("num_hidden_layers", int), n_head=n_head,
+                n_kv_head=f.get("num_key_value_heads", int, n_head), head_dim=f.get("head_dim", int, None),
+                max_seq_len=f.get("max_position_embeddings", int, 2048), norm="rmsnorm", norm_position="pre",
+                norm_eps=f.get("rms_norm_eps", float, 1e-6), activation=f.activation("hidden_act", "silu"),
+                gated_mlp=True, position="rotary", rope_theta=float(theta),
+                attn_bias=f.get("attention_bias", bool, False), mlp_bias=f.get("mlp_bias", bool, False),
+                tie_embeddings=f.get("tie_word_embeddings", bool, False),
+                dropout=f.get("attention_dropout", float, 0.0))
+
+
+def _bert_fields(f: _Fields) -> dict[str, Any]:
+    position_type = f.get("position_embedding_type", str, "absolute")
+    if position_type != "absolute":
+        raise CheckpointError(f"{f.where}: field 'position_embedding_type' = {position_type!r} is not supported; "
+                              "expected 'absolute'")
+    f.reject("is_decoder", True, "lmforge encoders are bidirectional")
+    f.reject("add_cross_attention", True, "lmforge encoders have no cross-attention")
+    return dict(arch="encoder", vocab_size=f.get("vocab_size", int), d_model=f.get("hidden_size", int),
+                n_layer=f.get("num_hidden_layers", int), n_head=f.get("num_attention_heads", int),
+                d_ff=f.get("intermediate_size", int), activation=f.activation("hidden_act", "gelu"),
+                max_seq_len=f.get("max_position_embeddings", int, 512),
+                type_vocab_size=f.get("type_vocab_size", int, 2), norm_eps=f.get("layer_norm_eps", float, 1e-12),
+                tie_embeddings=f.get("tie_word_embeddings", bool, True), cls_activation="tanh",
+                dropout=f.get("hidden_dropout_prob", float, 0.0))
+
+
+def _roberta_fields(f: _Fields) -> dict[str, Any]:
+    fields = _bert_fields(f)
+    pad = f.get("pad_token_id", int, 1)
+    fields.update(position_offset=pad + 1)  # positions count from padding_idx + 1
+    return fields
+
+
+def _distilbert_fields(f: _Fields) -> dict[str, Any]:
+    return dict(arch="encoder", vocab_size=f.get("vocab_size", int), d_model=f.get("dim", int),
+                n_layer=f.get("n_layers", int), n_head=f.get("n_heads", int), d_ff=f.get("hidden_dim", int),
+                activation=f.activation("activation", "gelu"), max_seq_len=f.get("max_position_embeddings", int, 512),
+                type_vocab_size=0, norm_eps=DISTILBERT_NORM_EPS, tie_embeddings=f.get("tie_word_embeddings", bool, True),
+                cls_activation="relu", dropout=f.get("dropout", float, 0.0))
+
+
+_FAMILY_FIELDS = {"gpt2": _gpt2_fields, "llama": _llama_fields, "bert": _bert_fields, "roberta": _roberta_fields,
+                  "distilbert": _distilbert_fields}
+_ENCODER_COMMON = dict(norm="layernorm", norm_position="post", position="learned", embed_norm=True, gated_mlp=False,
+                       attn_bias=True, mlp_bias=True)
+
+
+def config_from_hf(raw: Any, where: str = CONFIG_FILE) -> ModelConfig:
+    """Translate a parsed config.json into a `ModelConfig`.
+
+    `architectures[0]` (else `model_type`) picks the family and the head ("lm", "classify" or "none");
+    id2label/label2id/problem_type are kept in `config.extra` so they are written back.
+    Raises CheckpointError naming `where` and the field for unknown architectures or bad values.
+    """
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    f = _Fields(raw, where)
+    architectures = f.get("architectures", list, [])
+    model_type = f.get("model_type", str, None)
+    if architectures:
+        name = architectures[0]
+        if name not in ARCHITECTURES:
+            raise CheckpointError(f"{where}: unsupported architecture {name!r} (field 'architectures'); "
+                                  f"supported: {', '.join(ARCHITECTURES)}")
+        family, head = ARCHITECTURES[name]
+        if model_type is not None and model_type != family:
+            raise CheckpointError(f"{where}: model_type {model_type!r} does not match architecture {name!r}")
+    elif model_type in DEFAULT_HEAD:
+        family, head = model_type, DEFAULT_HEAD[model_type]
+    else:
+        raise CheckpointError(f"{where}: unknown model_type {model_type!r} and no 'architectures'; "
+                              f"supported model types: {', '.join(DEFAULT_HEAD)}")
+    fields = _FAMILY_FIELDS[family](f)
+    if fields["arch"] == "encoder":
+        fields = {**_ENCODER_COMMON, **fields}
+    fields.update(family=family, head=head, **f.token_ids())
+    extra = {}
+    id2label = f.get("id2label", dict, None)
+    if id2label is not None:
+        extra["id2label"] = {int(k): v for k, v in id2label.items()}
+        extra["label2id"] = f.get("label2id", dict, {v: int(k) for k, v in id2label.items()})
+    if f.get("problem_type", str, None) is not None:
+        extra["problem_type"] = raw["problem_type"]
+    n_labels = f.get("num_labels", int, len(id2label) if id2label else 2)
+    try:
+        return ModelConfig(**fields, n_labels=n_labels, extra=extra)
+    except ValueError as err:
+        raise CheckpointError(f"{where}: {err}") from None
+
+
+def _require(config: ModelConfig, checks: dict[str, Any]) -> None:
+    for name, want in checks.items():
+        have = getattr(config, name)
+        if have != want:
+            raise ValueError(f"cannot write a Hugging Face {config.family} checkpoint: ModelConfig.{name} is "
+                             f"{have!r}, this family needs {want!r}")
+
+
+def config_to_hf(config: ModelConfig, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """The config.json for `config` in the layout of its family (`config.family`).
+
+    Raises ValueError when the config uses something the family's transformers class cannot express.
+    """
+    family = config.family
+    if family not in _FAMILY_FIELDS:
+        raise ValueError(f"cannot write family {family!r}; expected one of {', '.join(_FAMILY_FIELDS)}")
+    if (family, config.head) not in WRITE_ARCHITECTURE:
+        raise ValueError(f"a {family} model has no head {config.head!r} in transformers")
+    if config.activation not in ACTIVATIONS_OUT:
+        raise ValueError(f"activation {config.activation!r} has no transformers name")
+    common_dense = dict(gated_mlp=False, attn_bias=True, mlp_bias=True, n_kv_head=config.n_head,
+                        head_dim=config.d_model // config.n_head, norm="layernorm", position="learned")
+    out: dict[str, Any] = {"architectures": [WRITE_ARCHITECTURE[family, config.head]], "model_type": family}
+    act = ACTIVATIONS_OUT[config.activation]
+    if family == "gpt2":
+        _require(config, dict(arch="decoder", norm_position="pre", embed_norm=False, type_vocab_size=0, **common_dense))
+        out.update(vocab_size=config.vocab_size, n_positions=config.max_seq_len, n_embd=config.d_model,
+                   n_layer=config.n_layer, n_head=config.n_head, n_inner=config.d_ff, activation_function=act,
+                   layer_norm_epsilon=config.norm_eps, resid_pdrop=config.dropout, embd_pdrop=config.dropout,
+                   attn_pdrop=config.dropout)
+    elif family == "llama":
+        _require(config, dict(arch="decoder", norm="rmsnorm", norm_position="pre", position="rotary", gated_mlp=True,
+                              embed_norm=False, type_vocab_size=0, attn_bias=config.mlp_bias))
+        out.update(vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.d_ff,
+                   num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
+                   num_key_value_heads=config.n_kv_head, head_dim=config.head_dim, hidden_act=act,
+                   max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps,
+                   rope_theta=config.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+                   attention_bias=config.attn_bias, mlp_bias=config.mlp_bias, attention_dropout=config.dropout)
+    else:
+        encoder = dict(arch="encoder", norm_position="post", embed_norm=True, **common_dense)
+        if family == "distilbert":
+            _require(config, dict(encoder, type_vocab_size=0, position_offset=0, cls_activation="relu",
+                                  norm_eps=DISTILBERT_NORM_EPS))
+            out.update(vocab_size=config.vocab_size, dim=config.d_model, n_layers=config.n_layer,
+                       n_heads=config.n_head, hidden_dim=config.d_ff, activation=act,
+                       max_position_embeddings=config.max_seq_len, sinusoidal_pos_embds=False,
+                       dropout=config.dropout, attention_dropout=config.dropout)
+        else:
+            offset = 0 if family == "bert" else (config.pad_token_id if config.pad_token_id is not None else -2) + 1
+            _require(config, dict(encoder, position_offset=offset, cls_activation="tanh"))
+            if config.type_vocab_size < 1:
+                raise ValueError(f"cannot write a Hugging Face {family} checkpoint without token-type embeddings "
+                                 "(ModelConfig.type_vocab_size must be at least 1)")
+            out.update(vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=config.n_layer,
+                       num_attention_heads=config.n_head, intermediate_size=config.d_ff, hidden_act=act,
+                       max_position_embeddings=config.max_seq_len, type_vocab_size=config.type_vocab_size,
+                       layer_norm_eps=config.norm_eps, position_embedding_type="absolute",
+                       hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout)
+    out.update(tie_word_embeddings=config.tie_embeddings, pad_token_id=config.pad_token_id,
+               bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id)
+    if config.head == "classify":
+        id2label = config.extra.get("id2label")
+        if not id2label or len(id2label) != config.n_labels:
+            id2label = {i: f"LABEL_{i}" for i in range(config.n_labels)}
+        out["id2label"] = {str(k): v for k, v in id2label.items()}
+        label2id = config.extra.get("label2id")
+        out["label2id"] = label2id if label2id and len(label2id) == config.n_labels else {
+            v: int(k) for k, v in id2label.items()}
+        if "problem_type" in config.extra:
+            out["problem_type"] = config.extra["problem_type"]
+    if dtype is not None:
+        out["dtype"] = str(dtype).removeprefix("torch.")
+    return out
+
+
+# --- parameter names -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One Hugging Face tensor and the lmforge tensors it holds (concatenated along dim 0, in order)."""
+
+    hf: str  # name without the base-model prefix when `base`
+    lm: tuple[str, ...]
+    transpose: bool = False  # GPT-2's Conv1D stores weights as (in, out)
+    base: bool = True  # inside the base model (prefixed in the *For* head models) or a top-level head tensor
+
+
+def _linear(hf: str, lm: str, bias: bool = True, base: bool = True, transpose: bool = False) -> list[_Entry]:
+    entries = [_Entry(f"{hf}.weight", (f"{lm}.weight",), transpose, base)]
+    if bias:
+        entries.append(_Entry(f"{hf}.bias", (f"{lm}.bias",), False, base))
+    return entries
+
+
+_norm = _linear  # norms have the same weight (+ bias) pair
+
+
+def _gpt2_entries(c: ModelConfig) -> list[_Entry]:
+    e = _linear("wte", "embed_tokens", bias=False) + _linear("wpe", "embed_positions", bias=False)
+    for i in range(c.n_layer):
+        h, l = f"h.{i}.", f"layers.{i}."
+        qkv = tuple(f"{l}attn.{p}_proj" for p in "qkv")
+        e += _norm(h + "ln_1", l + "attn_norm")
+        e += [_Entry(h + "attn.c_attn.weight", tuple(f"{n}.weight" for n in qkv), transpose=True),
+              _Entry(h + "attn.c_attn.bias", tuple(f"{n}.bias" for n in qkv))]
+        e += _linear(h + "attn.c_proj", l + "attn.o_proj", transpose=True)
+        e += _norm(h + "ln_2", l + "mlp_norm")
+        e += _linear(h + "mlp.c_fc", l + "mlp.up_proj", transpose=True)
+        e += _linear(h + "mlp.c_proj", l + "mlp.down_proj", transpose=True)
+    e += _norm("ln_f", "norm")
+    if not c.tie_embeddings:
+        e += _linear("lm_head", "lm_head", bias=False, base=False)
+    return e
+
+
+def _llama_entries(c: ModelConfig) -> list[_Entry]:
+    e = _linear("embed_tokens", "embed_tokens", bias=False)
+    for i in range(c.n_layer):
+        h, l = f"layers.{i}.", f"layers.{i}."
+        for p in "qkvo":
+            e += _linear(f"{h}self_attn.{p}_proj", f"{l}attn.{p}_proj", bias=c.attn_bias)
+        e += _norm(h + "input_layernorm", l + "attn_norm", bias=False)
+        e += _norm(h + "post_attention_layernorm", l + "mlp_norm", bias=False)
+        for p in ("gate", "up", "down"):
+            e += _linear(f"{h}mlp.{p}_proj", f"{l}mlp.{p}_proj", bias=c.mlp_bias)
+    e += _norm("norm", "norm", bias=False)
+    if not c.tie_embeddings:
+        e += _linear("lm_head", "lm_head", bias=False, base=False)
+    return e
+
+
+def _bert_body(c: ModelConfig) -> list[_Entry]:
+    e = _linear("embeddings.word_embeddings", "embed_tokens", bias=False)
+    e += _linear("embeddings.position_embeddings", "embed_positions", bias=False)
+    e += _linear("embeddings.token_type_embeddings", "embed_types", bias=False)
+    e += _norm("embeddings.LayerNorm", "embed_norm")
+    for i in range(c.n_layer):
+        h, l = f"encoder.layer.{i}.", f"layers.{i}."
+        for hf_name, p in (("query", "q"), ("key", "k"), ("value", "v")):
+            e += _linear(f"{h}attention.self.{hf_name}", f"{l}attn.{p}_proj")
+        e += _linear(h + "attention.output.dense", l + "attn.o_proj")
+        e += _norm(h + "attention.output.LayerNorm", l + "attn_norm")
+        e += _linear(h + "intermediate.dense", l + "mlp.up_proj")
+        e += _linear(h + "output.dense", l + "mlp.down_proj")
+        e += _norm(h + "output.LayerNorm", l + "mlp_norm")
+    return e
+
+
+def _bert_entries(c: ModelConfig) -> list[_Entry]:
+    e = _bert_body(c)
+    if c.head == "lm":
+        e += _linear("cls.predictions.transform.dense", "mlm_head.dense", base=False)
+        e += _norm("cls.predictions.transform.LayerNorm", "mlm_head.norm", base=False)
+        if not c.tie_embeddings:
+            e += _linear("cls.predictions.decoder", "mlm_head.decoder", bias=False, base=False)
+        e.append(_Entry("cls.predictions.bias", ("mlm_head.decoder.bias",), base=False))
+    elif c.head == "classify":
+        e += _linear("pooler.dense", "cls_head.dense")
+        e += _linear("classifier", "cls_head.out", base=False)
+    return e
+
+
+def _roberta_entries(c: ModelConfig) -> list[_Entry]:
+    e = _bert_body(c)
+    if c.head == "lm":
+        e += _linear("lm_head.dense", "mlm_head.dense", base=False)
+        e += _norm("lm_head.layer_norm", "mlm_head.norm", base=False)
+        if not c.tie_embeddings:
+            e += _linear("lm_head.decoder", "mlm_head.decoder", bias=False, base=False)
+        e.append(_Entry("lm_head.bias", ("mlm_head.decoder.bias",), base=False))
+    elif c.head == "classify":
+        e += _linear("classifier.dense", "cls_head.dense", base=False)
+        e += _linear("classifier.out_proj", "cls_head.out", base=False)
+    return e
+
+
+def _distilbert_entries(c: ModelConfig) -> list[_Entry]:
+    e = _linear("embeddings.word_embeddings", "embed_tokens", bias=False)
+    e += _linear("embeddings.position_embeddings", "embed_positions", bias=False)
+    e += _norm("embeddings.LayerNorm", "embed_norm")
+    for i in range(c.n_layer):
+        h, l = f"transformer.layer.{i}.", f"layers.{i}."
+        for hf_name, p in (("q_lin", "q"), ("k_lin", "k"), ("v_lin", "v"), ("out_lin", "o")):
+            e += _linear(f"{h}attention.{hf_name}", f"{l}attn.{p}_proj")
+        e += _norm(h + "sa_layer_norm", l + "attn_norm")
+        e += _linear(h + "ffn.lin1", l + "mlp.up_proj")
+        e += _linear(h + "ffn.lin2", l + "mlp.down_proj")
+        e += _norm(h + "output_layer_norm", l + "mlp_norm")
+    if c.head == "lm":
+        e += _linear("vocab_transform", "mlm_head.dense", base=False)
+        e += _norm("vocab_layer_norm", "mlm_head.norm", base=False)
+        if not c.tie_embeddings:
+            e += _linear("vocab_projector", "mlm_head.decoder", bias=False, base=False)
+        e.append(_Entry("vocab_projector.bias", ("mlm_head.decoder.bias",), base=False))
+    elif c.head == "classify":
+        e += _linear("pre_classifier", "cls_head.dense", base=False)
+        e += _linear("classifier", "cls_head.out", base=False)
+    return e
+
+
+_FAMILY_ENTRIES = {"gpt2": _gpt2_entries, "llama": _llama_entries, "bert": _bert_entries,
+                   "roberta": _roberta_entries, "distilbert": _distilbert_entries}
+
+# Tensors that may be present and carry nothing lmforge needs: buffers, and duplicates of tied/shared weights.
+_HARMLESS = {
+    "gpt2": [r"(.*\.)?h\.\d+\.attn\.(bias|masked_bias)"],
+    "llama": [r".*rotary_emb\.inv_freq"],
+    "bert": [r"(.*\.)?embeddings\.(position_ids|token_type_ids)", r"cls\.predictions\.decoder\.bias"],
+    "roberta": [r"(.*\.)?embeddings\.(position_ids|token_type_ids)", r"lm_head\.decoder\.bias"],
+    "distilbert": [r"(.*\.)?embeddings\.position_ids"],
+}
+# Head tensors, ignored when the caller asked for another head than the checkpoint's.
+_HEAD_TENSORS = {
+    "gpt2": [], "llama": [],
+    "bert": [r"(bert\.)?pooler\..*", r"cls\..*", r"classifier\..*"],
+    "roberta": [r"(roberta\.)?pooler\..*", r"lm_head\..*", r"classifier\..*"],
+    "distilbert": [r"vocab_(transform|layer_norm|projector)\..*", r"pre_classifier\..*", r"classifier\..*"],
+}
+# Tied output weights: transformers may store a copy.
+_TIED_COPIES = {"gpt2": "lm_head.weight", "llama": "lm_head.weight", "bert": "cls.predictions.decoder.weight",
+                "roberta": "lm_head.decoder.weight", "distilbert": "vocab_projector.weight"}
+
+
+def _entries(config: ModelConfig) -> list[_Entry]:
+    if config.family not in _FAMILY_ENTRIES:
+        raise ValueError(f"unknown family {config.family!r}; expected one of {', '.join(_FAMILY_ENTRIES)}")
+    entries = _FAMILY_ENTRIES[config.family](config)
+    if config.arch == "encoder" and not config.type_vocab_size:
+        entries = [e for e in entries if not e.lm[0].startswith("embed_types.")]
+    return entries
+
+
+def _uses_prefix(config: ModelConfig) -> bool:
+    """Whether the written architecture nests the base model under a prefix (all *For* head models do)."""
+    return WRITE_ARCHITECTURE[config.family, config.head] not in ("BertModel", "DistilBertModel", "RobertaModel")
+
+
+def _split_sizes(config: ModelConfig, entry: _Entry) -> list[int]:
+    if len(entry.lm) == 1:
+        return []
+    sizes = {"q": config.n_head * config.head_dim, "k": config.n_kv_head * config.head_dim,
+             "v": config.n_kv_head * config.head_dim}
+    return [sizes[name.split(".")[-2][0]] for name in entry.lm]
+
+
+def state_dict_from_hf(config: ModelConfig, tensors: Mapping[str, Tensor], expected: Mapping[str, torch.Size],
+                       where: str = "checkpoint", fresh: tuple[str, ...] = (),
+                       other_heads_ok: bool = False) -> dict[str, Tensor]:
+    """Rename (and split/transpose) Hugging Face tensors into lmforge parameters.
+
+    expected: lmforge name -> shape, for every parameter of the model `config` builds (tied copies excluded).
+    fresh: lmforge name prefixes that may be missing (a new head the caller will initialise).
+    other_heads_ok: ignore head tensors the model does not build (the caller changed the head).
+    Raises CheckpointError for missing tensors, unexpected tensors and shape mismatches, naming the tensor.
+    """
+    prefix = BASE_PREFIX[config.family]
+    if not any(name.startswith(prefix) for name in tensors):
+        prefix = ""
+    out: dict[str, Tensor] = {}
+    used: set[str] = set()
+    missing: list[str] = []
+    for entry in _entries(config):
+        name = (prefix if entry.base else "") + entry.hf
+        if name not in tensors:
+            if not (fresh and all(lm.startswith(fresh) for lm in entry.lm)):
+                missing.append(name)
+            continue
+        tensor = tensors[name]
+        lm_shapes = [expected[lm] for lm in entry.lm]
+        want = (sum(s[0] for s in lm_shapes), *lm_shapes[0][1:])
+        if entry.transpose:
+            want = want[::-1]
+        if tuple(tensor.shape) != want:
+            if fresh and all(lm.startswith(fresh) for lm in entry.lm):
+                used.add(name)  # a head being replaced (e.g. another number of labels): not loaded
+                continue
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {want} "
+                                  "from config.json")
+        used.add(name)
+        if entry.transpose:
+            tensor = tensor.t()
+        if len(entry.lm) == 1:
+            out[entry.lm[0]] = tensor.contiguous()
+        else:
+            for lm, part in zip(entry.lm, tensor.split(_split_sizes(config, entry), dim=0), strict=True):
+                out[lm] = part.clone(memory_format=torch.contiguous_format)
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{where}: missing tensors {shown} (needed by a {config.family} model with head "
+                              f"{config.head!r})")
+    ignorable = list(_HARMLESS[config.family])
+    if config.tie_embeddings:
+        ignorable.append(re.escape(prefix + _TIED_COPIES[config.family]) + "|" + re.escape(_TIED_COPIES[config.family]))
+    if other_heads_ok or config.head != "classify":
+        ignorable.append(r"(bert\.|roberta\.)?pooler\..*")
+    if other_heads_ok:
+        ignorable.extend(_HEAD_TENSORS[config.family])
+    pattern = re.compile("|".join(f"(?:{p})" for p in ignorable)) if ignorable else None
+    unexpected = [n for n in tensors if n not in used and not (pattern and pattern.fullmatch(n))]
+    if unexpected:
+        shown = ", ".join(repr(u) for u in unexpected[:5]) + (
+            f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+        raise CheckpointError(f"{where}: unexpected tensors {shown} for a {config.family} model with head "
+                              f"{config.head!r}; the weights do not match config.json")
+    return out
+
+
+def state_dict_to_hf(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """lmforge parameters -> Hugging Face tensor names of `WRITE_ARCHITECTURE[family, head]`, contiguous.
+
+    Raises ValueError when `state` lacks a parameter or has one the family cannot store.
+    """
+    prefix = BASE_PREFIX[config.family] if _uses_prefix(config) else ""
+    out: dict[str, Tensor] = {}
+    consumed: set[str] = set()
+    for entry in _entries(config):
+        missing = [lm for lm in entry.lm if lm not in state]
+        if missing:
+            raise ValueError(f"model state has no {missing[0]!r}, needed for {entry.hf!r}")
+        parts = [state[lm].detach() for lm in entry.lm]
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if entry.transpose:
+            tensor = tensor.t()
+        out[(prefix if entry.base else "") + entry.hf] = tensor.contiguous()
+        consumed.update(entry.lm)
+    tied = {"lm_head.weight", "mlm_head.decoder.weight"} if config.tie_embeddings else set()
+    left = sorted(set(state) - consumed - tied)
+    if left:
+        raise ValueError(f"cannot write {left[:5]} in a Hugging Face {config.family} checkpoint")
+    return out
+
+
+# --- files -------------------------------------------------------------------------------------------------------
+
+
+def read_config(folder: Path) -> ModelConfig:
+    """The `ModelConfig` of a Hugging Face folder. Raises CheckpointError for a missing or malformed config.json."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no {CONFIG_FILE}; expected a Hugging Face model folder "
+                              f"({CONFIG_FILE} + {SAFETENSORS_FILE})")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: malformed JSON ({err})") from None
+    return config_from_hf(raw, str(path))
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a folder, in the order read_tensors reads them (index first when sharded).
+
+    Raises CheckpointError when there are none or an index lists a missing shard.
+    """
+    folder = Path(folder)
+    for single, index in ((SAFETENSORS_FILE, SAFETENSORS_INDEX), (BIN_FILE, BIN_INDEX)):
+        if (folder / single).is_file():
+            return [folder / single]
+        if (folder / index).is_file():
+            shards = sorted(set(_read_index(folder / index).values()))
+            paths = [folder / s for s in shards]
+            for p in paths:
+                if not p.is_file():
+                    raise CheckpointError(f"{folder / index}: lists shard {p.name!r}, which does not exist")
+            return [folder / index, *paths]
+    raise CheckpointError(f"{folder}: no weights; expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX} or {BIN_FILE}")
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: malformed JSON ({err})") from None
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{path}: field 'weight_map' must map tensor names to shard file names")
+    return weight_map
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: not a valid safetensors file, it may be truncated or corrupt ({err})") from None
+
+
+def _read_bin(path: Path) -> dict[str, Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 (torch.load raises many unrelated types for a bad file)
+        raise CheckpointError(f"{path}: cannot be read as a weights-only PyTorch checkpoint ({err})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors")
+    return state
+
+
+def read_tensors(folder: Path) -> dict[str, Tensor]:
+    """Every tensor of a folder's weights under its Hugging Face name (on the CPU, in the stored dtype).
+
+    Raises CheckpointError for missing, truncated or corrupt files and for shards that disagree with their index.
+    """
+    files = weight_files(folder)
+    read = _read_safetensors if files[-1].suffix == ".safetensors" else _read_bin
+    if len(files) == 1:
+        return read(files[0])
+    weight_map = _read_index(files[0])
+    tensors: dict[str, Tensor] = {}
+    for shard in files[1:]:
+        part = read(shard)
+        listed = {name for name, file in weight_map.items() if file == shard.name}
+        absent = sorted(listed - set(part))
+        if absent:
+            raise CheckpointError(f"{shard}: lacks tensor {absent[0]!r} listed for it in {files[0].name}")
+        tensors.update({name: part[name] for name in listed})
+    return tensors
+
+
+def read_checkpoint(folder: Path, *, head: str | None = None,
+                    n_labels: int | None = None) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """Config and lmforge-named tensors of a Hugging Face folder (`lmforge.io.load_model` builds the model).
+
+    head / n_labels replace the checkpoint's head (encoders only: "lm", "classify" or "none"). The parameters of
+    a new head (all of it, or only the output layer when just the number of labels changes) are then absent from
+    the returned dict, for the caller to initialise; a BERT pooler still initialises a new classifier's dense
+    layer, as in transformers. Raises CheckpointError naming the file and tensor for any mismatch.
+    """
+    folder = Path(folder)
+    config = read_config(folder)
+    new_head = config.head if head is None else head
+    if new_head not in ("lm", "classify", "none"):
+        raise ValueError(f"head must be 'lm', 'classify' or 'none', got {head!r}")
+    if config.arch == "decoder" and new_head != "lm":
+        raise ValueError(f"{folder}: a decoder ({config.family}) only has an 'lm' head, got head={head!r}")
+    if n_labels is not None and (not isinstance(n_labels, int) or n_labels < 1):
+        raise ValueError(f"n_labels must be a positive integer, got {n_labels!r}")
+    fresh: tuple[str, ...] = ()
+    if new_head != config.head:
+        fresh = ("mlm_head.", "cls_head.")
+    elif n_labels is not None and n_labels != config.n_labels:
+        fresh = ("cls_head.out.",)
+    if new_head != config.head or n_labels is not None:
+        config = config.replace(head=new_head, n_labels=config.n_labels if n_labels is None else n_labels)
+    with torch.device("meta"):
+        expected = {name: t.shape for name, t in build_model(config).state_dict().items()}
+    tensors = read_tensors(folder)
+    where = str(weight_files(folder)[0])
+    return config, state_dict_from_hf(config, tensors, expected, where, fresh, other_heads_ok=bool(fresh))
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as "500MB", "2GB" or "1GiB". Raises ValueError otherwise."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", str(size), flags=re.IGNORECASE)
+    if not match or isinstance(size, bool):
+        raise ValueError(f"max_shard_size must be a positive number of bytes or a size like '2GB', got {size!r}")
+    units = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    value = int(float(match.group(1)) * units.get((match.group(2) or "").lower(), 1))
+    if value < 1:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+def _shards(tensors: Mapping[str, Tensor], max_bytes: int) -> list[dict[str, Tensor]]:
+    """Split tensors (in name order) into groups of at most max_bytes (a bigger tensor gets its own group)."""
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    return shards
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def write_checkpoint(config: ModelConfig, state: Mapping[str, Tensor], folder: Path,
+                     max_shard_size: int | str = "5GB") -> list[Path]:
+    """Write config.json + safetensors weights (sharded with an index above max_shard_size) into `folder`.
+
+    Atomic: everything is written to a temporary folder beside `folder`, then swapped in. Files of an existing
+    folder that are not weights or config.json (tokenizer files, ...) are carried over; old weight files are not.
+    Returns the written file paths. Raises ValueError for a config the family cannot express.
+    """
+    folder = Path(folder)
+    max_bytes = parse_size(max_shard_size)
+    tensors = state_dict_to_hf(config, state)
+    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    hf_config = config_to_hf(config, dtype=max(dtypes, key=lambda d: sum(
+        t.numel() for t in tensors.values() if t.dtype == d)) if dtypes else None)
+    # safetensors refuses tensors that share memory; give each its own storage where needed.
+    seen: set[int] = set()
+    for name, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            tensors[name] = t.clone()
+        seen.add(ptr)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        shards = _shards({k: v.cpu() for k, v in tensors.items()}, max_bytes)
+        names = ([SAFETENSORS_FILE] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        for name, shard in zip(names, shards, strict=True):
+            save_file(shard, tmp / name, metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                     "weight_map": {t: name for name, shard in zip(names, shards, strict=True) for t in shard}}
+            (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            names.append(SAFETENSORS_INDEX)
+        if folder.is_dir():
+            for entry in folder.iterdir():
+                if entry.name == CONFIG_FILE or WEIGHT_FILE_PATTERN.match(entry.name):
+                    continue
+                if entry.is_dir():
+                    shutil.copytree(entry, tmp / entry.name, copy_function=_link_or_copy)
+                else:
+                    _link_or_copy(str(entry), str(tmp / entry.name))
+        _swap_in(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [folder / CONFIG_FILE] + [folder / n for n in names]
+
+
+def _swap_in(tmp: Path, folder: Path) -> None:
+    """Replace `folder` by the complete `tmp`; the old folder stays intact until the new one is in place."""
+    if not folder.exists():
+        os.replace(tmp, folder)
+        return
+    if not folder.is_dir():
+        raise ValueError(f"{folder} exists and is not a folder")
+    old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+    os.replace(folder, old / folder.name)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
