@@ -1,8 +1,8 @@
 """Loading and saving models: one entry point for Hugging Face folders, GGUF files and packaged model names.
 
-    model = load_model("smollm2-135m-instruct")          # a name from lmforge.registry ("default" works too)
-    model = load_model("path/to/hf-folder", head="classify", n_labels=5)   # encoder body + a new classifier
-    save_model(model, "out/folder")                       # config.json + model.safetensors, loads in transformers
+    model = load_model("smollm2-135m-instruct")  # a name from lmforge.registry ("default" works too)
+    model = load_model("path/to/hf-folder", head="classify", n_labels=5)  # encoder body + a new classifier
+    save_model(model, "out/folder")  # config.json + model.safetensors, loads in transformers
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from lmforge.models import Decoder, Encoder, build_model
 from lmforge.models.blocks import init_weights
 from lmforge.registry import ALIASES, packaged_path
 
-__all__ = ["MODEL_NAMES", "CheckpointError", "describe_checkpoint", "load_config", "load_model", "resolve_dtype",
-           "resolve_source", "save_model"]
+__all__ = ["MODEL_NAMES", "CheckpointError", "build_loaded", "describe_checkpoint", "load_config",
+           "load_model", "resolve_dtype", "resolve_source", "save_model"]
 
 # Packaged model names (see lmforge.registry) accepted wherever a model source is.
 MODEL_NAMES = ("smollm2-135m-instruct", "all-minilm-l6-v2")
@@ -33,8 +33,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float3
 
 def _accepted() -> str:
     aliases = sorted(a for a, target in ALIASES.items() if target in MODEL_NAMES)
-    return (f"a Hugging Face model folder (config.json + model.safetensors), a .gguf file, or a packaged model name: "
-            f"{', '.join(MODEL_NAMES)} (aliases: {', '.join(aliases)})")
+    return (f"a Hugging Face model folder (config.json + model.safetensors), a .gguf file, or a packaged "
+            f"model name: {', '.join(MODEL_NAMES)} (aliases: {', '.join(aliases)})")
 
 
 def resolve_source(source: str | os.PathLike[str]) -> Path:
@@ -65,7 +65,8 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         return dtype
     if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
         return DTYPES[dtype.lower().removeprefix("torch.")]
-    raise ValueError(f"unsupported dtype {dtype!r}; expected a floating torch.dtype or one of {', '.join(DTYPES)}")
+    raise ValueError(f"unsupported dtype {dtype!r}; expected a floating torch.dtype or one of "
+                     f"{', '.join(DTYPES)}")
 
 
 def _read(path: Path, head: str | None, n_labels: int | None) -> tuple[ModelConfig, dict[str, Tensor]]:
@@ -99,8 +100,9 @@ def build_loaded(config: ModelConfig, state: dict[str, Tensor], *, dtype: torch.
                  device: torch.device | str = "cpu", where: str = "state dict") -> nn.Module:
     """Build the model of `config` around lmforge-named tensors without a throwaway random initialisation.
 
-    Tensors missing from `state` are allowed only inside a head (mlm_head, cls_head) and are initialised fresh;
-    tied output weights may be absent. Raises CheckpointError for unknown names, wrong shapes or missing tensors.
+    Tensors missing from `state` are allowed only inside a head (mlm_head, cls_head) and are initialised
+    fresh; tied output weights may be absent. Raises CheckpointError for unknown names, wrong shapes or
+    missing tensors.
     """
     dtype = resolve_dtype(dtype)
     if dtype is None:
@@ -117,7 +119,8 @@ def build_loaded(config: ModelConfig, state: dict[str, Tensor], *, dtype: torch.
         tied = {"lm_head.weight"} if config.arch == "decoder" else {"mlm_head.decoder.weight"}
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
-        raise CheckpointError(f"{where}: unexpected tensors {unexpected[:5]} for a {config.family} {config.arch}")
+        raise CheckpointError(f"{where}: unexpected tensors {unexpected[:5]} for a {config.family} "
+                              f"{config.arch}")
     for name, t in state.items():
         if t.shape != expected[name].shape:
             raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, expected "
@@ -126,7 +129,8 @@ def build_loaded(config: ModelConfig, state: dict[str, Tensor], *, dtype: torch.
     not_head = [n for n in missing if not n.startswith(("mlm_head.", "cls_head."))]
     if not_head:
         raise CheckpointError(f"{where}: missing tensors {not_head[:5]} for a {config.family} {config.arch}")
-    state = {name: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for name, t in state.items()}
+    state = {name: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+             for name, t in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     for module_name in sorted({n.rsplit(".", 1)[0] for n in missing}):
         module = model.get_submodule(module_name)
@@ -141,14 +145,15 @@ def build_loaded(config: ModelConfig, state: dict[str, Tensor], *, dtype: torch.
 
 
 def load_config(source: str | os.PathLike[str]) -> ModelConfig:
-    """The `ModelConfig` of a model source (HF folder, .gguf file or packaged name) without building the model."""
+    """The `ModelConfig` of a model source (HF folder, .gguf file or packaged name), without the weights."""
     path = resolve_source(source)
     if path.suffix.lower() == ".gguf":
         return _read(path, None, None)[0]
     return hf.read_config(path)
 
 
-def save_model(model: nn.Module, folder: str | os.PathLike[str], *, max_shard_size: int | str = "5GB") -> list[Path]:
+def save_model(model: nn.Module, folder: str | os.PathLike[str], *,
+               max_shard_size: int | str = "5GB") -> list[Path]:
     """Write `model` as a Hugging Face folder (config.json + safetensors, sharded above max_shard_size).
 
     The folder loads in transformers' Auto classes for its architecture. Atomic: a kill mid-write leaves the

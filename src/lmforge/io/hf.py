@@ -1,9 +1,10 @@
 """Hugging Face checkpoints: config.json <-> `ModelConfig`, parameter names both ways, safetensors files.
 
-This is the only module where Hugging Face config fields and parameter names appear. A folder holds config.json
-and the weights as model.safetensors, as shards listed in model.safetensors.index.json, or as pytorch_model.bin
-(read only through `torch.load(weights_only=True)`). Writing always produces safetensors, atomically: the folder
-is built under a temporary name and swapped in, so a kill mid-write leaves the previous folder intact.
+This is the only module where Hugging Face config fields and parameter names appear. A folder holds
+config.json and the weights as model.safetensors, as shards listed in model.safetensors.index.json, or as
+pytorch_model.bin (read only through `torch.load(weights_only=True)`). Writing always produces safetensors,
+atomically: the folder is built under a temporary name and swapped in, so a kill mid-write leaves the previous
+folder intact.
 
 Supported architectures (config.json `architectures[0]`, else `model_type`):
 GPT-2 / DistilGPT2 (GPT2LMHeadModel, GPT2Model), Llama / SmolLM2 (LlamaForCausalLM, LlamaModel),
@@ -30,19 +31,21 @@ from torch import Tensor
 from lmforge.config import ModelConfig
 from lmforge.models import build_model
 
-__all__ = ["ARCHITECTURES", "CheckpointError", "config_from_hf", "config_to_hf", "parse_size", "read_checkpoint",
-           "read_config", "read_tensors", "state_dict_from_hf", "state_dict_to_hf", "weight_files", "write_checkpoint"]
+__all__ = ["ARCHITECTURES", "CheckpointError", "config_from_hf", "config_to_hf", "parse_size",
+           "read_checkpoint", "read_config", "read_tensors", "state_dict_from_hf", "state_dict_to_hf",
+           "weight_files", "write_checkpoint"]
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_FILE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
-WEIGHT_FILE_PATTERN = re.compile(r"^(model(-\d+-of-\d+)?\.safetensors|pytorch_model(-\d+-of-\d+)?\.bin)(\.index\.json)?$")
+WEIGHT_FILE_PATTERN = re.compile(
+    r"^(model(-\d+-of-\d+)?\.safetensors|pytorch_model(-\d+-of-\d+)?\.bin)(\.index\.json)?$")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file is missing, malformed or does not match its config; the message names the file/field."""
+    """A checkpoint file is missing, malformed or does not match its config; the message names the file."""
 
 
 # architecture -> (model_type, head). The bare models of the decoders keep the LM head tied to the embeddings.
@@ -78,7 +81,7 @@ ACTIVATIONS_OUT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "sil
 DISTILBERT_NORM_EPS = 1e-12  # hard-coded in transformers' DistilBERT
 
 
-# --- config.json <-> ModelConfig ---------------------------------------------------------------------------------
+# --- config.json <-> ModelConfig -------------------------------------------------------------------------
 
 _REQUIRED = object()
 
@@ -114,8 +117,8 @@ class _Fields:
             value = self.raw.get(name)
             if value is not None and not (isinstance(value, int) or (isinstance(value, list) and all(
                     isinstance(v, int) for v in value))):
-                raise CheckpointError(f"{self.where}: field {name!r} must be an integer or a list of integers, "
-                                      f"got {value!r}")
+                raise CheckpointError(f"{self.where}: field {name!r} must be an integer or a list of "
+                                      f"integers, got {value!r}")
             out[name] = value
         return out
 
@@ -131,19 +134,21 @@ def _gpt2_fields(f: _Fields) -> dict[str, Any]:
     d_model = f.get("n_embd", int)
     return dict(arch="decoder", vocab_size=f.get("vocab_size", int),
                 max_seq_len=f.get("n_positions", int, f.raw.get("n_ctx", 1024)), d_model=d_model,
-                n_layer=f.get("n_layer", int), n_head=f.get("n_head", int), d_ff=f.get("n_inner", int, 4 * d_model),
+                n_layer=f.get("n_layer", int), n_head=f.get("n_head", int),
+                d_ff=f.get("n_inner", int, 4 * d_model),
                 activation=f.activation("activation_function", "gelu_new"),
                 norm_eps=f.get("layer_norm_epsilon", float, 1e-5), norm="layernorm", norm_position="pre",
                 position="learned", gated_mlp=False, attn_bias=True, mlp_bias=True,
-                tie_embeddings=f.get("tie_word_embeddings", bool, True), dropout=f.get("resid_pdrop", float, 0.0))
+                tie_embeddings=f.get("tie_word_embeddings", bool, True),
+                dropout=f.get("resid_pdrop", float, 0.0))
 
 
 def _llama_fields(f: _Fields) -> dict[str, Any]:
     rope = f.get("rope_parameters", dict, None) or f.get("rope_scaling", dict, None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        raise CheckpointError(f"{f.where}: rope type {rope_type!r} (field 'rope_parameters') is not supported; "
-                              "expected 'default'")
+        raise CheckpointError(f"{f.where}: rope type {rope_type!r} (field 'rope_parameters') is not "
+                              "supported; expected 'default'")
     theta = rope.get("rope_theta", f.get("rope_theta", float, 10000.0))
     n_head = f.get("num_attention_heads", int)
     return dict(arch="decoder", vocab_size=f.get("vocab_size", int), d_model=f.get("hidden_size", int),
@@ -160,15 +165,16 @@ def _llama_fields(f: _Fields) -> dict[str, Any]:
 def _bert_fields(f: _Fields) -> dict[str, Any]:
     position_type = f.get("position_embedding_type", str, "absolute")
     if position_type != "absolute":
-        raise CheckpointError(f"{f.where}: field 'position_embedding_type' = {position_type!r} is not supported; "
-                              "expected 'absolute'")
+        raise CheckpointError(f"{f.where}: field 'position_embedding_type' = {position_type!r} is not "
+                              "supported; expected 'absolute'")
     f.reject("is_decoder", True, "lmforge encoders are bidirectional")
     f.reject("add_cross_attention", True, "lmforge encoders have no cross-attention")
     return dict(arch="encoder", vocab_size=f.get("vocab_size", int), d_model=f.get("hidden_size", int),
                 n_layer=f.get("num_hidden_layers", int), n_head=f.get("num_attention_heads", int),
                 d_ff=f.get("intermediate_size", int), activation=f.activation("hidden_act", "gelu"),
                 max_seq_len=f.get("max_position_embeddings", int, 512),
-                type_vocab_size=f.get("type_vocab_size", int, 2), norm_eps=f.get("layer_norm_eps", float, 1e-12),
+                type_vocab_size=f.get("type_vocab_size", int, 2),
+                norm_eps=f.get("layer_norm_eps", float, 1e-12),
                 tie_embeddings=f.get("tie_word_embeddings", bool, True), cls_activation="tanh",
                 dropout=f.get("hidden_dropout_prob", float, 0.0))
 
@@ -183,15 +189,16 @@ def _roberta_fields(f: _Fields) -> dict[str, Any]:
 def _distilbert_fields(f: _Fields) -> dict[str, Any]:
     return dict(arch="encoder", vocab_size=f.get("vocab_size", int), d_model=f.get("dim", int),
                 n_layer=f.get("n_layers", int), n_head=f.get("n_heads", int), d_ff=f.get("hidden_dim", int),
-                activation=f.activation("activation", "gelu"), max_seq_len=f.get("max_position_embeddings", int, 512),
-                type_vocab_size=0, norm_eps=DISTILBERT_NORM_EPS, tie_embeddings=f.get("tie_word_embeddings", bool, True),
+                activation=f.activation("activation", "gelu"),
+                max_seq_len=f.get("max_position_embeddings", int, 512), type_vocab_size=0,
+                norm_eps=DISTILBERT_NORM_EPS, tie_embeddings=f.get("tie_word_embeddings", bool, True),
                 cls_activation="relu", dropout=f.get("dropout", float, 0.0))
 
 
-_FAMILY_FIELDS = {"gpt2": _gpt2_fields, "llama": _llama_fields, "bert": _bert_fields, "roberta": _roberta_fields,
-                  "distilbert": _distilbert_fields}
-_ENCODER_COMMON = dict(norm="layernorm", norm_position="post", position="learned", embed_norm=True, gated_mlp=False,
-                       attn_bias=True, mlp_bias=True)
+_FAMILY_FIELDS = {"gpt2": _gpt2_fields, "llama": _llama_fields, "bert": _bert_fields,
+                  "roberta": _roberta_fields, "distilbert": _distilbert_fields}
+_ENCODER_COMMON = dict(norm="layernorm", norm_position="post", position="learned", embed_norm=True,
+                       gated_mlp=False, attn_bias=True, mlp_bias=True)
 
 
 def config_from_hf(raw: Any, where: str = CONFIG_FILE) -> ModelConfig:
@@ -262,20 +269,23 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype | None = None) -> dict[
     out: dict[str, Any] = {"architectures": [WRITE_ARCHITECTURE[family, config.head]], "model_type": family}
     act = ACTIVATIONS_OUT[config.activation]
     if family == "gpt2":
-        _require(config, dict(arch="decoder", norm_position="pre", embed_norm=False, type_vocab_size=0, **common_dense))
+        _require(config, dict(arch="decoder", norm_position="pre", embed_norm=False, type_vocab_size=0,
+                              **common_dense))
         out.update(vocab_size=config.vocab_size, n_positions=config.max_seq_len, n_embd=config.d_model,
                    n_layer=config.n_layer, n_head=config.n_head, n_inner=config.d_ff, activation_function=act,
                    layer_norm_epsilon=config.norm_eps, resid_pdrop=config.dropout, embd_pdrop=config.dropout,
                    attn_pdrop=config.dropout)
     elif family == "llama":
-        _require(config, dict(arch="decoder", norm="rmsnorm", norm_position="pre", position="rotary", gated_mlp=True,
-                              embed_norm=False, type_vocab_size=0, attn_bias=config.mlp_bias))
+        _require(config, dict(arch="decoder", norm="rmsnorm", norm_position="pre", position="rotary",
+                              gated_mlp=True, embed_norm=False, type_vocab_size=0))
         out.update(vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.d_ff,
                    num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
                    num_key_value_heads=config.n_kv_head, head_dim=config.head_dim, hidden_act=act,
                    max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps,
-                   rope_theta=config.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-                   attention_bias=config.attn_bias, mlp_bias=config.mlp_bias, attention_dropout=config.dropout)
+                   rope_theta=config.rope_theta,
+                   rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+                   attention_bias=config.attn_bias, mlp_bias=config.mlp_bias,
+                   attention_dropout=config.dropout)
     else:
         encoder = dict(arch="encoder", norm_position="post", embed_norm=True, **common_dense)
         if family == "distilbert":
@@ -286,13 +296,15 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype | None = None) -> dict[
                        max_position_embeddings=config.max_seq_len, sinusoidal_pos_embds=False,
                        dropout=config.dropout, attention_dropout=config.dropout)
         else:
-            offset = 0 if family == "bert" else (config.pad_token_id if config.pad_token_id is not None else -2) + 1
+            pad = config.pad_token_id if config.pad_token_id is not None else -2
+            offset = 0 if family == "bert" else pad + 1
             _require(config, dict(encoder, position_offset=offset, cls_activation="tanh"))
             if config.type_vocab_size < 1:
-                raise ValueError(f"cannot write a Hugging Face {family} checkpoint without token-type embeddings "
-                                 "(ModelConfig.type_vocab_size must be at least 1)")
-            out.update(vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=config.n_layer,
-                       num_attention_heads=config.n_head, intermediate_size=config.d_ff, hidden_act=act,
+                raise ValueError(f"cannot write a Hugging Face {family} checkpoint without token-type "
+                                 "embeddings (ModelConfig.type_vocab_size must be at least 1)")
+            out.update(vocab_size=config.vocab_size, hidden_size=config.d_model,
+                       num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
+                       intermediate_size=config.d_ff, hidden_act=act,
                        max_position_embeddings=config.max_seq_len, type_vocab_size=config.type_vocab_size,
                        layer_norm_eps=config.norm_eps, position_embedding_type="absolute",
                        hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout)
@@ -313,7 +325,7 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype | None = None) -> dict[
     return out
 
 
-# --- parameter names -------------------------------------------------------------------------------------------
+# --- parameter names -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -473,7 +485,8 @@ def _entries(config: ModelConfig) -> list[_Entry]:
 
 def _uses_prefix(config: ModelConfig) -> bool:
     """Whether the written architecture nests the base model under a prefix (all *For* head models do)."""
-    return WRITE_ARCHITECTURE[config.family, config.head] not in ("BertModel", "DistilBertModel", "RobertaModel")
+    bare = ("BertModel", "DistilBertModel", "RobertaModel")
+    return WRITE_ARCHITECTURE[config.family, config.head] not in bare
 
 
 def _split_sizes(config: ModelConfig, entry: _Entry) -> list[int]:
@@ -515,8 +528,8 @@ def state_dict_from_hf(config: ModelConfig, tensors: Mapping[str, Tensor], expec
             if fresh and all(lm.startswith(fresh) for lm in entry.lm):
                 used.add(name)  # a head being replaced (e.g. another number of labels): not loaded
                 continue
-            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {want} "
-                                  "from config.json")
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, expected "
+                                  f"{want} from config.json")
         used.add(name)
         if entry.transpose:
             tensor = tensor.t()
@@ -526,12 +539,12 @@ def state_dict_from_hf(config: ModelConfig, tensors: Mapping[str, Tensor], expec
             for lm, part in zip(entry.lm, tensor.split(_split_sizes(config, entry), dim=0), strict=True):
                 out[lm] = part.clone(memory_format=torch.contiguous_format)
     if missing:
-        shown = ", ".join(repr(m) for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CheckpointError(f"{where}: missing tensors {shown} (needed by a {config.family} model with head "
-                              f"{config.head!r})")
+        raise CheckpointError(f"{where}: missing tensors {_names(missing)} (needed by a {config.family} "
+                              f"model with head {config.head!r})")
     ignorable = list(_HARMLESS[config.family])
     if config.tie_embeddings:
-        ignorable.append(re.escape(prefix + _TIED_COPIES[config.family]) + "|" + re.escape(_TIED_COPIES[config.family]))
+        copy = _TIED_COPIES[config.family]
+        ignorable.append(re.escape(prefix + copy) + "|" + re.escape(copy))
     if other_heads_ok or config.head != "classify":
         ignorable.append(r"(bert\.|roberta\.)?pooler\..*")
     if other_heads_ok:
@@ -539,11 +552,14 @@ def state_dict_from_hf(config: ModelConfig, tensors: Mapping[str, Tensor], expec
     pattern = re.compile("|".join(f"(?:{p})" for p in ignorable)) if ignorable else None
     unexpected = [n for n in tensors if n not in used and not (pattern and pattern.fullmatch(n))]
     if unexpected:
-        shown = ", ".join(repr(u) for u in unexpected[:5]) + (
-            f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
-        raise CheckpointError(f"{where}: unexpected tensors {shown} for a {config.family} model with head "
-                              f"{config.head!r}; the weights do not match config.json")
+        raise CheckpointError(f"{where}: unexpected tensors {_names(unexpected)} for a {config.family} model "
+                              f"with head {config.head!r}; the weights do not match config.json")
     return out
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def state_dict_to_hf(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -571,11 +587,11 @@ def state_dict_to_hf(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[s
     return out
 
 
-# --- files -------------------------------------------------------------------------------------------------------
+# --- files ---------------------------------------------------------------------------------------------
 
 
 def read_config(folder: Path) -> ModelConfig:
-    """The `ModelConfig` of a Hugging Face folder. Raises CheckpointError for a missing or malformed config.json."""
+    """The `ModelConfig` of a Hugging Face folder; CheckpointError for a missing or malformed config.json."""
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder}: no {CONFIG_FILE}; expected a Hugging Face model folder "
@@ -603,7 +619,8 @@ def weight_files(folder: Path) -> list[Path]:
                 if not p.is_file():
                     raise CheckpointError(f"{folder / index}: lists shard {p.name!r}, which does not exist")
             return [folder / index, *paths]
-    raise CheckpointError(f"{folder}: no weights; expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX} or {BIN_FILE}")
+    raise CheckpointError(f"{folder}: no weights; expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX} or "
+                          f"{BIN_FILE}")
 
 
 def _read_index(path: Path) -> dict[str, str]:
@@ -622,14 +639,16 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
         with safe_open(path, framework="pt") as f:
             return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except (SafetensorError, OSError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: not a valid safetensors file, it may be truncated or corrupt ({err})") from None
+        raise CheckpointError(f"{path}: not a valid safetensors file, it may be truncated or corrupt "
+                              f"({err})") from None
 
 
 def _read_bin(path: Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 (torch.load raises many unrelated types for a bad file)
-        raise CheckpointError(f"{path}: cannot be read as a weights-only PyTorch checkpoint ({err})") from None
+        raise CheckpointError(f"{path}: cannot be read as a weights-only PyTorch checkpoint "
+                              f"({err})") from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors")
     return state
@@ -638,7 +657,8 @@ def _read_bin(path: Path) -> dict[str, Tensor]:
 def read_tensors(folder: Path) -> dict[str, Tensor]:
     """Every tensor of a folder's weights under its Hugging Face name (on the CPU, in the stored dtype).
 
-    Raises CheckpointError for missing, truncated or corrupt files and for shards that disagree with their index.
+    Raises CheckpointError for missing, truncated or corrupt files and for shards that disagree with their
+    index.
     """
     files = weight_files(folder)
     read = _read_safetensors if files[-1].suffix == ".safetensors" else _read_bin
@@ -660,10 +680,10 @@ def read_checkpoint(folder: Path, *, head: str | None = None,
                     n_labels: int | None = None) -> tuple[ModelConfig, dict[str, Tensor]]:
     """Config and lmforge-named tensors of a Hugging Face folder (`lmforge.io.load_model` builds the model).
 
-    head / n_labels replace the checkpoint's head (encoders only: "lm", "classify" or "none"). The parameters of
-    a new head (all of it, or only the output layer when just the number of labels changes) are then absent from
-    the returned dict, for the caller to initialise; a BERT pooler still initialises a new classifier's dense
-    layer, as in transformers. Raises CheckpointError naming the file and tensor for any mismatch.
+    head / n_labels replace the checkpoint's head (encoders only: "lm", "classify" or "none"). The parameters
+    of a new head (all of it, or only the output layer when just the number of labels changes) are then absent
+    from the returned dict, for the caller to initialise; a BERT pooler still initialises a new classifier's
+    dense layer, as in transformers. Raises CheckpointError naming the file and tensor for any mismatch.
     """
     folder = Path(folder)
     config = read_config(folder)
@@ -694,7 +714,8 @@ def parse_size(size: int | str) -> int:
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", str(size), flags=re.IGNORECASE)
     if not match or isinstance(size, bool):
-        raise ValueError(f"max_shard_size must be a positive number of bytes or a size like '2GB', got {size!r}")
+        raise ValueError(f"max_shard_size must be a positive number of bytes or a size like '2GB', "
+                         f"got {size!r}")
     units = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
     value = int(float(match.group(1)) * units.get((match.group(2) or "").lower(), 1))
     if value < 1:
@@ -716,6 +737,10 @@ def _shards(tensors: Mapping[str, Tensor], max_bytes: int) -> list[dict[str, Ten
     return shards
 
 
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)
@@ -728,7 +753,8 @@ def write_checkpoint(config: ModelConfig, state: Mapping[str, Tensor], folder: P
     """Write config.json + safetensors weights (sharded with an index above max_shard_size) into `folder`.
 
     Atomic: everything is written to a temporary folder beside `folder`, then swapped in. Files of an existing
-    folder that are not weights or config.json (tokenizer files, ...) are carried over; old weight files are not.
+    folder that are not weights or config.json (tokenizer files, ...) are carried over; old weight files are
+    not.
     Returns the written file paths. Raises ValueError for a config the family cannot express.
     """
     folder = Path(folder)
@@ -747,16 +773,17 @@ def write_checkpoint(config: ModelConfig, state: Mapping[str, Tensor], folder: P
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _write_json(tmp / CONFIG_FILE, hf_config)
         shards = _shards({k: v.cpu() for k, v in tensors.items()}, max_bytes)
         names = ([SAFETENSORS_FILE] if len(shards) == 1 else
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
         for name, shard in zip(names, shards, strict=True):
             save_file(shard, tmp / name, metadata={"format": "pt"})
         if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                     "weight_map": {t: name for name, shard in zip(names, shards, strict=True) for t in shard}}
-            (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            weight_map = {t: name for name, shard in zip(names, shards, strict=True) for t in shard}
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            _write_json(tmp / SAFETENSORS_INDEX, index)
             names.append(SAFETENSORS_INDEX)
         if folder.is_dir():
             for entry in folder.iterdir():
