@@ -17,12 +17,16 @@ Messages (all tensors, tags keep the streams apart): a worker sends a float64 he
 lr_{G-1}]` then, for a push, its gradient slice; a server answers with its parameter slice. Learning rates
 travel in the header so a schedule run by the worker's training loop drives the servers' optimizers.
 
+Every wait has a timeout (`timeout`, 60 s by default): when a peer dies or stalls, the others raise a
+`ParameterServerError` naming the ranks they were waiting for instead of hanging.
+
 Only element-wise optimizers (SGD, Adam, AdamW, RMSprop, Adagrad, ...) give the same result sharded as whole,
 because each server steps on its slice of every parameter alone.
 """
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -39,6 +43,21 @@ MODES = ("sync", "async", "bounded")
 # Message kinds (first header entry) and tags.
 PUSH, DONE, STATE = 0, 1, 2
 TAG_HEADER, TAG_GRAD, TAG_PARAMS = 11, 12, 13
+DEFAULT_TIMEOUT = datetime.timedelta(seconds=60)
+
+
+class ParameterServerError(RuntimeError):
+    """A peer of the parameter server died, stalled or sent something unexpected."""
+
+
+def _wait(works: list[Any], timeout: datetime.timedelta, what: str) -> None:
+    """Wait for point-to-point operations; raise ParameterServerError saying `what` was awaited on failure."""
+    for work in works:
+        try:
+            work.wait(timeout)
+        except RuntimeError as err:
+            raise ParameterServerError(f"{what} failed or timed out after {timeout.total_seconds():g} s "
+                                       f"(a peer may have died): {err}") from err
 
 
 def shard_ranges(numel: int, n_servers: int) -> list[tuple[int, int]]:
@@ -172,8 +191,10 @@ class ParameterServer:
     Must run on rank < n_servers of the default process group, with at least one worker rank.
     """
 
-    def __init__(self, optimizer: Optimizer, n_servers: int, mode: Mode = "sync", tau: int | None = None):
+    def __init__(self, optimizer: Optimizer, n_servers: int, mode: Mode = "sync", tau: int | None = None,
+                 timeout: datetime.timedelta = DEFAULT_TIMEOUT):
         check_mode(mode, tau)
+        self.timeout = timeout
         self.rank, world = dist.get_rank(), dist.get_world_size()
         if not is_server(self.rank, n_servers):
             raise ValueError(f"rank {self.rank} is a worker, not a server "
@@ -221,7 +242,10 @@ class ParameterServer:
         self._reply(self.workers, base)
         buf = torch.empty_like(self.shard)
         while active:
-            src = dist.recv(self.header, src=None, tag=TAG_HEADER)
+            work = dist.irecv(self.header, src=None, tag=TAG_HEADER)
+            _wait([work], self.timeout, f"parameter server rank {self.rank}: waiting for a message from "
+                                        f"workers {sorted(active)}")
+            src = work._source_rank()  # as torch.distributed.recv does for src=None
             self.log.traffic.bytes_received += self.header.nbytes
             kind = int(self.header[0])
             if kind == STATE:
@@ -232,7 +256,8 @@ class ParameterServer:
                 waiting.discard(src)
             elif kind == PUSH:
                 target = buf if self.mode != "sync" else torch.empty_like(self.shard)
-                dist.recv(target, src=src, tag=TAG_GRAD)
+                _wait([dist.irecv(target, src=src, tag=TAG_GRAD)], self.timeout,
+                      f"parameter server rank {self.rank}: receiving a gradient from worker {src}")
                 self.log.traffic.bytes_received += target.nbytes
                 self._set_lrs()
                 if self.mode == "sync":
@@ -284,8 +309,8 @@ class ParameterServer:
         for r in ranks:
             base[r] = self.version
         self.log.traffic.bytes_sent += self.shard.nbytes * len(ranks)
-        for h in handles:  # the shard changes at the next step: the sends must finish first
-            h.wait()
+        # The shard changes at the next step: the sends must finish first.
+        _wait(handles, self.timeout, f"parameter server rank {self.rank}: sending parameters to {ranks}")
 
     def state_pieces(self) -> list[tuple[int, int, int, dict[str, Any]]]:
         """This server's optimizer state as (param index, start, stop, state) pieces of whole parameters."""
@@ -308,7 +333,8 @@ class PSWorker:
     the parameters. `close()` tells the servers this worker has finished. Must run on rank >= n_servers.
     """
 
-    def __init__(self, optimizer: Optimizer, n_servers: int):
+    def __init__(self, optimizer: Optimizer, n_servers: int, timeout: datetime.timedelta = DEFAULT_TIMEOUT):
+        self.timeout = timeout
         self.rank, world = dist.get_rank(), dist.get_world_size()
         if is_server(self.rank, n_servers) or self.rank >= world:
             raise ValueError(f"rank {self.rank} is not a worker rank "
@@ -323,7 +349,7 @@ class PSWorker:
         self.header = torch.zeros(_header_len(optimizer), dtype=torch.float64)
         self.traffic = Traffic()
         self.closed = False
-        self._wait(self._post_pulls())
+        self._wait(self._post_pulls(), "pulling the initial parameters")
         self._unflatten()
 
     def _post_pulls(self) -> list[Any]:
@@ -331,10 +357,8 @@ class PSWorker:
         return [dist.irecv(self.flat_params[lo:hi], src=s, tag=TAG_PARAMS)
                 for s, (lo, hi) in enumerate(self.ranges)]
 
-    @staticmethod
-    def _wait(handles: list[Any]) -> None:
-        for h in handles:
-            h.wait()
+    def _wait(self, handles: list[Any], what: str) -> None:
+        _wait(handles, self.timeout, f"worker rank {self.rank}: {what} (servers 0..{len(self.ranges) - 1})")
 
     def _unflatten(self) -> None:
         offset = 0
@@ -367,7 +391,7 @@ class PSWorker:
             sends.append(self._send_header(PUSH, s))
             sends.append(dist.isend(self.flat_grad[lo:hi], dst=s, tag=TAG_GRAD))
         self.traffic.bytes_sent += self.flat_grad.nbytes
-        self._wait(sends + pulls)
+        self._wait(sends + pulls, "pushing gradients and pulling parameters")
         self._unflatten()
         self.traffic.steps += 1
 
@@ -378,7 +402,7 @@ class PSWorker:
         self.header[0] = STATE
         state: dict[int, dict[str, Any]] = {}
         for s in range(len(self.ranges)):
-            self._send_header(STATE, s).wait()
+            self._wait([self._send_header(STATE, s)], "requesting the optimizer state")
             reply: list[Any] = [None]
             dist.recv_object_list(reply, src=s)
             for index, start, stop, piece in reply[0]:
@@ -402,5 +426,5 @@ class PSWorker:
             return
         self.header.zero_()
         self.header[0] = DONE
-        self._wait([self._send_header(DONE, s) for s in range(len(self.ranges))])
+        self._wait([self._send_header(DONE, s) for s in range(len(self.ranges))], "saying done")
         self.closed = True
