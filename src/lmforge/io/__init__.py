@@ -172,20 +172,20 @@ def _gguf_types(path: Path) -> Counter[str]:
 
 
 def describe_checkpoint(source: str | os.PathLike[str]) -> dict[str, Any]:
-    """What `lmforge info` prints: format, architecture, sizes, parameter count, stored dtypes and files."""
+    """What `lmforge info` prints: format, architecture (the transformers class it loads as), sizes,
+    parameter count (lmforge's model, tied weights once), loaded and stored dtypes, and files with sizes."""
     path = resolve_source(source)
     model = load_model(path)
     config: ModelConfig = model.config
     if path.suffix.lower() == ".gguf":
         fmt, files, stored = "gguf", [path], _gguf_types(path)
-        architecture = f"{config.family} (GGUF)"
     else:
         files = [path / hf.CONFIG_FILE, *hf.weight_files(path)]
         fmt = "hf-safetensors" if files[-1].suffix == ".safetensors" else "hf-pytorch-bin"
         stored = Counter(str(t.dtype).removeprefix("torch.") for t in hf.read_tensors(path).values())
-        architecture = hf.WRITE_ARCHITECTURE[config.family, config.head]
     return {
-        "source": str(path), "format": fmt, "architecture": architecture, "family": config.family,
+        "source": str(path), "format": fmt, "family": config.family,
+        "architecture": hf.WRITE_ARCHITECTURE[config.family, config.head],
         "arch": config.arch, "head": config.head,
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "stored_dtypes": dict(stored),

@@ -737,6 +737,12 @@ def _shards(tensors: Mapping[str, Tensor], max_bytes: int) -> list[dict[str, Ten
     return shards
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -773,12 +779,14 @@ def write_checkpoint(config: ModelConfig, state: Mapping[str, Tensor], folder: P
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a saved model is an ordinary folder
         _write_json(tmp / CONFIG_FILE, hf_config)
         shards = _shards({k: v.cpu() for k, v in tensors.items()}, max_bytes)
         names = ([SAFETENSORS_FILE] if len(shards) == 1 else
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
         for name, shard in zip(names, shards, strict=True):
             save_file(shard, tmp / name, metadata={"format": "pt"})
+            os.chmod(tmp / name, 0o666 & ~_umask())
         if len(shards) > 1:
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             weight_map = {t: name for name, shard in zip(names, shards, strict=True) for t in shard}
