@@ -1,8 +1,8 @@
 """GGUF import: a llama.cpp GGUF file -> `ModelConfig` + lmforge-named float32 tensors, with an on-disk cache.
 
-Parsing and dequantization are the `gguf` package's (`GGUFReader`, `gguf.quants.dequantize`). This module only
-maps GGUF metadata to `ModelConfig`, maps GGUF tensor names to lmforge's, splits GPT-2's fused QKV projection and
-undoes the row permutation llama.cpp's converter applies to the Llama Q and K projections.
+Parsing and dequantization are the `gguf` package's (`GGUFReader`, `gguf.quants.dequantize`). This module
+only maps GGUF metadata to `ModelConfig`, maps GGUF tensor names to lmforge's, splits GPT-2's fused QKV
+projection and undoes the row permutation llama.cpp's converter applies to the Llama Q and K projections.
 
 Architectures: "llama" (Llama, SmolLM2, ...) and "gpt2". Tensor types: everything `gguf.quants` dequantizes
 (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants, ...); every tensor comes out as float32 (an F32
@@ -11,10 +11,11 @@ tensor bit for bit, a quantized one as its exact dequantized values).
 Cache: parsing a GGUF file and dequantizing it takes seconds (SmolLM2-135M: ~2 s to parse the 49k-token
 vocabulary, ~1 s to dequantize), so `load_gguf` keeps the converted tensors in one safetensors file per source
 under `$LMFORGE_CACHE/gguf` (default `~/.cache/lmforge/gguf`), named after the source's absolute path. Its
-metadata holds the config as JSON, the source's size and mtime, the cache format version and a CRC-32 of the
-tensors; an entry that disagrees with any of them is rebuilt, never trusted. Entries are written to a temporary
-file and moved into place with `os.replace`, so a kill during a write leaves the previous entry intact. A cache
-hit never opens the GGUF file: it mmaps the safetensors file (copy-on-write) and checks the CRC.
+metadata holds the config as JSON, the source's size and mtime, the cache format version and a CRC-32 of
+the tensors; an entry that disagrees with any of them is rebuilt, never trusted. Entries are written to a
+temporary file and moved into place with `os.replace`, so a kill during a write leaves the previous entry
+intact. A cache hit never parses the GGUF file: it mmaps the safetensors file (copy-on-write) and checks the
+CRC.
 """
 
 from __future__ import annotations
@@ -45,13 +46,13 @@ CACHE_VERSION = 1  # bump when the conversion changes, so older cache entries ar
 SUPPORTED_ARCHITECTURES = ("llama", "gpt2")
 GGUF_MAGIC = b"GGUF"
 
-# GGUF tensor names (without the ".weight"/".bias" suffix) -> lmforge names. GGUF uses the same names for every
-# architecture; GPT-2's fused "attn_qkv" is split into q/k/v separately.
+# GGUF tensor names (without the ".weight"/".bias" suffix) -> lmforge names. GGUF uses the same names for
+# every architecture; GPT-2's fused "attn_qkv" is split into q/k/v separately.
 _GLOBAL_NAMES = {"token_embd": "embed_tokens", "position_embd": "embed_positions", "output_norm": "norm",
                  "output": "lm_head"}
-_BLOCK_NAMES = {"attn_norm": "attn_norm", "attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_proj",
-                "attn_output": "attn.o_proj", "ffn_norm": "mlp_norm", "ffn_gate": "mlp.gate_proj",
-                "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+_BLOCK_NAMES = {"attn_norm": "attn_norm", "attn_q": "attn.q_proj", "attn_k": "attn.k_proj",
+                "attn_v": "attn.v_proj", "attn_output": "attn.o_proj", "ffn_norm": "mlp_norm",
+                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
 _PARSE_ERRORS = (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError, EOFError)
@@ -74,10 +75,10 @@ def cache_file(path: str | os.PathLike[str]) -> Path:
 def load_gguf(path: str | os.PathLike[str], *, cache: bool = True) -> tuple[ModelConfig, dict[str, Tensor]]:
     """Read a GGUF checkpoint as (config, state dict in lmforge parameter names), through the cache.
 
-    Same result as `read_gguf`; with `cache=True` the converted tensors are read from (or written to) the cache
-    entry `cache_file(path)`. A cache entry that is stale (the GGUF file's size or mtime changed), from another
-    cache format, or corrupt is rebuilt. A cache folder that cannot be written is reported with a warning and
-    the converted weights are returned anyway.
+    Same result as `read_gguf`; with `cache=True` the converted tensors are read from (or written to) the
+    cache entry `cache_file(path)`. A cache entry that is stale (the GGUF file's size or mtime changed), from
+    another cache format, or corrupt is rebuilt. A cache folder that cannot be written is reported with a
+    warning and the converted weights are returned anyway.
     Raises the errors of `read_gguf`.
     """
     source = _check_path(path)
@@ -97,12 +98,13 @@ def load_gguf(path: str | os.PathLike[str], *, cache: bool = True) -> tuple[Mode
 def read_gguf(path: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, Tensor]]:
     """Parse and dequantize a GGUF checkpoint, without the cache.
 
-    Returns the `ModelConfig` (arch "decoder", family "llama" or "gpt2") and float32 tensors named as lmforge's
-    `Decoder` names its parameters; with tied embeddings (no "output.weight" in the file) there is no
-    "lm_head.weight" entry.
+    Returns the `ModelConfig` (arch "decoder", family "llama" or "gpt2") and float32 tensors named as
+    lmforge's `Decoder` names its parameters; with tied embeddings (no "output.weight" in the file) there is
+    no "lm_head.weight" entry.
     Raises FileNotFoundError for a missing file; ValueError naming the file for a file that is not GGUF, a
-    truncated or corrupt one, an unsupported architecture or missing metadata; ValueError naming the tensor for
-    an unsupported tensor type, an unknown tensor name, a missing tensor or a shape that does not fit the config.
+    truncated or corrupt one, an unsupported architecture or missing metadata; ValueError naming the tensor
+    for an unsupported tensor type, an unknown tensor name, a missing tensor or a shape that does not fit the
+    config.
     """
     source = _check_path(path)
     reader = _open_reader(source)
@@ -119,7 +121,7 @@ def read_gguf(path: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, Tens
     return config, _convert_tensors(reader, source, config)
 
 
-# --- reading -------------------------------------------------------------------------------------------------------
+# --- reading ------------------------------------------------------------------------------------------------
 
 def _check_path(path: str | os.PathLike[str]) -> Path:
     source = Path(path).expanduser()
@@ -166,7 +168,8 @@ def _meta(reader: GGUFReader, source: Path, key: str, default: Any = _MISSING) -
 def _meta_int(reader: GGUFReader, source: Path, key: str, default: Any = _MISSING) -> Any:
     value = _meta(reader, source, key, default)
     if value is not default and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ValueError(f"{source}: GGUF metadata field {key!r} must be a non-negative integer, got {value!r}")
+        raise ValueError(f"{source}: GGUF metadata field {key!r} must be a non-negative integer, "
+                         f"got {value!r}")
     return value
 
 
@@ -177,7 +180,8 @@ def _vocab_size(reader: GGUFReader, source: Path, arch: str) -> int:
         return len(tokens.data)
     vocab = _meta_int(reader, source, f"{arch}.vocab_size", None)
     if vocab is None:
-        raise ValueError(f"{source}: GGUF metadata has neither 'tokenizer.ggml.tokens' nor '{arch}.vocab_size'")
+        raise ValueError(f"{source}: GGUF metadata has neither 'tokenizer.ggml.tokens' "
+                         f"nor '{arch}.vocab_size'")
     return vocab
 
 
@@ -201,11 +205,12 @@ def _llama_config(reader: GGUFReader, source: Path) -> ModelConfig:
     head_dim = _meta_int(reader, source, "llama.attention.key_length", d_model // max(n_head, 1))
     rotary_dim = _meta_int(reader, source, "llama.rope.dimension_count", head_dim)
     if rotary_dim != head_dim:
-        raise ValueError(f"{source}: partial rotary embeddings (llama.rope.dimension_count={rotary_dim}, head size "
-                         f"{head_dim}) are not supported")
+        raise ValueError(f"{source}: partial rotary embeddings (llama.rope.dimension_count={rotary_dim}, "
+                         f"head size {head_dim}) are not supported")
     scaling = _meta(reader, source, "llama.rope.scaling.type", "none")
     if scaling != "none" or "rope_freqs.weight" in names:
-        raise ValueError(f"{source}: rotary scaling ({scaling!r}) is not supported; lmforge implements plain RoPE")
+        raise ValueError(f"{source}: rotary scaling ({scaling!r}) is not supported; "
+                         f"lmforge implements plain RoPE")
     return _build_config(
         source, arch="decoder", family="llama", norm="rmsnorm", activation="silu", gated_mlp=True,
         position="rotary", tie_embeddings="output.weight" not in names,
@@ -252,7 +257,7 @@ def _target_names(gguf_name: str) -> list[str]:
 
 
 def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes of the lmforge Decoder for `config` (built on the meta device: no memory, no init cost)."""
+    """Parameter shapes of the lmforge Decoder for `config` (built on the meta device: no memory, no init)."""
     with torch.device("meta"):
         model = Decoder(config)
     shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
@@ -279,13 +284,14 @@ def _convert_tensors(reader: GGUFReader, source: Path, config: ModelConfig) -> d
         plan.append((t, targets))
     missing = sorted(set(expected) - {name for _, targets in plan for name in targets})
     if missing:
-        raise ValueError(f"{source}: GGUF file lacks tensors for {len(missing)} parameters, e.g. {missing[:3]}")
+        raise ValueError(f"{source}: GGUF file lacks tensors for {len(missing)} parameters, "
+                         f"e.g. {missing[:3]}")
 
     tensors: dict[str, Tensor] = {}
     for t, targets in plan:
         w = _dequantize(t, source)
         if len(targets) == 3:  # GPT-2 attn_qkv: rows [q; k; v]
-            for name, part in zip(targets, w.chunk(3, dim=0)):
+            for name, part in zip(targets, w.chunk(3, dim=0), strict=True):
                 tensors[name] = part.clone()  # own storage: safetensors refuses shared ones
             continue
         name = targets[0]
@@ -306,7 +312,8 @@ def _dequantize(t: Any, source: Path) -> Tensor:
         raise ValueError(f"{source}: tensor {t.name!r} has type {qtype.name}, which cannot be dequantized "
                          f"({err})") from err
     if values.dtype != np.float32:
-        raise ValueError(f"{source}: tensor {t.name!r} has type {qtype.name}, expected a float or quantized type")
+        raise ValueError(f"{source}: tensor {t.name!r} has type {qtype.name}, "
+                         f"expected a float or quantized type")
     if not values.flags.writeable:  # F32 comes back as a view of the read-only file mapping
         values = values.copy()
     return torch.from_numpy(values)
@@ -323,7 +330,7 @@ def _unpermute_rotary(w: Tensor, n_heads: int) -> Tensor:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
 
 
-# --- cache ---------------------------------------------------------------------------------------------------------
+# --- cache --------------------------------------------------------------------------------------------------
 
 def _safe_stem(stem: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:80] or "model"
