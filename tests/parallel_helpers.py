@@ -1,0 +1,141 @@
+"""Run a function in N real processes that form a process group, as torchrun would, for distributed tests.
+
+    results = spawn(my_worker, 4, arg1, timeout=60)   # list[RankResult], one per rank; never raises
+    values = run(my_worker, 4, arg1)                  # list of return values; raises if any rank failed
+
+Each rank gets the environment torchrun sets (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK,
+LOCAL_WORLD_SIZE, GROUP_RANK, GROUP_WORLD_SIZE, ROLE_RANK, ROLE_WORLD_SIZE) plus OMP_NUM_THREADS=1 and `env`
+(a dict, or a function rank -> dict). `local_size` ranks share a "node" (GROUP_RANK), so
+`spawn(fn, 4, local_size=2)` looks like 2 nodes x 2 processes. The worker calls `lmforge.parallel.init()`.
+
+Workers must be module-level functions (they are pickled by name) and return picklable values. Processes start
+from a forkserver that has already imported torch, so a spawn costs a fork, not a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+_PRELOAD = ["torch", "torch.distributed", "lmforge.parallel"]
+
+
+@dataclass
+class RankResult:
+    """What one rank did: its return value, or the traceback text of what it raised, or how it exited."""
+
+    rank: int
+    value: Any = None
+    error: str | None = None  # traceback when the worker raised, or why no result came back
+    exitcode: int | None = None
+    seconds: float = 0.0  # from the start of spawn() to the rank's result (or death)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago, for MASTER_PORT."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(fn: Callable[..., Any], rank: int, env: dict[str, str], results: Any, args: tuple) -> None:
+    os.environ.update(env)
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        results.put((rank, fn(*args), None))
+    except BaseException:  # noqa: B036 - report everything, including SystemExit, to the parent
+        results.put((rank, None, traceback.format_exc()))
+
+
+def spawn(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 60.0,
+    env: dict[str, str] | Callable[[int], dict[str, str]] | None = None,
+    local_size: int | None = None,
+) -> list[RankResult]:
+    """Run fn(*args) in `world_size` processes; wait at most `timeout` s, kill stragglers."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    local_size = local_size or world_size
+    if world_size % local_size:
+        raise ValueError(f"local_size {local_size} must divide world_size {world_size}")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    results = ctx.Queue()
+    port = free_port()
+    procs = []
+    start = time.monotonic()
+    for rank in range(world_size):
+        rank_env = {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank % local_size),
+            "LOCAL_WORLD_SIZE": str(local_size),
+            "GROUP_RANK": str(rank // local_size),
+            "GROUP_WORLD_SIZE": str(world_size // local_size),
+            "ROLE_RANK": str(rank),
+            "ROLE_WORLD_SIZE": str(world_size),
+            "OMP_NUM_THREADS": "1",
+        }
+        rank_env.update((env(rank) if callable(env) else env) or {})
+        proc = ctx.Process(target=_child, args=(fn, rank, rank_env, results, args), daemon=True)
+        proc.start()
+        procs.append(proc)
+
+    done: dict[int, RankResult] = {}
+    deadline = start + timeout
+    dead_since: dict[int, float] = {}
+    while len(done) < world_size and time.monotonic() < deadline:
+        try:
+            rank, value, error = results.get(timeout=0.1)
+            done[rank] = RankResult(rank, value, error, seconds=time.monotonic() - start)
+            continue
+        except queue.Empty:
+            pass
+        now = time.monotonic()
+        for rank, proc in enumerate(procs):
+            if rank in done or proc.exitcode is None:
+                continue
+            # A rank that exited may still have a result in the pipe: give it a moment before calling it lost.
+            first_seen = dead_since.setdefault(rank, now)
+            if now - first_seen > 1.0:
+                error = f"rank {rank} exited with code {proc.exitcode} without a result"
+                done[rank] = RankResult(rank, error=error, seconds=first_seen - start)
+    for rank, proc in enumerate(procs):
+        if rank not in done:
+            done[rank] = RankResult(rank, error=f"rank {rank} did not finish within {timeout:g} s",
+                                    seconds=time.monotonic() - start)
+        proc.join(timeout=2.0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        done[rank].exitcode = proc.exitcode
+    results.close()
+    return [done[r] for r in range(world_size)]
+
+
+def run(fn: Callable[..., Any], world_size: int, *args: Any, **kwargs: Any) -> list[Any]:
+    """Like spawn(), but return the values in rank order; raise AssertionError naming the failed ranks."""
+    out = spawn(fn, world_size, *args, **kwargs)
+    failed = [r for r in out if not r.ok]
+    if failed:
+        text = "\n".join(f"--- rank {r.rank} (exit code {r.exitcode}):\n{r.error}" for r in failed)
+        raise AssertionError(text)
+    return [r.value for r in out]
