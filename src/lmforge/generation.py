@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from lmforge.config import ModelConfig
 from lmforge.models.blocks import KVCache, activation, apply_rotary, check_input_ids, rotary_cos_sin
 from lmforge.models.decoder import Decoder
+from lmforge.tokenizer import IncrementalDecoder, Tokenizer
 
 __all__ = ["DecodeStep", "GenerationSettings", "decode_one_token", "generate", "generate_ids", "prefill",
            "process_logits", "resolve_settings", "sample", "stream"]
@@ -464,14 +465,14 @@ def _inference(model: nn.Module):
 
 # --- decoding loops -----------------------------------------------------------------------------------------
 
-def _stop_string_hits(tokenizer: Any, seqs: Tensor, start: int, stops: tuple[str, ...]) -> Tensor:
+def _stop_string_hits(tokenizer: Tokenizer, seqs: Tensor, start: int, stops: tuple[str, ...]) -> Tensor:
     """(N,) bool: the text of seqs[:, start:] contains a stop string."""
     texts = [tokenizer.decode(row) for row in seqs[:, start:].tolist()]
     return torch.tensor([any(s in t for s in stops) for t in texts], device=seqs.device)
 
 
 def _token_loop(run: _Decoding, input_ids: Tensor, s: GenerationSettings, generator: torch.Generator | None,
-                tokenizer: Any) -> Iterator[Tensor]:
+                tokenizer: Tokenizer | None) -> Iterator[Tensor]:
     """Greedy or sampled decoding; yields the next token of every row (B,), pad for finished rows."""
     B, P = input_ids.shape
     seqs = torch.full((B, P + s.max_new_tokens), s.pad_id, dtype=torch.long, device=input_ids.device)
@@ -503,7 +504,7 @@ def _gather_beams(t: Tensor, index: Tensor) -> Tensor:
 
 
 def _beam_search(run: _Decoding, input_ids: Tensor, s: GenerationSettings, generator: torch.Generator | None,
-                 tokenizer: Any) -> Tensor:
+                 tokenizer: Tokenizer | None) -> Tensor:
     """transformers' vectorised beam search; input_ids (B * num_beams, P) -> (B * num_return_sequences, T).
 
     Keeps, per prompt, `num_beams` running hypotheses and the `num_beams` best finished ones (scored by summed
@@ -665,7 +666,7 @@ def generate_ids(model: Decoder, input_ids: Tensor, attention_mask: Tensor | Non
         return torch.cat([input_ids, torch.stack(tokens, 1)], 1)
 
 
-def _load(model: Decoder | str | Path, tokenizer: Any, dtype: str | torch.dtype | None):
+def _load(model: Decoder | str | Path, tokenizer: Tokenizer | None, dtype: str | torch.dtype | None):
     """Accept a model object or a name/path (loaded with `lmforge.io.load_model`) and find its tokenizer."""
     source = None
     if isinstance(model, (str, Path)):
@@ -677,13 +678,11 @@ def _load(model: Decoder | str | Path, tokenizer: Any, dtype: str | torch.dtype 
     if tokenizer is None:
         if source is None:
             raise ValueError("tokenizer is required with a model object (a name or path loads both)")
-        from lmforge.tokenizer import Tokenizer
-
         tokenizer = Tokenizer.for_model(source)
     return model, tokenizer
 
 
-def _encode_prompts(model: Decoder, tokenizer: Any, prompts: str | Sequence[str], chat: bool):
+def _encode_prompts(model: Decoder, tokenizer: Tokenizer, prompts: str | Sequence[str], chat: bool):
     """Token ids (B, P) and attention mask for prompts, left-padded; with chat, through the chat template."""
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not texts:
@@ -693,8 +692,7 @@ def _encode_prompts(model: Decoder, tokenizer: Any, prompts: str | Sequence[str]
         if not isinstance(text, str) or not text:
             raise ValueError(f"prompt {i} must be a non-empty string, got {text!r}")
         if chat:
-            messages = [{"role": "user", "content": text}]
-            rows.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            rows.append(tokenizer.encode_chat([{"role": "user", "content": text}]))
         else:
             rows.append(tokenizer.encode(text))
         if not rows[-1]:
@@ -710,10 +708,11 @@ def _encode_prompts(model: Decoder, tokenizer: Any, prompts: str | Sequence[str]
     return ids, mask
 
 
-def _text_kwargs(tokenizer: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _text_kwargs(model: Decoder, tokenizer: Tokenizer, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Generation arguments for text: stop at the model's and the tokenizer's eos ids."""
     kwargs = dict(kwargs)
-    if kwargs.get("eos_token_id") is None and getattr(tokenizer, "eos_ids", None):
-        kwargs["eos_token_id"] = list(tokenizer.eos_ids)
+    if kwargs.get("eos_token_id") is None and tokenizer.eos_token_id is not None:
+        kwargs["eos_token_id"] = sorted({*model.config.eos_ids, tokenizer.eos_token_id})
     if kwargs.get("stop_strings"):
         kwargs["tokenizer"] = tokenizer
     return kwargs
@@ -727,8 +726,9 @@ def _cut_at_stop(text: str, stops: str | Sequence[str] | None) -> str:
     return text[:min(ends)] if ends else text
 
 
-def generate(model: Decoder | str | Path, tokenizer: Any = None, prompts: str | Sequence[str] = "",
-             chat: bool = False, dtype: str | torch.dtype | None = None, **kwargs: Any) -> list[str]:
+def generate(model: Decoder | str | Path, tokenizer: Tokenizer | None = None,
+             prompts: str | Sequence[str] = "", chat: bool = False, dtype: str | torch.dtype | None = None,
+             **kwargs: Any) -> list[str]:
     """Generated text (prompt excluded) for each prompt and each of its num_return_sequences, in order.
 
     model: a Decoder, or a name/path for `lmforge.io.load_model` (then tokenizer may be None); chat: wrap
@@ -737,14 +737,18 @@ def generate(model: Decoder | str | Path, tokenizer: Any = None, prompts: str | 
     """
     model, tokenizer = _load(model, tokenizer, dtype)
     ids, mask = _encode_prompts(model, tokenizer, prompts, chat)
-    out = generate_ids(model, ids, mask, **_text_kwargs(tokenizer, kwargs))
-    P = ids.shape[1]
-    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in out[:, P:].tolist()]
-    return [_cut_at_stop(t, kwargs.get("stop_strings")) for t in texts]
+    out = generate_ids(model, ids, mask, **_text_kwargs(model, tokenizer, kwargs))
+    eos = set(_text_kwargs(model, tokenizer, kwargs).get("eos_token_id") or model.config.eos_ids)
+    texts = []
+    for row in out[:, ids.shape[1]:].tolist():
+        end = next((i for i, t in enumerate(row) if t in eos), len(row))  # the text stops before eos
+        text = tokenizer.decode(row[:end], skip_special_tokens=True)
+        texts.append(_cut_at_stop(text, kwargs.get("stop_strings")))
+    return texts
 
 
-def stream(model: Decoder | str | Path, tokenizer: Any = None, prompt: str = "", chat: bool = False,
-           dtype: str | torch.dtype | None = None, **kwargs: Any) -> Iterator[str]:
+def stream(model: Decoder | str | Path, tokenizer: Tokenizer | None = None, prompt: str = "",
+           chat: bool = False, dtype: str | torch.dtype | None = None, **kwargs: Any) -> Iterator[str]:
     """Yield the generated text of one prompt piece by piece as tokens arrive, whole characters only.
 
     Joined, the pieces equal `generate(...)[0]` for the same arguments. Sampling and greedy only (beam search
@@ -754,21 +758,23 @@ def stream(model: Decoder | str | Path, tokenizer: Any = None, prompt: str = "",
     if not isinstance(prompt, str):
         raise ValueError(f"stream takes one prompt string, got {type(prompt).__name__}")
     ids, mask = _encode_prompts(model, tokenizer, prompt, chat)
-    kw = _text_kwargs(tokenizer, kwargs)
+    kw = _text_kwargs(model, tokenizer, kwargs)
     s, generator, ids, mask, options = _prepare(model, ids, mask, kw)
     if s.num_beams > 1 or s.num_return_sequences > 1:
         raise ValueError("stream produces one sequence: num_beams and num_return_sequences must be 1")
-    decoder = tokenizer.stream_decoder(skip_special_tokens=True)
+    decoder = IncrementalDecoder(tokenizer, skip_special_tokens=True)
     emitted = ""
     with _inference(model):
         run = _Decoding(model, ids, mask, s.max_new_tokens, options.get("fast", True), options.get("compile"))
         for token in _token_loop(run, ids, s, generator, options.get("tokenizer")):
+            if int(token[0]) in s.eos_ids:
+                break
             piece = decoder.step(int(token[0]))
             if piece and s.stop_strings:
                 piece = _cut_at_stop(emitted + piece, s.stop_strings)[len(emitted):]
             if piece:
                 emitted += piece
                 yield piece
-    tail = decoder.flush() if hasattr(decoder, "flush") else ""
+    tail = decoder.flush()
     if tail:
         yield _cut_at_stop(emitted + tail, s.stop_strings)[len(emitted):] if s.stop_strings else tail
