@@ -19,14 +19,15 @@ from lmforge.io import load_model
 ATOL = 1e-4
 VOCAB = 96
 
-_ENCODER = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                max_position_embeddings=40, initializer_range=0.2)
+_ENCODER = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=48, max_position_embeddings=40, initializer_range=0.2)
 _DISTIL = dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=48, max_position_embeddings=40,
                initializer_range=0.2)
 _GPT2 = dict(vocab_size=VOCAB, n_embd=32, n_head=4, n_positions=40, initializer_range=0.2, bos_token_id=0,
              eos_token_id=0)
-_LLAMA = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=64, initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+_LLAMA = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=64, initializer_range=0.2, bos_token_id=1,
+              eos_token_id=2)
 
 # id -> (transformers model class, config class, config fields)
 CASES = {
@@ -41,7 +42,8 @@ CASES = {
     "bert-classify": (tf.BertForSequenceClassification, tf.BertConfig, dict(_ENCODER, num_labels=3)),
     "bert-base": (tf.BertModel, tf.BertConfig, _ENCODER),
     "distilbert-mlm": (tf.DistilBertForMaskedLM, tf.DistilBertConfig, _DISTIL),
-    "distilbert-classify": (tf.DistilBertForSequenceClassification, tf.DistilBertConfig, dict(_DISTIL, num_labels=4)),
+    "distilbert-classify": (tf.DistilBertForSequenceClassification, tf.DistilBertConfig,
+                            dict(_DISTIL, num_labels=4)),
     "roberta-mlm": (tf.RobertaForMaskedLM, tf.RobertaConfig, dict(_ENCODER, max_position_embeddings=42)),
     "roberta-classify": (tf.RobertaForSequenceClassification, tf.RobertaConfig,
                          dict(_ENCODER, max_position_embeddings=42, num_labels=2, type_vocab_size=1)),
@@ -126,13 +128,14 @@ def minilm_reference(minilm_dir: Path) -> torch.nn.Module:
 def test_minilm_hidden_states_match_transformers(minilm_dir: Path, bbc_dir: Path,
                                                  minilm_reference: torch.nn.Module) -> None:
     tokenizer = tf.AutoTokenizer.from_pretrained(minilm_dir)
-    enc = tokenizer(_bbc_sentences(bbc_dir, 6), padding=True, truncation=True, max_length=64, return_tensors="pt")
+    enc = tokenizer(_bbc_sentences(bbc_dir, 6), padding=True, truncation=True, max_length=64,
+                    return_tensors="pt")
     assert enc["attention_mask"].eq(0).any(), "the batch should contain padding"
     model = load_model("all-minilm-l6-v2")
     with torch.no_grad():
         want = minilm_reference(**enc, output_hidden_states=True).hidden_states
-        got = model(enc["input_ids"], attention_mask=enc["attention_mask"], token_type_ids=enc["token_type_ids"],
-                    output_hidden_states=True).hidden_states
+        got = model(enc["input_ids"], attention_mask=enc["attention_mask"],
+                    token_type_ids=enc["token_type_ids"], output_hidden_states=True).hidden_states
     real = enc["attention_mask"].bool()
     assert len(got) == len(want) == 7
     for layer, (g, w) in enumerate(zip(got, want, strict=True)):
