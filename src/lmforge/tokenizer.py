@@ -16,9 +16,11 @@ text.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -427,19 +429,39 @@ class Tokenizer:
         return backend
 
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike[str]) -> Tokenizer:
+    def from_gguf(cls, path: str | os.PathLike[str], cache: bool = True) -> Tokenizer:
         """Build the tokenizer a GGUF file's metadata describes (tokenizer.ggml.model "gpt2": byte-level BPE).
 
         Reads tokens, merges, token_type (control tokens become special, user-defined ones added tokens),
         bos/eos/unk/padding ids, add_bos/eos_token, add_space_prefix, the pre-tokenizer name and
         tokenizer.chat_template. Gives the same ids as transformers' tokenizer loaded from the same file.
+        Parsing the metadata takes seconds, so with `cache` the result is saved as an HF tokenizer folder in
+        `cache_dir()` (keyed by the file's path, size and mtime) and later calls load that instead.
         Raises FileNotFoundError / ValueError naming the file and the missing or unsupported field.
         """
-        from gguf import GGUFReader
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
+        if not cache:
+            return cls._build_from_gguf(path)
+        stat = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        folder = cache_dir() / "tokenizers" / f"gguf-{path.stem}-{key}"
+        if (folder / "tokenizer_config.json").is_file():  # written last by save(): the folder is complete
+            tok = cls.from_dir(folder)
+        else:
+            tok = cls._build_from_gguf(path)
+            try:
+                tok.save(folder)
+            except OSError as err:
+                warnings.warn(f"could not cache the tokenizer of {path} in {folder}: {err}", stacklevel=2)
+        tok.source = str(path)
+        return tok
+
+    @classmethod
+    def _build_from_gguf(cls, path: Path) -> Tokenizer:
+        from gguf import GGUFReader
+
         try:
             fields = GGUFReader(path).fields
         except Exception as err:  # the reader fails with assorted errors on truncated or foreign files
