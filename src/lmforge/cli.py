@@ -93,6 +93,71 @@ def _convert(args: argparse.Namespace) -> int:
 
 # --- generation (lmforge.generation): generate -------------------------------------------------------------------
 
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts (batched, left-padded)")
+    p.add_argument("--model", default="default",
+                   help="HF folder, .gguf file or packaged name (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="auto",
+                   help="weights dtype; auto: bfloat16 on CUDA and on CPUs with native bf16, else float32")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    p.add_argument("--max-length", type=int, help="prompt + new tokens, as in transformers (default 20)")
+    p.add_argument("--max-new-tokens", type=int, help="new tokens (instead of --max-length)")
+    p.add_argument("--min-new-tokens", type=int, help="no end-of-sequence before this many new tokens")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam decoding")
+    p.add_argument("--temperature", type=float, help="sampling temperature (0 means greedy; default 1)")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default 50, 0 = off)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling: smallest set reaching this probability")
+    p.add_argument("--min-p", type=float, help="drop tokens below min_p x the top token's probability")
+    p.add_argument("--repetition-penalty", type=float, help="> 1 discourages tokens already present")
+    p.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram of this size")
+    p.add_argument("--num-beams", type=int, help="beam search with this many beams")
+    p.add_argument("--num-return-sequences", type=int, help="sequences per prompt (sampling or beams)")
+    p.add_argument("--stop", action="append", dest="stop_strings", metavar="TEXT",
+                   help="stop when this text appears (repeatable)")
+    p.add_argument("--seed", type=int, help="random seed for sampling (same seed, same output)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+
+
+@command("generate", "Generate text from prompts with a causal language model.", _generate_arguments)
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from lmforge.generation import generate, preferred_dtype, stream
+    from lmforge.io import load_model
+    from lmforge.tokenizer import Tokenizer
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = preferred_dtype(device) if args.dtype == "auto" else args.dtype
+    model = load_model(args.model, dtype=dtype, device=device)
+    tokenizer = Tokenizer.for_model(args.model)
+    names = ("max_length", "max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "min_p",
+             "repetition_penalty", "no_repeat_ngram_size", "num_beams", "num_return_sequences",
+             "stop_strings")
+    kwargs = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    kwargs["do_sample"] = args.do_sample
+    if args.seed is not None:
+        kwargs["generator"] = torch.Generator(device=device).manual_seed(args.seed)
+    shown = (lambda prompt, text: text) if args.chat else (lambda prompt, text: prompt + text)
+    if not args.stream:
+        texts = generate(model, tokenizer, args.prompts, chat=args.chat, **kwargs)
+        per_prompt = len(texts) // len(args.prompts)
+        for i, text in enumerate(texts):
+            print(f"Generated {i + 1}: {shown(args.prompts[i // per_prompt], text)}")
+        return 0
+    n = kwargs.pop("num_return_sequences", 1)
+    i = 0
+    for prompt in args.prompts:
+        for _ in range(n):
+            i += 1
+            print(f"Generated {i}: {shown(prompt, '')}", end="", flush=True)
+            for piece in stream(model, tokenizer, prompt, chat=args.chat, **kwargs):
+                print(piece, end="", flush=True)
+            print()
+    return 0
+
+
 # --- training (lmforge.training, lmforge.distill): train, finetune, evaluate, distill, plot ------------------------
 
 # --- end of commands ---------------------------------------------------------------------------------------------

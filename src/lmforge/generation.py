@@ -34,8 +34,8 @@ from lmforge.models.blocks import KVCache, activation, apply_rotary, check_input
 from lmforge.models.decoder import Decoder
 from lmforge.tokenizer import IncrementalDecoder, Tokenizer
 
-__all__ = ["DecodeStep", "GenerationSettings", "decode_one_token", "generate", "generate_ids", "prefill",
-           "process_logits", "resolve_settings", "sample", "stream"]
+__all__ = ["DecodeStep", "GenerationSettings", "decode_one_token", "generate", "generate_ids",
+           "preferred_dtype", "prefill", "process_logits", "resolve_settings", "sample", "stream"]
 
 DEFAULT_MAX_LENGTH = 20  # transformers' default when neither max_length nor max_new_tokens is given
 DEFAULT_TOP_K = 50  # transformers' default top_k when sampling; top_k=0 turns it off
@@ -583,6 +583,17 @@ def _beam_search(run: _Decoding, input_ids: Tensor, s: GenerationSettings, gener
     nrs = s.num_return_sequences
     out_len = P + int(finished_len[:, :nrs].max())
     return finished[:, :nrs, :out_len].reshape(B * nrs, out_len)
+
+
+def preferred_dtype(device: torch.device | str = "cpu") -> torch.dtype:
+    """The fastest exact-enough dtype for decoding on `device`: bfloat16 on CUDA and on CPUs with native bf16
+    matrix support (AVX512-BF16/AMX, as oneDNN reports it), float32 elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    return torch.float32
 
 
 # --- public API ---------------------------------------------------------------------------------------------
