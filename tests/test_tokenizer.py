@@ -59,6 +59,12 @@ def sentences(bbc_documents: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def parity_texts(sentences: list[str], bbc_documents: list[str]) -> list[str]:
+    """The sentences plus every 50th whole document (titles, blank lines, long paragraphs)."""
+    return sentences + bbc_documents[::50]
+
+
+@pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return convert_gpt2_tiktoken(tmp_path_factory.mktemp("gpt2"))
 
@@ -142,8 +148,8 @@ def test_recover_merges_closed_form() -> None:
         recover_merges({b"a": 0, b"b": 1, b"c": 2, b"abc": 3})
 
 
-def test_gpt2_ids_match_transformers(gpt2: Tokenizer, hf_gpt2, sentences: list[str]) -> None:
-    texts = [*sentences, f"end{GPT2_EOT}start", f"{GPT2_EOT}"]
+def test_gpt2_ids_match_transformers(gpt2: Tokenizer, hf_gpt2, parity_texts: list[str]) -> None:
+    texts = [*parity_texts, f"end{GPT2_EOT}start", f"{GPT2_EOT}"]
     _assert_same_ids(gpt2, hf_gpt2, texts, add_special_tokens=True)
     _assert_same_ids(gpt2, hf_gpt2, texts, add_special_tokens=False)
     assert (gpt2.bos_token, gpt2.eos_token, gpt2.unk_token) == (hf_gpt2.bos_token, hf_gpt2.eos_token,
@@ -189,8 +195,8 @@ def test_failed_conversion_keeps_previous_files(tmp_path: Path, gpt2_tiktoken: P
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_ids_match_transformers(smollm2: Tokenizer, hf_smollm2, sentences: list[str]) -> None:
-    texts = [*sentences, "<|im_start|>user\nHi<|im_end|>", "x<|endoftext|>y <repo_name>z"]
+def test_smollm2_gguf_ids_match_transformers(smollm2: Tokenizer, hf_smollm2, parity_texts: list[str]) -> None:
+    texts = [*parity_texts, "<|im_start|>user\nHi<|im_end|>", "x<|endoftext|>y <repo_name>z"]
     _assert_same_ids(smollm2, hf_smollm2, texts, add_special_tokens=True)
     _assert_same_ids(smollm2, hf_smollm2, texts, add_special_tokens=False)
     assert smollm2.vocab_size == len(hf_smollm2) == 49152
@@ -200,9 +206,9 @@ def test_smollm2_gguf_ids_match_transformers(smollm2: Tokenizer, hf_smollm2, sen
     assert smollm2.all_special_ids == list(range(17))  # the 17 control tokens of the GGUF
 
 
-def test_minilm_ids_match_transformers(minilm: Tokenizer, hf_minilm, sentences: list[str]) -> None:
-    _assert_same_ids(minilm, hf_minilm, sentences, add_special_tokens=True)
-    _assert_same_ids(minilm, hf_minilm, sentences, add_special_tokens=False)
+def test_minilm_ids_match_transformers(minilm: Tokenizer, hf_minilm, parity_texts: list[str]) -> None:
+    _assert_same_ids(minilm, hf_minilm, parity_texts, add_special_tokens=True)
+    _assert_same_ids(minilm, hf_minilm, parity_texts, add_special_tokens=False)
     assert (minilm.pad_token_id, minilm.unk_token_id, minilm.mask_token_id) == (0, 100, 103)
     assert minilm.encode("Hello")[0] == 101 and minilm.encode("Hello")[-1] == 102  # [CLS] ... [SEP]
 

@@ -323,8 +323,10 @@ class Tokenizer:
     @classmethod
     def for_model(cls, source: str | os.PathLike[str]) -> Tokenizer:
         """The tokenizer of what `lmforge.io.load_model` accepts: an HF folder, a .gguf file or a name."""
+        if not isinstance(source, (str, os.PathLike)):
+            raise TypeError(f"tokenizer source must be a path or a name, got {type(source).__name__}")
         text = os.fspath(source)
-        path = Path(text)
+        path = Path(text).expanduser()
         if path.is_dir():
             return cls.from_dir(path)
         if path.is_file():
