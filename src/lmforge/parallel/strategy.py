@@ -1,0 +1,237 @@
+"""Distributed strategies for the training loop (`lmforge.training.train(..., strategy=...)`).
+
+    strategy = make_strategy("allreduce" | "ddp" | "ps", grad_accum=config.grad_accum)
+    result = run_training(model, objective, data, config, strategy=strategy, resume=resume)
+
+Every strategy joins the process group torchrun describes (`lmforge.parallel.init`); the loop then shards the
+data by `strategy.rank` / `strategy.world_size` (its `EpochSampler`), logs and checkpoints on `is_main` only,
+and reduces metrics with `all_reduce_sum`.
+
+- "allreduce": lmforge's Horovod-style `DistributedOptimizer` (gradients averaged by bucketed allreduces
+  launched from gradient hooks while backward runs), parameters and optimizer state broadcast from rank 0.
+- "ddp": torch's `DistributedDataParallel`, the reference.
+- "ps": the parameter server (`lmforge.parallel.ps`): the first `n_servers` ranks hold the parameters and the
+  optimizer state, the other ranks train as workers. `run_training` runs the server loop on server ranks.
+
+Gradient clipping clips the averaged gradient for allreduce and ddp, each worker's own gradient for ps.
+With `torchrun --max-restarts`, `run_training` resumes from the run's last checkpoint when torchrun restarts
+the job (TORCHELASTIC_RESTART_COUNT > 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+
+import lmforge.parallel as hvd
+from lmforge.parallel.ps import Mode, ParameterServer, PSWorker, ServerLog, check_mode, is_server
+from lmforge.training import (
+    SingleProcess,
+    TrainConfig,
+    TrainResult,
+    latest_checkpoint,
+    load_checkpoint,
+    make_optimizer,
+    train,
+)
+
+STRATEGIES = ("allreduce", "ddp", "ps")
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted this job (0 on the first attempt or without torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+class Distributed(SingleProcess):
+    """Common part: join the process group, place the model (cuda:LOCAL_RANK with NCCL, else CPU), reduce
+    over `group` (None: every rank)."""
+
+    group: Any = None
+
+    def __init__(self, timeout: float = 60.0, backend: str | None = None):
+        hvd.init(timeout=timeout, backend=backend)
+        self.rank, self.world_size = hvd.rank(), hvd.size()
+        self.is_main = self.rank == 0
+        on_gpu = dist.get_backend() == "nccl"
+        super().__init__(torch.device("cuda", hvd.local_rank()) if on_gpu else "cpu")
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out, group=self.group)
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
+
+    def finish(self) -> None:
+        """Called once by `run_training` after the loop returns."""
+
+
+class DDPStrategy(Distributed):
+    """torch.nn.parallel.DistributedDataParallel: gradients averaged during backward; no_sync while
+    accumulating micro-batches."""
+
+    def prepare(self, model: nn.Module, optimizer: Optimizer) -> tuple[nn.Module, Optimizer]:
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids), optimizer
+
+    def sync(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if sync else model.no_sync()
+
+
+class AllreduceStrategy(Distributed):
+    """lmforge.parallel.DistributedOptimizer: Horovod-style data parallelism by allreduce.
+
+    The optimizer accumulates `grad_accum` backward passes locally before it reduces
+    (backward_passes_per_step), so the loop's micro-batches cost one allreduce per step, as with DDP's
+    no_sync.
+    """
+
+    def __init__(self, grad_accum: int = 1, compression: Any = None, timeout: float = 60.0,
+                 backend: str | None = None):
+        super().__init__(timeout, backend)
+        self.grad_accum = grad_accum
+        self.compression = compression or hvd.Compression.none
+        self.optimizer: Any = None
+
+    def prepare(self, model: nn.Module, optimizer: Optimizer) -> tuple[nn.Module, Optimizer]:
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+        self.optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
+                                                  compression=self.compression,
+                                                  backward_passes_per_step=self.grad_accum)
+        return model, self.optimizer
+
+    def clip_grad_norm(self, parameters: list[Tensor], max_norm: float) -> Tensor:
+        self.optimizer.synchronize()  # clip the averaged gradients; step() then skips its own synchronize
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+
+class _PSOptimizer:
+    """What the loop steps on a parameter-server worker: `step()` pushes the gradients and pulls parameters.
+
+    Learning rates, zero_grad and param_groups are the local optimizer's (the loop's schedule sets them; the
+    servers receive them with each push); `state_dict()` gathers the servers' optimizer state into the
+    ordinary single-process format, so checkpoints look the same whatever the strategy.
+    """
+
+    def __init__(self, optimizer: Optimizer, worker: PSWorker):
+        self.optimizer, self.worker = optimizer, worker
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @property
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.worker.step()
+        self.optimizer._opt_called = True  # an LR scheduler checks this flag
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        local = self.optimizer.state_dict()
+        return {"state": self.worker.optimizer_state(), "param_groups": local["param_groups"]}
+
+
+class PSStrategy(Distributed):
+    """Parameter-server training: ranks 0..n_servers-1 serve, the others are workers.
+
+    On workers, rank / world_size / is_main describe the worker's place among the workers (the data is sharded
+    over workers only, the first worker logs and checkpoints) and `group` is the workers' process group.
+    Needs the gloo backend (any-source receives): models train on CPU.
+    """
+
+    def __init__(self, n_servers: int = 1, mode: Mode = "sync", tau: int | None = None,
+                 timeout: float = 60.0):
+        check_mode(mode, tau)
+        super().__init__(timeout, backend="gloo")
+        world = dist.get_world_size()
+        if not 1 <= n_servers < world:
+            raise ValueError(f"ps strategy needs 1 <= n_servers < world size ({world}), "
+                             f"got n_servers={n_servers}")
+        self.n_servers, self.mode, self.tau = n_servers, mode, tau
+        self.timeout = datetime.timedelta(seconds=timeout)
+        self.global_rank = dist.get_rank()
+        self.is_server = is_server(self.global_rank, n_servers)
+        self.group = dist.new_group(list(range(n_servers, world)))  # every rank must create it
+        self.rank = -1 if self.is_server else self.global_rank - n_servers
+        self.world_size = world - n_servers
+        self.is_main = self.rank == 0
+        self.worker: PSWorker | None = None
+
+    def prepare(self, model: nn.Module, optimizer: Optimizer) -> tuple[nn.Module, Any]:
+        if self.is_server:
+            raise ValueError(f"rank {self.global_rank} is a parameter server; run it with run_training()")
+        self.worker = PSWorker(optimizer, self.n_servers, timeout=self.timeout)
+        return model, _PSOptimizer(optimizer, self.worker)
+
+    def serve(self, optimizer: Optimizer) -> ServerLog:
+        """Run this server rank until every worker has finished."""
+        return ParameterServer(optimizer, self.n_servers, self.mode, self.tau, timeout=self.timeout).serve()
+
+    def finish(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+
+
+def make_strategy(name: str, grad_accum: int = 1, n_servers: int = 1, mode: Mode = "sync",
+                  tau: int | None = None, timeout: float = 60.0) -> Distributed:
+    """The strategy called `name` ("allreduce", "ddp" or "ps"); joins the process group."""
+    if name == "allreduce":
+        return AllreduceStrategy(grad_accum=grad_accum, timeout=timeout)
+    if name == "ddp":
+        return DDPStrategy(timeout=timeout)
+    if name == "ps":
+        return PSStrategy(n_servers=n_servers, mode=mode, tau=tau, timeout=timeout)
+    raise ValueError(f"unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}")
+
+
+def run_training(model: nn.Module, objective: Any, train_data: Any, config: TrainConfig,
+                 strategy: Distributed, eval_data: Any = None,
+                 resume: bool = False) -> TrainResult | ServerLog:
+    """`lmforge.training.train` under `strategy`, resuming after a torchrun restart.
+
+    resume: as in `train`; also turned on when torchrun restarted the job and the run has a checkpoint.
+    Parameter-server ranks serve instead of training (their optimizer, with the checkpoint's state when
+    resuming, built as the loop builds it) and return their `ServerLog`; workers return the `TrainResult`.
+    """
+    if config.run_dir and restart_count() > 0 and latest_checkpoint(config.run_dir) is not None:
+        resume = True
+    if isinstance(strategy, PSStrategy) and strategy.is_server:
+        optimizer = make_optimizer(model, config)
+        if resume:
+            checkpoint = latest_checkpoint(config.run_dir) if config.run_dir else None
+            if checkpoint is None:
+                raise FileNotFoundError(f"cannot resume: no checkpoint in run directory {config.run_dir!r}")
+            model_state, state = load_checkpoint(checkpoint)
+            model.load_state_dict(model_state)
+            optimizer.load_state_dict(state["optimizer"])
+        return strategy.serve(optimizer)
+    result = train(model, objective, train_data, config, eval_data=eval_data, strategy=strategy,
+                   resume=resume)
+    strategy.finish()
+    return result
+
