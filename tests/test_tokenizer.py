@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lmforge.tokenizer import (
     GGUF_CONTROL,
@@ -341,6 +343,23 @@ def test_stream_decode_never_breaks_characters(gpt2: Tokenizer, smollm2: Tokeniz
             assert list(stream_decode(tok, ids)) == [p for p in pieces if p]
             if text == HARD_TEXT:
                 assert held > 0  # the test really splits characters across tokens
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=40))
+def test_stream_decode_property_any_text(gpt2: Tokenizer, text: str) -> None:
+    pieces = list(stream_decode(gpt2, gpt2.encode(text)))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces) or "\ufffd" in text
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ids=st.lists(st.integers(min_value=0, max_value=50256), min_size=1, max_size=30))
+def test_stream_decode_property_any_ids(gpt2: Tokenizer, ids: list[int]) -> None:
+    decoder = IncrementalDecoder(gpt2)
+    pieces = [decoder.step(i) for i in ids]
+    assert all(not piece.endswith("\ufffd") for piece in pieces)  # a possibly unfinished character is held
+    assert "".join(pieces) + decoder.flush() == gpt2.decode(ids)
 
 
 def test_stream_decode_flushes_an_unfinished_character(smollm2: Tokenizer) -> None:
