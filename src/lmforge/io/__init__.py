@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from lmforge.config import ModelConfig
 from lmforge.io import hf
 from lmforge.io.hf import CheckpointError
-from lmforge.models import Decoder, Encoder, build_model
+from lmforge.models import Decoder, Encoder, build_empty_model
 from lmforge.models.blocks import init_weights
 from lmforge.registry import ALIASES, packaged_path
 
@@ -111,8 +111,7 @@ def build_loaded(config: ModelConfig, state: dict[str, Tensor], *, dtype: torch.
             if t.is_floating_point():
                 sizes[t.dtype] += t.numel()
         dtype = sizes.most_common(1)[0][0] if sizes else torch.float32
-    with torch.device("meta"):
-        model = build_model(config)
+    model = build_empty_model(config)
     expected = model.state_dict()
     tied = set()
     if config.tie_embeddings:

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from lmforge.config import ModelConfig
-from lmforge.models import build_model
+from lmforge.models import build_empty_model
 
 __all__ = ["ARCHITECTURES", "CheckpointError", "config_from_hf", "config_to_hf", "parse_size",
            "read_checkpoint", "read_config", "read_tensors", "state_dict_from_hf", "state_dict_to_hf",
@@ -252,7 +253,7 @@ def _require(config: ModelConfig, checks: dict[str, Any]) -> None:
                              f"{have!r}, this family needs {want!r}")
 
 
-def config_to_hf(config: ModelConfig, dtype: torch.dtype | None = None) -> dict[str, Any]:
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     """The config.json for `config` in the layout of its family (`config.family`).
 
     Raises ValueError when the config uses something the family's transformers class cannot express.
@@ -320,8 +321,6 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype | None = None) -> dict[
             v: int(k) for k, v in id2label.items()}
         if "problem_type" in config.extra:
             out["problem_type"] = config.extra["problem_type"]
-    if dtype is not None:
-        out["dtype"] = str(dtype).removeprefix("torch.")
     return out
 
 
@@ -701,8 +700,7 @@ def read_checkpoint(folder: Path, *, head: str | None = None,
         fresh = ("cls_head.out.",)
     if new_head != config.head or n_labels is not None:
         config = config.replace(head=new_head, n_labels=config.n_labels if n_labels is None else n_labels)
-    with torch.device("meta"):
-        expected = {name: t.shape for name, t in build_model(config).state_dict().items()}
+    expected = {name: t.shape for name, t in build_empty_model(config).state_dict().items()}
     tensors = read_tensors(folder)
     where = str(weight_files(folder)[0])
     return config, state_dict_from_hf(config, tensors, expected, where, fresh, other_heads_ok=bool(fresh))
@@ -765,10 +763,14 @@ def write_checkpoint(config: ModelConfig, state: Mapping[str, Tensor], folder: P
     """
     folder = Path(folder)
     max_bytes = parse_size(max_shard_size)
+    hf_config = config_to_hf(config)  # first: it says what the family cannot express
     tensors = state_dict_to_hf(config, state)
-    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    hf_config = config_to_hf(config, dtype=max(dtypes, key=lambda d: sum(
-        t.numel() for t in tensors.values() if t.dtype == d)) if dtypes else None)
+    sizes = Counter({})
+    for t in tensors.values():
+        if t.is_floating_point():
+            sizes[str(t.dtype).removeprefix("torch.")] += t.numel()
+    if sizes:
+        hf_config["dtype"] = sizes.most_common(1)[0][0]
     # safetensors refuses tensors that share memory; give each its own storage where needed.
     seen: set[int] = set()
     for name, t in tensors.items():

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
 from torch import nn
 
 from lmforge.config import ModelConfig
@@ -9,9 +13,36 @@ from lmforge.models.blocks import KVCache, ModelOutput
 from lmforge.models.decoder import Decoder
 from lmforge.models.encoder import Encoder
 
-__all__ = ["Decoder", "Encoder", "KVCache", "ModelOutput", "build_model"]
+__all__ = ["Decoder", "Encoder", "KVCache", "ModelOutput", "build_empty_model", "build_model"]
 
 
 def build_model(config: ModelConfig) -> nn.Module:
     """A freshly initialised `Decoder` or `Encoder` for `config.arch`."""
     return Decoder(config) if config.arch == "decoder" else Encoder(config)
+
+
+_INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "xavier_uniform_", "zeros_",
+                   "ones_", "constant_")
+
+
+@contextmanager
+def _skip_init() -> Iterator[None]:
+    """Turn torch.nn.init's fills into no-ops (as transformers' `no_init_weights` does)."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    for name in _INIT_FUNCTIONS:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
+def build_empty_model(config: ModelConfig) -> nn.Module:
+    """The model of `config` with parameters on the meta device: shapes only, no memory, no initialisation.
+
+    For loading (`load_state_dict(..., assign=True)`) and for shape checks. Skipping the initialisation
+    matters: the first `normal_` on a meta tensor imports torch._dynamo, which takes seconds.
+    """
+    with torch.device("meta"), _skip_init():
+        return build_model(config)
