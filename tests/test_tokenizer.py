@@ -322,6 +322,9 @@ def test_chat_template_helpers(minilm_dir: Path, tmp_path: Path) -> None:
     assert tok.apply_chat_template([{"role": "user", "content": "hé"}]) == 'user: "hé"[SEP]'
     with pytest.raises(ValueError, match="bad role tool"):
         tok.apply_chat_template([{"role": "tool", "content": "x"}])
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")
+    with pytest.raises(ValueError, match="invalid chat template"):
+        Tokenizer.from_dir(tmp_path).apply_chat_template([{"role": "user", "content": "x"}])
 
 
 # --- streaming ----------------------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ from typing import Any, Literal
 
 import tokenizers
 import torch
+from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
 from lmforge import registry
@@ -53,6 +56,7 @@ GGUF_PRE_SPLITS: dict[str, str | None] = {
     "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
 }
 GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
+GGUF_CACHE_VERSION = 1  # part of the cache key of tokenizers built from GGUF: bump when the builder changes
 
 
 def cache_dir() -> Path:
@@ -102,8 +106,12 @@ def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tiktoken ranks file not found: {path}")
+    try:
+        lines = path.read_bytes().decode("ascii").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a tiktoken ranks file (non-ASCII content: {err})") from err
     ranks: dict[bytes, int] = {}
-    for lineno, line in enumerate(path.read_text(encoding="ascii").splitlines(), start=1):
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -220,9 +228,6 @@ def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False,
 
 def _compile_chat_template(source: str):
     """Compile a Jinja2 chat template in a sandbox, with the helpers HF templates expect."""
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
@@ -448,7 +453,8 @@ class Tokenizer:
         if not cache:
             return cls._build_from_gguf(path)
         stat = path.stat()
-        key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        identity = f"{GGUF_CACHE_VERSION}|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        key = hashlib.sha256(identity.encode()).hexdigest()[:16]
         folder = cache_dir() / "tokenizers" / f"gguf-{path.stem}-{key}"
         if (folder / "tokenizer_config.json").is_file():  # written last by save(): the folder is complete
             tok = cls.from_dir(folder)
@@ -663,7 +669,10 @@ class Tokenizer:
             raise ValueError(f"{self.source or 'this tokenizer'} has no chat template (looked for "
                              "tokenizer_config.json 'chat_template', chat_template.jinja, GGUF "
                              "tokenizer.chat_template); it is not an instruct/chat model")
-        return _compile_chat_template(self.chat_template)
+        try:
+            return _compile_chat_template(self.chat_template)
+        except TemplateError as err:
+            raise ValueError(f"{self.source or 'tokenizer'}: invalid chat template ({err})") from err
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
                             **variables: Any) -> str:
@@ -674,8 +683,11 @@ class Tokenizer:
         _check_messages(messages)
         names = {f"{role}_token": token for role, token in self.special_tokens.items()}
         prompt = add_generation_prompt
-        return self._compiled_template.render(messages=list(messages), add_generation_prompt=prompt, **names,
-                                              **variables)
+        try:
+            return self._compiled_template.render(messages=list(messages), add_generation_prompt=prompt,
+                                                  **names, **variables)
+        except TemplateError as err:
+            raise ValueError(f"{self.source or 'tokenizer'}: chat template failed ({err})") from err
 
     def encode_chat(self, messages: Sequence[dict[str, Any]],
                     add_generation_prompt: bool = True) -> list[int]:
