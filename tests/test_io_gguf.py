@@ -23,7 +23,8 @@ from lmforge.io.gguf import cache_file, load_gguf, read_gguf
 from lmforge.models.decoder import Decoder
 
 Q = gguf.GGMLQuantizationType
-PROMPT = torch.tensor([[1, 9690, 28, 359, 30, 1097, 12, 1230, 314, 504, 3458, 282, 4649, 2]])  # SmolLM2 ids
+# SmolLM2 chat prompt: "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+PROMPT = torch.tensor([[1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]])
 
 
 def lmforge_model(config, tensors) -> Decoder:
@@ -86,13 +87,14 @@ def test_smollm2_logits_match_transformers(smollm2_lmforge, smollm2_transformers
 @pytest.mark.slow
 def test_smollm2_greedy_tokens_match_transformers(smollm2_lmforge, smollm2_transformers):
     model = lmforge_model(*smollm2_lmforge)
-    ids = PROMPT[:, :8]
+    ids = PROMPT
     with torch.no_grad():
         ref = smollm2_transformers.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
                                             do_sample=False, pad_token_id=2)
         ours = ids
         for _ in range(6):  # greedy, full recompute: checks the weights, not a decoding loop
             ours = torch.cat([ours, model(ours).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert ref.shape[1] == ids.shape[1] + 6  # no early end-of-sequence: six real answer tokens compared
     assert ours.tolist() == ref.tolist()
 
 
