@@ -37,8 +37,15 @@ def _config(batch_size: int, clip: float | None, **kw) -> TrainConfig:
 
 
 def _reference(world: int, clip: float | None) -> dict[str, torch.Tensor]:
-    model = _model()
-    train(model, CausalLM(), _data(), _config(BATCH * world, clip))
+    """Single-process training on the concatenated batch, on one thread as the ranks (the same rounding: Adam
+    turns noise in the theoretically zero gradient of the attention key bias into full-size steps)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = _model()
+        train(model, CausalLM(), _data(), _config(BATCH * world, clip))
+    finally:
+        torch.set_num_threads(threads)
     return model.state_dict()
 
 
