@@ -24,7 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-_PRELOAD = ["torch", "torch.distributed", "lmforge.parallel"]
+# torch._dynamo is imported lazily by the first optimizer step (seconds); the forkserver pays for it once.
+_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "lmforge.parallel"]
 
 
 @dataclass

@@ -51,11 +51,13 @@ from lmforge.parallel.collectives import (
     size,
     synchronize,
 )
+from lmforge.parallel.optimizer import DistributedOptimizer, broadcast_optimizer_state, broadcast_parameters
 
 __all__ = [
     "Average",
     "CollectiveError",
     "CollectiveMismatchError",
+    "DistributedOptimizer",
     "Compression",
     "Compressor",
     "FP16Compressor",
@@ -80,6 +82,8 @@ __all__ = [
     "broadcast_async",
     "broadcast_async_",
     "broadcast_object",
+    "broadcast_optimizer_state",
+    "broadcast_parameters",
     "cross_rank",
     "cross_size",
     "grouped_allreduce",
