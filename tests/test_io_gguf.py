@@ -19,6 +19,7 @@ from gguf.quants import quantize
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import lmforge.io.gguf as lg
+from lmforge.io import build_loaded, load_model
 from lmforge.io.gguf import cache_file, load_gguf, read_gguf
 from lmforge.models.decoder import Decoder
 
@@ -28,9 +29,8 @@ PROMPT = torch.tensor([[1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 19
 
 
 def lmforge_model(config, tensors) -> Decoder:
-    model = Decoder(config).eval()
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    assert unexpected == [] and missing == (["lm_head.weight"] if config.tie_embeddings else [])
+    model = build_loaded(config, tensors)  # checks names and shapes; ties the head
+    assert isinstance(model, Decoder) and next(model.parameters()).dtype == torch.float32
     return model
 
 
@@ -236,6 +236,14 @@ def test_f32_llama_is_exact(llama_ref, llama_f32):
         ours = lmforge_model(config, tensors)(ids).logits
         theirs = llama_ref(ids).logits
     assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def test_load_model_reads_gguf_files(llama_ref, llama_f32, cache_env):
+    model = load_model(llama_f32)
+    ids = torch.arange(3, 20)[None]
+    with torch.no_grad():
+        assert (model(ids).logits - llama_ref(ids).logits).abs().max().item() <= 1e-5
+    assert cache_file(llama_f32).is_file()
 
 
 def test_tied_llama_without_token_list(tmp_path):

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from lmforge.config import ModelConfig
-from lmforge.models.decoder import Decoder
+from lmforge.models import build_empty_model
 
 __all__ = ["CACHE_VERSION", "SUPPORTED_ARCHITECTURES", "cache_dir", "cache_file", "load_gguf", "read_gguf"]
 
@@ -258,9 +258,7 @@ def _target_names(gguf_name: str) -> list[str]:
 
 def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Parameter shapes of the lmforge Decoder for `config` (built on the meta device: no memory, no init)."""
-    with torch.device("meta"):
-        model = Decoder(config)
-    shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    shapes = {name: tuple(p.shape) for name, p in build_empty_model(config).state_dict().items()}
     if config.tie_embeddings:
         del shapes["lm_head.weight"]
     return shapes
