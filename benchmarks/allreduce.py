@@ -1,0 +1,155 @@
+"""Allreduce bandwidth: lmforge.parallel vs raw torch.distributed, in one run, 1 KB to 256 MB, 2 and 4 ranks.
+
+    python benchmarks/allreduce.py                          # 2 and 4 ranks, 1 KB .. 256 MB, gloo on CPU
+    python benchmarks/allreduce.py --ranks 2 --max-bytes 16M --json allreduce.json
+
+Launches itself under torchrun (`python -m torch.distributed.run --nproc-per-node N`) once per rank count.
+For every size (float32, powers of 4) it alternates, repetition by repetition, raw `dist.all_reduce(t)`,
+`hvd.allreduce_(t, op=hvd.Sum)` and the same with the collective check on (`init(check=True)`), each after a
+barrier; a repetition's time is the slowest rank's. Reports medians, algbw = bytes / time and
+busbw = algbw x 2(N-1)/N (nccl-tests' definitions), and lmforge's overhead over raw torch.distributed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import lmforge.parallel as hvd
+
+UNITS = {"K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """'1K' -> 1024, '256M' -> 268435456, '4096' -> 4096."""
+    text = text.strip().upper()
+    scale = UNITS.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in UNITS else text
+    if not number.isdigit() or int(number) * scale < 4:
+        raise argparse.ArgumentTypeError(f"size must look like 1K, 16M or 4096 (bytes >= 4), got {text!r}")
+    return int(number) * scale
+
+
+def human(nbytes: float) -> str:
+    for unit in ("G", "M", "K"):
+        if nbytes >= UNITS[unit]:
+            return f"{nbytes / UNITS[unit]:g}{unit}B"
+    return f"{nbytes:g}B"
+
+
+def sizes(lo: int, hi: int) -> list[int]:
+    out, n = [], lo
+    while n <= hi:
+        out.append(n)
+        n *= 4
+    return out
+
+
+def repetitions(nbytes: int) -> int:
+    return 50 if nbytes <= 2**20 else 10 if nbytes <= 16 * 2**20 else 5
+
+
+def timed(fn) -> float:
+    """Seconds for fn() on the slowest rank, after a barrier."""
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return elapsed.item()
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Runs in every rank under torchrun."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    n = dist.get_world_size()
+    rows = []
+    for nbytes in sizes(args.min_bytes, args.max_bytes):
+        tensor = torch.ones(nbytes // 4)
+        times: dict[str, list[float]] = {"torch": [], "lmforge": [], "lmforge+check": []}
+
+        def raw(tensor: torch.Tensor = tensor) -> None:
+            dist.all_reduce(tensor)
+
+        def ours(tensor: torch.Tensor = tensor) -> None:
+            hvd.allreduce_(tensor, op=hvd.Sum)
+
+        for rep in range(repetitions(nbytes) + 1):  # the first round warms up and is dropped
+            hvd.init(check=False)  # reuses the process group; switching modes is a local flag
+            t_raw, t_ours = timed(raw), timed(ours)
+            hvd.shutdown()
+            hvd.init(check=True)
+            t_check = timed(ours)
+            hvd.shutdown()
+            if rep:
+                times["torch"].append(t_raw)
+                times["lmforge"].append(t_ours)
+                times["lmforge+check"].append(t_check)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append({"ranks": n, "bytes": nbytes, **{f"{k}_s": v for k, v in med.items()}})
+    if dist.get_rank() == 0:
+        print(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def table(rows: list[dict]) -> str:
+    n = rows[0]["ranks"]
+    factor = 2 * (n - 1) / n
+    lines = [
+        f"ranks={n}  (gloo, CPU, float32, Sum; busbw = algbw x {factor:.2f}; overhead vs torch.distributed)",
+        f"{'size':>8} | {'torch us':>10} {'algbw GB/s':>10} {'busbw':>7} | {'lmforge us':>10} {'busbw':>7} "
+        f"{'overhead':>8} | {'+check us':>10} {'overhead':>8}",
+    ]
+    for row in rows:
+        raw, ours, check = row["torch_s"], row["lmforge_s"], row["lmforge+check_s"]
+        algbw = row["bytes"] / raw / 1e9
+        lines.append(
+            f"{human(row['bytes']):>8} | {raw * 1e6:10.1f} {algbw:10.3f} {algbw * factor:7.3f} | "
+            f"{ours * 1e6:10.1f} {row['bytes'] / ours / 1e9 * factor:7.3f} {(ours / raw - 1) * 100:7.1f}% | "
+            f"{check * 1e6:10.1f} {(check / raw - 1) * 100:7.1f}%"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--min-bytes", type=parse_bytes, default=parse_bytes("1K"))
+    parser.add_argument("--max-bytes", type=parse_bytes, default=parse_bytes("256M"))
+    parser.add_argument("--json", help="also write every measured row to this file")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    all_rows = []
+    for n in args.ranks:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+               __file__, "--worker", "--min-bytes", str(args.min_bytes), "--max-bytes", str(args.max_bytes)]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+        rows = json.loads(out.strip().splitlines()[-1])
+        print(table(rows), end="\n\n", flush=True)
+        all_rows += rows
+    big = [r for r in all_rows if r["bytes"] >= 2**20]
+    if big:
+        worst = max((r["lmforge_s"] / r["torch_s"] - 1) * 100 for r in big)
+        median = statistics.median((r["lmforge_s"] / r["torch_s"] - 1) * 100 for r in big)
+        print(f"lmforge overhead at >= 1 MB: median {median:.1f}%, worst {worst:.1f}% (target <= 5%)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(all_rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
