@@ -1,0 +1,325 @@
+"""lmforge.training and lmforge.objectives: schedule, parameter groups, overfitting, accumulation, evaluation
+metrics, checkpoints, and kill-and-resume with real SIGKILLs ending bit-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.config import ModelConfig
+from lmforge.data import EncodedTexts, LabelledTexts, MaskedBlocks, TokenBlocks
+from lmforge.models import build_model
+from lmforge.objectives import CausalLM, Classification, MaskedLM, confusion_matrix, macro_f1
+from lmforge.training import (
+    KILL_IN_CHECKPOINT_ENV,
+    TrainConfig,
+    checkpoint_dirs,
+    evaluate,
+    latest_checkpoint,
+    load_checkpoint,
+    lr_factor,
+    param_groups,
+    plot_run,
+    read_metrics,
+    train,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (a second one only adds synchronisation on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(name: str, **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(ModelConfig.from_name(name, **overrides))
+
+
+def blocks(n: int = 16, T: int = 16, seed: int = 1) -> TokenBlocks:
+    return TokenBlocks(torch.randint(0, 128, (n, T), generator=torch.Generator().manual_seed(seed)))
+
+
+def quiet(**kw) -> TrainConfig:
+    return TrainConfig(progress=False, **kw)
+
+
+# --- schedule and optimizer ---------------------------------------------------------------------------------
+
+
+def test_lr_schedule_closed_form():
+    lin = quiet(warmup_steps=4, max_steps=14, schedule="linear")
+    assert [lr_factor(s, lin) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]
+    assert lr_factor(4, lin) == 1.0 and lr_factor(9, lin) == pytest.approx(0.5) and lr_factor(14, lin) == 0.0
+    cos = quiet(warmup_steps=0, max_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    assert lr_factor(0, cos) == 1.0
+    assert lr_factor(5, cos) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(10, cos) == pytest.approx(0.1)
+    assert lr_factor(2, cos) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.2)))
+    assert lr_factor(7, quiet(max_steps=10, schedule="constant", warmup_steps=1)) == 1.0
+
+
+def test_train_follows_schedule():
+    lrs = {}
+    cfg = quiet(lr=1e-3, warmup_steps=2, max_steps=6, schedule="cosine", batch_size=4)
+    train(tiny("tiny-gpt2"), CausalLM(), blocks(8), cfg, on_step=lambda s, r: lrs.setdefault(s, r["lr"]))
+    assert [lrs[s] for s in range(1, 7)] == pytest.approx([1e-3 * lr_factor(s, cfg) for s in range(6)])
+
+
+def test_param_groups_no_decay_on_biases_and_norms():
+    model = tiny("tiny-gpt2")
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}  # tied lm_head appears once, as embed_tokens
+    decay_names = {names[id(p)] for p in decay["params"]}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(n.endswith(".bias") or "norm" in n for n in no_decay_names)
+    assert "norm.weight" in no_decay_names and "layers.0.attn_norm.weight" in no_decay_names
+    assert "layers.0.attn.q_proj.bias" in no_decay_names
+    assert {"embed_tokens.weight", "embed_positions.weight", "layers.1.mlp.up_proj.weight"} <= decay_names
+    assert not any(n.endswith(".bias") or "norm" in n for n in decay_names)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+# --- learning -----------------------------------------------------------------------------------------------
+
+
+def test_tiny_decoder_overfits_a_small_batch():
+    data = blocks(4, 16)
+    model = tiny("tiny-gpt2")
+    before = evaluate(model, CausalLM(), data, batch_size=4)["loss"]
+    result = train(model, CausalLM(), data, quiet(lr=1e-2, max_steps=80, batch_size=4, schedule="constant",
+                                                  weight_decay=0.0), eval_data=data)
+    assert before > 4.0 and result.eval_metrics["loss"] < 0.1 and result.eval_metrics["perplexity"] < 1.1
+
+
+def test_tiny_encoder_classifier_overfits():
+    texts = [f"text {i}" for i in range(12)]
+    data = LabelledTexts(texts, [i % 3 for i in range(12)], ["a", "b", "c"])
+    ds = EncodedTexts(data, lambda s: [2] + [5 + (ord(c) % 100) for c in s] + [3], max_len=16, pad_id=0)
+    model = tiny("tiny-bert", head="classify", n_labels=3)
+    cfg = quiet(lr=5e-3, max_steps=60, batch_size=6, schedule="constant")
+    result = train(model, Classification(3), ds, cfg, eval_data=ds)
+    assert result.eval_metrics["accuracy"] == 1.0 and result.eval_metrics["macro_f1"] == 1.0
+
+
+@pytest.mark.parametrize("kind", ["clm", "mlm"])
+def test_accumulation_equals_one_large_batch(kind):
+    """k micro-batches of b give the update of one batch of k*b (MLM: unequal masked counts per micro)."""
+    if kind == "clm":
+        name, objective = "tiny-llama", CausalLM()
+        data = blocks(16, 12)
+    else:
+        name, objective = "tiny-bert", MaskedLM()
+        seqs = torch.randint(5, 128, (16, 12), generator=torch.Generator().manual_seed(2))
+        data = MaskedBlocks(seqs, mask_id=4, vocab_size=128, special_ids=[0, 1, 2, 3], prob=0.3)
+    states = []
+    for batch_size, accum in ((8, 1), (2, 4)):
+        model = tiny(name)
+        # betas=(0, 0) and eps=1 make the AdamW update g / (|g| + 1): smooth in the gradient, so that float
+        # rounding stays tiny (Adam's usual g / |g| turns rounding of near-zero gradients into +-lr jumps).
+        cfg = quiet(lr=0.1, max_steps=2, betas=(0.0, 0.0), eps=1.0, weight_decay=0.0, batch_size=batch_size,
+                    grad_accum=accum)
+        train(model, objective, data, cfg)
+        states.append(model.state_dict())
+    for key in states[0]:  # a wrong micro-batch weighting gives differences of ~1e-3 here
+        torch.testing.assert_close(states[0][key], states[1][key], rtol=0, atol=5e-7, msg=key)
+
+
+def test_mixed_precision_runs_and_learns(tmp_path):
+    data = blocks(4, 16)
+    for precision in ("bf16", "fp16"):
+        model = tiny("tiny-gpt2")
+        cfg = quiet(lr=1e-2, max_steps=25, batch_size=4, precision=precision,
+                    run_dir=str(tmp_path / precision))
+        result = train(model, CausalLM(), data, cfg, eval_data=data)
+        assert result.eval_metrics["loss"] < 3.0, precision
+        _, state = load_checkpoint(result.checkpoint)
+        if precision == "fp16":
+            assert state["scaler"]["scale"] > 0  # the gradient scaler's state is checkpointed
+
+
+# --- evaluation metrics -------------------------------------------------------------------------------------
+
+
+def test_macro_f1_and_confusion_by_hand():
+    labels = torch.tensor([0, 0, 1, 1, 1, 2])
+    preds = torch.tensor([0, 1, 1, 1, 0, 0])
+    cm = confusion_matrix(labels, preds, 4)
+    assert cm[:3, :3].tolist() == [[1, 1, 0], [1, 2, 0], [1, 0, 0]]
+    assert cm[3].sum() == 0 and cm[:, 3].sum() == 0
+    # class 0: P=1/3 R=1/2 F1=0.4; class 1: P=2/3 R=2/3 F1=2/3; class 2: F1=0; class 3 absent (not averaged)
+    assert macro_f1(cm) == pytest.approx((0.4 + 2 / 3 + 0.0) / 3)
+
+
+def test_evaluate_perplexity_matches_direct_computation_and_batching():
+    model, data = tiny("tiny-gpt2"), blocks(7, 10)
+    with torch.no_grad():
+        logits = model(data.blocks).logits[:, :-1]
+        ce = F.cross_entropy(logits.reshape(-1, 128), data.blocks[:, 1:].reshape(-1))
+    for bs in (3, 7):  # a partial last batch still counts every token once
+        m = evaluate(model, CausalLM(), data, batch_size=bs)
+        assert m["loss"] == pytest.approx(float(ce), rel=1e-6)
+        assert m["perplexity"] == pytest.approx(math.exp(ce), rel=1e-6)
+        assert m["tokens"] == 7 * 9
+
+
+def test_causal_lm_skips_padding():
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0]])}
+    assert CausalLM().n_targets(batch) == 2
+    assert CausalLM().targets(batch).tolist() == [[6, 7, -100]]
+
+
+# --- checkpoints, resume, errors ----------------------------------------------------------------------------
+
+
+def test_crash_and_resume_in_process_is_bit_identical(tmp_path):
+    data = blocks(12, 16)
+    cfg = dict(lr=1e-2, max_steps=8, batch_size=4, grad_accum=2, save_every=2, keep_last=2, log_every=1,
+               seed=4)
+    ref = tiny("tiny-gpt2", dropout=0.1)
+    train(ref, CausalLM(), data, quiet(**cfg))
+
+    def crash(step, record):
+        if step == 5:
+            raise KeyboardInterrupt  # after step 5, before its (absent) checkpoint: resumes from step 4
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny("tiny-gpt2", dropout=0.1), CausalLM(), data, quiet(run_dir=str(tmp_path), **cfg),
+              on_step=crash)
+    assert latest_checkpoint(tmp_path).name == "step_00000004"
+    model = tiny("tiny-gpt2", dropout=0.1)
+    result = train(model, CausalLM(), data, quiet(run_dir=str(tmp_path), **cfg), resume=True)
+    assert result.step == 8
+    for key, value in ref.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+    steps = [r["step"] for r in read_metrics(tmp_path) if r["split"] == "train"]
+    assert steps == list(range(1, 9))  # the log reads as one run: step 5 of the crashed run was dropped
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_00000006", "step_00000008"]  # keep_last=2
+
+
+def test_bad_inputs(tmp_path):
+    model, data = tiny("tiny-gpt2"), blocks(4)
+    with pytest.raises(FileNotFoundError, match="run directory .*nowhere.* does not exist"):
+        train(model, CausalLM(), data, quiet(run_dir=str(tmp_path / "nowhere")), resume=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(model, CausalLM(), data, quiet(run_dir=str(tmp_path)), resume=True)
+    train(model, CausalLM(), data, quiet(max_steps=1, batch_size=4, run_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="holds checkpoints"):
+        train(model, CausalLM(), data, quiet(max_steps=1, batch_size=4, run_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="resume=True needs config.run_dir"):
+        train(model, CausalLM(), data, quiet(), resume=True)
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp8")
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        train(model, CausalLM(), data, quiet(batch_size=8))
+    with pytest.raises(TypeError, match="map-style dataset"):
+        train(model, CausalLM(), [torch.zeros(3)], quiet())
+    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "labels": torch.tensor([0, 1])}
+    with pytest.raises(ValueError, match=r"classifier logits must be \(B, 2\)"):
+        Classification(2)(model, batch)
+    with pytest.raises(ValueError, match="labels"):
+        MaskedLM()(model, {"input_ids": batch["input_ids"]})
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        plot_run(tmp_path / "nowhere")
+
+
+def test_metrics_log_and_plot(tmp_path):
+    data = blocks(8)
+    train(tiny("tiny-gpt2"), CausalLM(), data,
+          quiet(max_steps=6, batch_size=4, log_every=2, eval_every=3, run_dir=str(tmp_path)), eval_data=data)
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6]
+    assert [r["step"] for r in records if r["split"] == "eval"] == [3, 6]
+    assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(records[0])
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "spl')  # a torn line from a kill is skipped
+    assert len(read_metrics(tmp_path)) == len(records)
+    png = plot_run(tmp_path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- kill -9 and resume in real subprocesses ----------------------------------------------------------------
+
+SCRIPT = textwrap.dedent("""
+    import sys, time, torch
+    torch.set_num_threads(1)
+    from lmforge.config import ModelConfig
+    from lmforge.data import TokenBlocks
+    from lmforge.models import build_model
+    from lmforge.objectives import CausalLM
+    from lmforge.training import TrainConfig, train
+    run_dir, resume, delay = sys.argv[1], sys.argv[2] == "1", float(sys.argv[3])
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("tiny-gpt2", dropout=0.1))  # dropout: the RNG state matters
+    data = TokenBlocks(torch.randint(0, 128, (24, 16), generator=torch.Generator().manual_seed(1)))
+    cfg = TrainConfig(lr=1e-2, max_steps=12, warmup_steps=2, batch_size=4, grad_accum=2, save_every=2,
+                      keep_last=2, log_every=1, seed=3, run_dir=run_dir, progress=False)
+    train(model, CausalLM(), data, cfg, resume=resume, on_step=lambda step, record: time.sleep(delay))
+""")
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_bit_identical(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != KILL_IN_CHECKPOINT_ENV}
+    env["OMP_NUM_THREADS"] = "1"
+
+    def start(run, resume, delay, extra_env=None):
+        return subprocess.Popen([sys.executable, str(script), str(run), "1" if resume else "0", str(delay)],
+                                env={**env, **(extra_env or {})}, stderr=subprocess.PIPE, text=True)
+
+    ref_dir, run_dir = tmp_path / "reference", tmp_path / "run"
+    reference = start(ref_dir, False, 0.0)
+    # 1) SIGKILL from outside in the middle of the run, once a checkpoint exists
+    first = start(run_dir, False, 0.25)
+    deadline = time.time() + 120
+    while (latest_checkpoint(run_dir) is None or latest_checkpoint(run_dir).name < "step_00000004") \
+            and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert first.returncode == -signal.SIGKILL
+    killed_at = latest_checkpoint(run_dir)
+    assert killed_at is not None and killed_at.name < "step_00000008"
+    load_checkpoint(killed_at)  # the last good checkpoint loads
+    # 2) resume, and SIGKILL inside the checkpoint writer of step 8 (temp folder written, not yet renamed)
+    second = start(run_dir, True, 0.0, {KILL_IN_CHECKPOINT_ENV: "8"})
+    second.wait(timeout=120)
+    assert second.returncode == -signal.SIGKILL, second.stderr.read()
+    partial = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp-step_00000008")]
+    assert partial and latest_checkpoint(run_dir).name == "step_00000006"
+    # 3) resume to the end
+    third = start(run_dir, True, 0.0)
+    assert third.wait(timeout=120) == 0, third.stderr.read()
+    assert reference.wait(timeout=120) == 0, reference.stderr.read()
+
+    assert [p.name for p in checkpoint_dirs(run_dir)] == ["step_00000010", "step_00000012"]
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]  # cleaned up
+    ref_model, ref_state = load_checkpoint(latest_checkpoint(ref_dir))
+    got_model, got_state = load_checkpoint(latest_checkpoint(run_dir))
+    for key, value in ref_model.items():
+        assert torch.equal(value, got_model[key]), key
+    ref_opt, got_opt = ref_state["optimizer"]["state"], got_state["optimizer"]["state"]
+    for ref_p, got_p in zip(ref_opt.values(), got_opt.values(), strict=True):
+        assert all(torch.equal(ref_p[k], got_p[k]) for k in ref_p)
+    ref_losses = [(r["step"], r["loss"]) for r in read_metrics(ref_dir) if r["split"] == "train"]
+    got_losses = [(r["step"], r["loss"]) for r in read_metrics(run_dir) if r["split"] == "train"]
+    assert got_losses == ref_losses and len(ref_losses) == 12
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 12
