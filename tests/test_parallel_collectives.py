@@ -196,6 +196,21 @@ def check_reducescatter(n: int, r: int) -> None:
     _close(hvd.synchronize(handle), _expected(hvd.Sum, base, n)[r: r + 1], torch.int64)
 
 
+def check_autograd(n: int, r: int) -> None:
+    """allreduce / allgather are differentiable: L = sum_s w_s . y_s with w_s = s + 1 on rank s."""
+    w_sum = n * (n + 1) / 2  # sum over ranks of the output-gradient weights
+    for op, factor in ((hvd.Sum, 1.0), (hvd.Average, 1.0 / n)):
+        x = torch.full((3,), float(r), requires_grad=True)
+        y = hvd.allreduce(x, op=op, prescale_factor=2.0, name="ad")
+        (y * (r + 1)).sum().backward()
+        _close(x.grad, torch.full((3,), 2.0 * factor * w_sum), torch.float32)
+    x = torch.full((r + 1, 2), float(r), requires_grad=True)  # rank r sends r + 1 rows
+    y = hvd.allgather(x)
+    (y * (r + 1)).sum().backward()
+    _close(x.grad, torch.full((r + 1, 2), w_sum), torch.float32)
+    assert hvd.allreduce(torch.ones(1, requires_grad=True), op=hvd.Max).grad_fn is None
+
+
 def check_objects(n: int, r: int) -> None:
     hvd.barrier()
     got = hvd.broadcast_object({"rank": r, "list": list(range(r))}, root_rank=n - 1)
@@ -259,11 +274,12 @@ def check_join(n: int, r: int) -> None:
 
 FAST_CHECKS: list[Callable[[int, int], None]] = [
     check_topology, check_allreduce, check_allreduce_async, check_compression, check_grouped_allreduce,
-    check_allgather, check_broadcast, check_alltoall, check_reducescatter, check_objects, check_bad_inputs,
+    check_allgather, check_broadcast, check_alltoall, check_reducescatter, check_autograd, check_objects,
+    check_bad_inputs,
 ]
 COORDINATED_CHECKS = [check_allreduce, check_allreduce_async, check_grouped_allreduce, check_allgather,
-                      check_broadcast, check_alltoall, check_reducescatter, check_objects, check_mismatch,
-                      check_join]
+                      check_broadcast, check_alltoall, check_reducescatter, check_autograd, check_objects,
+                      check_mismatch, check_join]
 
 
 def _suite() -> dict[str, str | None]:

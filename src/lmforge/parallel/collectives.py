@@ -164,13 +164,15 @@ def init(
         timeout = float(os.environ.get("LMFORGE_COLLECTIVE_TIMEOUT", DEFAULT_TIMEOUT_S))
     if not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    if backend is None:
+    owns_group = not dist.is_initialized()
+    if not owns_group:
+        backend = "nccl" if "nccl" in str(dist.get_backend()) else "gloo"
+    elif backend is None:
         backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
 
     env_local_rank = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None
-    owns_group = not dist.is_initialized()
     if backend == "nccl":
         torch.cuda.set_device(env_local_rank or 0)
     if owns_group:
@@ -183,13 +185,12 @@ def init(
     rank, size = dist.get_rank(), dist.get_world_size()
 
     # Topology: node = GROUP_RANK (torchrun) or host name; local rank = LOCAL_RANK or place on the node.
-    node = os.environ.get("GROUP_RANK", socket.gethostname())
-    nodes: list[Any] = [None] * size
-    dist.all_gather_object(nodes, node)
-    on_my_node = [r for r in range(size) if nodes[r] == node]
-    local_rank = env_local_rank if env_local_rank is not None else on_my_node.index(rank)
-    local_ranks: list[Any] = [None] * size
-    dist.all_gather_object(local_ranks, local_rank)
+    everyone: list[Any] = [None] * size
+    dist.all_gather_object(everyone, (os.environ.get("GROUP_RANK", socket.gethostname()), env_local_rank))
+    nodes = [node for node, _ in everyone]
+    local_ranks = [lr if lr is not None else nodes[:r].count(nodes[r]) for r, (_, lr) in enumerate(everyone)]
+    local_rank = local_ranks[rank]
+    on_my_node = [r for r in range(size) if nodes[r] == nodes[rank]]
     same_local = [r for r in range(size) if local_ranks[r] == local_rank]
     _state = _State(
         rank=rank,
@@ -594,7 +595,7 @@ def allreduce_async(
 ) -> Handle:
     """Start an allreduce of `tensor` into a new tensor (see allreduce_async_); `tensor` is left unchanged."""
     _check_tensor(tensor, "allreduce")
-    return allreduce_async_(tensor.clone(memory_format=torch.contiguous_format), average, name, op,
+    return allreduce_async_(tensor.detach().clone(memory_format=torch.contiguous_format), average, name, op,
                             prescale_factor, postscale_factor, compression)
 
 
@@ -607,8 +608,34 @@ def allreduce(
     prescale_factor: float = 1.0,
     postscale_factor: float = 1.0,
 ) -> Tensor:
-    """Return the reduction of `tensor` over all ranks (same shape and dtype); `tensor` is left unchanged."""
-    return allreduce_async(tensor, average, name, op, prescale_factor, postscale_factor, compression).wait()
+    """Return the reduction of `tensor` over all ranks (same shape and dtype); `tensor` is left unchanged.
+
+    Differentiable for op Sum and Average (the gradient is the same reduction of the output gradients, as in
+    Horovod); Min, Max and Product results carry no gradient.
+    """
+    op = _resolve_op(op, average, "allreduce")
+    differentiable = op in (Sum, Average) and torch.is_grad_enabled()
+    if isinstance(tensor, Tensor) and tensor.requires_grad and differentiable:
+        return _DifferentiableAllreduce.apply(tensor, name, op, prescale_factor, postscale_factor,
+                                              compression)
+    return allreduce_async(tensor, None, name, op, prescale_factor, postscale_factor, compression).wait()
+
+
+class _DifferentiableAllreduce(torch.autograd.Function):
+    """y = post * reduce_r(pre * x_r) on every rank, so dL/dx_r = post * pre * reduce_s(dL/dy_s)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, name: str | None, op: ReduceOp, pre: float, post: float,
+                compression: type[Compressor]) -> Tensor:
+        ctx.args = (name, op, pre, post, compression)
+        return allreduce_async(tensor, None, name, op, pre, post, compression).wait()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        name, op, pre, post, compression = ctx.args
+        grad_name = None if name is None else f"{name}.grad"
+        reduced = allreduce_async(grad, None, grad_name, op, pre, post, compression).wait()
+        return reduced, None, None, None, None, None
 
 
 def allreduce_(
@@ -726,7 +753,13 @@ def grouped_allreduce_(
 
 def allgather_async(tensor: Tensor, name: str | None = None) -> Handle:
     """Start an allgather along dim 0; the first dimension may differ between ranks (the others must not)."""
+    return _allgather_start(tensor, name)[0]
+
+
+def _allgather_start(tensor: Tensor, name: str | None) -> tuple[Handle, list[int]]:
+    """Start an allgather; return its handle and every rank's number of rows."""
     _check_tensor(tensor, "allgather")
+    tensor = tensor.detach()
     st = _require()
     x = tensor.reshape(1) if tensor.dim() == 0 else tensor.contiguous()  # (rows, *trailing)
     row_numel = math.prod(x.shape[1:])
@@ -751,12 +784,33 @@ def allgather_async(tensor: Tensor, name: str | None = None) -> Handle:
             return out
         return torch.cat([out[r * most: r * most + n] for r, n in enumerate(rows)])
 
-    return Handle(call, [work], finish)
+    return Handle(call, [work], finish), rows
 
 
 def allgather(tensor: Tensor, name: str | None = None) -> Tensor:
-    """Concatenate every rank's tensor along dim 0, in rank order (first dimensions may differ)."""
+    """Concatenate every rank's tensor along dim 0, in rank order (first dimensions may differ).
+
+    A scalar counts as one row. Differentiable: a rank's input gradient is its rows of the sum over ranks of
+    the output gradients.
+    """
+    if isinstance(tensor, Tensor) and tensor.requires_grad and torch.is_grad_enabled():
+        return _DifferentiableAllgather.apply(tensor, name)
     return allgather_async(tensor, name).wait()
+
+
+class _DifferentiableAllgather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, name: str | None) -> Tensor:
+        handle, rows = _allgather_start(tensor, name)
+        st = _require()
+        ctx.start, ctx.rows, ctx.shape, ctx.name = sum(rows[: st.rank]), rows[st.rank], tensor.shape, name
+        return handle.wait()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
+        grad_name = None if ctx.name is None else f"{ctx.name}.grad"
+        summed = allreduce_async(grad, None, grad_name, Sum).wait()  # (total rows, *trailing)
+        return summed[ctx.start: ctx.start + ctx.rows].reshape(ctx.shape), None
 
 
 def broadcast_async_(tensor: Tensor, root_rank: int, name: str | None = None) -> Handle:
