@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
 from lmforge.data import EncodedTexts, LabelledTexts, MaskedBlocks, TokenBlocks
-from lmforge.models import build_model
+from lmforge.models import ModelOutput, build_model
 from lmforge.objectives import CausalLM, Classification, MaskedLM, confusion_matrix, macro_f1
 from lmforge.training import (
     KILL_IN_CHECKPOINT_ENV,
@@ -152,6 +152,34 @@ def test_mixed_precision_runs_and_learns(tmp_path):
             assert state["scaler"]["scale"] > 0  # the gradient scaler's state is checkpointed
 
 
+class ScaledLM(torch.nn.Module):
+    """An objective with a parameter of its own (as a distillation projection): a learned logit scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_scale = torch.nn.Parameter(torch.zeros(()))
+        self.base = CausalLM()
+
+    def forward(self, model, batch):
+        def scaled(input_ids, **kwargs):
+            out = model(input_ids, **kwargs)
+            return ModelOutput(logits=out.logits * self.log_scale.exp(), last_hidden_state=out.last_hidden_state)
+
+        return self.base(scaled, batch)
+
+    def n_targets(self, batch):
+        return self.base.n_targets(batch)
+
+
+def test_objective_parameters_are_trained_and_checkpointed(tmp_path):
+    objective = ScaledLM()
+    train(tiny("tiny-gpt2"), objective, blocks(4), quiet(lr=1e-2, max_steps=5, batch_size=4,
+                                                          run_dir=str(tmp_path)))
+    assert objective.log_scale.item() != 0.0
+    _, state = load_checkpoint(latest_checkpoint(tmp_path))
+    assert torch.equal(state["objective"]["log_scale"], objective.log_scale.detach())
+
+
 # --- evaluation metrics -------------------------------------------------------------------------------------
 
 
@@ -261,7 +289,7 @@ SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     from lmforge.config import ModelConfig
     from lmforge.data import TokenBlocks
-    from lmforge.models import build_model
+    from lmforge.models import ModelOutput, build_model
     from lmforge.objectives import CausalLM
     from lmforge.training import TrainConfig, train
     run_dir, resume, delay = sys.argv[1], sys.argv[2] == "1", float(sys.argv[3])

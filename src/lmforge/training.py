@@ -4,7 +4,9 @@
                    resume=False)
 
 - model: an nn.Module (lmforge Decoder/Encoder or anything the objective can call); trained in place.
-- objective: see `lmforge.objectives` (`__call__`, `n_targets`, `eval_stats`, `summarize`).
+- objective: see `lmforge.objectives` (`__call__`, `n_targets`, `eval_stats`, `summarize`). An objective that
+  is an nn.Module with parameters (a distillation projection) is moved to the device, optimised with the
+  model and checkpointed.
 - train_data / eval_data: map-style datasets with `collate(items)` (see `lmforge.data`); an optional
   `set_epoch(epoch)` is called before each batch is fetched.
 - strategy: how the run is spread over processes (see `Strategy`); None is one process on `config.device`.
@@ -185,16 +187,20 @@ class SingleProcess:
 # --- optimizer and schedule ---------------------------------------------------------------------------------
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float,
+                 extra: nn.Module | None = None) -> list[dict[str, Any]]:
     """AdamW groups: decay for tensors with >= 2 dims (matrices, embeddings), none for biases and norms.
 
-    Tied parameters (an LM head sharing the embedding) appear once.
+    `extra`: another module trained along (an objective's own parameters, e.g. a distillation projection).
+    Tied or shared parameters (an LM head sharing the embedding) appear once; frozen ones not at all.
     """
-    decay, no_decay = [], []
-    for p in model.parameters():  # parameters() yields each shared tensor once
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
+    decay, no_decay, seen = [], [], set()
+    for module in (model, extra) if extra is not None else (model,):
+        for p in module.parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (decay if p.dim() >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -215,11 +221,12 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * decay
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over `param_groups`, fused on CUDA."""
+def make_optimizer(model: nn.Module, config: TrainConfig,
+                   extra: nn.Module | None = None) -> torch.optim.AdamW:
+    """AdamW over `param_groups(model, config.weight_decay, extra)`, fused on CUDA."""
     on_cuda = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas,
-                             eps=config.eps, fused=on_cuda or None)
+    groups = param_groups(model, config.weight_decay, extra)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=on_cuda or None)
 
 
 def make_scheduler(optimizer: Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -453,13 +460,18 @@ def train(model: nn.Module, objective: Any, train_data: Any, config: TrainConfig
     seed_everything(config.seed)
     model.to(device)
     model.train()
-    optimizer = make_optimizer(model, config)
+    trained_objective = objective if isinstance(objective, nn.Module) else None
+    if trained_objective is not None:
+        trained_objective.to(device)
+    optimizer = make_optimizer(model, config, trained_objective)
     scheduler = make_scheduler(optimizer, config)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     step, position = 0, 0
     if checkpoint is not None:
         model_state, state = load_checkpoint(checkpoint)
         model.load_state_dict(model_state)
+        if trained_objective is not None:
+            trained_objective.load_state_dict(state["objective"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -544,6 +556,8 @@ def train(model: nn.Module, objective: Any, train_data: Any, config: TrainConfig
                 trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                  "scaler": scaler.state_dict(), "rng": rng, "step": step,
                                  "data_position": position, "config": config.to_dict()}
+                if trained_objective is not None:
+                    trainer_state["objective"] = trained_objective.state_dict()
                 saved = save_checkpoint(run_dir, step, strategy.unwrap(run_model).state_dict(), trainer_state,
                                         config.keep_last)
             strategy.barrier()
