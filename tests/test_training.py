@@ -163,7 +163,7 @@ class ScaledLM(torch.nn.Module):
     def forward(self, model, batch):
         def scaled(input_ids, **kwargs):
             out = model(input_ids, **kwargs)
-            return ModelOutput(logits=out.logits * self.log_scale.exp(), last_hidden_state=out.last_hidden_state)
+            return ModelOutput(out.logits * self.log_scale.exp(), out.last_hidden_state)
 
         return self.base(scaled, batch)
 
