@@ -1,0 +1,473 @@
+"""Generation: token-identical to transformers' generate (greedy, beams, padded batches), sampling statistics,
+length and stop rules, streaming, the CLI, and a clear error for every bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import chisquare
+
+from lmforge.cli import main
+from lmforge.config import ModelConfig
+from lmforge.generation import (
+    DecodeStep,
+    generate,
+    generate_ids,
+    min_p_filter,
+    prefill,
+    process_logits,
+    resolve_settings,
+    stream,
+    top_k_filter,
+    top_p_filter,
+)
+from lmforge.io import load_model
+from lmforge.models import Decoder, KVCache
+from lmforge.tokenizer import Tokenizer
+
+# --- fixtures: tiny random transformers models, saved and loaded back with lmforge.io -----------------------
+
+def _hf_tiny(kind: str, vocab_size: int = 128):
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                      bos_token_id=0, eos_token_id=0)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+                                   tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def tiny_pair(request, tmp_path_factory):
+    """(transformers model, the same weights as an lmforge Decoder)."""
+    hf = _hf_tiny(request.param)
+    folder = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(folder)
+    return hf, load_model(folder)
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer() -> Tokenizer:
+    return Tokenizer.for_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def tiny_text_model(smollm2_tokenizer, tmp_path_factory):
+    """A tiny random Llama over SmolLM2's vocabulary, saved with the tokenizer: (folder, model)."""
+    hf = _hf_tiny("llama", vocab_size=smollm2_tokenizer.vocab_size)
+    folder = tmp_path_factory.mktemp("tiny-text")
+    hf.save_pretrained(folder)
+    smollm2_tokenizer.save(folder)
+    return folder, load_model(folder)
+
+
+def _prompts(lengths: list[int], pad: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded random prompts (B, max(lengths)) of ids in [3, 128) and their attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    P = max(lengths)
+    ids = torch.full((len(lengths), P), pad, dtype=torch.long)
+    mask = torch.zeros(len(lengths), P, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, P - n:] = torch.randint(3, 128, (n,), generator=g)
+        mask[i, P - n:] = 1
+    return ids, mask
+
+
+def _hf_generate(hf, ids, mask, **kw) -> torch.Tensor:
+    with torch.no_grad():
+        return hf.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=hf.config.eos_token_id,
+                           **kw)
+
+
+# --- parity with transformers -------------------------------------------------------------------------------
+
+DECODING = [
+    dict(max_new_tokens=20),
+    dict(max_length=30, repetition_penalty=1.3),
+    dict(max_new_tokens=20, no_repeat_ngram_size=2),
+    dict(max_new_tokens=12, num_beams=3),
+    dict(max_new_tokens=12, num_beams=4, num_return_sequences=2, length_penalty=0.5),
+    dict(max_new_tokens=12, num_beams=3, early_stopping=True),
+    dict(max_new_tokens=12, num_beams=3, early_stopping="never", length_penalty=2.0),
+]
+
+
+@pytest.mark.parametrize("kw", DECODING, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize("lengths", [[7], [9, 4, 6]], ids=["single", "padded-batch"])
+def test_matches_transformers(tiny_pair, kw, lengths):
+    hf, model = tiny_pair
+    ids, mask = _prompts(lengths, pad=hf.config.eos_token_id)
+    ref = _hf_generate(hf, ids, mask, **kw)
+    for fast in (True, False):
+        out = generate_ids(model, ids, mask, fast=fast, **kw)
+        assert torch.equal(out, ref), f"fast={fast}\n{out}\n{ref}"
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_eos_mid_generation_matches_transformers(tiny_pair, num_beams):
+    """A frequent token as eos: rows finish at different steps and are padded as transformers pads them."""
+    hf, model = tiny_pair
+    ids, mask = _prompts([8, 5, 7], pad=0)
+    free = generate_ids(model, ids, mask, max_new_tokens=16, eos_token_id=[], pad_token_id=0)
+    eos = int(free[:, 8 + 3:].flatten().mode().values)  # a token the rows generate at different steps
+    kw = dict(max_new_tokens=16, eos_token_id=eos, num_beams=num_beams, min_new_tokens=2)
+    with torch.no_grad():
+        ref = hf.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=0, **kw)
+    out = generate_ids(model, ids, mask, pad_token_id=0, **kw)
+    assert torch.equal(out, ref), f"\n{out}\n{ref}"
+    assert (out[:, 8:] == eos).any(), "the chosen eos never occurred: the test would not test finishing"
+
+
+def test_each_padded_row_equals_running_it_alone(tiny_pair):
+    _, model = tiny_pair
+    ids, mask = _prompts([9, 3, 6], pad=0)
+    batch = generate_ids(model, ids, mask, max_new_tokens=10, eos_token_id=[])
+    for i in range(3):
+        alone = generate_ids(model, ids[i:i + 1, mask[i].bool()], max_new_tokens=10, eos_token_id=[])
+        assert torch.equal(batch[i, 9:], alone[0, -10:])
+
+
+def test_transformers_style_call(tiny_pair):
+    """`model.generate(ids, max_length=40, temperature=0.9, num_return_sequences=10, do_sample=True)`."""
+    _, model = tiny_pair
+    ids, _ = _prompts([5], pad=0)
+    out = model.generate(ids, max_length=40, temperature=0.9, num_return_sequences=10, do_sample=True)
+    assert out.dtype == torch.long and out.shape[0] == 10 and out.shape[1] <= 40
+    assert torch.equal(out[:, :5], ids.expand(10, 5))
+    assert len({tuple(r) for r in out.tolist()}) > 1  # samples differ
+
+
+def test_decode_step_static_mode_matches_dynamic(tiny_pair):
+    """The fixed-shape step used for CUDA graphs computes the same logits as the CPU step, with padding."""
+    _, model = tiny_pair
+    ids, mask = _prompts([6, 3], pad=0)
+    step = DecodeStep.for_model(model)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    caches = [KVCache(model.config, 2, 12, torch.float32) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            prefill(model, ids, cache, mask, positions)
+        token, pos = torch.tensor([5, 9]), positions[:, -1] + 1
+        keys = torch.cat([mask.bool(), torch.ones(2, 6, dtype=torch.bool)], 1)  # (2, 12)
+        dynamic = step(token, pos, caches[0], keys[:, :7])
+        static = step(token, pos, caches[1], keys & (torch.arange(12) < 7), torch.tensor([6]))
+    torch.testing.assert_close(static, dynamic, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_step_matches_model_forward(tiny_pair):
+    _, model = tiny_pair
+    ids, mask = _prompts([6, 3], pad=0)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    full = torch.cat([ids, torch.tensor([[5], [9]])], 1)
+    full_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    full_pos = torch.cat([positions, positions[:, -1:] + 1], 1)
+    cache = KVCache(model.config, 2, 8, torch.float32)
+    with torch.no_grad():
+        expected = model(full, attention_mask=full_mask, position_ids=full_pos).logits[:, -1]
+        prefill(model, ids, cache, mask, positions)
+        got = DecodeStep.for_model(model)(full[:, -1], full_pos[:, -1], cache, full_mask.bool())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_step_rebuilt_after_weights_change():
+    model = Decoder(ModelConfig.from_name("tiny-llama")).eval()
+    first = DecodeStep.for_model(model)
+    assert DecodeStep.for_model(model) is first
+    with torch.no_grad():
+        model.layers[0].mlp.up_proj.weight.mul_(2.0)
+    assert DecodeStep.for_model(model) is not first
+
+
+# --- the real model: SmolLM2-135M, against transformers loading the same GGUF -------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_pair(smollm2_gguf):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                           dtype=torch.float32).eval()
+    return hf, load_model(smollm2_gguf, dtype=torch.float32)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_and_beam_match_transformers(smollm2_pair, smollm2_tokenizer):
+    hf, model = smollm2_pair
+    batch = smollm2_tokenizer.encode_batch(["Men on the moon", "The capital of France is a city that"])
+    for kw in (dict(max_new_tokens=16), dict(max_new_tokens=8, num_beams=2)):
+        for i in range(2):  # each prompt alone
+            ids = batch.input_ids[i:i + 1, batch.attention_mask[i].bool()]
+            ref = _hf_generate(hf, ids, torch.ones_like(ids), **kw)
+            assert torch.equal(generate_ids(model, ids, **kw), ref), kw
+    ref = _hf_generate(hf, batch.input_ids, batch.attention_mask, max_new_tokens=16)  # the padded batch
+    assert torch.equal(generate_ids(model, batch.input_ids, batch.attention_mask, max_new_tokens=16), ref)
+
+
+@pytest.mark.slow
+def test_smollm2_chat_cli_and_stream(smollm2_pair, smollm2_tokenizer, capsys):
+    _, model = smollm2_pair
+    text = generate(model, smollm2_tokenizer, "What is 2 + 2?", chat=True, max_new_tokens=12)[0]
+    assert text and "<|im" not in text  # the reply, without special tokens
+    streamed = "".join(stream(model, smollm2_tokenizer, "What is 2 + 2?", chat=True, max_new_tokens=12))
+    assert streamed == text
+    assert main(["generate", "What is 2 + 2?", "--chat", "--max-new-tokens", "12", "--dtype", "float32"]) == 0
+    assert capsys.readouterr().out == f"Generated 1: {text}\n"
+
+
+# --- sampling -----------------------------------------------------------------------------------------------
+
+def test_top_k_1_equals_greedy(tiny_pair):
+    _, model = tiny_pair
+    ids, mask = _prompts([7, 4], pad=0)
+    greedy = generate_ids(model, ids, mask, max_new_tokens=15)
+    sampled = generate_ids(model, ids, mask, max_new_tokens=15, do_sample=True, top_k=1, seed=3)
+    assert torch.equal(sampled, greedy)
+    zero = generate_ids(model, ids, mask, max_new_tokens=15, do_sample=True, temperature=0)
+    assert torch.equal(zero, greedy)
+
+
+def test_same_seed_same_output(tiny_pair):
+    _, model = tiny_pair
+    ids, _ = _prompts([5], pad=0)
+    kw = dict(max_new_tokens=20, do_sample=True, num_return_sequences=4, temperature=1.5, top_k=0)
+    a, b = generate_ids(model, ids, seed=7, **kw), generate_ids(model, ids, seed=7, **kw)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, generate_ids(model, ids, seed=8, **kw))
+    g = torch.Generator().manual_seed(7)
+    assert torch.equal(generate_ids(model, ids, generator=g, **kw), a)
+
+
+TOL = 1e-5  # float32 softmax/cumsum rounding
+
+
+def _probs(logits: np.ndarray) -> np.ndarray:
+    p = np.exp(logits.astype(np.float64) - logits.max())
+    return p / p.sum()
+
+
+def _top_k_sets(logits: np.ndarray, k: int) -> tuple[set[int], set[int]]:
+    """(must keep, may keep): the k highest, ties with the k-th included."""
+    kth = np.sort(logits)[::-1][min(k, len(logits)) - 1]
+    allowed = {i for i, x in enumerate(logits) if x >= kth}
+    return allowed, allowed
+
+
+def _top_p_sets(logits: np.ndarray, p: float) -> tuple[set[int], set[int]]:
+    """A token is in the nucleus when the mass of the tokens ranked before it is below p; ties may rank
+    either way, so "before" is bounded by the strictly more likely (may keep) and the at-least-as-likely
+    (must keep) tokens."""
+    q = _probs(logits)
+    must, may = set(), set()
+    for r, qr in enumerate(q):
+        if q[q > qr].sum() < p + TOL:
+            may.add(r)
+        if q[q >= qr].sum() - qr < p - TOL:
+            must.add(r)
+    return must, may
+
+
+def _min_p_sets(logits: np.ndarray, min_p: float) -> tuple[set[int], set[int]]:
+    q = _probs(logits)
+    cut = min_p * q.max()
+    return ({i for i, x in enumerate(q) if x >= cut + TOL} | {int(q.argmax())},
+            {i for i, x in enumerate(q) if x >= cut - TOL})
+
+
+logit_rows = st.lists(st.floats(-8, 8, allow_nan=False, width=32), min_size=2, max_size=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(logits=logit_rows, k=st.integers(1, 45), p=st.floats(0.05, 1.0), min_p=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**31 - 1))
+def test_filters_never_sample_outside_their_set(logits, k, p, min_p, seed):
+    """Each filter keeps its defined set (up to rounding at the border); draws never leave what it kept."""
+    scores = torch.tensor([logits], dtype=torch.float32)
+    row = np.array(logits, dtype=np.float32)
+    g = torch.Generator().manual_seed(seed)
+    for filtered, (must, may) in ((top_k_filter(scores, k), _top_k_sets(row, k)),
+                                  (top_p_filter(scores, p), _top_p_sets(row, p)),
+                                  (min_p_filter(scores, min_p), _min_p_sets(row, min_p))):
+        kept = set(torch.isfinite(filtered[0]).nonzero().flatten().tolist())
+        assert must <= kept <= may
+        draws = torch.multinomial(filtered.softmax(-1).expand(200, -1), 1, generator=g).flatten()
+        assert set(draws.tolist()) <= kept
+
+
+def test_top_p_keeps_the_nucleus():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = torch.isfinite(top_p_filter(probs.log(), 0.8)).flatten().tolist()
+    assert kept == [True, True, False, False]
+    kept = torch.isfinite(top_p_filter(probs.log(), 0.81)).flatten().tolist()
+    assert kept == [True, True, True, False]
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_sampling_frequencies_match_softmax_over_temperature(temperature):
+    """Chi-square goodness of fit of 6000 one-token samples against softmax(logits / T) on a toy model."""
+    torch.manual_seed(0)
+    model = Decoder(ModelConfig.from_name("tiny-gpt2", vocab_size=12)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(60.0)  # spread the logits so temperature matters
+        ids = torch.tensor([[3, 5, 7]])
+        logits = model(ids).logits[0, -1].double()
+    n = 6000
+    out = generate_ids(model, ids, max_new_tokens=1, do_sample=True, temperature=temperature, top_k=0,
+                       num_return_sequences=n, eos_token_id=[], seed=11)
+    counts = torch.bincount(out[:, -1], minlength=12).double()
+
+    def p_value(t: float) -> float:
+        expected = torch.softmax(logits / t, -1) * n
+        keep = expected >= 5  # pool the rare tokens into one bin
+        obs = torch.cat([counts[keep], counts[~keep].sum()[None]])
+        exp = torch.cat([expected[keep], expected[~keep].sum()[None]])
+        return chisquare(obs.numpy(), exp.numpy()).pvalue
+
+    assert p_value(temperature) > 1e-3
+    assert p_value(temperature * 1.6) < 1e-6  # the test can tell temperatures apart
+
+
+# --- lengths, eos, stop strings, streaming ------------------------------------------------------------------
+
+def test_max_length_and_max_new_tokens(tiny_pair):
+    _, model = tiny_pair
+    ids, _ = _prompts([6], pad=0)
+    assert generate_ids(model, ids, max_length=17, eos_token_id=[]).shape == (1, 17)
+    assert generate_ids(model, ids, max_new_tokens=9, eos_token_id=[]).shape == (1, 15)
+    assert generate_ids(model, ids, eos_token_id=[]).shape == (1, 20)  # transformers' default max_length
+
+
+def test_eos_stops_and_min_new_tokens_delays_it(tiny_pair):
+    _, model = tiny_pair
+    ids, _ = _prompts([6], pad=0)
+    free = generate_ids(model, ids, max_new_tokens=12, eos_token_id=[])[0, 6:].tolist()
+    eos = free[2]
+    first = free.index(eos)
+    out = generate_ids(model, ids, max_new_tokens=12, eos_token_id=eos)[0, 6:].tolist()
+    assert out == free[:first + 1]
+    delayed = generate_ids(model, ids, max_new_tokens=12, eos_token_id=eos, min_new_tokens=first + 2)[0, 6:]
+    assert eos not in delayed[:first + 2].tolist() and len(delayed) > first + 1
+
+
+def test_stop_strings(tiny_text_model, smollm2_tokenizer):
+    _, model = tiny_text_model
+    tok = smollm2_tokenizer
+    free = generate(model, tok, "Men on the moon", max_new_tokens=20, eos_token_id=[])[0]
+    stop = free[len(free) // 2:len(free) // 2 + 3]
+    assert len(stop) == 3 and free.find(stop) > 0
+    text = generate(model, tok, "Men on the moon", max_new_tokens=20, eos_token_id=[], stop_strings=[stop])[0]
+    assert text == free[:free.find(stop) + len(stop)]
+    ids = torch.tensor([tok.encode("Men on the moon")])
+    out = generate_ids(model, ids, max_new_tokens=20, eos_token_id=[], stop_strings=stop, tokenizer=tok)
+    new = out[0, ids.shape[1]:].tolist()
+    assert stop in tok.decode(new) and stop not in tok.decode(new[:-1])  # stopped on the completing token
+
+
+def test_stream_equals_generate(tiny_text_model, smollm2_tokenizer):
+    _, model = tiny_text_model
+    for kw in (dict(max_new_tokens=30), dict(max_new_tokens=30, do_sample=True, seed=5)):
+        pieces = list(stream(model, smollm2_tokenizer, "Men on the moon", **kw))
+        assert "".join(pieces) == generate(model, smollm2_tokenizer, "Men on the moon", **kw)[0]
+        assert all(pieces)
+
+
+def test_generate_text_batch_and_names(tiny_text_model, smollm2_tokenizer):
+    folder, model = tiny_text_model
+    prompts = ["Men on the moon", "A much longer prompt about the moon and the stars"]
+    texts = generate(model, smollm2_tokenizer, prompts, max_new_tokens=8)
+    assert texts == [generate(model, smollm2_tokenizer, p, max_new_tokens=8)[0] for p in prompts]
+    assert generate(str(folder), None, prompts, max_new_tokens=8) == texts  # a path loads model and tokenizer
+
+
+def test_cli_generate(tiny_text_model, capsys):
+    folder, _ = tiny_text_model
+    args = ["generate", "Men on the moon", "--model", str(folder), "--max-length", "12", "--dtype", "float32"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert plain.startswith("Generated 1: Men on the moon") and plain.count("\n") >= 1
+    assert main(args + ["--stream"]) == 0
+    assert capsys.readouterr().out == plain
+    assert main(args + ["--do-sample", "--num-return-sequences", "3", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("Generated")] == \
+        ["Generated 1", "Generated 2", "Generated 3"]
+
+
+# --- errors -------------------------------------------------------------------------------------------------
+
+BAD_SETTINGS = [
+    (dict(temperature=-0.5), "temperature"),
+    (dict(temperature=math.nan), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(num_return_sequences=0), "num_return_sequences"),
+    (dict(num_beams=0), "num_beams"),
+    (dict(max_length=4), "max_length"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=100), "context"),
+    (dict(num_return_sequences=3), "num_return_sequences"),
+    (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(min_p=1.5), "min_p"),
+    (dict(early_stopping="sometimes"), "early_stopping"),
+    (dict(max_length=10, max_new_tokens=4), "max_length"),
+]
+
+
+@pytest.mark.parametrize("kw,name", BAD_SETTINGS, ids=[n + str(i) for i, (_, n) in enumerate(BAD_SETTINGS)])
+def test_bad_settings_name_the_argument(kw, name):
+    model = Decoder(ModelConfig.from_name("tiny-gpt2")).eval()
+    with pytest.raises(ValueError, match=name):
+        generate_ids(model, torch.tensor([[1, 2, 3, 4, 5]]), **kw)
+
+
+def test_bad_inputs():
+    model = Decoder(ModelConfig.from_name("tiny-gpt2")).eval()
+    with pytest.raises(TypeError, match="unknown generation arguments"):
+        generate_ids(model, torch.tensor([[1, 2]]), max_tokens=3)
+    with pytest.raises(ValueError, match="non-empty"):
+        generate_ids(model, torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="exceeds the model context"):
+        generate_ids(model, torch.ones(1, 70, dtype=torch.long), max_new_tokens=1)
+    with pytest.raises(ValueError, match="out of range"):
+        generate_ids(model, torch.tensor([[1, 500]]))
+    with pytest.raises(ValueError, match="left-padded"):
+        generate_ids(model, torch.tensor([[1, 2]]), torch.tensor([[1, 0]]))
+    with pytest.raises(ValueError, match="stop_strings needs tokenizer"):
+        generate_ids(model, torch.tensor([[1, 2]]), stop_strings=["x"])
+    with pytest.raises(TypeError, match="Decoder"):
+        generate_ids(torch.nn.Linear(2, 2), torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match="seed"):
+        generate_ids(model, torch.tensor([[1, 2]]), do_sample=True, seed="x")
+
+
+def test_bad_text_inputs(tiny_text_model, smollm2_tokenizer, capsys):
+    folder, model = tiny_text_model
+    with pytest.raises(ValueError, match="prompt 1 must be a non-empty string"):
+        generate(model, smollm2_tokenizer, ["fine", ""])
+    with pytest.raises(ValueError, match="unknown model 'no-such-model'"):
+        generate("no-such-model", None, "hello")
+    with pytest.raises(ValueError, match="num_beams"):
+        list(stream(model, smollm2_tokenizer, "hello", num_beams=2))
+    assert main(["generate", "hi", "--model", "no-such-model"]) == 2
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+    assert main(["generate", "hi", "--model", str(folder), "--temperature", "-1", "--do-sample"]) == 2
+    assert "temperature" in capsys.readouterr().err
+
+
+def test_settings_defaults_follow_transformers():
+    cfg = ModelConfig.from_name("tiny-llama")
+    s = resolve_settings(cfg, 5)
+    got = (s.max_new_tokens, s.top_k, s.top_p, s.do_sample, s.eos_ids, s.pad_id)
+    assert got == (15, 50, 1.0, False, (2,), 2)
+    assert not resolve_settings(cfg, 5, do_sample=True, temperature=0.0).do_sample  # 0 means greedy
+    scores = torch.randn(2, 128)
+    s = resolve_settings(cfg, 5, do_sample=False, top_k=3, temperature=0.5)
+    assert torch.equal(process_logits(scores, torch.ones(2, 5, dtype=torch.long),
+                                      torch.ones(2, 5, dtype=torch.bool), 0, s), scores)  # greedy: no warpers
