@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from parallel_helpers import run
 from torch import nn
@@ -222,6 +223,30 @@ def check_broadcast_optimizer_state(n: int, r: int) -> None:
     assert (fresh if r == 1 else opt).state_dict()["state"] == {}
 
 
+def check_join_uneven_batches(n: int, r: int) -> None:
+    """uneven_inputs mode: rank r has r + 2 batches, then joins; the ranks still training average over
+    themselves, so every step equals single-process training on the active ranks' shards."""
+    model = _mlp()
+    opt = hvd.DistributedOptimizer(_sgd(model), model.named_parameters(), bucket_cap_mb=0.0005)
+    for step in range(r + 2):
+        x, y = _global_batch(step, n)
+        _mse(model, x[r * SHARD: (r + 1) * SHARD], y[r * SHARD: (r + 1) * SHARD]).backward()
+        opt.step()
+        opt.zero_grad()
+    assert hvd.join() == n - 1
+    if r == n - 1:  # the last rank took part in every step
+        reference = _mlp()
+        ref_opt = _sgd(reference)
+        for step in range(n + 1):
+            x, y = _global_batch(step, n)
+            rows = torch.cat([torch.arange(s * SHARD, (s + 1) * SHARD) for s in range(n) if s + 2 > step])
+            _mse(reference, x[rows], y[rows]).backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+        diff = _max_diff(model, reference)
+        assert diff <= 1e-5, f"max |distributed - single process| = {diff:.3g}"
+
+
 CHECKS: list[Callable[[int, int], None]] = [
     check_matches_single_process, check_backward_passes_per_step, check_transformer, check_clipping,
     check_fp16_compression, check_overlap, check_misuse, check_broadcast_parameters,
@@ -229,18 +254,25 @@ CHECKS: list[Callable[[int, int], None]] = [
 ]
 
 
+UNEVEN_CHECKS = [check_join_uneven_batches]
+
+
 def _suite() -> dict[str, str | None]:
+    """Every check in one process group: CHECKS on the fast path, then UNEVEN_CHECKS in uneven_inputs mode."""
     n, r = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-    hvd.init(timeout=30)
+    dist.init_process_group("gloo")  # hvd.init() reuses it, so shutdown() + init() can switch modes
     report: dict[str, str | None] = {}
-    for check in CHECKS:
-        try:
-            check(n, r)
-            report[check.__name__] = None
-        except Exception:
-            report[check.__name__] = traceback.format_exc()
-            hvd.barrier()
-    hvd.shutdown()
+    for uneven, checks in ((False, CHECKS), (True, UNEVEN_CHECKS)):
+        hvd.init(uneven_inputs=uneven, timeout=30)
+        for check in checks:
+            try:
+                check(n, r)
+                report[check.__name__] = None
+            except Exception:
+                report[check.__name__] = traceback.format_exc()
+                hvd.barrier()
+        hvd.shutdown()
+    dist.destroy_process_group()
     return report
 
 
@@ -249,7 +281,7 @@ def reports(request) -> tuple[int, list[dict[str, str | None]]]:
     return request.param, run(_suite, request.param, timeout=150)
 
 
-@pytest.mark.parametrize("check", [c.__name__ for c in CHECKS])
+@pytest.mark.parametrize("check", [c.__name__ for c in CHECKS + UNEVEN_CHECKS])
 def test_optimizer(reports, check: str) -> None:
     n, per_rank = reports
     failures = [f"rank {r}:\n{rep[check]}" for r, rep in enumerate(per_rank) if rep.get(check, "missing")]
