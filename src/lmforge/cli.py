@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lmforge.training import TrainConfig
 
 # Each command: (help, add_arguments(parser), run(args) -> exit code). Sections below are grouped by library module.
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -159,6 +164,266 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 # --- training (lmforge.training, lmforge.distill): train, finetune, evaluate, distill, plot ------------------------
+
+
+def add_loop_arguments(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
+    """The options of `lmforge.training.TrainConfig`, shared by train, finetune and distill."""
+    p.add_argument("--run-dir", required=True, help="folder of checkpoints, metrics.jsonl, final model")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
+    p.add_argument("--batch-size", type=int, default=8, help="items per micro-batch (default 8)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default 0)")
+    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine",
+                   help="decay after warm-up (default cosine)")
+    p.add_argument("--clip-norm", type=float, default=1.0, help="gradient-norm clip, 0: none (default 1)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="fp32, or autocast in bf16 / fp16 (fp16 with a gradient scaler)")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: at the end)")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end)")
+    p.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (default 2)")
+    p.add_argument("--log-every", type=int, default=10, help="log train metrics every N steps (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and masking")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+
+
+def loop_config(args: argparse.Namespace) -> TrainConfig:
+    """The `TrainConfig` of the options added by `add_loop_arguments`."""
+    from lmforge.training import TrainConfig
+
+    if args.resume and not Path(args.run_dir).is_dir():
+        raise FileNotFoundError(f"--resume: run directory {args.run_dir!r} does not exist")
+    return TrainConfig(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                       max_steps=args.steps, schedule=args.schedule, batch_size=args.batch_size,
+                       grad_accum=args.grad_accum, clip_norm=args.clip_norm or None, precision=args.precision,
+                       eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep_last,
+                       log_every=args.log_every, seed=args.seed, run_dir=args.run_dir, device=args.device)
+
+
+def _fit_length(value: int | None, default: int, config, option: str) -> int:
+    """A sequence length option: `default` capped by the model's context when not given, else checked."""
+    context = config.max_seq_len - config.position_offset
+    if value is None:
+        return min(default, context)
+    if not 2 <= value <= context:
+        raise ValueError(f"{option} {value} is outside [2, {context}], the model's context")
+    return value
+
+
+def _save_final(model, tokenizer, run_dir: str) -> Path:
+    from lmforge.io import save_model
+
+    out = Path(run_dir) / "model"
+    save_model(model.cpu(), out)
+    tokenizer.save(out)
+    return out
+
+
+def _lm_data(args: argparse.Namespace, tokenizer, objective: str, block_size: int, split: str | None = None):
+    """Causal- or masked-LM datasets of args.data: (train, eval) without `split`, else one dataset: a bbc-news
+    split ("all" for the three together), or a whole corpus."""
+    from lmforge import data
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
+    def blocks(texts: list[str]):
+        if objective == "clm":
+            return data.pack_tokens(encode(texts), block_size, separator=tokenizer.eos_token_id)
+        cls_id, sep_id = tokenizer.special_token_id("cls"), tokenizer.special_token_id("sep")
+        if cls_id is None or sep_id is None or tokenizer.mask_token_id is None:
+            raise ValueError(f"masked LM needs a tokenizer with [CLS], [SEP] and [MASK] tokens; {tokenizer} "
+                             f"lacks some")
+        return data.encoder_blocks(encode(texts), block_size, cls_id, sep_id)
+
+    def dataset(rows):
+        if objective == "clm":
+            return data.TokenBlocks(rows)
+        return data.MaskedBlocks(rows, tokenizer.mask_token_id, tokenizer.vocab_size,
+                                 tokenizer.all_special_ids, pad_id=tokenizer.pad_token_id, seed=args.seed)
+
+    if args.data == "bbc-news":
+        splits = data.bbc_news()
+        if split is None:
+            return dataset(blocks(splits["train"].texts)), dataset(blocks(splits["validation"].texts))
+        parts = list(splits.values()) if split == "all" else [splits[split]]
+        return dataset(blocks([text for part in parts for text in part.texts]))
+    rows = blocks(data.read_corpus(args.data))
+    if split is not None:
+        return dataset(rows)
+    train_rows, eval_rows = data.split_blocks(rows, args.eval_fraction)
+    return dataset(train_rows), dataset(eval_rows)
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF folder, .gguf file or packaged name to start from")
+    p.add_argument("--data", required=True, help="a text file, a folder of .txt files, or bbc-news")
+    p.add_argument("--objective", choices=["clm", "mlm"], help="causal or masked LM (default: by the model)")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="pre-train: the model's architecture and tokenizer with fresh random weights")
+    p.add_argument("--block-size", type=int, help="tokens per training sequence (default 128 or the context)")
+    p.add_argument("--eval-fraction", type=float, default=0.05,
+                   help="share of a corpus's blocks held out for evaluation (default 0.05; bbc-news uses its "
+                        "validation split)")
+    add_loop_arguments(p, steps=200, lr=3e-4)
+
+
+@command("train", "Pre-train or continue training a language model (causal or masked LM) on a corpus.",
+         _train_arguments)
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from lmforge.io import load_config, load_model
+    from lmforge.models import build_model
+    from lmforge.objectives import CausalLM, MaskedLM
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.training import train
+
+    config = loop_config(args)
+    model_config = load_config(args.model)
+    objective = args.objective or ("clm" if model_config.arch == "decoder" else "mlm")
+    if (objective == "clm") != (model_config.arch == "decoder"):
+        raise ValueError(f"objective {objective!r} does not fit a {model_config.arch} model; causal LM needs "
+                         f"a decoder, masked LM an encoder")
+    head = "lm" if model_config.arch == "encoder" else None
+    if args.from_scratch:
+        torch.manual_seed(args.seed)
+        model = build_model(model_config.replace(head="lm"))
+    else:
+        model = load_model(args.model, dtype="float32", head=head)
+    tokenizer = Tokenizer.for_model(args.model)
+    block_size = _fit_length(args.block_size, 128, model.config, "--block-size")
+    train_data, eval_data = _lm_data(args, tokenizer, objective, block_size)
+    result = train(model, CausalLM() if objective == "clm" else MaskedLM(), train_data, config,
+                   eval_data=eval_data, resume=args.resume)
+    out = _save_final(model, tokenizer, args.run_dir)
+    print(json.dumps({"step": result.step, "train_loss": result.train_loss, "eval": result.eval_metrics,
+                      "model": str(out)}))
+    return 0
+
+
+def _labelled(data: str, label_names: list[str] | None = None):
+    """The train / validation / test splits of bbc-news or of a <label>/*.txt folder (seeded split)."""
+    from lmforge.data import bbc_news, read_labelled_folder, split_labelled
+
+    if data == "bbc-news":
+        splits = bbc_news()
+        if label_names is not None and label_names != splits["train"].label_names:
+            raise ValueError(f"label-set mismatch: the model predicts {label_names}, bbc-news has "
+                             f"{splits['train'].label_names}")
+        return splits
+    return split_labelled(read_labelled_folder(data, label_names))
+
+
+def _finetune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="encoder to fine-tune: HF folder or packaged name")
+    p.add_argument("--data", required=True, help="bbc-news, or a folder of <label>/*.txt")
+    p.add_argument("--max-len", type=int, help="tokens per text, cut beyond (default 256 or the context)")
+    add_loop_arguments(p, steps=300, lr=5e-5)
+
+
+@command("finetune", "Fine-tune an encoder for text classification; reports validation and test metrics.",
+         _finetune_arguments)
+def _finetune(args: argparse.Namespace) -> int:
+    from lmforge.data import EncodedTexts
+    from lmforge.io import load_model
+    from lmforge.objectives import Classification
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.training import evaluate, train
+
+    config = loop_config(args)
+    splits = _labelled(args.data)
+    names = splits["train"].label_names
+    model = load_model(args.model, dtype="float32", head="classify", n_labels=len(names))
+    model.config.extra["id2label"] = dict(enumerate(names))
+    model.config.extra["label2id"] = {name: i for i, name in enumerate(names)}
+    tokenizer = Tokenizer.for_model(args.model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    max_len = _fit_length(args.max_len, 256, model.config, "--max-len")
+    encoded = {split: EncodedTexts(texts, tokenizer.encode, max_len, pad) for split, texts in splits.items()}
+    objective = Classification(len(names))
+    result = train(model, objective, encoded["train"], config, eval_data=encoded["validation"],
+                   resume=args.resume)
+    test = evaluate(model, objective, encoded["test"], batch_size=args.batch_size, precision=args.precision)
+    out = _save_final(model, tokenizer, args.run_dir)
+    print(json.dumps({"step": result.step, "validation": result.eval_metrics, "test": test,
+                      "model": str(out)}))
+    return 0
+
+
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF folder, .gguf file or packaged name")
+    p.add_argument("--data", required=True, help="a text file / folder of .txt files, a folder of "
+                   "<label>/*.txt (classifiers), or bbc-news")
+    p.add_argument("--split", choices=["train", "validation", "test", "all"], default="test",
+                   help="which split of bbc-news or of a labelled folder (default test); corpora: all text")
+    p.add_argument("--objective", choices=["clm", "mlm", "classify"],
+                   help="default: classify for classifiers, clm for decoders, mlm for encoders")
+    p.add_argument("--block-size", type=int, help="tokens per LM sequence (default 128 or the context)")
+    p.add_argument("--max-len", type=int, help="tokens per classified text (default 256 or the context)")
+    p.add_argument("--batch-size", type=int, default=16, help="items per batch (default 16)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the MLM masking (default 0)")
+
+
+@command("evaluate", "Evaluate a model: perplexity (LM) or accuracy and macro-F1 (classifiers).",
+         _evaluate_arguments)
+def _evaluate(args: argparse.Namespace) -> int:
+    from lmforge.data import EncodedTexts, LabelledTexts
+    from lmforge.io import load_model
+    from lmforge.objectives import CausalLM, Classification, MaskedLM
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.training import evaluate
+
+    model = load_model(args.model, dtype="float32", device=args.device)
+    cfg = model.config
+    fitting = "classify" if cfg.head == "classify" else ("clm" if cfg.arch == "decoder" else "mlm")
+    objective = args.objective or fitting
+    if cfg.head == "none" or objective != fitting:
+        raise ValueError(f"--objective {objective} does not fit this model ({cfg.arch}, head {cfg.head!r}); "
+                         f"it can be evaluated with {fitting if cfg.head != 'none' else 'nothing (no head)'}")
+    tokenizer = Tokenizer.for_model(args.model)
+    if objective == "classify":
+        stored = cfg.extra.get("id2label")
+        names = [stored[i] for i in range(cfg.n_labels)] if stored and len(stored) == cfg.n_labels else None
+        splits = _labelled(args.data, names)
+        if len(splits["train"].label_names) != cfg.n_labels:
+            raise ValueError(f"label-set mismatch: the model has {cfg.n_labels} labels, {args.data!r} has "
+                             f"{len(splits['train'].label_names)}")
+        if args.split == "all":
+            parts = list(splits.values())
+            texts = LabelledTexts([t for s in parts for t in s.texts], [y for s in parts for y in s.labels],
+                                  parts[0].label_names)
+        else:
+            texts = splits[args.split]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        max_len = _fit_length(args.max_len, 256, cfg, "--max-len")
+        data, obj = EncodedTexts(texts, tokenizer.encode, max_len, pad), Classification(cfg.n_labels)
+    else:
+        block_size = _fit_length(args.block_size, 128, cfg, "--block-size")
+        data = _lm_data(args, tokenizer, objective, block_size, split=args.split)
+        obj = CausalLM() if objective == "clm" else MaskedLM()
+    metrics = evaluate(model, obj, data, batch_size=args.batch_size, precision=args.precision)
+    split = args.split if args.data == "bbc-news" or objective == "classify" else "all"
+    print(json.dumps({"model": args.model, "data": args.data, "split": split, **metrics}))
+    return 0
+
+
+def _plot_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a training run folder (with metrics.jsonl)")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/metrics.png)")
+
+
+@command("plot", "Plot a run's loss and evaluation curves to a PNG.", _plot_arguments)
+def _plot(args: argparse.Namespace) -> int:
+    from lmforge.training import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
 
 # --- end of commands ---------------------------------------------------------------------------------------------
 

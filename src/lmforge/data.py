@@ -104,6 +104,30 @@ class TokenBlocks:
         return {"input_ids": torch.stack([it["input_ids"] for it in items])}  # (B, T)
 
 
+def split_blocks(blocks: Tensor, eval_fraction: float) -> tuple[Tensor, Tensor]:
+    """(train, eval) rows of a (N, T) block tensor: the last max(1, round(N * eval_fraction)) rows are eval.
+
+    Raises ValueError when fewer than two blocks are left to share or the fraction is outside (0, 1).
+    """
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    n = blocks.shape[0]
+    if n < 2:
+        raise ValueError(f"{n} block(s) cannot be split into train and eval; use more text or smaller blocks")
+    n_eval = min(n - 1, max(1, round(n * eval_fraction)))
+    return blocks[: n - n_eval], blocks[n - n_eval:]
+
+
+def encoder_blocks(docs: Sequence[Sequence[int]], block_size: int, cls_id: int, sep_id: int) -> Tensor:
+    """Packed token blocks for a masked-LM encoder: [CLS] + block_size - 2 corpus tokens + [SEP].
+
+    Returns a LongTensor (N, block_size); see `pack_tokens` for the packing and its errors.
+    """
+    inner = pack_tokens(docs, block_size - 2, separator=sep_id)  # (N, block_size - 2)
+    n = inner.shape[0]
+    return torch.cat([torch.full((n, 1), cls_id), inner, torch.full((n, 1), sep_id)], dim=1)
+
+
 # --- masked LM: dynamic masking -----------------------------------------------------------------------------
 
 
