@@ -80,6 +80,10 @@ def check_allreduce(n: int, r: int) -> None:
     _close(hvd.allreduce(base + r), _expected(hvd.Average, base, n), torch.float32)
     scaled = hvd.allreduce(base + r, op=hvd.Average, prescale_factor=3.0, postscale_factor=0.5)
     _close(scaled, 1.5 * _expected(hvd.Average, base, n), torch.float32)
+    param = torch.nn.Parameter(torch.full((2,), float(r)))  # a leaf that requires grad, changed in place
+    assert hvd.allreduce_(param, op=hvd.Sum) is param and param.requires_grad
+    _close(param.detach(), torch.full((2,), n * (n - 1) / 2), torch.float32)
+    assert hvd.broadcast_(param, root_rank=0) is param
     strided = (base + r).t()  # non-contiguous input, reduced in place
     assert hvd.allreduce_(strided, op=hvd.Max) is strided
     _close(strided, _expected(hvd.Max, base, n).t(), torch.float32)
@@ -358,5 +362,5 @@ def test_killed_rank_fails_the_others_cleanly() -> None:
         assert res.ok, res.error
         message, seconds = res.value
         assert message.startswith(f"rank {res.rank}: allreduce(name='grad'"), message
-        assert "a peer rank died or did not answer within 10 s" in message
+        assert "a peer rank died, did not answer within 10 s" in message
         assert seconds < 30, seconds

@@ -303,7 +303,11 @@ class _Call:
         return f"{self.kind}({', '.join(parts)})"
 
     def header(self, joined_at: int) -> list[int]:
-        dtype = _DTYPES.index(self.dtype) if self.dtype in _DTYPES else -1
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            names = ", ".join(str(d).replace("torch.", "") for d in _DTYPES)
+            raise ValueError(f"{self.describe()}: coordinated mode (check / uneven_inputs) supports "
+                             f"the dtypes {names}, got {self.dtype}")
+        dtype = _DTYPES.index(self.dtype) if self.dtype is not None else -1
         op = _OP_CODES.index(self.op) if self.op is not None else -1
         signature = zlib.crc32(self.describe().encode())
         kind = _KINDS.index(self.kind)
@@ -338,9 +342,10 @@ def _guarded(call: _Call, fn: Callable[[], Any]) -> Any:
         raise
     except RuntimeError as err:
         st = _require()
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CollectiveError(
-            f"rank {st.rank}: {call.describe()} failed: a peer rank died or did not answer within "
-            f"{st.timeout_s:g} s ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+            f"rank {st.rank}: {call.describe()} failed: a peer rank died, did not answer within "
+            f"{st.timeout_s:g} s, or the backend refused the call ({reason})"
         ) from err
 
 
@@ -399,7 +404,7 @@ def _answer(peers: _Peers) -> None:
     """A joined rank takes part in the active ranks' collective with a neutral contribution."""
     st = _require()
     kind, _, dtype_code, numel, row_numel, op_code, root, _ = peers.rows[peers.active[0]]
-    dtype = _DTYPES[dtype_code] if dtype_code >= 0 else torch.float32
+    dtype = _DTYPES[dtype_code] if dtype_code >= 0 else torch.uint8  # barrier: no tensor
     call = _Call("join", name="join")
     if kind == _KINDS.index("allreduce"):
         op = _OP_CODES[op_code]
@@ -480,6 +485,22 @@ class Handle:
             self._done = True
             self._works = []
         return self._result
+
+
+class _GroupHandle(Handle):
+    """Several handles finished together; the result is `result` once all of them are done."""
+
+    def __init__(self, handles: list[Handle], result: Any):
+        def finish() -> Any:
+            for h in handles:
+                h.wait()
+            return result
+
+        super().__init__(_Call("allreduce"), [], finish)
+        self._handles = handles
+
+    def poll(self) -> bool:
+        return self._done or all(h.poll() for h in self._handles)
 
 
 def synchronize(handle: Handle) -> Any:
@@ -580,8 +601,10 @@ def allreduce_async_(
     op = _resolve_op(op, average, "allreduce")
     _check_scaling(tensor, op, prescale_factor, postscale_factor, "allreduce")
     call = _Call("allreduce", name, _shape_text(tensor.shape), tensor.dtype, tensor.numel(), op=op)
-    buffer = tensor if tensor.is_contiguous() else tensor.contiguous()
-    return _allreduce_flat(buffer, tensor, op, prescale_factor, postscale_factor, compression, call)
+    target = tensor.detach()  # same storage; in-place writes bypass autograd, as Horovod's do
+    buffer = target if target.is_contiguous() else target.contiguous()
+    inner = _allreduce_flat(buffer, target, op, prescale_factor, postscale_factor, compression, call)
+    return _GroupHandle([inner], tensor)
 
 
 def allreduce_async(
@@ -651,22 +674,6 @@ def allreduce_(
     return allreduce_async_(tensor, average, name, op, prescale_factor, postscale_factor, compression).wait()
 
 
-class _GroupHandle(Handle):
-    """Several handles finished together; the result is `result` once all of them are done."""
-
-    def __init__(self, handles: list[Handle], result: Any):
-        def finish() -> Any:
-            for h in handles:
-                h.wait()
-            return result
-
-        super().__init__(_Call("allreduce"), [], finish)
-        self._handles = handles
-
-    def poll(self) -> bool:
-        return self._done or all(h.poll() for h in self._handles)
-
-
 def grouped_allreduce_async_(
     tensors: Sequence[Tensor],
     average: bool | None = None,
@@ -696,7 +703,7 @@ def grouped_allreduce_async_(
             flat = inner.wait()
             offset = 0
             for t in group:
-                t.copy_(flat[offset: offset + t.numel()].view_as(t))
+                t.detach().copy_(flat[offset: offset + t.numel()].view_as(t))
                 offset += t.numel()
             return group
 
@@ -821,12 +828,13 @@ def broadcast_async_(tensor: Tensor, root_rank: int, name: str | None = None) ->
         raise ValueError(f"broadcast: root_rank must be an int in [0, {st.size}), got {root_rank!r}")
     call = _Call("broadcast", name, _shape_text(tensor.shape), tensor.dtype, tensor.numel(), root=root_rank)
     _begin(call)
-    buffer = tensor if tensor.is_contiguous() else tensor.contiguous()
+    target = tensor.detach()  # same storage; in-place writes bypass autograd, as Horovod's do
+    buffer = target if target.is_contiguous() else target.contiguous()
     work = _guarded(call, lambda: dist.broadcast(buffer, src=root_rank, async_op=True))
 
     def finish() -> Tensor:
-        if buffer is not tensor:
-            tensor.copy_(buffer)
+        if buffer is not target:
+            target.copy_(buffer)
         return tensor
 
     return Handle(call, [work], finish)
