@@ -7,16 +7,24 @@ the single process sees exactly the ranks' batches side by side.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
-from parallel_helpers import run
+from parallel_helpers import run, spawn
 
 from lmforge.config import ModelConfig
 from lmforge.data import TokenBlocks
 from lmforge.models.decoder import Decoder
 from lmforge.objectives import CausalLM
 from lmforge.parallel.strategy import PSStrategy, make_strategy, run_training
-from lmforge.training import TrainConfig, train
+from lmforge.training import TrainConfig, latest_checkpoint, load_checkpoint, read_metrics, train
 
 BATCH, STEPS = 2, 4
 
@@ -32,8 +40,9 @@ def _data() -> TokenBlocks:
 
 
 def _config(batch_size: int, clip: float | None, **kw) -> TrainConfig:
-    return TrainConfig(lr=3e-3, max_steps=STEPS, batch_size=batch_size, warmup_steps=1, schedule="linear",
-                       clip_norm=clip, progress=False, log_every=1, **kw)
+    kw = {"max_steps": STEPS, **kw}
+    return TrainConfig(lr=3e-3, batch_size=batch_size, warmup_steps=1, schedule="linear", clip_norm=clip,
+                       progress=False, log_every=1, **kw)
 
 
 def _reference(world: int, clip: float | None) -> dict[str, torch.Tensor]:
@@ -112,3 +121,65 @@ def test_parameter_server_sync_equals_allreduce_training():
     expected = _reference(n_workers, None)
     for state in results[n_servers:]:
         _assert_same(state, expected)
+
+
+# --- failures: a dead rank, and torchrun --max-restarts resuming from the checkpoint ------------------------
+
+
+def dying_rank(victim: int, kill_at: int) -> None:
+    strategy = make_strategy("allreduce", timeout=10.0)
+
+    def on_step(step: int, record: dict) -> None:
+        if strategy.rank == victim and step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    run_training(_model(), CausalLM(), _data(), _config(BATCH, 0.5, max_steps=50), strategy, on_step=on_step)
+
+
+def test_a_dead_rank_makes_the_others_fail_with_a_clear_error_in_bounded_time():
+    results = spawn(dying_rank, 2, 1, 2, timeout=60)
+    assert "exited with code -9" in results[1].error
+    assert "CollectiveError" in results[0].error and "rank" in results[0].error, results[0].error
+    assert results[0].seconds < results[1].seconds + 15
+
+
+RESTART_SCRIPT = """
+import json, os, signal, sys
+sys.path.insert(0, {tests!r})
+import test_parallel_training as t
+from lmforge.objectives import CausalLM
+from lmforge.parallel.strategy import make_strategy, restart_count, run_training
+
+run_dir, kill_at = sys.argv[1], int(sys.argv[2])
+strategy = make_strategy("allreduce")
+
+def on_step(step, record):
+    if restart_count() == 0 and strategy.rank == 1 and step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+config = t._config(t.BATCH, 0.5, run_dir=run_dir, save_every=2)
+result = run_training(t._model(), CausalLM(), t._data(), config, strategy, on_step=on_step)
+if strategy.is_main:
+    first = result.history[0]["step"]
+    with open(os.path.join(run_dir, f"attempt{{restart_count()}}.json"), "w") as f:
+        json.dump({{"first_step": first, "last_step": result.step}}, f)
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(tmp_path):
+    script = tmp_path / "train_script.py"
+    script.write_text(RESTART_SCRIPT.format(tests=str(Path(__file__).parent)))
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--max-restarts", "1", str(script), str(run_dir), "3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The first attempt died at step 3 (rank 1 killed) and wrote nothing; the restart resumed after step 2.
+    assert not (run_dir / "attempt0.json").exists()
+    assert json.loads((run_dir / "attempt1.json").read_text()) == {"first_step": 3, "last_step": STEPS}
+    steps = [r["step"] for r in read_metrics(run_dir) if r["split"] == "train"]
+    assert steps == list(range(1, STEPS + 1))  # one record per step: the dead attempt's step 3 was dropped
+    model_state, _ = load_checkpoint(latest_checkpoint(run_dir))
+    _assert_same(_plain(model_state), _reference(2, 0.5))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,6 +52,30 @@ def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
+def init_process_group(backend: str | None = None, timeout: float = 60.0) -> None:
+    """Join the process group torchrun describes, keyed by the restart attempt (no-op if one exists).
+
+    torchrun keeps its store across `--max-restarts` restarts, so a restarted rank can read the dead attempt's
+    gloo addresses and fail to connect; a store prefix per attempt (TORCHELASTIC_RESTART_COUNT) avoids that.
+    Without torchrun's variables, `lmforge.parallel.init` sets up the group (a single process).
+    """
+    env = os.environ
+    needed = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
+    if dist.is_initialized() or not all(k in env for k in needed):
+        return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    delta = datetime.timedelta(seconds=timeout)
+    # The agent hosts the store when it says so; otherwise rank 0 does (as torch's env:// rendezvous).
+    host = env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rank == 0
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=host, timeout=delta)
+    store = dist.PrefixStore(f"lmforge/attempt_{restart_count()}", store)
+    if backend == "nccl":
+        torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=delta)
+
+
 class Distributed(SingleProcess):
     """Common part: join the process group, place the model (cuda:LOCAL_RANK with NCCL, else CPU), reduce
     over `group` (None: every rank)."""
@@ -58,6 +83,7 @@ class Distributed(SingleProcess):
     group: Any = None
 
     def __init__(self, timeout: float = 60.0, backend: str | None = None):
+        init_process_group(backend, timeout)
         hvd.init(timeout=timeout, backend=backend)
         self.rank, self.world_size = hvd.rank(), hvd.size()
         self.is_main = self.rank == 0
@@ -210,11 +236,12 @@ def make_strategy(name: str, grad_accum: int = 1, n_servers: int = 1, mode: Mode
 
 
 def run_training(model: nn.Module, objective: Any, train_data: Any, config: TrainConfig,
-                 strategy: Distributed, eval_data: Any = None,
-                 resume: bool = False) -> TrainResult | ServerLog:
+                 strategy: Distributed, eval_data: Any = None, resume: bool = False,
+                 on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult | ServerLog:
     """`lmforge.training.train` under `strategy`, resuming after a torchrun restart.
 
     resume: as in `train`; also turned on when torchrun restarted the job and the run has a checkpoint.
+    on_step: as in `train` (workers only).
     Parameter-server ranks serve instead of training (their optimizer, with the checkpoint's state when
     resuming, built as the loop builds it) and return their `ServerLog`; workers return the `TrainResult`.
     """
@@ -231,7 +258,7 @@ def run_training(model: nn.Module, objective: Any, train_data: Any, config: Trai
             optimizer.load_state_dict(state["optimizer"])
         return strategy.serve(optimizer)
     result = train(model, objective, train_data, config, eval_data=eval_data, strategy=strategy,
-                   resume=resume)
+                   resume=resume, on_step=on_step)
     strategy.finish()
     return result
 
