@@ -364,3 +364,26 @@ def test_killed_rank_fails_the_others_cleanly() -> None:
         assert message.startswith(f"rank {res.rank}: allreduce(name='grad'"), message
         assert "a peer rank died, did not answer within 10 s" in message
         assert seconds < 30, seconds
+
+
+def _silent_rank() -> tuple[str, float]:
+    """Rank 1 is alive but never calls the collective: the others give up after the timeout."""
+    hvd.init(timeout=2, check=True)
+    hvd.barrier()
+    if hvd.rank() == 1:
+        time.sleep(5)
+        return "slept", 0.0
+    start = time.monotonic()
+    try:
+        hvd.allreduce(torch.ones(10), name="grad")
+    except hvd.CollectiveError as err:
+        return str(err), time.monotonic() - start
+    return "finished without error", time.monotonic() - start
+
+
+@pytest.mark.slow
+def test_silent_rank_times_out() -> None:
+    results = run(_silent_rank, 2, timeout=30)
+    message, seconds = results[0]
+    assert message.startswith("rank 0: allreduce(name='grad'") and "within 2 s" in message, message
+    assert 1.5 < seconds < 10, seconds
