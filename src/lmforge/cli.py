@@ -268,6 +268,15 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of a corpus's blocks held out for evaluation (default 0.05; bbc-news uses its "
                         "validation split)")
     add_loop_arguments(p, steps=200, lr=3e-4)
+    p.add_argument("--strategy", choices=["allreduce", "ddp", "ps"],
+                   help="data parallelism under torchrun --nproc-per-node N (default: one process); "
+                        "--batch-size is per rank")
+    p.add_argument("--ps-servers", type=int, default=1, help="ps: server ranks, the first ones (default 1)")
+    p.add_argument("--ps-mode", choices=["sync", "async", "bounded"], default="sync",
+                   help="ps: consistency (default sync)")
+    p.add_argument("--ps-tau", type=int, help="ps bounded: max steps a worker may run ahead of the slowest")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds a rank waits for its peers before failing (default 60)")
 
 
 @command("train", "Pre-train or continue training a language model (causal or masked LM) on a corpus.",
@@ -296,8 +305,18 @@ def _train(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.for_model(args.model)
     block_size = _fit_length(args.block_size, 128, model.config, "--block-size")
     train_data, eval_data = _lm_data(args, tokenizer, objective, block_size)
-    result = train(model, CausalLM() if objective == "clm" else MaskedLM(), train_data, config,
-                   eval_data=eval_data, resume=args.resume)
+    loss = CausalLM() if objective == "clm" else MaskedLM()
+    if args.strategy:
+        from lmforge.parallel.strategy import make_strategy, run_training
+
+        strategy = make_strategy(args.strategy, grad_accum=config.grad_accum, n_servers=args.ps_servers,
+                                 mode=args.ps_mode, tau=args.ps_tau, timeout=args.timeout)
+        result = run_training(model, loss, train_data, config, strategy, eval_data=eval_data,
+                              resume=args.resume)
+        if not strategy.is_main:  # other workers and parameter servers: rank 0 reports and saves
+            return 0
+    else:
+        result = train(model, loss, train_data, config, eval_data=eval_data, resume=args.resume)
     out = _save_final(model, tokenizer, args.run_dir)
     print(json.dumps({"step": result.step, "train_loss": result.train_loss, "eval": result.eval_metrics,
                       "model": str(out)}))
