@@ -248,13 +248,16 @@ def run_training(model: nn.Module, objective: Any, train_data: Any, config: Trai
     if config.run_dir and restart_count() > 0 and latest_checkpoint(config.run_dir) is not None:
         resume = True
     if isinstance(strategy, PSStrategy) and strategy.is_server:
-        optimizer = make_optimizer(model, config)
+        trained_objective = objective if isinstance(objective, nn.Module) else None  # as the loop does
+        optimizer = make_optimizer(model, config, trained_objective)
         if resume:
             checkpoint = latest_checkpoint(config.run_dir) if config.run_dir else None
             if checkpoint is None:
                 raise FileNotFoundError(f"cannot resume: no checkpoint in run directory {config.run_dir!r}")
             model_state, state = load_checkpoint(checkpoint)
             model.load_state_dict(model_state)
+            if trained_objective is not None:
+                trained_objective.load_state_dict(state["objective"])
             optimizer.load_state_dict(state["optimizer"])
         return strategy.serve(optimizer)
     result = train(model, objective, train_data, config, eval_data=eval_data, strategy=strategy,
