@@ -15,10 +15,12 @@ from lmforge.data import (
     MaskedBlocks,
     TokenBlocks,
     bbc_news,
+    encoder_blocks,
     mask_tokens,
     pack_tokens,
     read_corpus,
     read_labelled_folder,
+    split_blocks,
     split_labelled,
 )
 
@@ -56,6 +58,19 @@ def test_pack_tokens():
         pack_tokens([[1, 2]], block_size=1)
     ds = TokenBlocks.from_texts(["ab", "cde"], lambda s: [ord(c) for c in s], block_size=2, separator=0)
     assert ds.collate([ds[0], ds[1]])["input_ids"].tolist() == [[97, 98], [0, 99]]
+
+
+def test_split_blocks_and_encoder_blocks():
+    rows = torch.arange(40).view(10, 4)
+    train_rows, eval_rows = split_blocks(rows, 0.2)
+    assert train_rows.tolist() == rows[:8].tolist() and eval_rows.tolist() == rows[8:].tolist()
+    with pytest.raises(ValueError, match="cannot be split"):
+        split_blocks(rows[:1], 0.5)
+    with pytest.raises(ValueError, match="eval_fraction"):
+        split_blocks(rows, 1.0)
+    enc = encoder_blocks([[10, 11, 12], [13, 14, 15, 16]], block_size=5, cls_id=1, sep_id=2)
+    # stream 10 11 12 [SEP] 13 14 15 16 [SEP] in 3-token rows, each wrapped in [CLS] ... [SEP]
+    assert enc.tolist() == [[1, 10, 11, 12, 2], [1, 2, 13, 14, 2], [1, 15, 16, 2, 2]]
 
 
 def test_mask_tokens_statistics_and_specials():
