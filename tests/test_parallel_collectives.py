@@ -61,6 +61,7 @@ def check_topology(n: int, r: int) -> None:
     assert (hvd.size(), hvd.rank()) == (n, r)
     assert (hvd.local_size(), hvd.local_rank()) == (local, r % local)
     assert (hvd.cross_size(), hvd.cross_rank()) == (n // local, r // local)
+    assert hvd.is_homogeneous() and hvd.gloo_built()
 
 
 def check_allreduce(n: int, r: int) -> None:

@@ -255,6 +255,27 @@ def cross_rank() -> int:
     return _require().cross_rank
 
 
+def is_homogeneous() -> bool:
+    """True when every node runs the same number of processes."""
+    st = _require()
+    return st.size == st.local_size * st.cross_size
+
+
+def gloo_built() -> bool:
+    """Whether torch.distributed has the gloo backend (Horovod's name for the question)."""
+    return dist.is_gloo_available()
+
+
+def nccl_built() -> bool:
+    """Whether torch.distributed has the NCCL backend."""
+    return dist.is_nccl_available()
+
+
+def mpi_built() -> bool:
+    """Whether torch.distributed has the MPI backend (lmforge itself never uses it)."""
+    return dist.is_mpi_available()
+
+
 # --- coordination: header exchange, hang check, join --------------------------------------------------------
 
 _KINDS = [
