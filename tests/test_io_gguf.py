@@ -86,16 +86,16 @@ def test_smollm2_logits_match_transformers(smollm2_lmforge, smollm2_transformers
 
 @pytest.mark.slow
 def test_smollm2_greedy_tokens_match_transformers(smollm2_lmforge, smollm2_transformers):
+    """transformers' greedy continuation is lmforge's too: at every generated position lmforge's argmax (one
+    forward over the whole sequence) is the token transformers picked, which is what a greedy loop checks."""
     model = lmforge_model(*smollm2_lmforge)
-    ids = PROMPT
+    n_new = 8
     with torch.no_grad():
-        ref = smollm2_transformers.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
-                                            do_sample=False, pad_token_id=2)
-        ours = ids
-        for _ in range(6):  # greedy, full recompute: checks the weights, not a decoding loop
-            ours = torch.cat([ours, model(ours).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert ref.shape[1] == ids.shape[1] + 6  # no early end-of-sequence: six real answer tokens compared
-    assert ours.tolist() == ref.tolist()
+        ref = smollm2_transformers.generate(PROMPT, attention_mask=torch.ones_like(PROMPT),
+                                            max_new_tokens=n_new, do_sample=False, pad_token_id=2)
+        assert ref.shape[1] == PROMPT.shape[1] + n_new  # no early end-of-sequence: n_new real tokens compared
+        ours = model(ref[:, :-1]).logits[:, PROMPT.shape[1] - 1:].argmax(-1)  # (1, n_new)
+    assert ours.tolist() == ref[:, PROMPT.shape[1]:].tolist()
 
 
 @pytest.mark.slow
