@@ -108,8 +108,6 @@ def read_gguf(path: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, Tens
     """
     source = _check_path(path)
     reader = _open_reader(source)
-    if "general.architecture" not in reader.fields:
-        raise ValueError(f"{source}: GGUF metadata has no 'general.architecture'")
     arch = _meta(reader, source, "general.architecture")
     if arch == "llama":
         config = _llama_config(reader, source)
