@@ -208,7 +208,7 @@ def test_evaluate_perplexity_matches_direct_computation_and_batching():
 def test_causal_lm_skips_padding():
     batch = {"input_ids": torch.tensor([[5, 6, 7, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0]])}
     assert CausalLM().n_targets(batch) == 2
-    assert CausalLM().targets(batch).tolist() == [[6, 7, -100]]
+    assert CausalLM().targets(batch).tolist() == [[6, 7, -100, -100]]
 
 
 # --- checkpoints, resume, errors ----------------------------------------------------------------------------

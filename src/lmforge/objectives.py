@@ -50,13 +50,15 @@ class CausalLM:
 
     @staticmethod
     def targets(batch: Batch) -> Tensor:
-        """Targets (B, T - 1) for the logits at positions 0..T-2."""
+        """Targets (B, T) for the logits at every position: the next token, IGNORE_INDEX at the last position
+        (aligning targets rather than slicing the logits spares a copy of the (B, T, V) logits)."""
         labels = batch.get("labels", batch["input_ids"])
         if labels.dim() != 2:
             raise ValueError(f"causal LM labels must be (batch, seq), got shape {tuple(labels.shape)}")
-        targets = labels[:, 1:]
+        targets = labels.new_full(labels.shape, IGNORE_INDEX)
+        targets[:, :-1] = labels[:, 1:]
         if "attention_mask" in batch:
-            targets = targets.masked_fill(batch["attention_mask"][:, 1:] == 0, IGNORE_INDEX)
+            targets[:, :-1].masked_fill_(batch["attention_mask"][:, 1:] == 0, IGNORE_INDEX)
         return targets
 
     def n_targets(self, batch: Batch) -> int:
@@ -66,8 +68,8 @@ class CausalLM:
         return int(self.targets(batch).ne(IGNORE_INDEX).sum())
 
     def _loss_sum(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
-        logits = _forward(model, batch)[:, :-1]  # (B, T-1, V)
-        targets = self.targets(batch)  # (B, T-1)
+        logits = _forward(model, batch)  # (B, T, V)
+        targets = self.targets(batch)  # (B, T)
         loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
         return loss_sum, targets.ne(IGNORE_INDEX).sum()
