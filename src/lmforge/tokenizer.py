@@ -59,11 +59,6 @@ GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
 GGUF_CACHE_VERSION = 1  # part of the cache key of tokenizers built from GGUF: bump when the builder changes
 
 
-def cache_dir() -> Path:
-    """lmforge's cache folder: $LMFORGE_CACHE, else ~/.cache/lmforge (not created here)."""
-    return Path(os.environ.get("LMFORGE_CACHE") or Path.home() / ".cache" / "lmforge")
-
-
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map used to spell byte-level BPE tokens.
 
@@ -181,9 +176,9 @@ def convert_tiktoken(tiktoken_file: str | Path, out_dir: str | Path, special_tok
 def convert_gpt2_tiktoken(out_dir: str | Path | None = None, tiktoken_file: str | Path | None = None) -> Path:
     """Build GPT-2's vocab.json + merges.txt from whisper's gpt2.tiktoken (50,256 ranks + <|endoftext|>).
 
-    Defaults: the packaged ranks file and `cache_dir() / "tokenizers" / "gpt2"`. Returns the folder.
+    Defaults: the packaged ranks file and `registry.cache_root() / "tokenizers" / "gpt2"`. Returns the folder.
     """
-    out_dir = Path(out_dir) if out_dir is not None else cache_dir() / "tokenizers" / "gpt2"
+    out_dir = Path(out_dir) if out_dir is not None else registry.cache_root() / "tokenizers" / "gpt2"
     tiktoken_file = tiktoken_file if tiktoken_file is not None else registry.packaged_path("gpt2-tiktoken")
     config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": GPT2_EOT, "eos_token": GPT2_EOT,
               "unk_token": GPT2_EOT, "add_bos_token": False, "model_max_length": 1024}
@@ -192,7 +187,7 @@ def convert_gpt2_tiktoken(out_dir: str | Path | None = None, tiktoken_file: str 
 
 def _gpt2_dir() -> Path:
     """The converted GPT-2 folder in the cache, converting it on first use."""
-    folder = cache_dir() / "tokenizers" / "gpt2"
+    folder = registry.cache_root() / "tokenizers" / "gpt2"
     if not all((folder / name).is_file() for name in ("vocab.json", "merges.txt", "tokenizer_config.json")):
         convert_gpt2_tiktoken(folder)
     return folder
@@ -444,7 +439,8 @@ class Tokenizer:
         bos/eos/unk/padding ids, add_bos/eos_token, add_space_prefix, the pre-tokenizer name and
         tokenizer.chat_template. Gives the same ids as transformers' tokenizer loaded from the same file.
         Parsing the metadata takes seconds, so with `cache` the result is saved as an HF tokenizer folder in
-        `cache_dir()` (keyed by the file's path, size and mtime) and later calls load that instead.
+        `registry.cache_root() / "tokenizers"` (keyed by the file's path, size and mtime) and later calls load
+        that instead.
         Raises FileNotFoundError / ValueError naming the file and the missing or unsupported field.
         """
         path = Path(path)
@@ -455,7 +451,7 @@ class Tokenizer:
         stat = path.stat()
         identity = f"{GGUF_CACHE_VERSION}|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
         key = hashlib.sha256(identity.encode()).hexdigest()[:16]
-        folder = cache_dir() / "tokenizers" / f"gguf-{path.stem}-{key}"
+        folder = registry.cache_root() / "tokenizers" / f"gguf-{path.stem}-{key}"
         if (folder / "tokenizer_config.json").is_file():  # written last by save(): the folder is complete
             tok = cls.from_dir(folder)
         else:

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from lmforge.config import ModelConfig
 from lmforge.models import build_empty_model
+from lmforge.registry import cache_root
 
 __all__ = ["CACHE_VERSION", "SUPPORTED_ARCHITECTURES", "cache_dir", "cache_file", "load_gguf", "read_gguf"]
 
@@ -61,8 +62,7 @@ _MISSING = object()
 
 def cache_dir() -> Path:
     """Where converted GGUF weights are cached: `$LMFORGE_CACHE/gguf`, default `~/.cache/lmforge/gguf`."""
-    root = os.environ.get("LMFORGE_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "lmforge") / "gguf"
+    return cache_root() / "gguf"
 
 
 def cache_file(path: str | os.PathLike[str]) -> Path:
