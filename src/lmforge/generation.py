@@ -516,7 +516,9 @@ def _beam_search(run: _Decoding, input_ids: Tensor, s: GenerationSettings, gener
     keep = max(2, 1 + len(s.eos_ids)) * nb  # enough candidates that num_beams of them can go on
     top_nb = torch.arange(keep, device=device) < nb
     eos = torch.tensor(s.eos_ids, dtype=torch.long, device=device)
-    running = torch.full((B, nb, max_len), s.pad_id, dtype=torch.long, device=device)
+    # transformers fills finished beams with `pad_token_id or eos_token_id[0]`: eos when the pad id is 0.
+    fill = s.pad_id if s.pad_id or not s.eos_ids else s.eos_ids[0]
+    running = torch.full((B, nb, max_len), fill, dtype=torch.long, device=device)
     running[:, :, :P] = input_ids.view(B, nb, P)
     finished = running.clone()
     running_scores = torch.zeros(B, nb, device=device)
