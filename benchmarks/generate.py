@@ -1,7 +1,7 @@
 """Generation speed: lmforge against transformers' `generate`, same weights, same dtype, in one run.
 
-    python benchmarks/generate.py                      # CPU: SmolLM2-135M, batch-1 greedy fp32 + bf16, 10 samples
-    python benchmarks/generate.py --device cuda        # GPU: SmolLM2-135M and a GPT-2-124M-shape model, batch 1 + 64
+    python benchmarks/generate.py                # CPU: SmolLM2-135M, batch-1 greedy, 10 samples; fp32, bf16
+    python benchmarks/generate.py --device cuda  # GPU: SmolLM2-135M and GPT-2-124M shape, batch 1 and 64
 
 Each case times whole `generate` calls (prefill included) producing exactly --new-tokens tokens per row
 (min_new_tokens keeps eos away) and prints the medians, tokens/s and the lmforge / transformers ratio. It also
@@ -95,7 +95,8 @@ def same_greedy_tokens(model: Decoder, hf, ids: torch.Tensor, new: int) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=8)
@@ -132,8 +133,8 @@ def main() -> None:
             hf = as_transformers(model, dtype, device)
             t = time.perf_counter()
             DecodeStep.for_model(model)
-            print(f"\n{model_name} {dtype_name}: {weight_bytes(model) / 1e6:.0f} MB of weights per token; decode "
-                  f"step built in {time.perf_counter() - t:.2f} s")
+            print(f"\n{model_name} {dtype_name}: {weight_bytes(model) / 1e6:.0f} MB of weights per token; "
+                  f"decode step built in {time.perf_counter() - t:.2f} s")
             vocab = model.config.vocab_size
             if dtype == torch.float32:
                 prompt = torch.randint(0, vocab, (1, args.prompt_tokens), generator=g).to(device)
@@ -141,7 +142,8 @@ def main() -> None:
                       f"{same_greedy_tokens(model, hf, prompt, args.new_tokens)}")
             for case, batch, kw in dtype_cases:
                 ids = torch.randint(0, vocab, (batch, args.prompt_tokens), generator=g).to(device)
-                run_case(f"{case} {dtype_name}", model, hf, ids, args.new_tokens, args.repeats, bandwidth, **kw)
+                run_case(f"{case} {dtype_name}", model, hf, ids, args.new_tokens, args.repeats, bandwidth,
+                         **kw)
             del model, hf
 
 
