@@ -183,7 +183,7 @@ def _bert_fields(f: _Fields) -> dict[str, Any]:
 def _roberta_fields(f: _Fields) -> dict[str, Any]:
     fields = _bert_fields(f)
     pad = f.get("pad_token_id", int, 1)
-    fields.update(position_offset=pad + 1)  # positions count from padding_idx + 1
+    fields.update(pad_token_id=pad, position_offset=pad + 1)  # positions count from padding_idx + 1
     return fields
 
 
@@ -227,13 +227,15 @@ def config_from_hf(raw: Any, where: str = CONFIG_FILE) -> ModelConfig:
     else:
         raise CheckpointError(f"{where}: unknown model_type {model_type!r} and no 'architectures'; "
                               f"supported model types: {', '.join(DEFAULT_HEAD)}")
-    fields = _FAMILY_FIELDS[family](f)
+    fields = {**f.token_ids(), **_FAMILY_FIELDS[family](f), "family": family, "head": head}
     if fields["arch"] == "encoder":
         fields = {**_ENCODER_COMMON, **fields}
-    fields.update(family=family, head=head, **f.token_ids())
     extra = {}
     id2label = f.get("id2label", dict, None)
     if id2label is not None:
+        if not all(isinstance(k, str) and k.lstrip("-").isdigit() for k in id2label):
+            raise CheckpointError(f"{where}: field 'id2label' must map label numbers to names, "
+                                  f"got {id2label!r}")
         extra["id2label"] = {int(k): v for k, v in id2label.items()}
         extra["label2id"] = f.get("label2id", dict, {v: int(k) for k, v in id2label.items()})
     if f.get("problem_type", str, None) is not None:
