@@ -444,6 +444,98 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _student_layers(text: str | None) -> int | list[int] | None:
+    """--student-layers: None (every other layer), "N" (N evenly spaced layers) or "0,2,4" (a layer map; one
+    layer as "5,")."""
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",") if v.strip() or "," not in text]
+    except ValueError:
+        raise ValueError(f"--student-layers {text!r}: expected a layer count (6) or teacher layer indices "
+                         f"(0,2,4)") from None
+    return values[0] if "," not in text else values
+
+
+def _distill_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="HF folder, .gguf file or packaged name of the teacher")
+    p.add_argument("--student-layers", help="N evenly spaced teacher layers, or a map 0,2,4 (one layer: 5,); "
+                   "default: every other layer")
+    p.add_argument("--data", required=True, help="a text file, a folder of .txt files, a folder of "
+                   "<label>/*.txt (classify), or bbc-news")
+    p.add_argument("--objective", choices=["clm", "mlm", "classify"],
+                   help="default: classify for classifiers, clm for decoders, mlm for encoders")
+    p.add_argument("--alpha-ce", type=float, default=5.0, help="weight of the soft-target KL (default 5)")
+    p.add_argument("--alpha-lm", type=float, default=2.0,
+                   help="weight of the LM / MLM / classification loss (default 2)")
+    p.add_argument("--alpha-cos", type=float, default=1.0, help="weight of the hidden-state cosine loss "
+                   "(default 1)")
+    p.add_argument("--alpha-mse", type=float, default=0.0, help="weight of the logit MSE (default 0)")
+    p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the KL (default 2)")
+    p.add_argument("--align", choices=["last", "layers"], default="last",
+                   help="cosine loss on the last hidden states (DistilBERT), or on every student layer's "
+                        "output against the teacher layer it replaces")
+    p.add_argument("--block-size", type=int, help="tokens per LM sequence (default 128 or the context)")
+    p.add_argument("--max-len", type=int, help="tokens per classified text (default 256 or the context)")
+    p.add_argument("--eval-fraction", type=float, default=0.05,
+                   help="share of a corpus's blocks held out for evaluation (default 0.05; bbc-news uses its "
+                        "validation split)")
+    add_loop_arguments(p, steps=300, lr=1e-4)
+
+
+@command("distill", "Distil a teacher into a student initialised from its layers (DistilBERT-style).",
+         _distill_arguments)
+def _distill(args: argparse.Namespace) -> int:
+    from lmforge.data import EncodedTexts
+    from lmforge.distill import DistillObjective, aligned_hidden_pairs, init_student
+    from lmforge.io import load_model
+    from lmforge.objectives import CausalLM, Classification, MaskedLM
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.training import evaluate, train
+
+    config = loop_config(args)
+    teacher = load_model(args.teacher, dtype="float32", device=args.device)
+    cfg = teacher.config
+    fitting = "classify" if cfg.head == "classify" else ("clm" if cfg.arch == "decoder" else "mlm")
+    objective = args.objective or fitting
+    if cfg.head == "none" or objective != fitting:
+        raise ValueError(f"--objective {objective} does not fit the teacher ({cfg.arch}, head {cfg.head!r}); "
+                         f"a teacher needs an output head, and this one distils with "
+                         f"{fitting if cfg.head != 'none' else 'nothing'}")
+    student, layer_map = init_student(teacher, _student_layers(args.student_layers))
+    tokenizer = Tokenizer.for_model(args.teacher)
+    test = None
+    if objective == "classify":
+        stored = cfg.extra.get("id2label")
+        names = [stored[i] for i in range(cfg.n_labels)] if stored and len(stored) == cfg.n_labels else None
+        splits = _labelled(args.data, names)
+        if len(splits["train"].label_names) != cfg.n_labels:
+            raise ValueError(f"label-set mismatch: the teacher has {cfg.n_labels} labels, {args.data!r} has "
+                             f"{len(splits['train'].label_names)}")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        max_len = _fit_length(args.max_len, 256, cfg, "--max-len")
+        encoded = {split: EncodedTexts(texts, tokenizer.encode, max_len, pad)
+                   for split, texts in splits.items()}
+        train_data, eval_data, test = encoded["train"], encoded["validation"], encoded["test"]
+        base = Classification(cfg.n_labels)
+    else:
+        block_size = _fit_length(args.block_size, 128, cfg, "--block-size")
+        train_data, eval_data = _lm_data(args, tokenizer, objective, block_size)
+        base = CausalLM() if objective == "clm" else MaskedLM()
+    pairs = aligned_hidden_pairs(layer_map, cfg.n_layer) if args.align == "layers" else None
+    loss = DistillObjective(teacher, student, base, alpha_ce=args.alpha_ce, alpha_lm=args.alpha_lm,
+                            alpha_cos=args.alpha_cos, alpha_mse=args.alpha_mse, temperature=args.temperature,
+                            hidden_pairs=pairs)
+    result = train(student, loss, train_data, config, eval_data=eval_data, resume=args.resume)
+    report = {"step": result.step, "train_loss": result.train_loss, "layer_map": layer_map,
+              "eval": result.eval_metrics}
+    if test is not None:
+        report["test"] = evaluate(student, base, test, batch_size=args.batch_size, precision=args.precision)
+    report["model"] = str(_save_final(student, tokenizer, args.run_dir))
+    print(json.dumps(report))
+    return 0
+
+
 # --- end of commands ---------------------------------------------------------------------------------------------
 
 
