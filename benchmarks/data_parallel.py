@@ -60,14 +60,19 @@ def worker(args: argparse.Namespace) -> None:
         strategy = make_strategy(args.strategy, n_servers=args.ps_servers, timeout=600.0)
     rank = int(os.environ.get("RANK", "0"))
     torch.manual_seed(0)
-    model = Decoder(ModelConfig.from_name(args.model, max_seq_len=max(args.seq, 64)))
+    model = Decoder(ModelConfig.from_name(args.model))
     optimizer = make_optimizer(model, TrainConfig(lr=1e-4))
     size = 4 * sum(p.numel() for p in model.parameters())  # S: fp32 gradient bytes
     result: dict = {"rank": rank, "strategy": args.strategy, "gradient_bytes": size}
     if getattr(strategy, "is_server", False):
         before = _sent_bytes()
         log = strategy.serve(optimizer)
+        from lmforge.parallel.ps import shard_ranges
+
+        lo, hi = shard_ranges(size // 4, args.ps_servers)[rank]
+        initial = 4 * (hi - lo) * strategy.world_size  # the version-0 parameters sent to every worker
         result.update(role="server", steps=log.traffic.steps, counted_sent=log.traffic.bytes_sent,
+                      initial_sent=initial,
                       counted_received=log.traffic.bytes_received, wchar=_sent_bytes() - before)
     else:
         model, optimizer = strategy.prepare(model, optimizer)
@@ -190,9 +195,9 @@ def main() -> None:
             elif r["role"] == "worker":
                 measured, counted = r["wchar_per_step"], r.get("counted_sent_per_step")
                 theory, formula = S, "S pushed (+ S pulled = 2 x S through the link)"
-            else:
-                steps = max(r["steps"], 1)
-                measured, counted = r["wchar"] / steps, r["counted_sent"] / steps
+            else:  # a server's first send (the initial parameters to every worker) is not a step's
+                steps, first = max(r["steps"], 1), r["initial_sent"]
+                measured, counted = (r["wchar"] - first) / steps, (r["counted_sent"] - first) / steps
                 theory, formula = n * S / args.ps_servers, "n_workers x S / n_servers"
             counted_text = f"{counted / 1e6:9.1f}" if counted is not None else f"{'-':>9}"
             print(f"{name:<10} {r['rank']:>4} {r['role']:<7} {measured / 1e6:9.1f} {counted_text} "
