@@ -45,14 +45,14 @@ def _config(batch_size: int, clip: float | None, **kw) -> TrainConfig:
                        progress=False, log_every=1, **kw)
 
 
-def _reference(world: int, clip: float | None) -> dict[str, torch.Tensor]:
+def _reference(world: int, clip: float | None, grad_accum: int = 1) -> dict[str, torch.Tensor]:
     """Single-process training on the concatenated batch, on one thread as the ranks (the same rounding: Adam
     turns noise in the theoretically zero gradient of the attention key bias into full-size steps)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         model = _model()
-        train(model, CausalLM(), _data(), _config(BATCH * world, clip))
+        train(model, CausalLM(), _data(), _config(BATCH * world, clip, grad_accum=grad_accum))
     finally:
         torch.set_num_threads(threads)
     return model.state_dict()
@@ -83,7 +83,7 @@ def data_parallel_rank(names: list[str], clip: float | None) -> dict[str, dict[s
             with torch.no_grad():  # a different start on rank 1: the strategy must broadcast rank 0's
                 for p in model.parameters():
                     p.add_(1.0)
-        run_training(model, CausalLM(), _data(), _config(BATCH, clip), strategy)
+        run_training(model, CausalLM(), _data(), _config(BATCH, clip, grad_accum=2), strategy)
         out[name] = _plain(model.state_dict())
     return out
 
@@ -106,9 +106,10 @@ def ps_rank(n_servers: int) -> dict[str, np.ndarray] | None:
 
 
 def test_allreduce_and_ddp_equal_single_process_on_the_concatenated_batch():
+    """With gradient clipping (of the averaged gradient) and 2 micro-batches per step (one reduction)."""
     world = 2
     results = run(data_parallel_rank, world, ["allreduce", "ddp"], 0.5, timeout=120)
-    expected = _reference(world, 0.5)
+    expected = _reference(world, 0.5, grad_accum=2)
     for name in ("allreduce", "ddp"):
         for r in range(world):
             _assert_same(results[r][name], expected)

@@ -247,6 +247,8 @@ def run_training(model: nn.Module, objective: Any, train_data: Any, config: Trai
     """
     if config.run_dir and restart_count() > 0 and latest_checkpoint(config.run_dir) is not None:
         resume = True
+    if isinstance(strategy, AllreduceStrategy):
+        strategy.grad_accum = config.grad_accum  # one allreduce per optimizer step
     if isinstance(strategy, PSStrategy) and strategy.is_server:
         trained_objective = objective if isinstance(objective, nn.Module) else None  # as the loop does
         optimizer = make_optimizer(model, config, trained_objective)
