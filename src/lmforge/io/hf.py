@@ -503,7 +503,7 @@ def state_dict_from_hf(config: ModelConfig, tensors: Mapping[str, Tensor], expec
                        other_heads_ok: bool = False) -> dict[str, Tensor]:
     """Rename (and split/transpose) Hugging Face tensors into lmforge parameters.
 
-    expected: lmforge name -> shape, for every parameter of the model `config` builds (tied copies excluded).
+    expected: lmforge name -> shape, for every parameter of the model `config` builds.
     fresh: lmforge name prefixes that may be missing (a new head the caller will initialise).
     other_heads_ok: ignore head tensors the model does not build (the caller changed the head).
     Raises CheckpointError for missing tensors, unexpected tensors and shape mismatches, naming the tensor.
