@@ -123,7 +123,8 @@ def finetune_bbc(args: argparse.Namespace) -> dict[str, Any]:
     save_model(model, RUNS / "bbc-minilm" / "model")
     return {"model": MINILM, "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
             "test_examples": test["examples"], "validation_accuracy": result.eval_metrics["accuracy"],
-            "train_examples": len(data["train"]), "epochs": args.epochs, "steps": steps,
+            "train_examples": len(data["train"]), "epochs": steps * args.batch_size / len(data["train"]),
+            "steps": steps,
             "batch_size": args.batch_size, "lr": args.lr, "max_len": args.max_len,
             "wall_s": time.perf_counter() - t0}
 
@@ -140,7 +141,8 @@ def distill_bbc(args: argparse.Namespace) -> dict[str, Any]:
     teacher = load_model(teacher_dir)
     student, layer_map = init_student(teacher, args.student_layers)
     objective = DistillObjective(teacher, student, Classification(n_labels), alpha_ce=args.alpha_ce,
-                                 alpha_lm=args.alpha_lm, alpha_cos=args.alpha_cos, temperature=args.temperature,
+                                 alpha_lm=args.alpha_lm, alpha_cos=args.alpha_cos,
+                                 temperature=args.temperature,
                                  hidden_pairs=aligned_hidden_pairs(layer_map, teacher.config.n_layer))
     steps = epoch_steps(args, len(data["train"]))
     fresh_run_dir("bbc-distil")
@@ -153,7 +155,8 @@ def distill_bbc(args: argparse.Namespace) -> dict[str, Any]:
     student_test = evaluate(student.eval(), classify, data["test"], batch_size=32)
 
     test = data["test"]
-    batches = [test.collate([test[i] for i in range(b, min(len(test), b + 32))]) for b in range(0, len(test), 32)]
+    batches = [test.collate([test[i] for i in range(b, min(len(test), b + 32))])
+               for b in range(0, len(test), 32)]
 
     def run(model: nn.Module) -> Callable[[], None]:
         def go() -> None:
@@ -166,15 +169,19 @@ def distill_bbc(args: argparse.Namespace) -> dict[str, Any]:
     return {"teacher": str(teacher_dir.relative_to(ROOT)), "layer_map": layer_map,
             "teacher_layers": teacher.config.n_layer, "student_layers": student.config.n_layer,
             "teacher_params": n_params(teacher), "student_params": n_params(student),
-            "teacher_test_accuracy": teacher_test["accuracy"], "student_test_accuracy": student_test["accuracy"],
-            "teacher_test_macro_f1": teacher_test["macro_f1"], "student_test_macro_f1": student_test["macro_f1"],
+            "teacher_test_accuracy": teacher_test["accuracy"],
+            "student_test_accuracy": student_test["accuracy"],
+            "teacher_test_macro_f1": teacher_test["macro_f1"],
+            "student_test_macro_f1": student_test["macro_f1"],
             "accuracy_kept": student_test["accuracy"] / teacher_test["accuracy"],
             "inference_s_teacher": times["teacher"], "inference_s_student": times["student"],
             "inference_speedup": times["teacher"] / times["student"],
-            "inference_setup": f"whole test set ({len(test)} texts), batch 32, max_len {args.max_len}, fp32, "
-                               f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved runs",
+            "inference_setup": f"whole test set ({len(test)} texts), batch 32, max_len {args.max_len}, "
+                               f"fp32, {torch.get_num_threads()} threads, median of {args.repeats} "
+                               f"interleaved runs",
             "alpha_ce": args.alpha_ce, "alpha_lm": args.alpha_lm, "alpha_cos": args.alpha_cos,
-            "temperature": args.temperature, "epochs": args.epochs, "steps": steps,
+            "temperature": args.temperature, "epochs": steps * args.batch_size / len(data["train"]),
+            "steps": steps,
             "batch_size": args.batch_size, "lr": args.lr, "wall_s": time.perf_counter() - t0}
 
 
@@ -217,7 +224,8 @@ def distill_smollm2(args: argparse.Namespace) -> dict[str, Any]:
     for name in runs:
         student, layer_map = init_student(teacher, layer_map)
         if name == "distilled":
-            objective = DistillObjective(teacher, student, clm, alpha_ce=args.alpha_ce, alpha_lm=args.alpha_lm,
+            objective = DistillObjective(teacher, student, clm, alpha_ce=args.alpha_ce,
+                                         alpha_lm=args.alpha_lm,
                                          alpha_cos=args.alpha_cos, temperature=args.temperature,
                                          hidden_pairs=aligned_hidden_pairs(layer_map, teacher.config.n_layer))
             record["student_layers"], record["layer_map"] = student.config.n_layer, layer_map
@@ -251,8 +259,9 @@ def distill_smollm2(args: argparse.Namespace) -> dict[str, Any]:
         "generate_tok_s_teacher": args.new_tokens / times["teacher"],
         "generate_tok_s_student": args.new_tokens / times["student"],
         "generation_speedup": times["teacher"] / times["student"],
-        "generation_setup": f"greedy, batch 1, {args.prompt_tokens}-token prompt + {args.new_tokens} new tokens, "
-                            f"fp32, {torch.get_num_threads()} threads, median of {args.repeats} interleaved runs",
+        "generation_setup": f"greedy, batch 1, {args.prompt_tokens}-token prompt + {args.new_tokens} new "
+                            f"tokens, fp32, {torch.get_num_threads()} threads, median of {args.repeats} "
+                            f"interleaved runs",
         "alpha_ce": args.alpha_ce, "alpha_lm": args.alpha_lm, "alpha_cos": args.alpha_cos,
         "temperature": args.temperature, "steps": args.steps, "batch_size": args.batch_size,
         "block_size": args.block_size, "train_tokens": args.steps * args.batch_size * args.block_size,
@@ -277,13 +286,14 @@ def report() -> str:
     if ft:
         lines += ["## 1. Fine-tuning all-MiniLM-L6-v2 on BBC News", "", f"`{ft['command']}`", "",
                   f"- test accuracy **{ft['test_accuracy']:.2%}** (macro-F1 {ft['test_macro_f1']:.4f}) on "
-                  f"{ft['test_examples']} held-out articles; validation accuracy {ft['validation_accuracy']:.2%}",
-                  f"- {ft['epochs']} epochs ({ft['steps']} steps) of batch {ft['batch_size']} over "
+                  f"{ft['test_examples']} held-out articles; validation accuracy "
+                  f"{ft['validation_accuracy']:.2%}",
+                  f"- {ft['epochs']:.2f} epochs ({ft['steps']} steps) of batch {ft['batch_size']} over "
                   f"{ft['train_examples']} articles cut to {ft['max_len']} tokens, lr {ft['lr']}; "
                   f"{ft['wall_s'] / 60:.1f} min on {ft['device']}", ""]
     if db:
-        lines += [f"## 2. Distilling the fine-tuned classifier: {db['teacher_layers']} -> {db['student_layers']} "
-                  "layers", "", f"`{db['command']}`", "",
+        lines += [f"## 2. Distilling the fine-tuned classifier: {db['teacher_layers']} -> "
+                  f"{db['student_layers']} layers", "", f"`{db['command']}`", "",
                   "| model | layers | parameters | test accuracy | macro-F1 | inference (s) |",
                   "|---|---|---|---|---|---|",
                   f"| teacher | {db['teacher_layers']} | {db['teacher_params'] / 1e6:.1f} M | "
@@ -295,17 +305,19 @@ def report() -> str:
                   f"- the student keeps **{db['accuracy_kept']:.1%}** of the teacher's accuracy and runs "
                   f"**{db['inference_speedup']:.2f}x** faster ({db['inference_setup']})",
                   f"- loss = {db['alpha_ce']} KL(T={db['temperature']}) + {db['alpha_lm']} CE + "
-                  f"{db['alpha_cos']} cosine (aligned layers); {db['epochs']} epochs ({db['steps']} steps), "
-                  f"batch {db['batch_size']}, lr {db['lr']}; {db['wall_s'] / 60:.1f} min on {db['device']}", ""]
+                  f"{db['alpha_cos']} cosine (aligned layers); {db['epochs']:.2f} epochs "
+                  f"({db['steps']} steps), batch {db['batch_size']}, lr {db['lr']}; "
+                  f"{db['wall_s'] / 60:.1f} min on {db['device']}", ""]
     if ds:
-        lines += [f"## 3. Distilling SmolLM2-135M: {ds['teacher_layers']} -> {ds['student_layers']} layers on "
-                  "BBC News text", "", f"`{ds['command']}`", "",
+        lines += [f"## 3. Distilling SmolLM2-135M: {ds['teacher_layers']} -> {ds['student_layers']} "
+                  "layers on BBC News text", "", f"`{ds['command']}`", "",
                   f"Budget: {ds['steps']} steps of {ds['batch_size']} x {ds['block_size']} tokens "
-                  f"({ds['train_tokens']:,} training tokens) per student, the same data order and schedule for "
-                  f"both; held-out perplexity on {ds['eval_tokens']:,} tokens of the BBC test split; "
-                  f"{ds['wall_s'] / 60:.1f} min in all on {ds['device']}.", "",
+                  f"({ds['train_tokens']:,} training tokens) per student, the same data order and "
+                  f"schedule for both; held-out perplexity on {ds['eval_tokens']:,} tokens of the BBC test "
+                  f"split; {ds['wall_s'] / 60:.1f} min in all on {ds['device']}.", "",
                   "| model | layers | held-out perplexity |", "|---|---|---|",
-                  f"| teacher SmolLM2-135M-Instruct | {ds['teacher_layers']} | {ds['teacher_perplexity']:.2f} |",
+                  f"| teacher SmolLM2-135M-Instruct | {ds['teacher_layers']} | "
+                  f"{ds['teacher_perplexity']:.2f} |",
                   f"| student initialised from teacher layers 0, 2, ..., 28 (not trained; for comparison) | "
                   f"{ds['student_layers']} | {ds['every_other_layer_init_perplexity']:.0f} |",
                   f"| student initialised from teacher layers {ds['layer_map_spec']} (not trained) | "
@@ -313,14 +325,15 @@ def report() -> str:
                   f"| student trained with the LM loss alone | {ds['student_layers']} | "
                   f"{ds['lm_only_perplexity']:.2f} |",
                   f"| student distilled ({ds['alpha_ce']} KL(T={ds['temperature']}) + {ds['alpha_lm']} LM + "
-                  f"{ds['alpha_cos']} cosine) | {ds['student_layers']} | **{ds['distilled_perplexity']:.2f}** |",
+                  f"{ds['alpha_cos']} cosine) | {ds['student_layers']} | "
+                  f"**{ds['distilled_perplexity']:.2f}** |",
                   "",
                   f"- generation: teacher {ds['generate_tok_s_teacher']:.1f} tok/s, distilled student "
                   f"{ds['generate_tok_s_student']:.1f} tok/s: **{ds['generation_speedup']:.2f}x** "
                   f"({ds['generation_setup']})",
                   f"- parameters: teacher {ds['teacher_params'] / 1e6:.1f} M, student "
-                  f"{ds['student_params'] / 1e6:.1f} M (the tied 49,152 x 576 embedding / LM head, 28.3 M, is "
-                  "kept whole)", ""]
+                  f"{ds['student_params'] / 1e6:.1f} M (the tied 49,152 x 576 embedding / LM head, "
+                  "28.3 M, is kept whole)", ""]
     return "\n".join(lines)
 
 
@@ -328,8 +341,8 @@ STEPS = {"finetune-bbc": finetune_bbc, "distill-bbc": distill_bbc, "distill-smol
 # Defaults sized for a shared 2-core CPU; each becomes a flag (--batch-size, ...). steps=0: use epochs.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "finetune-bbc": dict(epochs=3, steps=0, batch_size=16, lr=1e-4, max_len=128),
-    "distill-bbc": dict(epochs=3, steps=0, batch_size=16, lr=2e-4, max_len=128, student_layers=3, alpha_ce=1.0,
-                        alpha_lm=1.0, alpha_cos=1.0, temperature=2.0),
+    "distill-bbc": dict(epochs=3, steps=0, batch_size=16, lr=2e-4, max_len=128, student_layers=3,
+                        alpha_ce=1.0, alpha_lm=1.0, alpha_cos=1.0, temperature=2.0),
     # Layers 0-5 and 21-29 of SmolLM2: at initialisation this 15-layer student has a held-out perplexity
     # near 10^3, every other layer (0, 2, ..., 28) near 10^6 (both are reported).
     "distill-smollm2": dict(steps=60, batch_size=4, lr=2e-4, block_size=64, layer_map="0-5,21-29",
@@ -339,7 +352,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="step", required=True)
     for name in STEPS:
         p = sub.add_parser(name)
