@@ -200,6 +200,13 @@ def test_resolve_source(tmp_path: Path, minilm_dir: Path) -> None:
         resolve_source(3)
 
 
+def test_load_config(minilm_dir: Path, smollm2_gguf: Path) -> None:
+    minilm = load_config("minilm")
+    assert (minilm.family, minilm.head, minilm.n_layer, minilm.d_model) == ("bert", "none", 6, 384)
+    smollm2 = load_config(smollm2_gguf)
+    assert (smollm2.family, smollm2.n_kv_head, smollm2.vocab_size) == ("llama", 3, 49152)
+
+
 def test_dtype_argument(tmp_path: Path) -> None:
     model = random_model("tiny-llama")
     save_model(model, tmp_path)
@@ -400,7 +407,7 @@ def test_info_command(gpt2_folder: Path, capsys: pytest.CaptureFixture[str]) -> 
     out = capsys.readouterr().out
     params = sum(p.numel() for p in model.parameters())
     assert "GPT2LMHeadModel" in out and f"{params:,}" in out and "64 tokens" in out
-    assert "model.safetensors" in out and "float32" in out
+    assert "model.safetensors" in out and "float32 when loaded; stored tensors: F32 x" in out
     d = describe_checkpoint(gpt2_folder)
     assert d["parameters"] == params and d["context_length"] == 64 and d["format"] == "hf-safetensors"
 

@@ -181,7 +181,7 @@ def describe_checkpoint(source: str | os.PathLike[str]) -> dict[str, Any]:
     else:
         files = [path / hf.CONFIG_FILE, *hf.weight_files(path)]
         fmt = "hf-safetensors" if files[-1].suffix == ".safetensors" else "hf-pytorch-bin"
-        stored = Counter(str(t.dtype).removeprefix("torch.") for t in hf.read_tensors(path).values())
+        stored = hf.stored_dtypes(path)
     return {
         "source": str(path), "format": fmt, "family": config.family,
         "architecture": hf.WRITE_ARCHITECTURE[config.family, config.head],

@@ -34,7 +34,7 @@ from lmforge.models import build_empty_model
 
 __all__ = ["ARCHITECTURES", "CheckpointError", "config_from_hf", "config_to_hf", "parse_size",
            "read_checkpoint", "read_config", "read_tensors", "state_dict_from_hf", "state_dict_to_hf",
-           "weight_files", "write_checkpoint"]
+           "stored_dtypes", "weight_files", "write_checkpoint"]
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -675,6 +675,25 @@ def read_tensors(folder: Path) -> dict[str, Tensor]:
             raise CheckpointError(f"{shard}: lacks tensor {absent[0]!r} listed for it in {files[0].name}")
         tensors.update({name: part[name] for name in listed})
     return tensors
+
+
+def stored_dtypes(folder: Path) -> Counter[str]:
+    """How many tensors of each stored dtype a folder's weights hold, e.g. {"F32": 103, "I64": 1}.
+
+    Read from the safetensors headers (no tensor data); a pytorch_model.bin is loaded to look.
+    """
+    files = weight_files(folder)
+    if files[-1].suffix != ".safetensors":
+        return Counter(str(t.dtype).removeprefix("torch.") for t in read_tensors(folder).values())
+    counts: Counter[str] = Counter()
+    for path in files[1:] if len(files) > 1 else files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                counts.update(f.get_slice(name).get_dtype() for name in f.keys())  # noqa: SIM118
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise CheckpointError(f"{path}: not a valid safetensors file, it may be truncated or corrupt "
+                                  f"({err})") from None
+    return counts
 
 
 def read_checkpoint(folder: Path, *, head: str | None = None,
