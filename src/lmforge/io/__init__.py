@@ -106,7 +106,7 @@ def build_loaded(config: ModelConfig, state: dict[str, Tensor], *, dtype: torch.
     """
     dtype = resolve_dtype(dtype)
     if dtype is None:
-        sizes = Counter({})
+        sizes: Counter[torch.dtype] = Counter()
         for t in state.values():
             if t.is_floating_point():
                 sizes[t.dtype] += t.numel()

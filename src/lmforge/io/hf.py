@@ -786,7 +786,7 @@ def write_checkpoint(config: ModelConfig, state: Mapping[str, Tensor], folder: P
     max_bytes = parse_size(max_shard_size)
     hf_config = config_to_hf(config)  # first: it says what the family cannot express
     tensors = state_dict_to_hf(config, state)
-    sizes = Counter({})
+    sizes: Counter[str] = Counter()
     for t in tensors.values():
         if t.is_floating_point():
             sizes[str(t.dtype).removeprefix("torch.")] += t.numel()
