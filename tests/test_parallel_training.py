@@ -184,3 +184,55 @@ def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(tmp_path):
     assert steps == list(range(1, STEPS + 1))  # one record per step: the dead attempt's step 3 was dropped
     model_state, _ = load_checkpoint(latest_checkpoint(run_dir))
     _assert_same(_plain(model_state), _reference(2, 0.5))
+
+
+# --- the command line under torchrun ------------------------------------------------------------------------
+
+
+def _cli_fixtures(root: Path) -> tuple[Path, Path]:
+    """A tiny GPT-2 folder (random weights, a letter-level WordPiece vocabulary) and a small corpus."""
+    import random
+    import string
+
+    from lmforge.io import save_model
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase,
+             *("##" + c for c in string.ascii_lowercase)]
+    save_model(_model(), root / "tiny-gpt2")
+    (root / "tiny-gpt2" / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    rng = random.Random(0)
+    words = ["the", "cat", "sat", "on", "mat", "dog", "ran", "far", "away"]
+    (root / "corpus").mkdir()
+    for i in range(4):
+        (root / "corpus" / f"{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(60)))
+    return root / "tiny-gpt2", root / "corpus"
+
+
+@pytest.mark.slow
+def test_cli_train_strategy_ps_under_torchrun_equals_the_single_process_run(tmp_path):
+    """`torchrun --nproc-per-node 2 -m lmforge.cli train --strategy ps`: one server, one worker, checkpoints
+    whose optimizer state the worker gathers from the server; the same run in one process gives the same."""
+    from lmforge.cli import main
+
+    model_dir, corpus = _cli_fixtures(tmp_path)
+    common = ["train", "--model", str(model_dir), "--data", str(corpus), "--batch-size", "4", "--block-size",
+              "16", "--steps", "4", "--save-every", "2", "--log-every", "1", "--lr", "1e-2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "lmforge.cli", *common, "--run-dir", str(tmp_path / "ps"), "--strategy", "ps"]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 4
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks (see _reference)
+    try:
+        assert main([*common, "--run-dir", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    got_model, got = load_checkpoint(latest_checkpoint(tmp_path / "ps"))
+    want_model, want = load_checkpoint(latest_checkpoint(tmp_path / "one"))
+    _assert_same(_plain(got_model), want_model)
+    assert got["optimizer"]["state"].keys() == want["optimizer"]["state"].keys()
+    for i, state in want["optimizer"]["state"].items():
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(got["optimizer"]["state"][i][k], state[k], rtol=0, atol=1e-6)
