@@ -1,11 +1,11 @@
 """Distributed strategies for the training loop (`lmforge.training.train(..., strategy=...)`).
 
-    strategy = make_strategy("allreduce" | "ddp" | "ps", grad_accum=config.grad_accum)
+    strategy = make_strategy("allreduce" | "ddp" | "ps")      # under torchrun --nproc-per-node N
     result = run_training(model, objective, data, config, strategy=strategy, resume=resume)
 
-Every strategy joins the process group torchrun describes (`lmforge.parallel.init`); the loop then shards the
-data by `strategy.rank` / `strategy.world_size` (its `EpochSampler`), logs and checkpoints on `is_main` only,
-and reduces metrics with `all_reduce_sum`.
+Every strategy joins the process group torchrun describes (`init_process_group`, then
+`lmforge.parallel.init`); the loop then shards the data by `strategy.rank` / `strategy.world_size` (its
+`EpochSampler`), logs and checkpoints on `is_main` only, and reduces metrics with `all_reduce_sum`.
 
 - "allreduce": lmforge's Horovod-style `DistributedOptimizer` (gradients averaged by bucketed allreduces
   launched from gradient hooks while backward runs), parameters and optimizer state broadcast from rank 0.
