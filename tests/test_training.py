@@ -248,6 +248,8 @@ def test_bad_inputs(tmp_path):
     train(model, CausalLM(), data, quiet(max_steps=1, batch_size=4, run_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="holds checkpoints"):
         train(model, CausalLM(), data, quiet(max_steps=1, batch_size=4, run_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="different data order .*batch_size: 4 in the checkpoint, 2 now"):
+        train(model, CausalLM(), data, quiet(max_steps=2, batch_size=2, run_dir=str(tmp_path)), resume=True)
     with pytest.raises(ValueError, match="resume=True needs config.run_dir"):
         train(model, CausalLM(), data, quiet(), resume=True)
     with pytest.raises(ValueError, match="batch_size must be positive"):

@@ -469,6 +469,7 @@ def train(model: nn.Module, objective: Any, train_data: Any, config: TrainConfig
     step, position = 0, 0
     if checkpoint is not None:
         model_state, state = load_checkpoint(checkpoint)
+        _check_resumable(state["config"], config, checkpoint)
         model.load_state_dict(model_state)
         if trained_objective is not None:
             trained_objective.load_state_dict(state["objective"])
@@ -564,6 +565,15 @@ def train(model: nn.Module, objective: Any, train_data: Any, config: TrainConfig
     bar.close()
     return TrainResult(step=step, train_loss=last_loss, eval_metrics=eval_metrics, checkpoint=saved,
                        history=history)
+
+
+def _check_resumable(saved: dict[str, Any], config: TrainConfig, checkpoint: Path) -> None:
+    """Refuse to resume with settings that change what the saved data position means (the data order)."""
+    changed = {k: (saved[k], getattr(config, k)) for k in ("batch_size", "grad_accum", "seed")
+               if saved.get(k) != getattr(config, k)}
+    if changed:
+        detail = ", ".join(f"{k}: {old} in the checkpoint, {new} now" for k, (old, new) in changed.items())
+        raise ValueError(f"cannot resume from {str(checkpoint)!r} with a different data order ({detail})")
 
 
 def _gather_rng(rng: dict[str, Any], strategy: Strategy) -> list[dict[str, Any]]:
