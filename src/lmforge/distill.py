@@ -189,7 +189,8 @@ class DistillObjective(nn.Module):
     """The distillation loss as a training objective (the protocol of `lmforge.objectives`).
 
     teacher: a lmforge model; it is put in eval mode, frozen (requires_grad False) and run under no_grad.
-        It is not a submodule: the objective's parameters are only the projection, if any.
+        It is not a submodule: the objective's parameters are only the projection, if any, and moving the
+        objective (as the training loop does) leaves the teacher where it is: put it on the student's device.
     student: the model that will be trained (used here to check compatibility and size the projection).
     base: the objective for the hard-label term and for evaluation: `CausalLM()`, `MaskedLM()` or
         `Classification(n_labels)`; evaluation (`eval_stats`/`summarize`) measures the student with it.
