@@ -166,6 +166,17 @@ def test_decode_step_static_mode_matches_dynamic(tiny_pair):
     torch.testing.assert_close(static, dynamic, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kw", [dict(max_new_tokens=10), dict(max_new_tokens=8, num_beams=3)])
+def test_static_cuda_graph_path_matches(tiny_pair, kw, monkeypatch):
+    """The CUDA path (fixed-shape step over a reused cache, in-place beam reorder), run eagerly on CPU."""
+    _, model = tiny_pair
+    monkeypatch.setattr(DecodeStep, "compiled", property(lambda step: step.forward))
+    ids, mask = _prompts([7, 3], pad=0)
+    expected = generate_ids(model, ids, mask, **kw)
+    for _ in range(2):  # the second call reuses the first call's cache
+        assert torch.equal(generate_ids(model, ids, mask, compile=True, **kw), expected)
+
+
 def test_decode_step_matches_model_forward(tiny_pair):
     _, model = tiny_pair
     ids, mask = _prompts([6, 3], pad=0)

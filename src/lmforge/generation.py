@@ -312,6 +312,8 @@ class DecodeStep(nn.Module):
         self.up = nn.ModuleList(_fused(lins, device) for lins in up)
         self.down = nn.ModuleList(_fused([b.mlp.down_proj], device) for b in model.layers)
         self.lm_head = _fused([model.lm_head], device)
+        self._static: dict[tuple[int, int], KVCache] = {}
+        self._compiled = None
         if cfg.position == "rotary":  # tables for every position, computed as the model computes them
             positions = torch.arange(cfg.max_seq_len, device=device)[None]  # (1, max_seq_len)
             dtype = model.embed_tokens.weight.dtype
@@ -331,6 +333,28 @@ class DecodeStep(nn.Module):
                 cached = (fingerprint, cls(model))
             cls._built[model] = cached
         return cached[1]
+
+    def static_cache(self, batch: int, length: int) -> KVCache:
+        """An empty cache of at least `length` slots (rounded up to 256) for the compiled step; the same
+        buffers are handed out again for the same shape, so CUDA graphs recorded on them stay valid."""
+        length = min(-(-length // 256) * 256, self.config.max_seq_len)
+        key = (batch, length)
+        if key not in self._static:
+            weight = self.embed_tokens.weight
+            cache = KVCache(self.config, batch, length, weight.dtype, weight.device)
+            torch._dynamo.mark_static_address(cache.k)
+            torch._dynamo.mark_static_address(cache.v)
+            self._static = {key: cache}  # one shape at a time: caches are large
+        cache = self._static[key]
+        cache.length = 0
+        return cache
+
+    @property
+    def compiled(self):
+        """`forward` compiled with CUDA graphs (torch.compile, mode="reduce-overhead"), built on first use."""
+        if self._compiled is None:
+            self._compiled = torch.compile(self.forward, mode="reduce-overhead", fullgraph=True)
+        return self._compiled
 
     def forward(self, token: Tensor, position: Tensor, cache: KVCache, key_mask: Tensor | None = None,
                 slot: Tensor | None = None) -> Tensor:
@@ -401,7 +425,11 @@ def decode_one_token(step: DecodeStep | Decoder, token: Tensor, position: Tensor
 
 
 class _Decoding:
-    """The model side of one generation call: cache, masks and positions for B rows, and the step to run."""
+    """The model side of one generation call: cache, masks and positions for B rows, and the step to run.
+
+    With `compiled` (default on CUDA) the steps after the prompt run the static-shape `DecodeStep` compiled
+    with CUDA graphs, over a cache kept by the step and reused by later calls of the same shape.
+    """
 
     def __init__(self, model: Decoder, input_ids: Tensor, attention_mask: Tensor, max_new: int, fast: bool,
                  use_compile: bool | None):
@@ -409,16 +437,17 @@ class _Decoding:
         weight = model.embed_tokens.weight
         self.model = model
         self.device = weight.device
-        self.cache = KVCache(model.config, B, P + max_new, weight.dtype, self.device)
-        self.mask = torch.ones(B, P + max_new, dtype=torch.bool, device=self.device)  # (B, L)
+        self.step_fn: DecodeStep | Decoder = DecodeStep.for_model(model) if fast else model
+        self.compiled = fast and (use_compile if use_compile is not None else self.device.type == "cuda")
+        if self.compiled:
+            self.cache = self.step_fn.static_cache(B, P + max_new)
+        else:
+            self.cache = KVCache(model.config, B, P + max_new, weight.dtype, self.device)
+        self.mask = torch.ones(B, self.cache.max_len, dtype=torch.bool, device=self.device)  # (B, L)
         self.mask[:, :P] = attention_mask.bool()
         self.padded = not bool(self.mask[:, :P].all())
         self.position = attention_mask.long().cumsum(-1) - 1  # (B, P), as transformers counts them
         self.position.masked_fill_(attention_mask == 0, 1)
-        self.step_fn: DecodeStep | Decoder = DecodeStep.for_model(model) if fast else model
-        self.static = None
-        if fast and (use_compile if use_compile is not None else self.device.type == "cuda"):
-            self.static = _compiled(self.step_fn, self.cache)
 
     def prefill(self, input_ids: Tensor) -> Tensor:
         P = input_ids.shape[1]
@@ -430,25 +459,22 @@ class _Decoding:
     def step(self, token: Tensor) -> Tensor:
         self.position = self.position + 1
         S = self.cache.length + 1
-        if self.static is not None:
+        if self.compiled:
             slot = torch.tensor([S - 1], device=self.device)
             key_mask = self.mask & (torch.arange(self.cache.max_len, device=self.device) < S)
-            logits = self.static(token, self.position, self.cache, key_mask, slot)
+            logits = self.step_fn.compiled(token, self.position, self.cache, key_mask, slot)
             self.cache.length = S
-            return logits.clone()
+            return logits.clone()  # CUDA graphs reuse their output buffer at the next replay
         mask = self.mask[:, :S] if self.padded else None
         return decode_one_token(self.step_fn, token, self.position, self.cache, mask)
 
     def reorder(self, index: Tensor) -> None:
         """Keep cache rows `index` (B,) (beam search); a prompt's beams share their masks and positions."""
-        self.cache.reorder(index)
-
-
-def _compiled(step: DecodeStep, cache: KVCache):
-    """The static-shape decode step compiled with CUDA graphs (`mode="reduce-overhead"`)."""
-    torch._dynamo.mark_static_address(cache.k)
-    torch._dynamo.mark_static_address(cache.v)
-    return torch.compile(step, mode="reduce-overhead", fullgraph=True)
+        if self.compiled:  # in place: the recorded graphs read these buffers
+            self.cache.k.copy_(self.cache.k.index_select(1, index))
+            self.cache.v.copy_(self.cache.v.index_select(1, index))
+        else:
+            self.cache.reorder(index)
 
 
 @contextmanager
