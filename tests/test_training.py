@@ -318,7 +318,7 @@ def test_sigkill_and_resume_bit_identical(tmp_path):
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "run"
     reference = start(ref_dir, False, 0.0)
     # 1) SIGKILL from outside in the middle of the run, once a checkpoint exists
-    first = start(run_dir, False, 0.25)
+    first = start(run_dir, False, 0.5)  # slow steps: the kill lands well before step 8
     deadline = time.time() + 120
     while (latest_checkpoint(run_dir) is None or latest_checkpoint(run_dir).name < "step_00000004") \
             and first.poll() is None and time.time() < deadline:
