@@ -221,9 +221,11 @@ def _save_final(model, tokenizer, run_dir: str) -> Path:
     return out
 
 
-def _lm_data(args: argparse.Namespace, tokenizer, objective: str, block_size: int, split: str | None = None):
+def _lm_data(args: argparse.Namespace, tokenizer, objective: str, block_size: int, split: str | None = None,
+             vocab_size: int | None = None):
     """Causal- or masked-LM datasets of args.data: (train, eval) without `split`, else one dataset: a bbc-news
-    split ("all" for the three together), or a whole corpus."""
+    split ("all" for the three together), or a whole corpus. MLM's random replacement tokens are drawn below
+    `vocab_size` (default: the tokenizer's)."""
     from lmforge import data
 
     def encode(texts: list[str]) -> list[list[int]]:
@@ -241,8 +243,9 @@ def _lm_data(args: argparse.Namespace, tokenizer, objective: str, block_size: in
     def dataset(rows):
         if objective == "clm":
             return data.TokenBlocks(rows)
-        return data.MaskedBlocks(rows, tokenizer.mask_token_id, tokenizer.vocab_size,
-                                 tokenizer.all_special_ids, pad_id=tokenizer.pad_token_id, seed=args.seed)
+        vocab = min(tokenizer.vocab_size, vocab_size or tokenizer.vocab_size)
+        return data.MaskedBlocks(rows, tokenizer.mask_token_id, vocab, tokenizer.all_special_ids,
+                                 pad_id=tokenizer.pad_token_id, seed=args.seed)
 
     if args.data == "bbc-news":
         splits = data.bbc_news()
@@ -304,7 +307,8 @@ def _train(args: argparse.Namespace) -> int:
         model = load_model(args.model, dtype="float32", head=head)
     tokenizer = Tokenizer.for_model(args.model)
     block_size = _fit_length(args.block_size, 128, model.config, "--block-size")
-    train_data, eval_data = _lm_data(args, tokenizer, objective, block_size)
+    vocab_size = model.config.vocab_size
+    train_data, eval_data = _lm_data(args, tokenizer, objective, block_size, vocab_size=vocab_size)
     loss = CausalLM() if objective == "clm" else MaskedLM()
     if args.strategy:
         from lmforge.parallel.strategy import make_strategy, run_training
@@ -423,7 +427,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         data, obj = EncodedTexts(texts, tokenizer.encode, max_len, pad), Classification(cfg.n_labels)
     else:
         block_size = _fit_length(args.block_size, 128, cfg, "--block-size")
-        data = _lm_data(args, tokenizer, objective, block_size, split=args.split)
+        data = _lm_data(args, tokenizer, objective, block_size, split=args.split, vocab_size=cfg.vocab_size)
         obj = CausalLM() if objective == "clm" else MaskedLM()
     metrics = evaluate(model, obj, data, batch_size=args.batch_size, precision=args.precision)
     split = args.split if args.data == "bbc-news" or objective == "classify" else "all"
