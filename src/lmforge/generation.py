@@ -776,8 +776,10 @@ def generate(model: Decoder | str | Path, tokenizer: Tokenizer | None = None,
     """
     model, tokenizer = _load(model, tokenizer, dtype)
     ids, mask = _encode_prompts(model, tokenizer, prompts, chat)
-    out = generate_ids(model, ids, mask, **_text_kwargs(model, tokenizer, kwargs))
-    eos = set(_text_kwargs(model, tokenizer, kwargs).get("eos_token_id") or model.config.eos_ids)
+    kw = _text_kwargs(model, tokenizer, kwargs)
+    out = generate_ids(model, ids, mask, **kw)
+    eos = kw.get("eos_token_id")
+    eos = set(model.config.eos_ids) if eos is None else {eos} if isinstance(eos, int) else set(eos)
     texts = []
     for row in out[:, ids.shape[1]:].tolist():
         end = next((i for i, t in enumerate(row) if t in eos), len(row))  # the text stops before eos
