@@ -182,6 +182,7 @@ def add_loop_arguments(p: argparse.ArgumentParser, steps: int, lr: float) -> Non
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="fp32, or autocast in bf16 / fp16 (fp16 with a gradient scaler)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: at the end)")
+    p.add_argument("--eval-batches", type=int, help="evaluate on at most N batches (default: all)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end)")
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (default 2)")
     p.add_argument("--log-every", type=int, default=10, help="log train metrics every N steps (default 10)")
@@ -199,7 +200,8 @@ def loop_config(args: argparse.Namespace) -> TrainConfig:
                        max_steps=args.steps, schedule=args.schedule, batch_size=args.batch_size,
                        grad_accum=args.grad_accum, clip_norm=args.clip_norm or None, precision=args.precision,
                        eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep_last,
-                       log_every=args.log_every, seed=args.seed, run_dir=args.run_dir, device=args.device)
+                       log_every=args.log_every, seed=args.seed, run_dir=args.run_dir, device=args.device,
+                       eval_max_batches=args.eval_batches)
 
 
 def _fit_length(value: int | None, default: int, config, option: str) -> int:
@@ -387,6 +389,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, help="tokens per LM sequence (default 128 or the context)")
     p.add_argument("--max-len", type=int, help="tokens per classified text (default 256 or the context)")
     p.add_argument("--batch-size", type=int, default=16, help="items per batch (default 16)")
+    p.add_argument("--max-batches", type=int, help="evaluate the first N batches only (default: all)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the MLM masking (default 0)")
@@ -429,7 +432,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         block_size = _fit_length(args.block_size, 128, cfg, "--block-size")
         data = _lm_data(args, tokenizer, objective, block_size, split=args.split, vocab_size=cfg.vocab_size)
         obj = CausalLM() if objective == "clm" else MaskedLM()
-    metrics = evaluate(model, obj, data, batch_size=args.batch_size, precision=args.precision)
+    metrics = evaluate(model, obj, data, batch_size=args.batch_size, precision=args.precision,
+                       max_batches=args.max_batches)
     split = args.split if args.data == "bbc-news" or objective == "classify" else "all"
     print(json.dumps({"model": args.model, "data": args.data, "split": split, **metrics}))
     return 0
