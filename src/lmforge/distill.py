@@ -11,6 +11,10 @@ DistilBERT takes layers 0, 2, 4, ... of BERT); embeddings, the final norm and th
 
 with the teacher frozen in eval mode and run under no_grad. Shapes: B batch, T sequence, V vocabulary (or
 labels), C width.
+
+Choosing layers: every other layer suits BERT-family encoders, but not every decoder. For SmolLM2-135M
+(measured on BBC News text) a 15-layer student of layers 0, 2, ..., 28 starts at a perplexity near 10^6,
+one of layers 0-5 and 21-29 near 10^3 (the teacher: ~20): pass such a map explicitly.
 """
 
 from __future__ import annotations
