@@ -409,6 +409,9 @@ def test_cli_train_resume_evaluate_plot(cli_fixtures, tmp_path, capsys):
     metrics = json.loads(out)
     assert code == 0 and metrics["tokens"] > 0
     assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
+    code, out, _ = run_cli(capsys, "evaluate", "--model", run / "model", "--data", root / "corpus",
+                           "--block-size", 16, "--batch-size", 2, "--max-batches", 1)
+    assert code == 0 and json.loads(out)["tokens"] == 2 * 15
     code, out, _ = run_cli(capsys, "plot", run)
     assert code == 0 and (run / "metrics.png").is_file()
 
