@@ -407,7 +407,8 @@ def prefill(model: Decoder, input_ids: Tensor, cache: KVCache, attention_mask: T
     """
     if cache.length != 0:
         raise ValueError(f"prefill needs an empty cache, this one holds {cache.length} positions")
-    out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
+    out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                last_logits_only=True)
     return out.logits[:, -1].float()
 
 

@@ -32,13 +32,15 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                cache: KVCache | None = None, output_hidden_states: bool = False) -> ModelOutput:
+                cache: KVCache | None = None, output_hidden_states: bool = False,
+                last_logits_only: bool = False) -> ModelOutput:
         """Next-token logits (B, T, vocab) for input_ids (B, T).
 
         attention_mask: (B, S) with 1 for real tokens and 0 for padding, over every key position: S = T without a
             cache, S = cache.length + T with one.
         position_ids: (B, T); by default consecutive positions starting at the cache length (or 0).
         cache: a `KVCache`; keys and values are written into it and its length advances by T.
+        last_logits_only: logits (B, 1, vocab) of the last position only (all a generation prefill needs).
         Raises ValueError for ids outside the vocabulary or positions beyond the model's context.
         """
         cfg = self.config
@@ -71,7 +73,8 @@ class Decoder(nn.Module):
             hidden[-1] = x
         if cache is not None:
             cache.length = S
-        return ModelOutput(logits=self.lm_head(x), last_hidden_state=x, hidden_states=hidden)
+        logits = self.lm_head(x[:, -1:] if last_logits_only else x)
+        return ModelOutput(logits=logits, last_hidden_state=x, hidden_states=hidden)
 
     def generate(self, input_ids: Tensor, **kwargs) -> Tensor:
         """transformers-style generation returning token ids (prompt included); see `lmforge.generation`."""
