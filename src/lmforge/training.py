@@ -523,19 +523,19 @@ def train(model: nn.Module, objective: Any, train_data: Any, config: TrainConfig
         record: dict[str, Any] = {"step": step, "split": "train", "lr": lr}
         if step % config.log_every == 0 or step == config.max_steps or on_step is not None:
             elapsed = time.perf_counter() - t0
-            loss_value = float(strategy.all_reduce_sum(torch.as_tensor(step_loss, device=device).float()))
-            record["loss"] = last_loss = loss_value / strategy.world_size
-            for k, v in step_metrics.items():
-                if k != "loss":
-                    record[k] = float(v)
+            names = [k for k in step_metrics if k != "loss"]
+            values = torch.stack([torch.as_tensor(v, device=device).float()
+                                  for v in [step_loss, *(step_metrics[k] for k in names)]])
+            means = (strategy.all_reduce_sum(values) / strategy.world_size).tolist()  # one reduce for all
+            record["loss"] = last_loss = means[0]
+            record.update(zip(names, means[1:], strict=True))
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
             record["tokens_per_s"] = tokens / max(elapsed, 1e-9)
             if step % config.log_every == 0 or step == config.max_steps:
                 log.write(record)
                 history.append(record)
-                bar.set_postfix(loss=f"{loss_value / strategy.world_size:.4f}",
-                                tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 tokens, t0 = 0, time.perf_counter()
         if on_step is not None:
             on_step(step, record)
