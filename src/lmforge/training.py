@@ -133,6 +133,7 @@ class Strategy(Protocol):
     clip_grad_norm(parameters, max_norm): clip and return the total gradient norm (over all shards).
     all_reduce_sum(tensor): the sum of a tensor over ranks (metrics, evaluation statistics).
     barrier(): wait for every rank (around checkpoint writes).
+    gather_object(obj): every training rank's `obj`, in rank order (each rank's RNG state for checkpoints).
     """
 
     rank: int
@@ -151,6 +152,8 @@ class Strategy(Protocol):
     def all_reduce_sum(self, tensor: Tensor) -> Tensor: ...
 
     def barrier(self) -> None: ...
+
+    def gather_object(self, obj: Any) -> list[Any]: ...
 
 
 class SingleProcess:
@@ -182,6 +185,9 @@ class SingleProcess:
 
     def barrier(self) -> None:
         return None
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
 
 
 # --- optimizer and schedule ---------------------------------------------------------------------------------
@@ -477,7 +483,7 @@ def train(model: nn.Module, objective: Any, train_data: Any, config: TrainConfig
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         step, position = state["step"], state["data_position"]
-        set_rng_state(state["rng"][strategy.rank] if isinstance(state["rng"], list) else state["rng"])
+        set_rng_state(state["rng"][strategy.rank])
     run_model, optimizer = strategy.prepare(model, optimizer)
     forward_model = torch.compile(run_model) if config.compile else run_model
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -550,9 +556,7 @@ def train(model: nn.Module, objective: Any, train_data: Any, config: TrainConfig
             log.write(eval_record)
             history.append(eval_record)
         if run_dir is not None and ((config.save_every and step % config.save_every == 0) or at_end):
-            rng = rng_state()
-            if strategy.world_size > 1:
-                rng = _gather_rng(rng, strategy)
+            rng = strategy.gather_object(rng_state())  # every rank's streams, restored per rank
             if strategy.is_main:
                 trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                  "scaler": scaler.state_dict(), "rng": rng, "step": step,
@@ -574,15 +578,6 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig, checkpoint: Pat
     if changed:
         detail = ", ".join(f"{k}: {old} in the checkpoint, {new} now" for k, (old, new) in changed.items())
         raise ValueError(f"cannot resume from {str(checkpoint)!r} with a different data order ({detail})")
-
-
-def _gather_rng(rng: dict[str, Any], strategy: Strategy) -> list[dict[str, Any]]:
-    """Every rank's RNG state (torch.distributed.all_gather_object), so each rank resumes its own streams."""
-    import torch.distributed as dist
-
-    gathered: list[Any] = [None] * strategy.world_size
-    dist.all_gather_object(gathered, rng)
-    return gathered
 
 
 @torch.no_grad()

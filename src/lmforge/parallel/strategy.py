@@ -98,6 +98,11 @@ class Distributed(SingleProcess):
     def barrier(self) -> None:
         dist.barrier(group=self.group)
 
+    def gather_object(self, obj: Any) -> list[Any]:
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj, group=self.group)
+        return gathered
+
     def finish(self) -> None:
         """Called once by `run_training` after the loop returns."""
 
