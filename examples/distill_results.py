@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import lmforge.generation  # noqa: F401  (imported with the models, so a long run uses one version of both)
 from lmforge.data import EncodedTexts, TokenBlocks, bbc_news
 from lmforge.distill import DistillObjective, aligned_hidden_pairs, init_student
 from lmforge.io import load_model, save_model
@@ -242,6 +243,7 @@ def distill_smollm2(args: argparse.Namespace) -> dict[str, Any]:
         record[f"{name}_train_loss"] = [(r["step"], r["loss"]) for r in result.history]
         record[f"{name}_perplexity"] = perplexity(student.eval())
         runs[name] = student
+        print(json.dumps(record), flush=True)  # progress: the figures so far survive a later failure
     student = runs["distilled"]
     save_model(student, RUNS / "smollm2-distilled" / "model")
 
