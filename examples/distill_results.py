@@ -334,8 +334,21 @@ def report() -> str:
                   f"{ds['generate_tok_s_student']:.1f} tok/s: **{ds['generation_speedup']:.2f}x** "
                   f"({ds['generation_setup']})",
                   f"- parameters: teacher {ds['teacher_params'] / 1e6:.1f} M, student "
-                  f"{ds['student_params'] / 1e6:.1f} M (the tied 49,152 x 576 embedding / LM head, "
-                  "28.3 M, is kept whole)", ""]
+                  f"{ds['student_params'] / 1e6:.1f} M: the tied 49,152 x 576 embedding / LM head (28.3 M) "
+                  "is kept whole, so batch-1 decoding, which reads every weight once per token, is bounded "
+                  f"by {ds['teacher_params'] / ds['student_params']:.2f}x; only per-layer overheads add to "
+                  "it", ""]
+        others = sorted(RESULTS.glob("distill_smollm2_*.json"))
+        if others:
+            lines += ["Other settings, run the same way (each line: its own command and figures):", ""]
+        for path in others:
+            o = json.loads(path.read_text())
+            lines.append(f"- `{o['command']}`: {o['steps']} steps of {o['batch_size']} x {o['block_size']} "
+                         f"tokens, loss = {o['alpha_ce']} KL(T={o['temperature']}) + {o['alpha_lm']} LM + "
+                         f"{o['alpha_cos']} cosine: distilled **{o['distilled_perplexity']:.2f}**, LM loss "
+                         f"alone {o['lm_only_perplexity']:.2f}, teacher {o['teacher_perplexity']:.2f}; "
+                         f"generation {o['generation_speedup']:.2f}x")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -364,7 +377,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--repeats", type=int, default=3, help="timed rounds (speed comparisons)")
         for key, value in DEFAULTS[name].items():
             p.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+    sub.add_parser("report", help="only regenerate results/distill.md from results/*.json")
     args = parser.parse_args(argv)
+    if args.step == "report":
+        write_text(RESULTS / "distill.md", report())
+        return 0
     torch.set_num_threads(args.threads)
     record = STEPS[args.step](args)
     record["command"] = command_line()
