@@ -18,6 +18,15 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_gguf):
+    """transformers' own SmolLM2-135M, loaded from the same GGUF in fp32: the reference (seconds to load, once)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     return packaged_path("all-minilm-l6-v2")
 

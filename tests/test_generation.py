@@ -202,10 +202,8 @@ def test_decode_step_rebuilt_after_weights_change():
 # --- the real model: SmolLM2-135M, against transformers loading the same GGUF -------------------------------
 
 @pytest.fixture(scope="module")
-def smollm2_pair(smollm2_gguf):
-    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                           dtype=torch.float32).eval()
-    return hf, load_model(smollm2_gguf, dtype=torch.float32)
+def smollm2_pair(smollm2_gguf, smollm2_transformers):
+    return smollm2_transformers, load_model(smollm2_gguf, dtype=torch.float32)
 
 
 @pytest.mark.slow

@@ -49,13 +49,6 @@ def smollm2_lmforge(smollm2_gguf, smollm2_cache):
     return config, tensors
 
 
-@pytest.fixture(scope="session")
-def smollm2_transformers(smollm2_gguf):
-    model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                 dtype=torch.float32)
-    return model.eval()
-
-
 @pytest.mark.slow
 def test_smollm2_config(smollm2_lmforge, smollm2_transformers):
     config, _ = smollm2_lmforge
