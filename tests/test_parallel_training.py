@@ -172,14 +172,18 @@ def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(tmp_path):
     script = tmp_path / "train_script.py"
     script.write_text(RESTART_SCRIPT.format(tests=str(Path(__file__).parent)))
     run_dir = tmp_path / "run"
+    # Two restarts allowed: gloo occasionally aborts a rank while the first restart re-forms the group (seen
+    # once in ~10 runs under load); the property tested is that the run that finishes resumes after step 2.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "--max-restarts", "1", str(script), str(run_dir), "3"]
+           "--max-restarts", "2", str(script), str(run_dir), "3"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The first attempt died at step 3 (rank 1 killed) and wrote nothing; the restart resumed after step 2.
     assert not (run_dir / "attempt0.json").exists()
-    assert json.loads((run_dir / "attempt1.json").read_text()) == {"first_step": 3, "last_step": STEPS}
+    finished = sorted(run_dir.glob("attempt*.json"))
+    assert len(finished) == 1, finished
+    assert json.loads(finished[0].read_text()) == {"first_step": 3, "last_step": STEPS}
     steps = [r["step"] for r in read_metrics(run_dir) if r["split"] == "train"]
     assert steps == list(range(1, STEPS + 1))  # one record per step: the dead attempt's step 3 was dropped
     model_state, _ = load_checkpoint(latest_checkpoint(run_dir))
