@@ -342,6 +342,17 @@ def _labelled(data: str, label_names: list[str] | None = None):
     return split_labelled(read_labelled_folder(data, label_names))
 
 
+def _labelled_for(cfg, data: str, who: str):
+    """The labelled splits of `data` in the label order a classifier `cfg` stores; an error if the sets differ."""
+    stored = cfg.extra.get("id2label")
+    names = [stored[i] for i in range(cfg.n_labels)] if stored and len(stored) == cfg.n_labels else None
+    splits = _labelled(data, names)
+    if len(splits["train"].label_names) != cfg.n_labels:
+        raise ValueError(f"label-set mismatch: the {who} has {cfg.n_labels} labels, {data!r} has "
+                         f"{len(splits['train'].label_names)}")
+    return splits
+
+
 def _finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="encoder to fine-tune: HF folder or packaged name")
     p.add_argument("--data", required=True, help="bbc-news, or a folder of <label>/*.txt")
@@ -413,12 +424,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                          f"it can be evaluated with {fitting if cfg.head != 'none' else 'nothing (no head)'}")
     tokenizer = Tokenizer.for_model(args.model)
     if objective == "classify":
-        stored = cfg.extra.get("id2label")
-        names = [stored[i] for i in range(cfg.n_labels)] if stored and len(stored) == cfg.n_labels else None
-        splits = _labelled(args.data, names)
-        if len(splits["train"].label_names) != cfg.n_labels:
-            raise ValueError(f"label-set mismatch: the model has {cfg.n_labels} labels, {args.data!r} has "
-                             f"{len(splits['train'].label_names)}")
+        splits = _labelled_for(cfg, args.data, "model")
         if args.split == "all":
             parts = list(splits.values())
             texts = LabelledTexts([t for s in parts for t in s.texts], [y for s in parts for y in s.labels],
@@ -514,12 +520,7 @@ def _distill(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.for_model(args.teacher)
     test = None
     if objective == "classify":
-        stored = cfg.extra.get("id2label")
-        names = [stored[i] for i in range(cfg.n_labels)] if stored and len(stored) == cfg.n_labels else None
-        splits = _labelled(args.data, names)
-        if len(splits["train"].label_names) != cfg.n_labels:
-            raise ValueError(f"label-set mismatch: the teacher has {cfg.n_labels} labels, {args.data!r} has "
-                             f"{len(splits['train'].label_names)}")
+        splits = _labelled_for(cfg, args.data, "teacher")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         max_len = _fit_length(args.max_len, 256, cfg, "--max-len")
         encoded = {split: EncodedTexts(texts, tokenizer.encode, max_len, pad)
