@@ -8,8 +8,8 @@ run: setup
 	.venv/bin/lmforge generate "Men on the moon" --max-length 40 --temperature 0.9 --num-return-sequences 10 --do-sample
 
 test: setup
-	.venv/bin/ruff check src tests benchmarks scripts
+	.venv/bin/ruff check src tests benchmarks scripts examples
 	.venv/bin/python -m pytest
 
 lint: setup
-	.venv/bin/ruff check src tests benchmarks scripts
+	.venv/bin/ruff check src tests benchmarks scripts examples
