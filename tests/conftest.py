@@ -12,6 +12,15 @@ from lmforge.registry import packaged_path
 torch.set_num_threads(2)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (a second one only adds synchronisation on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     return packaged_path("smollm2-135m-instruct")
