@@ -342,6 +342,16 @@ def _labelled(data: str, label_names: list[str] | None = None):
     return split_labelled(read_labelled_folder(data, label_names))
 
 
+def _fitting_objective(cfg, requested: str | None, who: str) -> str:
+    """The objective a model's head supports (clm, mlm or classify); an error if `requested` is another one."""
+    fitting = "classify" if cfg.head == "classify" else ("clm" if cfg.arch == "decoder" else "mlm")
+    objective = requested or fitting
+    if cfg.head == "none" or objective != fitting:
+        raise ValueError(f"--objective {objective} does not fit {who} ({cfg.arch}, head {cfg.head!r}); it needs "
+                         f"an output head and fits {fitting if cfg.head != 'none' else 'nothing (no head)'}")
+    return objective
+
+
 def _labelled_for(cfg, data: str, who: str):
     """The labelled splits of `data` in the label order a classifier `cfg` stores; an error if the sets differ."""
     stored = cfg.extra.get("id2label")
@@ -417,11 +427,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, dtype="float32", device=args.device)
     cfg = model.config
-    fitting = "classify" if cfg.head == "classify" else ("clm" if cfg.arch == "decoder" else "mlm")
-    objective = args.objective or fitting
-    if cfg.head == "none" or objective != fitting:
-        raise ValueError(f"--objective {objective} does not fit this model ({cfg.arch}, head {cfg.head!r}); "
-                         f"it can be evaluated with {fitting if cfg.head != 'none' else 'nothing (no head)'}")
+    objective = _fitting_objective(cfg, args.objective, "this model")
     tokenizer = Tokenizer.for_model(args.model)
     if objective == "classify":
         splits = _labelled_for(cfg, args.data, "model")
@@ -510,12 +516,7 @@ def _distill(args: argparse.Namespace) -> int:
     config = loop_config(args)
     teacher = load_model(args.teacher, dtype="float32", device=args.device)
     cfg = teacher.config
-    fitting = "classify" if cfg.head == "classify" else ("clm" if cfg.arch == "decoder" else "mlm")
-    objective = args.objective or fitting
-    if cfg.head == "none" or objective != fitting:
-        raise ValueError(f"--objective {objective} does not fit the teacher ({cfg.arch}, head {cfg.head!r}); "
-                         f"a teacher needs an output head, and this one distils with "
-                         f"{fitting if cfg.head != 'none' else 'nothing'}")
+    objective = _fitting_objective(cfg, args.objective, "the teacher")
     student, layer_map = init_student(teacher, _student_layers(args.student_layers))
     tokenizer = Tokenizer.for_model(args.teacher)
     test = None
