@@ -316,27 +316,35 @@ def test_top_p_keeps_the_nucleus():
     assert kept == [True, True, True, False]
 
 
-@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
-def test_sampling_frequencies_match_softmax_over_temperature(temperature):
-    """Chi-square goodness of fit of 6000 one-token samples against softmax(logits / T) on a toy model."""
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.5, 0, 1.0), (1.0, 0, 1.0), (2.0, 0, 1.0),
+                                                       (1.5, 6, 1.0), (2.0, 8, 0.8)])
+def test_sampling_frequencies_match_softmax_over_temperature(temperature, top_k, top_p):
+    """Chi-square goodness of fit of 6000 one-token samples against softmax(logits / T) on a toy model, after
+    the full-vocabulary top_k / top_p filters (the sampler itself draws among the top k only)."""
     torch.manual_seed(0)
     model = Decoder(ModelConfig.from_name("tiny-gpt2", vocab_size=12)).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(10.0)  # logits with a spread of ~1, so that temperature matters
         ids = torch.tensor([[3, 5, 7]])
-        logits = model(ids).logits[0, -1].double()
+        logits = model(ids).logits[0, -1]
     n = 6000
-    out = generate_ids(model, ids, max_new_tokens=1, do_sample=True, temperature=temperature, top_k=0,
-                       num_return_sequences=n, eos_token_id=[], seed=11)
+    out = generate_ids(model, ids, max_new_tokens=1, do_sample=True, temperature=temperature, top_k=top_k,
+                       top_p=top_p, num_return_sequences=n, eos_token_id=[], seed=11)
     counts = torch.bincount(out[:, -1], minlength=12).double()
 
     def p_value(t: float) -> float:
-        expected = torch.softmax(logits / t, -1) * n
-        keep = expected >= 5
+        scores = logits[None] / t
+        if top_k:
+            scores = top_k_filter(scores, top_k)
+        if top_p < 1.0:
+            scores = top_p_filter(scores, top_p)
+        expected = torch.softmax(scores[0].double(), -1) * n
+        assert counts[expected == 0].sum() == 0  # nothing drawn outside the filtered set
+        keep, rare = expected >= 5, (expected > 0) & (expected < 5)
         obs, exp = counts[keep], expected[keep]
-        if not keep.all():  # pool the rare tokens into one bin
-            obs = torch.cat([obs, counts[~keep].sum()[None]])
-            exp = torch.cat([exp, expected[~keep].sum()[None]])
+        if rare.any():  # pool the rare tokens into one bin
+            obs = torch.cat([obs, counts[rare].sum()[None]])
+            exp = torch.cat([exp, expected[rare].sum()[None]])
         return chisquare(obs.numpy(), exp.numpy()).pvalue
 
     assert p_value(temperature) > 1e-3

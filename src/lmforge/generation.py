@@ -225,6 +225,12 @@ def process_logits(scores: Tensor, seqs: Tensor, valid: Tensor, new_tokens: int,
     Order: repetition penalty, n-gram ban, eos suppression before min_new_tokens, then (sampling only)
     temperature, top_k, top_p, min_p.
     """
+    scores = penalise(scores, seqs, valid, new_tokens, s)
+    return warp(scores, s, s.top_k, min_keep) if s.do_sample else scores
+
+
+def penalise(scores: Tensor, seqs: Tensor, valid: Tensor, new_tokens: int, s: GenerationSettings) -> Tensor:
+    """The processors that do not depend on sampling: repetition penalty, n-gram ban, min_new_tokens."""
     if s.repetition_penalty != 1.0:
         scores = apply_repetition_penalty(scores, seqs, valid, s.repetition_penalty)
     if s.no_repeat_ngram_size > 0:
@@ -232,53 +238,64 @@ def process_logits(scores: Tensor, seqs: Tensor, valid: Tensor, new_tokens: int,
     if new_tokens < s.min_new_tokens and s.eos_ids:
         scores = scores.clone()
         scores[:, list(s.eos_ids)] = -math.inf
-    if s.do_sample:
-        if s.temperature != 1.0:
-            scores = scores / s.temperature
-        if s.top_k > 0:
-            scores = top_k_filter(scores, s.top_k, min_keep)
-        if s.top_p < 1.0:
-            scores = top_p_filter(scores, s.top_p, min_keep)
-        if s.min_p is not None:
-            scores = min_p_filter(scores, s.min_p, min_keep)
     return scores
 
 
-def sample(scores: Tensor, do_sample: bool, generator: torch.Generator | None = None) -> Tensor:
-    """Next tokens (B,) from processed scores (B, V): a draw from softmax(scores), or the argmax."""
-    if not do_sample:
+def warp(scores: Tensor, s: GenerationSettings, top_k: int, min_keep: int = 1) -> Tensor:
+    """The sampling warpers in transformers' order: temperature, top_k (0: off), top_p, min_p."""
+    if s.temperature != 1.0:
+        scores = scores / s.temperature
+    if top_k > 0:
+        scores = top_k_filter(scores, top_k, min_keep)
+    if s.top_p < 1.0:
+        scores = top_p_filter(scores, s.top_p, min_keep)
+    if s.min_p is not None:
+        scores = min_p_filter(scores, s.min_p, min_keep)
+    return scores
+
+
+def sample(scores: Tensor, s: GenerationSettings, generator: torch.Generator | None = None) -> Tensor:
+    """Next tokens (B,) from penalised scores (B, V): the argmax, or a draw from the warped distribution.
+
+    With top_k, the k best scores are taken first and the other warpers and the draw see only those (B, k):
+    the distribution of filtering all V scores (except that exactly k are kept when several tie with the k-th)
+    for a fraction of the work at large vocabularies.
+    """
+    if not s.do_sample:
         return scores.argmax(-1)
-    return torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
+    index = None
+    if 0 < s.top_k < scores.shape[-1]:
+        scores, index = torch.topk(scores, s.top_k)  # (B, k)
+    token = torch.multinomial(warp(scores, s, 0).softmax(-1), 1, generator=generator)  # (B, 1)
+    return (token if index is None else index.gather(1, token))[:, 0]
 
 
 # --- the model steps ----------------------------------------------------------------------------------------
 
 class _MatVec(nn.Module):
-    """y = x W^T + b, with W kept as (out, in) for `F.linear` or transposed to (in, out) for `x @ Wt`."""
+    """y = x W^T + b for a few rows x, through the fastest kernel measured for the device and dtype."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, transposed: bool):
+    def __init__(self, weight: Tensor, bias: Tensor | None):
         super().__init__()
-        self.transposed = transposed
-        self.register_buffer("weight", weight.t().contiguous() if transposed else weight, persistent=False)
+        self.register_buffer("weight", weight.contiguous(), persistent=False)
         self.register_buffer("bias", bias, persistent=False)
+        # On CPU, oneDNN's inner-product kernel runs matrix-vector products on every core at 1.3-3x the speed of
+        # the MKL path F.linear takes in fp32 (benchmarks/generate.py, SmolLM2 shapes, 1 and 10 rows); in bf16
+        # F.linear already goes to oneDNN. CUDA: cuBLAS through F.linear.
+        self.onednn = weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
 
     def forward(self, x: Tensor) -> Tensor:  # (N, in) -> (N, out)
-        if not self.transposed:
-            return F.linear(x, self.weight, self.bias)
-        return x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
 
 
-def _fused(linears: Sequence[nn.Linear], device: torch.device) -> _MatVec:
+def _fused(linears: Sequence[nn.Linear]) -> _MatVec:
     """One matrix-vector product for several linears sharing their input (q/k/v, gate/up)."""
-    weights = [lin.weight.detach() for lin in linears]
-    weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+    weight = torch.cat([lin.weight.detach() for lin in linears])
     biases = [lin.bias for lin in linears]
     bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-    out_features, in_features = weight.shape
-    # Measured on AVX-512 CPUs: in fp32, x @ Wt beats F.linear for wide outputs; for narrowing products (MLP
-    # down projection) and in bf16, F.linear is as fast or faster. CUDA: cuBLAS handles either layout.
-    transposed = device.type == "cpu" and weight.dtype == torch.float32 and out_features >= in_features
-    return _MatVec(weight, bias, transposed)
+    return _MatVec(weight, bias)
 
 
 class DecodeStep(nn.Module):
@@ -305,13 +322,13 @@ class DecodeStep(nn.Module):
         self.norm = model.norm
         self.attn_norms = nn.ModuleList(layer.attn_norm for layer in model.layers)
         self.mlp_norms = nn.ModuleList(layer.mlp_norm for layer in model.layers)
-        self.qkv = nn.ModuleList(_fused([b.attn.q_proj, b.attn.k_proj, b.attn.v_proj], device)
+        self.qkv = nn.ModuleList(_fused([b.attn.q_proj, b.attn.k_proj, b.attn.v_proj])
                                  for b in model.layers)
-        self.o = nn.ModuleList(_fused([b.attn.o_proj], device) for b in model.layers)
+        self.o = nn.ModuleList(_fused([b.attn.o_proj]) for b in model.layers)
         up = [[b.mlp.gate_proj, b.mlp.up_proj] if cfg.gated_mlp else [b.mlp.up_proj] for b in model.layers]
-        self.up = nn.ModuleList(_fused(lins, device) for lins in up)
-        self.down = nn.ModuleList(_fused([b.mlp.down_proj], device) for b in model.layers)
-        self.lm_head = _fused([model.lm_head], device)
+        self.up = nn.ModuleList(_fused(lins) for lins in up)
+        self.down = nn.ModuleList(_fused([b.mlp.down_proj]) for b in model.layers)
+        self.lm_head = _fused([model.lm_head])
         self._static: dict[tuple[int, int], KVCache] = {}
         self._compiled = None
         if cfg.position == "rotary":  # tables for every position, computed as the model computes them
@@ -375,10 +392,11 @@ class DecodeStep(nn.Module):
             rotary = self.cos[position][:, None, None], self.sin[position][:, None, None]  # (B, 1, 1, D)
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S)
         for i in range(cfg.n_layer):
-            q, k, v = self.qkv[i](self.attn_norms[i](x)).split([H * D, Hkv * D, Hkv * D], dim=-1)
-            q, k, v = q.view(B, H, 1, D), k.view(B, Hkv, 1, D), v.view(B, Hkv, 1, D)  # (B, heads, 1, D)
-            if rotary is not None:
-                q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            qk, v = self.qkv[i](self.attn_norms[i](x)).split([(H + Hkv) * D, Hkv * D], dim=-1)
+            qk = qk.view(B, H + Hkv, 1, D)
+            if rotary is not None:  # queries and keys rotated together
+                qk = apply_rotary(qk, *rotary)
+            q, k, v = qk[:, :H], qk[:, H:], v.view(B, Hkv, 1, D)  # (B, heads, 1, D)
             if slot is None:
                 k, v = cache.update(i, k, v)  # (B, Hkv, S, D)
             else:
@@ -450,10 +468,21 @@ class _Decoding:
         self.position = attention_mask.long().cumsum(-1) - 1  # (B, P), as transformers counts them
         self.position.masked_fill_(attention_mask == 0, 1)
 
-    def prefill(self, input_ids: Tensor) -> Tensor:
-        P = input_ids.shape[1]
+    def prefill(self, input_ids: Tensor, copies: int = 1) -> Tensor:
+        """Run the prompts; `copies` > 1: rows come in groups of that many equal prompts (sequences or beams
+        of one prompt), each group is run once and its keys, values and logits are copied to its rows."""
+        B, P = input_ids.shape
         mask = self.mask[:, :P].long() if self.padded else None
-        logits = prefill(self.model, input_ids, self.cache, mask, self.position)
+        if copies == 1:
+            logits = prefill(self.model, input_ids, self.cache, mask, self.position)
+        else:
+            first = slice(None, None, copies)
+            cache = KVCache(self.model.config, B // copies, P, self.cache.k.dtype, self.device)
+            logits = prefill(self.model, input_ids[first], cache, None if mask is None else mask[first],
+                             self.position[first]).repeat_interleave(copies, 0)
+            self.cache.k[:, :, :, :P] = cache.k.repeat_interleave(copies, 1)
+            self.cache.v[:, :, :, :P] = cache.v.repeat_interleave(copies, 1)
+            self.cache.length = P
         self.position = self.position[:, -1]  # (B,): the last position of each row
         return logits
 
@@ -507,12 +536,11 @@ def _token_loop(run: _Decoding, input_ids: Tensor, s: GenerationSettings, genera
     eos = torch.tensor(s.eos_ids, dtype=torch.long, device=input_ids.device)
     unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
     penalised = s.repetition_penalty != 1.0 or s.no_repeat_ngram_size > 0 or s.min_new_tokens > 0
-    logits = run.prefill(input_ids)
+    logits = run.prefill(input_ids, s.num_return_sequences)
     for n in range(s.max_new_tokens):
         cur = P + n
-        scores = process_logits(logits, seqs[:, :cur], run.mask[:, :cur], n, s) if penalised or s.do_sample \
-            else logits
-        token = sample(scores, s.do_sample, generator)
+        scores = penalise(logits, seqs[:, :cur], run.mask[:, :cur], n, s) if penalised else logits
+        token = sample(scores, s, generator)
         token = torch.where(unfinished, token, s.pad_id)
         seqs[:, cur] = token
         if len(eos):
@@ -555,7 +583,7 @@ def _beam_search(run: _Decoding, input_ids: Tensor, s: GenerationSettings, gener
     is_finished = torch.zeros(B, nb, dtype=torch.bool, device=device)
     improvable = torch.ones(B, 1, dtype=torch.bool, device=device)
     min_keep = len(s.eos_ids) + 1
-    logits = run.prefill(input_ids)
+    logits = run.prefill(input_ids, nb)
     for cur in range(P, max_len):
         logp = F.log_softmax(logits, dim=-1)  # (B * nb, V)
         flat = running[:, :, :cur].reshape(B * nb, cur)
