@@ -7,10 +7,11 @@ of different lengths are left-padded; each row gets position ids `cumsum(mask) -
 running it alone.
 
 Speed: the prompt goes through the model's own forward (`prefill`); every later token goes through a
-`DecodeStep`, the same computation written for one token, with fused q/k/v and gate/up weights stored in the
-layout that makes a matrix-vector product fastest (on CPU in fp32, `x @ Wt` with Wt (in, out) contiguous reads
-weights up to ~2x faster than `F.linear`). On CUDA the step uses fixed shapes (attention over the whole cache
-under a mask) and is compiled with CUDA graphs.
+`DecodeStep`, the same computation written for one token, with fused q/k/v and gate/up weights and, on CPU,
+oneDNN's inner-product kernel (in fp32 it reads weights up to ~2x faster than the MKL path of `F.linear`).
+Sampling with top_k draws among the k best scores only. Several sequences or beams of one prompt share one
+prefill. On CUDA the step uses fixed shapes (attention over the whole cache under a mask) and is compiled
+with CUDA graphs.
 
 Shapes: B batch (rows being decoded), P prompt length, L cache length, V vocabulary, C model width.
 """
@@ -277,12 +278,16 @@ class _MatVec(nn.Module):
 
     def __init__(self, weight: Tensor, bias: Tensor | None):
         super().__init__()
-        self.register_buffer("weight", weight.contiguous(), persistent=False)
         self.register_buffer("bias", bias, persistent=False)
-        # On CPU, oneDNN's inner-product kernel runs matrix-vector products on every core at 1.3-3x the speed of
-        # the MKL path F.linear takes in fp32 (benchmarks/generate.py, SmolLM2 shapes, 1 and 10 rows); in bf16
-        # F.linear already goes to oneDNN. CUDA: cuBLAS through F.linear.
-        self.onednn = weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+        # On CPU, oneDNN's inner product over weights reordered once into its blocked layout reads weights at
+        # 1.2-2.6x the speed of F.linear (fp32: MKL; bf16: oneDNN on the plain layout) for 1 to 10 rows
+        # (SmolLM2 shapes, 2 cores; benchmarks/generate.py). CUDA and other dtypes: F.linear.
+        self.onednn = (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+                       and torch.backends.mkldnn.is_available())
+        if self.onednn:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())  # opaque oneDNN tensor
+        else:
+            self.register_buffer("weight", weight, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:  # (N, in) -> (N, out)
         if self.onednn:
