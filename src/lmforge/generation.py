@@ -396,8 +396,11 @@ class DecodeStep(nn.Module):
         else:
             rotary = self.cos[position][:, None, None], self.sin[position][:, None, None]  # (B, 1, 1, D)
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S)
-        for i in range(cfg.n_layer):
-            qk, v = self.qkv[i](self.attn_norms[i](x)).split([(H + Hkv) * D, Hkv * D], dim=-1)
+        # Plain lists of bound forwards: ModuleList indexing and Module.__call__ cost ~3 us each, 180 per token.
+        layers = zip(*[[m.forward for m in mods] for mods in (self.attn_norms, self.qkv, self.o, self.mlp_norms,
+                                                                   self.up, self.down)], strict=True)
+        for i, (attn_norm, qkv, o, mlp_norm, up_proj, down) in enumerate(layers):
+            qk, v = qkv(attn_norm(x)).split([(H + Hkv) * D, Hkv * D], dim=-1)
             qk = qk.view(B, H + Hkv, 1, D)
             if rotary is not None:  # queries and keys rotated together
                 qk = apply_rotary(qk, *rotary)
@@ -409,14 +412,14 @@ class DecodeStep(nn.Module):
                 cache.v[i].index_copy_(2, slot, v)
                 k, v = cache.k[i], cache.v[i]  # (B, Hkv, max_len, D)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)  # (B, H, 1, D)
-            x = x + self.o[i](y.reshape(B, H * D))
-            h = self.up[i](self.mlp_norms[i](x))  # (B, d_ff) or (B, 2 d_ff)
+            x = x + o(y.reshape(B, H * D))
+            h = up_proj(mlp_norm(x))  # (B, d_ff) or (B, 2 d_ff)
             if cfg.gated_mlp:
                 gate, up = h.chunk(2, dim=-1)
                 h = activation(cfg.activation, gate) * up
             else:
                 h = activation(cfg.activation, h)
-            x = x + self.down[i](h)
+            x = x + down(h)
         if slot is None:
             cache.length += 1
         return self.lm_head(self.norm(x)).float()

@@ -36,12 +36,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == self.weight.dtype == torch.float32:  # the same formula in one fused kernel
+        # x * rsqrt(mean(x^2) + eps) in fp32 (as the Llama reference computes it), cast back to x's dtype
+        # before the scale; F.rms_norm is that formula in one kernel.
+        if x.dtype == self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # Normalise in fp32 (as the Llama reference does) and cast back before the scale.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
