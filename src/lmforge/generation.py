@@ -279,9 +279,9 @@ class _MatVec(nn.Module):
     def __init__(self, weight: Tensor, bias: Tensor | None):
         super().__init__()
         self.register_buffer("bias", bias, persistent=False)
-        # On CPU, oneDNN's inner product over weights reordered once into its blocked layout reads weights at
-        # 1.2-2.6x the speed of F.linear (fp32: MKL; bf16: oneDNN on the plain layout) for 1 to 10 rows
-        # (SmolLM2 shapes, 2 cores; benchmarks/generate.py). CUDA and other dtypes: F.linear.
+        # On CPU, oneDNN's inner product over weights reordered once into its blocked layout: 1.4-4.4x the
+        # speed of F.linear in fp32 (MKL), 0.9-2.1x in bf16 (oneDNN on the plain layout), for 1 and 10 rows of
+        # SmolLM2's shapes on 2 cores (benchmarks/matvec.py). CUDA and other dtypes: F.linear.
         self.onednn = (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
                        and torch.backends.mkldnn.is_available())
         if self.onednn:
