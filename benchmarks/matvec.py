@@ -12,26 +12,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from generate import median_seconds, read_bandwidth  # benchmarks/generate.py: the same timing and bandwidth
 
 from lmforge.generation import _MatVec
 
 # SmolLM2-135M: fused q/k/v, o, fused gate/up, down, and the 49152-token LM head (out, in)
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate/up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -43,8 +32,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    read = torch.ones(128 * 2**20)
-    bandwidth = read.numel() * 4 / median_seconds(read.sum, 5)
+    cpu = torch.device("cpu")
+    bandwidth = read_bandwidth(cpu)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, streaming read (sum) "
           f"{bandwidth / 1e9:.1f} GB/s; GB/s = weight bytes read per second, median of {args.repeats}")
     ratios = []
@@ -58,8 +47,8 @@ def main() -> None:
                 for rows in (1, 10):
                     x = torch.randn(rows, inn, dtype=dtype)
                     torch.testing.assert_close(ours[0](x), F.linear(x, weights[0]), rtol=2e-2, atol=2e-2)
-                    theirs_s = median_seconds(lambda x=x, ws=weights: [F.linear(x, w) for w in ws], args.repeats)
-                    ours_s = median_seconds(lambda x=x, ms=ours: [m(x) for m in ms], args.repeats)
+                    theirs_s = median_seconds(lambda x=x, ws=weights: [F.linear(x, w) for w in ws], args.repeats, cpu)
+                    ours_s = median_seconds(lambda x=x, ms=ours: [m(x) for m in ms], args.repeats, cpu)
                     ratios.append(theirs_s / ours_s)
                     print(f"{str(dtype)[6:]:<9} {name:<8} {out:>5}x{inn:<5} rows {rows:>2}: lmforge "
                           f"{nbytes / ours_s / 1e9:5.1f} GB/s | F.linear {nbytes / theirs_s / 1e9:5.1f} GB/s | "
