@@ -80,8 +80,8 @@ def test_student_with_every_layer_reproduces_the_teacher():
     ids = torch.randint(0, 128, (2, 7))
     torch.testing.assert_close(student(ids).logits, teacher(ids).logits, rtol=0, atol=0)
     with torch.no_grad():
-        student.layers[0].mlp.up_proj.weight.add_(1.0)
-    assert not torch.equal(student.layers[0].mlp.up_proj.weight, teacher.layers[0].mlp.up_proj.weight)
+        student.layers[0].mlp.up.weight.add_(1.0)
+    assert not torch.equal(student.layers[0].mlp.up.weight, teacher.layers[0].mlp.up.weight)
 
 
 def test_tied_head_stays_tied_in_the_student():

@@ -14,14 +14,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
 
+import lmforge.generation.decode as decode
 from lmforge.cli import main
 from lmforge.config import ModelConfig
 from lmforge.generation import (
-    DecodeStep,
     generate,
     generate_ids,
     min_p_filter,
-    prefill,
     process_logits,
     resolve_settings,
     stream,
@@ -29,7 +28,7 @@ from lmforge.generation import (
     top_p_filter,
 )
 from lmforge.io import load_model
-from lmforge.models import Decoder, KVCache
+from lmforge.models import Decoder
 from lmforge.tokenizer import Tokenizer
 
 # --- fixtures: tiny random transformers models, saved and loaded back with lmforge.io -----------------------
@@ -106,9 +105,8 @@ def test_matches_transformers(tiny_pair, kw, lengths):
     hf, model = tiny_pair
     ids, mask = _prompts(lengths, pad=hf.config.eos_token_id)
     ref = _hf_generate(hf, ids, mask, **kw)
-    for fast in (True, False):  # the decode step, and the model's own forward at every step
-        out = generate_ids(model, ids, mask, fast=fast, **kw)
-        assert torch.equal(out, ref), f"fast={fast}\n{out}\n{ref}"
+    out = generate_ids(model, ids, mask, **kw)
+    assert torch.equal(out, ref), f"\n{out}\n{ref}"
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
@@ -148,58 +146,85 @@ def test_transformers_style_call(tiny_pair):
     assert len({tuple(r) for r in out.tolist()}) > 1  # samples differ
 
 
-def test_decode_step_static_mode_matches_dynamic(tiny_pair):
-    """The fixed-shape step used for CUDA graphs computes the same logits as the CPU step, with padding."""
-    _, model = tiny_pair
-    ids, mask = _prompts([6, 3], pad=0)
-    step = DecodeStep.for_model(model)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    caches = [KVCache(model.config, 2, 12, torch.float32) for _ in range(2)]
-    with torch.no_grad():
-        for cache in caches:
-            prefill(model, ids, cache, mask, positions)
-        token, pos = torch.tensor([5, 9]), positions[:, -1] + 1
-        keys = torch.cat([mask.bool(), torch.ones(2, 6, dtype=torch.bool)], 1)  # (2, 12)
-        dynamic = step(token, pos, caches[0], keys[:, :7])
-        static = step(token, pos, caches[1], keys & (torch.arange(12) < 7), torch.tensor([6]))
-    torch.testing.assert_close(static, dynamic, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("kw", [dict(max_new_tokens=10), dict(max_new_tokens=8, num_beams=3)])
 def test_static_cuda_graph_path_matches(tiny_pair, kw, monkeypatch):
-    """The CUDA path (fixed-shape step over a reused cache, in-place beam reorder), run eagerly on CPU."""
+    """The CUDA path's shapes (a cache rounded up and reused, every step reading all of it under a mask, beams
+    reordered in place), with the compiled step replaced by the plain forward."""
     _, model = tiny_pair
-    monkeypatch.setattr(DecodeStep, "compiled", property(lambda step: step.forward))
+    monkeypatch.setattr(decode, "compiled_step", lambda m: m.forward)
     ids, mask = _prompts([7, 3], pad=0)
     expected = generate_ids(model, ids, mask, **kw)
-    for _ in range(2):  # the second call reuses the first call's cache
+    buffers = None
+    for _ in range(2):  # the second call reuses the first call's cache buffers
         assert torch.equal(generate_ids(model, ids, mask, compile=True, **kw), expected)
+        assert model.cache_shape[1] == min(decode.STATIC_CACHE_STEP, model.config.max_seq_len)
+        k = model.layers[0].attn.kv_cache.k
+        assert buffers is None or k.data_ptr() == buffers
+        buffers = k.data_ptr()
+
+
+def test_compiled_step_traces_whole_and_matches(tiny_pair, monkeypatch):
+    """torch.compile of the model's forward as the CUDA path calls it (fullgraph: no graph break anywhere in
+    a decode step), run here on the CPU with the default mode: same tokens as eager."""
+    _, model = tiny_pair
+    torch._dynamo.reset()
+    monkeypatch.setattr(decode, "_compiled_steps", {})
+    monkeypatch.setattr(decode, "compiled_step",
+                        lambda m: decode._compiled_steps.setdefault(m, torch.compile(m.forward, fullgraph=True)))
+    ids, mask = _prompts([5, 3], pad=0)
+    expected = generate_ids(model, ids, mask, max_new_tokens=6)
+    assert torch.equal(generate_ids(model, ids, mask, max_new_tokens=6, compile=True), expected)
+
+
+def _decode_vs_full(model, ids, mask, extra: torch.Tensor):
+    """Logits of each token of `extra` (B, N) fed one at a time after a prefill of ids (B, P), and the logits of
+    the full-sequence forward at the same positions."""
+    B, P = ids.shape
+    N = extra.shape[1]
+    full = torch.cat([ids, extra], 1)
+    full_mask = torch.cat([mask, torch.ones(B, N, dtype=torch.long)], 1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = model(full, attention_mask=full_mask, position_ids=positions).logits[:, P - 1:].float()
+        model.setup_cache(B, P + N + 3)  # longer than needed: slots past the written ones must not matter
+        got = [model(ids, attention_mask=mask, position_ids=positions[:, :P],
+                     input_pos=torch.arange(P)).logits[:, -1]]
+        for i in range(N):
+            s = P + i
+            got.append(model(full[:, s:s + 1], attention_mask=full_mask[:, :s + 1], position_ids=positions[:, s:s + 1],
+                             input_pos=torch.tensor([s])).logits[:, -1])
+    return torch.stack(got, 1).float(), expected
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_decode_step_matches_model_forward(tiny_pair, dtype, tol):
-    """The fused one-token step (oneDNN's reordered weights on CPU) against the model's own forward."""
+def test_decode_mode_equals_full_forward(tiny_pair, dtype, tol):
+    """The one forward in decode mode (prefill, then one token at a time through the attention modules' caches)
+    gives the logits of the full-sequence forward, with left padding."""
     model = copy.deepcopy(tiny_pair[1]).to(dtype)
     ids, mask = _prompts([6, 3], pad=0)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    full = torch.cat([ids, torch.tensor([[5], [9]])], 1)
-    full_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
-    full_pos = torch.cat([positions, positions[:, -1:] + 1], 1)
-    cache = KVCache(model.config, 2, 8, dtype)
-    with torch.no_grad():
-        expected = model(full, attention_mask=full_mask, position_ids=full_pos).logits[:, -1].float()
-        prefill(model, ids, cache, mask, positions)
-        got = DecodeStep.for_model(model)(full[:, -1], full_pos[:, -1], cache, full_mask.bool())
+    got, expected = _decode_vs_full(model, ids, mask, torch.tensor([[5, 17, 30], [9, 2, 44]]))
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
 
 
-def test_decode_step_rebuilt_after_weights_change():
+def test_cache_is_explicit_and_reusable():
+    """Nothing advances behind the caller's back: writing the same slot twice gives the same logits; a cached
+    forward without setup_cache is an error; reorder_cache copies rows."""
     model = Decoder(ModelConfig.from_name("tiny-llama")).eval()
-    first = DecodeStep.for_model(model)
-    assert DecodeStep.for_model(model) is first
+    ids = torch.tensor([[3, 4, 5], [6, 7, 8]])
+    with pytest.raises(ValueError, match="setup_cache"):
+        model(ids, input_pos=torch.arange(3))
+    model.setup_cache(2, 8)
     with torch.no_grad():
-        model.layers[0].mlp.up_proj.weight.mul_(2.0)
-    assert DecodeStep.for_model(model) is not first
+        first = model(ids, input_pos=torch.arange(3)).logits
+        again = model(ids, input_pos=torch.arange(3)).logits
+        torch.testing.assert_close(first, again, rtol=0, atol=0)
+        model.reorder_cache(torch.tensor([1, 1]))
+        k = model.layers[1].attn.kv_cache.k
+        assert torch.equal(k[0], k[1])
+    model.drop_cache()
+    assert model.cache_shape is None
+    with pytest.raises(ValueError, match="exceeds the model context"):
+        Decoder(ModelConfig.from_name("tiny-gpt2")).setup_cache(1, 65)
 
 
 # --- the real model: SmolLM2-135M, against transformers loading the same GGUF -------------------------------

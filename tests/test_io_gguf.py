@@ -195,13 +195,20 @@ def llama_hparams(model: LlamaForCausalLM) -> dict:
                 bos=c.bos_token_id, eos=c.eos_token_id)
 
 
-def lmforge_to_hf_llama(name: str) -> str:
-    """The HF name of an lmforge Llama parameter (to compare tensors one by one)."""
+def hf_llama_tensor(ref: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """The transformers tensor(s) behind an lmforge Llama parameter (q/k/v and gate/up stacked by rows)."""
     if name == "lm_head.weight":
-        return name
-    name = name.replace("attn.", "self_attn.")
-    name = name.replace("attn_norm", "input_layernorm").replace("mlp_norm", "post_attention_layernorm")
-    return "model." + name
+        return ref[name]
+    if name.startswith("layers."):
+        i, rest = name.split(".", 2)[1:]
+        base = f"model.layers.{i}."
+        parts = {"attn.qkv.weight": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
+                 "attn.out.weight": ["self_attn.o_proj.weight"], "attn_norm.weight": ["input_layernorm.weight"],
+                 "mlp_norm.weight": ["post_attention_layernorm.weight"],
+                 "mlp.up.weight": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+                 "mlp.down.weight": ["mlp.down_proj.weight"]}[rest]
+        return torch.cat([ref[base + p] for p in parts])
+    return ref["model." + name]
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +230,7 @@ def test_f32_llama_is_exact(llama_ref, llama_f32):
     ref = llama_ref.state_dict()
     for name, t in tensors.items():
         assert t.dtype == torch.float32
-        assert torch.equal(t, ref[lmforge_to_hf_llama(name)]), name  # incl. Q/K rows un-permuted
+        assert torch.equal(t, hf_llama_tensor(ref, name)), name  # incl. Q/K rows un-permuted
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = lmforge_model(config, tensors)(ids).logits
@@ -264,7 +271,7 @@ def test_quantized_llama_within_quantization_error(llama_ref, qtype, tmp_path):
     config, tensors = read_gguf(path)
     ref = llama_ref.state_dict()
     for name, t in tensors.items():
-        original = ref[lmforge_to_hf_llama(name)]
+        original = hf_llama_tensor(ref, name)
         err = (t - original).abs().max().item()
         if original.dim() == 1:
             assert err == 0.0, name
@@ -470,7 +477,7 @@ def test_unsupported_architecture_and_bad_tensors(llama_ref, tmp_path):
         read_gguf(bad_arch)
 
     missing = {k: v for k, v in tensors.items() if k != "blk.1.ffn_gate.weight"}
-    with pytest.raises(ValueError, match=r"lacks tensors .*layers\.1\.mlp\.gate_proj\.weight"):
+    with pytest.raises(ValueError, match=r"lacks tensors for layers\.1\.mlp\.up\.weight.*only blk\.1\.ffn_up\.weight"):
         read_gguf(write_gguf(tmp_path / "missing.gguf", "llama", hp, missing))
 
     wrong = dict(tensors, **{"blk.0.attn_k.weight": tensors["blk.0.attn_q.weight"]})

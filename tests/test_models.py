@@ -94,7 +94,7 @@ def test_parity_check_detects_a_wrong_weight(tmp_path: Path) -> None:
     reference = make_reference("llama-gqa", tmp_path)
     model = load_model(tmp_path)
     with torch.no_grad():
-        model.layers[1].attn.k_proj.weight.mul_(1.01)
+        model.layers[1].attn.qkv.weight.mul_(1.01)
     ids, mask = batch("llama-gqa")
     diff = (outputs(reference, ids, mask, True) - outputs(model, ids, mask, False)).abs().max()
     assert diff > 10 * ATOL

@@ -81,8 +81,8 @@ def test_param_groups_no_decay_on_biases_and_norms():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(n.endswith(".bias") or "norm" in n for n in no_decay_names)
     assert "norm.weight" in no_decay_names and "layers.0.attn_norm.weight" in no_decay_names
-    assert "layers.0.attn.q_proj.bias" in no_decay_names
-    assert {"embed_tokens.weight", "embed_positions.weight", "layers.1.mlp.up_proj.weight"} <= decay_names
+    assert "layers.0.attn.qkv.bias" in no_decay_names
+    assert {"embed_tokens.weight", "embed_positions.weight", "layers.1.mlp.up.weight"} <= decay_names
     assert not any(n.endswith(".bias") or "norm" in n for n in decay_names)
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 

@@ -20,6 +20,8 @@ from lmforge.io import hf
 from lmforge.io.hf import CheckpointError
 from lmforge.models import Decoder, Encoder, build_empty_model
 from lmforge.models.blocks import init_weights
+from lmforge.models.linear import BlockInt8Embedding, is_quantized
+from lmforge.models.linear import quantize as quantize_weights
 from lmforge.registry import ALIASES, packaged_path
 
 __all__ = ["MODEL_NAMES", "CheckpointError", "build_loaded", "describe_checkpoint", "load_config",
@@ -69,62 +71,75 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
                      f"{', '.join(DTYPES)}")
 
 
-def _read(path: Path, head: str | None, n_labels: int | None) -> tuple[ModelConfig, dict[str, Tensor]]:
+def _read(path: Path, head: str | None, n_labels: int | None,
+          keep_quantized: bool = False) -> tuple[ModelConfig, dict[str, Tensor | nn.Module]]:
     if path.suffix.lower() == ".gguf":
         if head not in (None, "lm") or n_labels is not None:
             raise ValueError(f"{path}: a GGUF decoder only has its language-model head; got head={head!r}, "
                              f"n_labels={n_labels!r}")
         from lmforge.io.gguf import load_gguf  # the gguf package is only needed for .gguf sources
 
-        return load_gguf(path)
+        return load_gguf(path, keep_quantized=keep_quantized)
+    if keep_quantized:
+        raise ValueError(f"{path}: keep_quantized applies to GGUF files (their Q4_0/Q4_1/Q8_0 blocks); for a "
+                         f"Hugging Face folder use quantize='int8' or 'int4'")
     return hf.read_checkpoint(path, head=head, n_labels=n_labels)
 
 
 def load_model(source: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None,
-               device: torch.device | str = "cpu", head: str | None = None,
-               n_labels: int | None = None) -> nn.Module:
+               device: torch.device | str = "cpu", head: str | None = None, n_labels: int | None = None,
+               quantize: str | None = None, keep_quantized: bool = False) -> nn.Module:
     """A `Decoder` or `Encoder` in eval mode with the weights of `source` (see `resolve_source`).
 
     dtype: None keeps the dtype most of the stored weights have (dequantized GGUF weights: what the importer
-        gives); otherwise every weight is cast to it.
+        gives); otherwise every weight is cast to it. With quantized weights, the dtype of the activations.
     head / n_labels (encoders): replace the checkpoint's head, e.g. a BertModel body with a new classifier of
         n_labels outputs for fine-tuning; the new head's weights are freshly initialised.
+    quantize: "int8" or "int4": the linears' weights rounded to that format (`lmforge.models.linear.quantize`).
+    keep_quantized (GGUF only): Q4_0 / Q4_1 / Q8_0 weights stay in their blocks and are computed with as such.
     Raises ValueError (CheckpointError for file problems) naming the file, field or tensor at fault.
     """
     path = resolve_source(source)
-    config, state = _read(path, head, n_labels)
-    return build_loaded(config, state, dtype=dtype, device=device, where=str(path))
+    config, state = _read(path, head, n_labels, keep_quantized)
+    model = build_loaded(config, state, dtype=dtype, device=device, where=str(path))
+    return model if quantize is None else quantize_weights(model, quantize)
 
 
 def build_loaded(config: ModelConfig, state: dict[str, Tensor], *, dtype: torch.dtype | str | None = None,
                  device: torch.device | str = "cpu", where: str = "state dict") -> nn.Module:
     """Build the model of `config` around lmforge-named tensors without a throwaway random initialisation.
 
+    A value of `state` may also be a module that keeps a weight quantized (`read_gguf(keep_quantized=True)`):
+    it replaces the linear whose weight it names (and, with tied embeddings, serves the token embedding too).
     Tensors missing from `state` are allowed only inside a head (mlm_head, cls_head) and are initialised
     fresh; tied output weights may be absent. Raises CheckpointError for unknown names, wrong shapes or
     missing tensors.
     """
+    modules = {name: m for name, m in state.items() if isinstance(m, nn.Module)}
+    state = {name: t for name, t in state.items() if name not in modules}
     dtype = resolve_dtype(dtype)
     if dtype is None:
         sizes: Counter[torch.dtype] = Counter()
         for t in state.values():
             if t.is_floating_point():
                 sizes[t.dtype] += t.numel()
-        dtype = sizes.most_common(1)[0][0] if sizes else torch.float32
+        dtype = sizes.most_common(1)[0][0] if sizes and not modules else torch.float32
     model = build_empty_model(config)
     expected = model.state_dict()
     tied = set()
     if config.tie_embeddings:
         tied = {"lm_head.weight"} if config.arch == "decoder" else {"mlm_head.decoder.weight"}
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted((set(state) | set(modules)) - set(expected))
     if unexpected:
         raise CheckpointError(f"{where}: unexpected tensors {unexpected[:5]} for a {config.family} "
                               f"{config.arch}")
-    for name, t in state.items():
-        if t.shape != expected[name].shape:
-            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, expected "
+    shapes = {**{n: t.shape for n, t in state.items()},
+              **{n: torch.Size((m.out_features, m.in_features)) for n, m in modules.items()}}
+    for name, shape in shapes.items():
+        if shape != expected[name].shape:
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(shape)}, expected "
                                   f"{tuple(expected[name].shape)}")
-    missing = [n for n in expected if n not in state and n not in tied]
+    missing = [n for n in expected if n not in shapes and n not in tied]
     not_head = [n for n in missing if not n.startswith(("mlm_head.", "cls_head."))]
     if not_head:
         raise CheckpointError(f"{where}: missing tensors {not_head[:5]} for a {config.family} {config.arch}")
@@ -135,7 +150,16 @@ def build_loaded(config: ModelConfig, state: dict[str, Tensor], *, dtype: torch.
         module = model.get_submodule(module_name)
         module.to_empty(device=device)
         init_weights(module)
-    if config.tie_embeddings:  # assign=True replaced the shared parameter on one side only
+    for name, module in modules.items():
+        owner = name.removesuffix(".weight")
+        if f"{owner}.bias" in state:
+            module.bias = model.get_submodule(owner).bias.detach()
+        if owner == "embed_tokens":  # tied embeddings: one quantized table for the lookups and the head
+            model.lm_head = module
+            model.embed_tokens = BlockInt8Embedding(module, dtype)
+        else:
+            model.set_submodule(owner, module)
+    if config.tie_embeddings and "embed_tokens.weight" not in modules:  # assign=True replaced one side only
         if config.arch == "decoder":
             model.lm_head.weight = model.embed_tokens.weight
         elif model.mlm_head is not None:
@@ -161,6 +185,9 @@ def save_model(model: nn.Module, folder: str | os.PathLike[str], *,
     """
     if not isinstance(model, (Decoder, Encoder)):
         raise TypeError(f"save_model needs an lmforge Decoder or Encoder, got {type(model).__name__}")
+    if is_quantized(model):
+        raise ValueError("save_model writes float weights; this model holds quantized ones (int8/int4/GGUF "
+                         "blocks): save the model it was quantized from")
     return hf.write_checkpoint(model.config, model.state_dict(), Path(folder), max_shard_size=max_shard_size)
 
 

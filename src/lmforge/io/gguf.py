@@ -32,28 +32,35 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
+from lmforge.io.hf import part_rows
 from lmforge.models import build_empty_model
+from lmforge.models.linear import QUANTIZED, BlockInt8Linear, Int4Linear
 from lmforge.registry import cache_root
 
 __all__ = ["CACHE_VERSION", "SUPPORTED_ARCHITECTURES", "cache_dir", "cache_file", "load_gguf", "read_gguf"]
 
-CACHE_VERSION = 1  # bump when the conversion changes, so older cache entries are rebuilt
+CACHE_VERSION = 2  # bump when the conversion changes, so older cache entries are rebuilt
 SUPPORTED_ARCHITECTURES = ("llama", "gpt2")
 GGUF_MAGIC = b"GGUF"
 
-# GGUF tensor names (without the ".weight"/".bias" suffix) -> lmforge names. GGUF uses the same names for
-# every architecture; GPT-2's fused "attn_qkv" is split into q/k/v separately.
+# GGUF tensor names (without the ".weight"/".bias" suffix) -> (lmforge name, part): GGUF uses the same names for
+# every architecture. Parts are stacked along the rows of one lmforge tensor: q, k, v in `attn.qkv` (GPT-2's
+# "attn_qkv" is already that), and a gated MLP's gate and up in `mlp.up`.
 _GLOBAL_NAMES = {"token_embd": "embed_tokens", "position_embd": "embed_positions", "output_norm": "norm",
                  "output": "lm_head"}
-_BLOCK_NAMES = {"attn_norm": "attn_norm", "attn_q": "attn.q_proj", "attn_k": "attn.k_proj",
-                "attn_v": "attn.v_proj", "attn_output": "attn.o_proj", "ffn_norm": "mlp_norm",
-                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+_BLOCK_NAMES = {"attn_norm": ("attn_norm", 0, 1), "attn_q": ("attn.qkv", 0, 3), "attn_k": ("attn.qkv", 1, 3),
+                "attn_v": ("attn.qkv", 2, 3), "attn_qkv": ("attn.qkv", 0, 1), "attn_output": ("attn.out", 0, 1),
+                "ffn_norm": ("mlp_norm", 0, 1), "ffn_gate": ("mlp.up", 0, 2), "ffn_up": ("mlp.up", 1, 2),
+                "ffn_down": ("mlp.down", 0, 1)}
+# GGUF block types kept as they are with keep_quantized, and the module that computes with them.
+_BLOCK_KINDS = {Q.Q4_0: Int4Linear.from_blocks, Q.Q4_1: Int4Linear.from_blocks, Q.Q8_0: BlockInt8Linear}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
 _PARSE_ERRORS = (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError, EOFError)
@@ -65,38 +72,45 @@ def cache_dir() -> Path:
     return cache_root() / "gguf"
 
 
-def cache_file(path: str | os.PathLike[str]) -> Path:
+def cache_file(path: str | os.PathLike[str], keep_quantized: bool = False) -> Path:
     """The cache entry (a safetensors file) for the GGUF file at `path`, whether or not it exists yet."""
     source = Path(path).expanduser().resolve()
     digest = zlib.crc32(str(source).encode()) & 0xFFFFFFFF
-    return cache_dir() / f"{_safe_stem(source.stem)}-{digest:08x}.safetensors"
+    kind = "-blocks" if keep_quantized else ""
+    return cache_dir() / f"{_safe_stem(source.stem)}-{digest:08x}{kind}.safetensors"
 
 
-def load_gguf(path: str | os.PathLike[str], *, cache: bool = True) -> tuple[ModelConfig, dict[str, Tensor]]:
+def load_gguf(path: str | os.PathLike[str], *, cache: bool = True,
+              keep_quantized: bool = False) -> tuple[ModelConfig, dict[str, Tensor | nn.Module]]:
     """Read a GGUF checkpoint as (config, state dict in lmforge parameter names), through the cache.
 
     Same result as `read_gguf`; with `cache=True` the converted tensors are read from (or written to) the
-    cache entry `cache_file(path)`. A cache entry that is stale (the GGUF file's size or mtime changed), from
-    another cache format, or corrupt is rebuilt. A cache folder that cannot be written is reported with a
-    warning and the converted weights are returned anyway.
+    cache entry `cache_file(path, keep_quantized)`. A cache entry that is stale (the GGUF file's size or mtime
+    changed), from another cache format, or corrupt is rebuilt. A cache folder that cannot be written is
+    reported with a warning and the converted weights are returned anyway.
     Raises the errors of `read_gguf`.
     """
     source = _check_path(path)
     if not cache:
-        return read_gguf(source)
-    entry = cache_file(source)
+        return read_gguf(source, keep_quantized=keep_quantized)
+    entry = cache_file(source, keep_quantized)
     key = _cache_key(source)
     cached = _read_cache(entry, key)
     if cached is not None:
         return cached
-    config, tensors = read_gguf(source)
+    config, tensors = read_gguf(source, keep_quantized=keep_quantized)
     if _cache_key(source) == key:  # the source did not change while it was being read
         _write_cache(entry, key, config, tensors)
     return config, tensors
 
 
-def read_gguf(path: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, Tensor]]:
+def read_gguf(path: str | os.PathLike[str], *,
+              keep_quantized: bool = False) -> tuple[ModelConfig, dict[str, Tensor | nn.Module]]:
     """Parse and dequantize a GGUF checkpoint, without the cache.
+
+    keep_quantized: weights stored as Q4_0, Q4_1 or Q8_0 are not dequantized but returned as the module that
+    keeps them in that form (`Int4Linear`, `BlockInt8Linear` from `lmforge.models.linear`), under the name of
+    the weight they replace; every other tensor is dequantized as usual.
 
     Returns the `ModelConfig` (arch "decoder", family "llama" or "gpt2") and float32 tensors named as
     lmforge's `Decoder` names its parameters; with tied embeddings (no "output.weight" in the file) there is
@@ -116,7 +130,7 @@ def read_gguf(path: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, Tens
     else:
         raise ValueError(f"{source}: unsupported GGUF architecture {arch!r}; supported: "
                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-    return config, _convert_tensors(reader, source, config)
+    return config, _convert_tensors(reader, source, config, keep_quantized)
 
 
 # --- reading ------------------------------------------------------------------------------------------------
@@ -241,17 +255,20 @@ def _gpt2_config(reader: GGUFReader, source: Path) -> ModelConfig:
         **_special_ids(reader, source))
 
 
-def _target_names(gguf_name: str) -> list[str]:
-    """The lmforge name(s) a GGUF tensor becomes (three for a fused QKV); [] for an unknown name."""
+def _target(gguf_name: str, config: ModelConfig) -> tuple[str, int, int] | None:
+    """(lmforge tensor name, part index, number of parts) of a GGUF tensor; None for an unknown name."""
     if m := _BLOCK_RE.fullmatch(gguf_name):
         layer, part, kind = m.groups()
-        if part == "attn_qkv":
-            return [f"layers.{layer}.attn.{p}_proj.{kind}" for p in "qkv"]
-        return [f"layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"] if part in _BLOCK_NAMES else []
+        if part not in _BLOCK_NAMES:
+            return None
+        name, index, n_parts = _BLOCK_NAMES[part]
+        if part == "ffn_up" and not config.gated_mlp:
+            index, n_parts = 0, 1
+        return f"layers.{layer}.{name}.{kind}", index, n_parts
     if m := _GLOBAL_RE.fullmatch(gguf_name):
         part, kind = m.groups()
-        return [f"{_GLOBAL_NAMES[part]}.{kind}"] if part in _GLOBAL_NAMES else []
-    return []
+        return (f"{_GLOBAL_NAMES[part]}.{kind}", 0, 1) if part in _GLOBAL_NAMES else None
+    return None
 
 
 def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -262,41 +279,80 @@ def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _convert_tensors(reader: GGUFReader, source: Path, config: ModelConfig) -> dict[str, Tensor]:
-    """Check every GGUF tensor's name and shape against the config, then dequantize and rename it."""
+def tensor_plan(reader: GGUFReader, source: Path, config: ModelConfig) -> dict[str, list[tuple[Any, int]]]:
+    """Check every GGUF tensor's name and shape against the config: lmforge name -> its parts in row order, each
+    (GGUF tensor, rotary heads to un-permute or 0). Raises ValueError naming the tensor at fault."""
     expected = _expected_shapes(config)
-    plan: list[tuple[Any, list[str]]] = []
+    parts: dict[str, dict[int, Any]] = {}
+    n_parts: dict[str, int] = {}
     for t in reader.tensors:
-        targets = _target_names(t.name)
-        if not targets or any(name not in expected for name in targets):
+        target = _target(t.name, config)
+        if target is None or target[0] not in expected:
             raise ValueError(f"{source}: unexpected tensor {t.name!r} for a {config.family} model "
                              f"(it maps to no lmforge parameter)")
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
-        want = expected[targets[0]]
-        want = (want[0] * len(targets), *want[1:])  # a fused QKV stacks q, k and v rows
-        if shape != want:
-            raise ValueError(f"{source}: tensor {t.name!r} has shape {shape}, expected {want} for "
-                             f"{'/'.join(targets)} from the file's metadata")
-        plan.append((t, targets))
-    missing = sorted(set(expected) - {name for _, targets in plan for name in targets})
+        parts.setdefault(target[0], {})[target[1]] = t
+        n_parts[target[0]] = target[2]
+    missing = sorted(set(expected) - set(parts))
     if missing:
-        raise ValueError(f"{source}: GGUF file lacks tensors for {len(missing)} parameters, "
-                         f"e.g. {missing[:3]}")
+        raise ValueError(f"{source}: GGUF file lacks tensors for {len(missing)} parameters, e.g. {missing[:3]}")
+    plan: dict[str, list[tuple[Any, int]]] = {}
+    for name, by_index in parts.items():
+        want_full = expected[name]
+        rows = part_rows(config, n_parts[name], want_full[0])
+        if sorted(by_index) != list(range(n_parts[name])):
+            have = ", ".join(t.name for t in by_index.values())
+            raise ValueError(f"{source}: GGUF file lacks tensors for {name}: it is stacked from {n_parts[name]} "
+                             f"tensors, the file has only {have}")
+        plan[name] = []
+        for index, t in sorted(by_index.items()):
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
+            want = (rows[index], *want_full[1:])
+            if shape != want:
+                raise ValueError(f"{source}: tensor {t.name!r} has shape {shape}, expected {want} for {name} "
+                                 f"from the file's metadata")
+            heads = 0
+            if config.position == "rotary" and n_parts[name] == 3 and index < 2:
+                heads = config.n_head if index == 0 else config.n_kv_head
+            plan[name].append((t, heads))
+    return plan
 
-    tensors: dict[str, Tensor] = {}
-    for t, targets in plan:
-        w = _dequantize(t, source)
-        if len(targets) == 3:  # GPT-2 attn_qkv: rows [q; k; v]
-            for name, part in zip(targets, w.chunk(3, dim=0), strict=True):
-                tensors[name] = part.clone()  # own storage: safetensors refuses shared ones
+
+def _convert_tensors(reader: GGUFReader, source: Path, config: ModelConfig,
+                     keep_quantized: bool = False) -> dict[str, Tensor | nn.Module]:
+    """Every lmforge tensor of the file (parts stacked, rotary rows un-permuted): dequantized to float32, or
+    with `keep_quantized` a module holding the blocks when every part is Q4_0, Q4_1 or Q8_0."""
+    tensors: dict[str, Tensor | nn.Module] = {}
+    for name, parts in tensor_plan(reader, source, config).items():
+        kinds = {GGMLQuantizationType(t.tensor_type) for t, _ in parts}
+        if keep_quantized and name.endswith(".weight") and len(kinds) == 1 and kinds <= set(_BLOCK_KINDS):
+            blocks = [[_unpermute_rotary(b, heads) if heads else b for b in _blocks(t)] for t, heads in parts]
+            tensors[name] = _BLOCK_KINDS[kinds.pop()](*(torch.cat(b) for b in zip(*blocks, strict=True)))
             continue
-        name = targets[0]
-        if config.position == "rotary" and name.endswith(("attn.q_proj.weight", "attn.q_proj.bias")):
-            w = _unpermute_rotary(w, config.n_head)
-        elif config.position == "rotary" and name.endswith(("attn.k_proj.weight", "attn.k_proj.bias")):
-            w = _unpermute_rotary(w, config.n_kv_head)
-        tensors[name] = w
+        ws = [_unpermute_rotary(_dequantize(t, source), heads) if heads else _dequantize(t, source)
+              for t, heads in parts]
+        tensors[name] = ws[0] if len(ws) == 1 else torch.cat(ws)
     return tensors
+
+
+def _blocks(t: Any) -> list[Tensor]:
+    """The blocks of a Q4_0 / Q4_1 / Q8_0 tensor as (q, scale[, zero]) with q (N, K) and scale, zero (N, K / 32),
+    so that w = (q - 8) * scale + zero for the 4-bit types and w = q * scale for Q8_0."""
+    qtype = GGMLQuantizationType(t.tensor_type)
+    data = np.asarray(t.data).view(np.uint8)
+    rows = data.shape[0]
+    block_bytes = {Q.Q4_0: 18, Q.Q4_1: 20, Q.Q8_0: 34}[qtype]
+    blocks = data.reshape(rows, -1, block_bytes)  # (N, K/32, bytes)
+    d = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))  # (N, K/32)
+    if qtype == Q.Q8_0:
+        q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8)).reshape(rows, -1)
+        return [q, d]
+    start = 4 if qtype == Q.Q4_1 else 2
+    packed = blocks[..., start:]  # (N, K/32, 16): element j in the low nibble, j + 16 in the high one
+    q = torch.from_numpy(np.concatenate([packed & 0x0F, packed >> 4], axis=-1)).reshape(rows, -1)
+    if qtype == Q.Q4_0:  # w = d * (q - 8)
+        return [q, d, torch.zeros_like(d)]
+    m = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
+    return [q, d, m + 8 * d]  # w = d * q + m = (q - 8) * d + (m + 8 d)
 
 
 def _dequantize(t: Any, source: Path) -> Tensor:
@@ -349,7 +405,28 @@ def _checksum(tensors: dict[str, Tensor]) -> str:
     return f"{crc:08x}"
 
 
-def _read_cache(entry: Path, key: dict[str, str]) -> tuple[ModelConfig, dict[str, Tensor]] | None:
+def _flatten(state: dict[str, Tensor | nn.Module]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors only: a quantized module's buffers under "name::buffer", and its class per name."""
+    tensors, modules = {}, {}
+    for name, value in state.items():
+        if isinstance(value, nn.Module):
+            modules[name] = type(value).__name__
+            tensors.update({f"{name}::{b}": t for b, t in value.named_buffers() if t is not None})
+        else:
+            tensors[name] = value
+    return tensors, modules
+
+
+def _unflatten(tensors: dict[str, Tensor], modules: dict[str, str]) -> dict[str, Tensor | nn.Module]:
+    state: dict[str, Tensor | nn.Module] = {n: t for n, t in tensors.items() if "::" not in n}
+    classes = {cls.__name__: cls for cls in QUANTIZED}
+    for name, cls_name in modules.items():
+        buffers = {n.split("::", 1)[1]: t for n, t in tensors.items() if n.startswith(name + "::")}
+        state[name] = classes[cls_name](**buffers)
+    return state
+
+
+def _read_cache(entry: Path, key: dict[str, str]) -> tuple[ModelConfig, dict[str, Tensor | nn.Module]] | None:
     """The cached (config, tensors) if `entry` exists and matches `key` and its checksum; else None."""
     if not entry.exists():
         return None
@@ -362,15 +439,19 @@ def _read_cache(entry: Path, key: dict[str, str]) -> tuple[ModelConfig, dict[str
         if _checksum(tensors) != meta.get("crc32"):
             raise ValueError("checksum mismatch")
         config = ModelConfig.from_dict(json.loads(meta["config"]))
+        state = _unflatten(tensors, json.loads(meta.get("modules", "{}")))
     except (OSError, SafetensorError, ValueError, KeyError, TypeError) as err:
         warnings.warn(f"ignoring corrupt GGUF cache entry {entry} ({err}); rebuilding it", stacklevel=3)
         return None
-    return config, tensors
+    return config, state
 
 
-def _write_cache(entry: Path, key: dict[str, str], config: ModelConfig, tensors: dict[str, Tensor]) -> None:
+def _write_cache(entry: Path, key: dict[str, str], config: ModelConfig,
+                 state: dict[str, Tensor | nn.Module]) -> None:
     """Write the entry atomically: a temporary file in the same folder, then os.replace."""
-    metadata = dict(key, config=json.dumps(config.to_dict()), crc32=_checksum(tensors))
+    tensors, modules = _flatten(state)
+    metadata = dict(key, config=json.dumps(config.to_dict()), crc32=_checksum(tensors),
+                    modules=json.dumps(modules))
     tmp: str | None = None
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)

@@ -331,18 +331,22 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class _Entry:
-    """One Hugging Face tensor and the lmforge tensors it holds (concatenated along dim 0, in order)."""
+    """One lmforge tensor and the Hugging Face tensors it holds (concatenated along dim 0, in order): q, k and v
+    are one lmforge parameter (`attn.qkv`), and so are a gated MLP's gate and up (`mlp.up`)."""
 
-    hf: str  # name without the base-model prefix when `base`
-    lm: tuple[str, ...]
+    hf: tuple[str, ...]  # names without the base-model prefix when `base`
+    lm: str
     transpose: bool = False  # GPT-2's Conv1D stores weights as (in, out)
     base: bool = True  # inside the base model (prefixed in the *For* head models) or a top-level head tensor
 
 
-def _linear(hf: str, lm: str, bias: bool = True, base: bool = True, transpose: bool = False) -> list[_Entry]:
-    entries = [_Entry(f"{hf}.weight", (f"{lm}.weight",), transpose, base)]
+def _linear(hf: str | tuple[str, ...], lm: str, bias: bool = True, base: bool = True,
+            transpose: bool = False) -> list[_Entry]:
+    """The weight (+ bias) entries of one lmforge linear from one or several (fused) HF linears."""
+    parts = (hf,) if isinstance(hf, str) else hf
+    entries = [_Entry(tuple(f"{p}.weight" for p in parts), f"{lm}.weight", transpose, base)]
     if bias:
-        entries.append(_Entry(f"{hf}.bias", (f"{lm}.bias",), False, base))
+        entries.append(_Entry(tuple(f"{p}.bias" for p in parts), f"{lm}.bias", False, base))
     return entries
 
 
@@ -353,14 +357,12 @@ def _gpt2_entries(c: ModelConfig) -> list[_Entry]:
     e = _linear("wte", "embed_tokens", bias=False) + _linear("wpe", "embed_positions", bias=False)
     for i in range(c.n_layer):
         h, l = f"h.{i}.", f"layers.{i}."
-        qkv = tuple(f"{l}attn.{p}_proj" for p in "qkv")
         e += _norm(h + "ln_1", l + "attn_norm")
-        e += [_Entry(h + "attn.c_attn.weight", tuple(f"{n}.weight" for n in qkv), transpose=True),
-              _Entry(h + "attn.c_attn.bias", tuple(f"{n}.bias" for n in qkv))]
-        e += _linear(h + "attn.c_proj", l + "attn.o_proj", transpose=True)
+        e += _linear(h + "attn.c_attn", l + "attn.qkv", transpose=True)
+        e += _linear(h + "attn.c_proj", l + "attn.out", transpose=True)
         e += _norm(h + "ln_2", l + "mlp_norm")
-        e += _linear(h + "mlp.c_fc", l + "mlp.up_proj", transpose=True)
-        e += _linear(h + "mlp.c_proj", l + "mlp.down_proj", transpose=True)
+        e += _linear(h + "mlp.c_fc", l + "mlp.up", transpose=True)
+        e += _linear(h + "mlp.c_proj", l + "mlp.down", transpose=True)
     e += _norm("ln_f", "norm")
     if not c.tie_embeddings:
         e += _linear("lm_head", "lm_head", bias=False, base=False)
@@ -371,12 +373,12 @@ def _llama_entries(c: ModelConfig) -> list[_Entry]:
     e = _linear("embed_tokens", "embed_tokens", bias=False)
     for i in range(c.n_layer):
         h, l = f"layers.{i}.", f"layers.{i}."
-        for p in "qkvo":
-            e += _linear(f"{h}self_attn.{p}_proj", f"{l}attn.{p}_proj", bias=c.attn_bias)
+        e += _linear(tuple(f"{h}self_attn.{p}_proj" for p in "qkv"), l + "attn.qkv", bias=c.attn_bias)
+        e += _linear(h + "self_attn.o_proj", l + "attn.out", bias=c.attn_bias)
         e += _norm(h + "input_layernorm", l + "attn_norm", bias=False)
         e += _norm(h + "post_attention_layernorm", l + "mlp_norm", bias=False)
-        for p in ("gate", "up", "down"):
-            e += _linear(f"{h}mlp.{p}_proj", f"{l}mlp.{p}_proj", bias=c.mlp_bias)
+        e += _linear((h + "mlp.gate_proj", h + "mlp.up_proj"), l + "mlp.up", bias=c.mlp_bias)
+        e += _linear(h + "mlp.down_proj", l + "mlp.down", bias=c.mlp_bias)
     e += _norm("norm", "norm", bias=False)
     if not c.tie_embeddings:
         e += _linear("lm_head", "lm_head", bias=False, base=False)
@@ -390,12 +392,11 @@ def _bert_body(c: ModelConfig) -> list[_Entry]:
     e += _norm("embeddings.LayerNorm", "embed_norm")
     for i in range(c.n_layer):
         h, l = f"encoder.layer.{i}.", f"layers.{i}."
-        for hf_name, p in (("query", "q"), ("key", "k"), ("value", "v")):
-            e += _linear(f"{h}attention.self.{hf_name}", f"{l}attn.{p}_proj")
-        e += _linear(h + "attention.output.dense", l + "attn.o_proj")
+        e += _linear(tuple(f"{h}attention.self.{p}" for p in ("query", "key", "value")), l + "attn.qkv")
+        e += _linear(h + "attention.output.dense", l + "attn.out")
         e += _norm(h + "attention.output.LayerNorm", l + "attn_norm")
-        e += _linear(h + "intermediate.dense", l + "mlp.up_proj")
-        e += _linear(h + "output.dense", l + "mlp.down_proj")
+        e += _linear(h + "intermediate.dense", l + "mlp.up")
+        e += _linear(h + "output.dense", l + "mlp.down")
         e += _norm(h + "output.LayerNorm", l + "mlp_norm")
     return e
 
@@ -407,7 +408,7 @@ def _bert_entries(c: ModelConfig) -> list[_Entry]:
         e += _norm("cls.predictions.transform.LayerNorm", "mlm_head.norm", base=False)
         if not c.tie_embeddings:
             e += _linear("cls.predictions.decoder", "mlm_head.decoder", bias=False, base=False)
-        e.append(_Entry("cls.predictions.bias", ("mlm_head.decoder.bias",), base=False))
+        e.append(_Entry(("cls.predictions.bias",), "mlm_head.decoder.bias", base=False))
     elif c.head == "classify":
         e += _linear("pooler.dense", "cls_head.dense")
         e += _linear("classifier", "cls_head.out", base=False)
@@ -421,7 +422,7 @@ def _roberta_entries(c: ModelConfig) -> list[_Entry]:
         e += _norm("lm_head.layer_norm", "mlm_head.norm", base=False)
         if not c.tie_embeddings:
             e += _linear("lm_head.decoder", "mlm_head.decoder", bias=False, base=False)
-        e.append(_Entry("lm_head.bias", ("mlm_head.decoder.bias",), base=False))
+        e.append(_Entry(("lm_head.bias",), "mlm_head.decoder.bias", base=False))
     elif c.head == "classify":
         e += _linear("classifier.dense", "cls_head.dense", base=False)
         e += _linear("classifier.out_proj", "cls_head.out", base=False)
@@ -434,18 +435,18 @@ def _distilbert_entries(c: ModelConfig) -> list[_Entry]:
     e += _norm("embeddings.LayerNorm", "embed_norm")
     for i in range(c.n_layer):
         h, l = f"transformer.layer.{i}.", f"layers.{i}."
-        for hf_name, p in (("q_lin", "q"), ("k_lin", "k"), ("v_lin", "v"), ("out_lin", "o")):
-            e += _linear(f"{h}attention.{hf_name}", f"{l}attn.{p}_proj")
+        e += _linear(tuple(f"{h}attention.{p}_lin" for p in "qkv"), l + "attn.qkv")
+        e += _linear(h + "attention.out_lin", l + "attn.out")
         e += _norm(h + "sa_layer_norm", l + "attn_norm")
-        e += _linear(h + "ffn.lin1", l + "mlp.up_proj")
-        e += _linear(h + "ffn.lin2", l + "mlp.down_proj")
+        e += _linear(h + "ffn.lin1", l + "mlp.up")
+        e += _linear(h + "ffn.lin2", l + "mlp.down")
         e += _norm(h + "output_layer_norm", l + "mlp_norm")
     if c.head == "lm":
         e += _linear("vocab_transform", "mlm_head.dense", base=False)
         e += _norm("vocab_layer_norm", "mlm_head.norm", base=False)
         if not c.tie_embeddings:
             e += _linear("vocab_projector", "mlm_head.decoder", bias=False, base=False)
-        e.append(_Entry("vocab_projector.bias", ("mlm_head.decoder.bias",), base=False))
+        e.append(_Entry(("vocab_projector.bias",), "mlm_head.decoder.bias", base=False))
     elif c.head == "classify":
         e += _linear("pre_classifier", "cls_head.dense", base=False)
         e += _linear("classifier", "cls_head.out", base=False)
@@ -480,7 +481,7 @@ def _entries(config: ModelConfig) -> list[_Entry]:
         raise ValueError(f"unknown family {config.family!r}; expected one of {', '.join(_FAMILY_ENTRIES)}")
     entries = _FAMILY_ENTRIES[config.family](config)
     if config.arch == "encoder" and not config.type_vocab_size:
-        entries = [e for e in entries if not e.lm[0].startswith("embed_types.")]
+        entries = [e for e in entries if not e.lm.startswith("embed_types.")]
     return entries
 
 
@@ -490,18 +491,19 @@ def _uses_prefix(config: ModelConfig) -> bool:
     return WRITE_ARCHITECTURE[config.family, config.head] not in bare
 
 
-def _split_sizes(config: ModelConfig, entry: _Entry) -> list[int]:
-    if len(entry.lm) == 1:
-        return []
-    sizes = {"q": config.n_head * config.head_dim, "k": config.n_kv_head * config.head_dim,
-             "v": config.n_kv_head * config.head_dim}
-    return [sizes[name.split(".")[-2][0]] for name in entry.lm]
+def part_rows(config: ModelConfig, n_parts: int, rows: int) -> list[int]:
+    """Rows of each stacked part of an lmforge tensor of `rows` rows: q/k/v (3 parts), gate/up (2), or 1."""
+    if n_parts == 3:
+        return [config.n_head * config.head_dim] + [config.n_kv_head * config.head_dim] * 2
+    if n_parts == 2:
+        return [config.d_ff, config.d_ff]
+    return [rows]
 
 
 def state_dict_from_hf(config: ModelConfig, tensors: Mapping[str, Tensor], expected: Mapping[str, torch.Size],
                        where: str = "checkpoint", fresh: tuple[str, ...] = (),
                        other_heads_ok: bool = False) -> dict[str, Tensor]:
-    """Rename (and split/transpose) Hugging Face tensors into lmforge parameters.
+    """Rename (and join/transpose) Hugging Face tensors into lmforge parameters.
 
     expected: lmforge name -> shape, for every parameter of the model `config` builds.
     fresh: lmforge name prefixes that may be missing (a new head the caller will initialise).
@@ -515,30 +517,29 @@ def state_dict_from_hf(config: ModelConfig, tensors: Mapping[str, Tensor], expec
     used: set[str] = set()
     missing: list[str] = []
     for entry in _entries(config):
-        name = (prefix if entry.base else "") + entry.hf
-        if name not in tensors:
-            if not (fresh and all(lm.startswith(fresh) for lm in entry.lm)):
-                missing.append(name)
+        replaceable = bool(fresh) and entry.lm.startswith(fresh)
+        names = [(prefix if entry.base else "") + hf for hf in entry.hf]
+        absent = [name for name in names if name not in tensors]
+        if absent:
+            if not replaceable:
+                missing.extend(absent)
             continue
-        tensor = tensors[name]
-        lm_shapes = [expected[lm] for lm in entry.lm]
-        want = (sum(s[0] for s in lm_shapes), *lm_shapes[0][1:])
-        if entry.transpose:
-            want = want[::-1]
-        if tuple(tensor.shape) != want:
-            if fresh and all(lm.startswith(fresh) for lm in entry.lm):
-                used.add(name)  # a head being replaced (e.g. another number of labels): not loaded
-                continue
-            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, expected "
-                                  f"{want} from config.json")
-        used.add(name)
-        if entry.transpose:
-            tensor = tensor.t()
-        if len(entry.lm) == 1:
-            out[entry.lm[0]] = tensor.contiguous()
-        else:
-            for lm, part in zip(entry.lm, tensor.split(_split_sizes(config, entry), dim=0), strict=True):
-                out[lm] = part.clone(memory_format=torch.contiguous_format)
+        lm_shape = tuple(expected[entry.lm])
+        parts = []
+        for name, rows in zip(names, part_rows(config, len(names), lm_shape[0]), strict=True):
+            tensor = tensors[name]
+            want = (rows, *lm_shape[1:])
+            if entry.transpose:
+                want = want[::-1]
+            if tuple(tensor.shape) != want:
+                if replaceable:
+                    break  # a head being replaced (e.g. another number of labels): not loaded
+                raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, expected "
+                                      f"{want} from config.json")
+            parts.append(tensor.t() if entry.transpose else tensor)
+        used.update(names)
+        if len(parts) == len(names):
+            out[entry.lm] = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=0)
     if missing:
         raise CheckpointError(f"{where}: missing tensors {_names(missing)} (needed by a {config.family} "
                               f"model with head {config.head!r})")
@@ -572,15 +573,12 @@ def state_dict_to_hf(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[s
     out: dict[str, Tensor] = {}
     consumed: set[str] = set()
     for entry in _entries(config):
-        missing = [lm for lm in entry.lm if lm not in state]
-        if missing:
-            raise ValueError(f"model state has no {missing[0]!r}, needed for {entry.hf!r}")
-        parts = [state[lm].detach() for lm in entry.lm]
-        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        if entry.transpose:
-            tensor = tensor.t()
-        out[(prefix if entry.base else "") + entry.hf] = tensor.contiguous()
-        consumed.update(entry.lm)
+        if entry.lm not in state:
+            raise ValueError(f"model state has no {entry.lm!r}, needed for {entry.hf[0]!r}")
+        tensor = state[entry.lm].detach()
+        for hf, part in zip(entry.hf, tensor.split(part_rows(config, len(entry.hf), tensor.shape[0])), strict=True):
+            out[(prefix if entry.base else "") + hf] = (part.t() if entry.transpose else part).contiguous()
+        consumed.add(entry.lm)
     tied = {"lm_head.weight", "mlm_head.decoder.weight"} if config.tie_embeddings else set()
     left = sorted(set(state) - consumed - tied)
     if left:

@@ -75,87 +75,83 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-class KVCache:
-    """Static key/value buffers for every layer: (n_layer, B, Hkv, max_len, D), allocated once.
+class KVCache(nn.Module):
+    """One attention layer's key/value buffers, (B, Hkv, L, D) each, written at explicit slots.
 
-    `length` counts the filled slots; a decoder forward with a cache writes its keys at [length, length + T) and
-    then advances it. Slots are shared by the whole batch: with left padding, rows differ in their position ids
-    and attention masks, not in their slots.
+    Owned by the `Attention` module it serves (`Decoder.setup_cache` creates one per layer); nothing in it
+    advances by itself: the caller says where each new key goes (`input_pos`) and how many slots to read.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
-        if max_len > config.max_seq_len and config.position == "learned":
-            raise ValueError(f"KVCache max_len {max_len} exceeds the model context {config.max_seq_len}")
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0
+    def __init__(self, batch_size: int, n_kv_head: int, max_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
-    @property
-    def batch_size(self) -> int:
-        return self.k.shape[1]
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, Hkv, T, D) at the current slots; return all filled keys and values (B, Hkv, S, D)."""
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KVCache is full: {end} positions requested, {self.max_len} allocated")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def reorder(self, index: Tensor) -> None:
-        """Keep batch rows `index` (LongTensor (B',)), e.g. the surviving beams."""
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
+        """Write k, v (b, Hkv, T, D) at slots input_pos (T,) of rows [0, b); return keys and values of slots
+        [0, kv_len) of those rows (b, Hkv, kv_len, D)."""
+        b = k.shape[0]
+        self.k[:b].index_copy_(2, input_pos, k)
+        self.v[:b].index_copy_(2, input_pos, v)
+        return self.k[:b, :, :kv_len], self.v[:b, :, :kv_len]
 
 
 class Attention(nn.Module):
+    """Multi-head / grouped-query attention through torch SDPA, with q, k and v as one fused projection.
+
+    `qkv.weight` is (H*D + 2*Hkv*D, C): the query rows, then the key rows, then the value rows. With a
+    `kv_cache` and `input_pos`, the new keys and values are written into the cache and attention reads the
+    first `kv_len` slots.
+    """
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         c, h, hkv, d = config.d_model, config.n_head, config.n_kv_head, config.head_dim
-        self.q_proj = nn.Linear(c, h * d, bias=config.attn_bias)
-        self.k_proj = nn.Linear(c, hkv * d, bias=config.attn_bias)
-        self.v_proj = nn.Linear(c, hkv * d, bias=config.attn_bias)
-        self.o_proj = nn.Linear(h * d, c, bias=config.attn_bias)
+        self.qkv = nn.Linear(c, (h + 2 * hkv) * d, bias=config.attn_bias)
+        self.out = nn.Linear(h * d, c, bias=config.attn_bias)
+        self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool, rotary: tuple[Tensor, Tensor] | None,
-                cache: KVCache | None, layer: int) -> Tensor:
+                input_pos: Tensor | None = None, kv_len: int | None = None) -> Tensor:
         B, T, _ = x.shape
         cfg = self.config
-        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, Hkv, S, D)
+        H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        qk, v = self.qkv(x).split([(H + Hkv) * D, Hkv * D], dim=-1)
+        qk = qk.view(B, T, H + Hkv, D).transpose(1, 2)  # (B, H + Hkv, T, D)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        if rotary is not None:  # queries and keys rotated in one call
+            qk = apply_rotary(qk, *rotary)
+        q, k = qk.split([H, Hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
+        if input_pos is not None:
+            if self.kv_cache is None:
+                raise ValueError("input_pos was given but the model has no KV cache; call setup_cache first")
+            k, v = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, Hkv, S, D)
         p = cfg.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal,
-                                           enable_gqa=cfg.n_kv_head != cfg.n_head)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
+                                           enable_gqa=Hkv != H)  # (B, H, T, D)
+        return self.out(y.transpose(1, 2).reshape(B, T, H * D))
 
 
 class MLP(nn.Module):
+    """Feed-forward: down(act(up(x))), or with `gated_mlp` down(act(gate(x)) * up(x)) where `up.weight` holds
+    the gate rows then the up rows (2 * d_ff, C), one product for both."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.activation = config.activation
         self.gated = config.gated_mlp
-        if self.gated:
-            self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=config.mlp_bias)
+        self.up = nn.Linear(config.d_model, config.d_ff * (2 if self.gated else 1), bias=config.mlp_bias)
+        self.down = nn.Linear(config.d_ff, config.d_model, bias=config.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        h = self.up(x)
         if self.gated:
-            return self.down_proj(activation(self.activation, self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(activation(self.activation, self.up_proj(x)))
+            gate, up = h.chunk(2, dim=-1)
+            return self.down(activation(self.activation, gate) * up)
+        return self.down(activation(self.activation, h))
 
 
 class Block(nn.Module):
@@ -171,11 +167,11 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool, rotary: tuple[Tensor, Tensor] | None,
-                cache: KVCache | None, layer: int) -> Tensor:
+                input_pos: Tensor | None = None, kv_len: int | None = None) -> Tensor:
         if self.pre_norm:
-            x = x + self.dropout(self.attn(self.attn_norm(x), mask, is_causal, rotary, cache, layer))
+            x = x + self.dropout(self.attn(self.attn_norm(x), mask, is_causal, rotary, input_pos, kv_len))
             return x + self.dropout(self.mlp(self.mlp_norm(x)))
-        x = self.attn_norm(x + self.dropout(self.attn(x, mask, is_causal, rotary, cache, layer)))
+        x = self.attn_norm(x + self.dropout(self.attn(x, mask, is_causal, rotary, input_pos, kv_len)))
         return self.mlp_norm(x + self.dropout(self.mlp(x)))
 
 

@@ -11,7 +11,15 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
-from lmforge.models.blocks import Block, KVCache, ModelOutput, check_input_ids, init_weights, make_norm, rotary_cos_sin
+from lmforge.models.blocks import (
+    Block,
+    KVCache,
+    ModelOutput,
+    check_input_ids,
+    init_weights,
+    make_norm,
+    rotary_cos_sin,
+)
 
 
 class Decoder(nn.Module):
@@ -31,28 +39,76 @@ class Decoder(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                cache: KVCache | None = None, output_hidden_states: bool = False,
-                last_logits_only: bool = False) -> ModelOutput:
-        """Next-token logits (B, T, vocab) for input_ids (B, T).
+    def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> None:
+        """Give every attention layer key/value buffers for `batch_size` rows and `max_len` slots.
 
-        attention_mask: (B, S) with 1 for real tokens and 0 for padding, over every key position: S = T without a
-            cache, S = cache.length + T with one.
-        position_ids: (B, T); by default consecutive positions starting at the cache length (or 0).
-        cache: a `KVCache`; keys and values are written into it and its length advances by T.
+        Kept while their shape, dtype and device stay the same (so compiled steps and CUDA graphs recorded on
+        them stay valid); `drop_cache` frees them. Raises ValueError when max_len exceeds a learned position
+        table.
+        """
+        cfg = self.config
+        if max_len < 1 or batch_size < 1:
+            raise ValueError(f"setup_cache needs batch_size and max_len >= 1, got {batch_size} and {max_len}")
+        if max_len > cfg.max_seq_len and cfg.position == "learned":
+            raise ValueError(f"a cache of {max_len} positions exceeds the model context of {cfg.max_seq_len}")
+        weight = self.norm.weight  # float in the model's dtype whatever format the linears hold
+        dtype = dtype or weight.dtype
+        device = torch.device(device) if device is not None else weight.device
+        shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        for layer in self.layers:
+            cache = layer.attn.kv_cache
+            if cache is None or cache.k.shape != shape or cache.k.dtype != dtype or cache.k.device != device:
+                layer.attn.kv_cache = KVCache(batch_size, cfg.n_kv_head, max_len, cfg.head_dim, dtype, device)
+
+    def drop_cache(self) -> None:
+        """Free the key/value buffers of `setup_cache`."""
+        for layer in self.layers:
+            layer.attn.kv_cache = None
+
+    def reorder_cache(self, index: Tensor) -> None:
+        """Row i of every cache becomes row index[i] (LongTensor (B,)), in place: beams that survive, or one
+        prompt's prefilled row copied to the rows of its other sequences."""
+        for layer in self.layers:
+            cache = layer.attn.kv_cache
+            cache.k.copy_(cache.k.index_select(0, index))
+            cache.v.copy_(cache.v.index_select(0, index))
+
+    @property
+    def cache_shape(self) -> tuple[int, int] | None:
+        """(batch_size, max_len) of the current cache, None without one."""
+        cache = self.layers[0].attn.kv_cache
+        return None if cache is None else (cache.k.shape[0], cache.k.shape[2])
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                input_pos: Tensor | None = None, output_hidden_states: bool = False,
+                last_logits_only: bool = False) -> ModelOutput:
+        """Next-token logits (B, T, vocab) for input_ids (B, T): training, prompt prefill and one-token decode.
+
+        input_pos: None for a plain forward over the whole sequence (no cache). Else a LongTensor (T,) of the
+            cache slots the T new tokens occupy (`setup_cache` first): their keys and values are written there
+            and the queries attend to the cached slots before them.
+        attention_mask: (B, S) with 1 for real tokens and 0 for padding, over every key slot the queries may see:
+            S = T without a cache; with one, the first S slots of the cache (S > input_pos[-1]; slots after a
+            query's own are masked as causal). Without it, a cached forward reads slots [0, input_pos[-1] + 1).
+        position_ids: (B, T) positions for the position embeddings / rotary; default input_pos (or 0..T-1).
         last_logits_only: logits (B, 1, vocab) of the last position only (all a generation prefill needs).
         Raises ValueError for ids outside the vocabulary or positions beyond the model's context.
         """
         cfg = self.config
-        start = cache.length if cache is not None else 0
-        if start == 0:
-            check_input_ids(input_ids, cfg.vocab_size)
         B, T = input_ids.shape
-        S = start + T
+        if input_pos is None or T > 1:  # one-token decode steps feed back the model's own tokens
+            check_input_ids(input_ids, cfg.vocab_size)
+        if input_pos is None:
+            kv_len = T
+            slots = torch.arange(T, device=input_ids.device)
+        else:
+            kv_len = attention_mask.shape[-1] if attention_mask is not None else int(input_pos[-1]) + 1
+            slots = input_pos
         if position_ids is None:
-            position_ids = torch.arange(start, S, device=input_ids.device).expand(B, T)
-        if cfg.position == "learned" and S > cfg.max_seq_len:
-            raise ValueError(f"sequence of {S} tokens exceeds the model context of {cfg.max_seq_len}")
+            position_ids = slots.expand(B, T)
+        if cfg.position == "learned" and input_pos is None and T > cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds the model context of {cfg.max_seq_len}")
 
         x = self.embed_tokens(input_ids)  # (B, T, C)
         rotary = None
@@ -61,18 +117,16 @@ class Decoder(nn.Module):
         else:
             rotary = rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
         x = self.dropout(x)
-        mask, is_causal = causal_mask(attention_mask, start, T, x.device)
+        mask, is_causal = padding_causal_mask(attention_mask, slots, kv_len, x.device)
 
         hidden = [x] if output_hidden_states else None
-        for i, layer in enumerate(self.layers):
-            x = layer(x, mask, is_causal, rotary, cache, i)
+        for layer in self.layers:
+            x = layer(x, mask, is_causal, rotary, input_pos, kv_len)
             if hidden is not None:
                 hidden.append(x)
         x = self.norm(x)
         if hidden is not None:
             hidden[-1] = x
-        if cache is not None:
-            cache.length = S
         logits = self.lm_head(x[:, -1:] if last_logits_only else x)
         return ModelOutput(logits=logits, last_hidden_state=x, hidden_states=hidden)
 
@@ -83,25 +137,26 @@ class Decoder(nn.Module):
         return generate_ids(self, input_ids, **kwargs)
 
 
-def causal_mask(attention_mask: Tensor | None, start: int, T: int, device: torch.device) -> tuple[Tensor | None, bool]:
-    """The SDPA mask for T queries at absolute positions [start, start + T) over S = start + T keys.
+def padding_causal_mask(attention_mask: Tensor | None, q_pos: Tensor, S: int,
+                        device: torch.device) -> tuple[Tensor | None, bool]:
+    """The SDPA mask for queries at slots q_pos (T,) over key slots [0, S).
 
-    Returns (mask, is_causal): no mask and is_causal=True for the plain case, no mask at all for one new token
-    without padding, else a boolean (B, 1, T, S) mask. A query always sees itself, so padded rows never
-    attend to nothing (which would make NaNs that leak through the cache).
+    Returns (mask, is_causal): no mask and is_causal=True for a plain causal forward (q_pos = 0..S-1), no
+    mask at all for one new token without padding, else a boolean (B or 1, 1, T, S) mask: causal, and padded
+    keys hidden. A query always sees itself, so padded rows never attend to nothing (which would make NaNs
+    that leak through the cache).
     """
-    S = start + T
+    T = q_pos.shape[0]
     if attention_mask is None:
-        if start == 0:
+        if T == S:
             return None, T > 1
         if T == 1:
             return None, False
-    q_pos = torch.arange(start, S, device=device)[:, None]  # (T, 1)
     k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
-    mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
+    q = q_pos[:, None]  # (T, 1)
+    mask = (k_pos <= q)[None, None]  # (1, 1, T, S)
     if attention_mask is not None:
         if attention_mask.shape[-1] != S:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {S} "
-                             f"(cached {start} + new {T})")
-        mask = (mask & attention_mask[:, None, None, :].bool()) | (k_pos == q_pos)[None, None]
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {S}")
+        mask = (mask & attention_mask[:, None, None, :].bool()) | (k_pos == q)[None, None]
     return mask, False

@@ -93,8 +93,8 @@ class Encoder(nn.Module):
         mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()  # (B, 1, 1, T)
 
         hidden = [x] if output_hidden_states else None
-        for i, layer in enumerate(self.layers):
-            x = layer(x, mask, False, None, None, i)
+        for layer in self.layers:
+            x = layer(x, mask, False, None)
             if hidden is not None:
                 hidden.append(x)
         if self.mlm_head is not None:

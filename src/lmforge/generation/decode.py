@@ -1,0 +1,314 @@
+"""The decode loop over the model's one forward, gpt-fast style: `model(ids, input_pos=...)` fills the key/value
+buffers its attention modules own, first for the prompts (prefill), then one token per step.
+
+Greedy and sampled decoding (`token_loop`) and transformers' vectorised beam search (`beam_search`). Batches of
+prompts of different lengths are left-padded; each row gets position ids `cumsum(mask) - 1`, so its result equals
+running it alone. Several sequences or beams of one prompt share one prefill. On CUDA the one-token step is the
+model's forward compiled with CUDA graphs (`torch.compile(mode="reduce-overhead")`) over static cache buffers
+and a mask over the whole cache.
+
+Shapes: B rows being decoded, P prompt length, L cache length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.generation.settings import GenerationSettings, penalise, process_logits, resolve_settings, sample
+from lmforge.models.blocks import check_input_ids
+from lmforge.models.decoder import Decoder
+from lmforge.tokenizer import Tokenizer
+
+__all__ = ["Decoding", "generate_ids", "prepare"]
+
+STATIC_CACHE_STEP = 256  # compiled steps round the cache length up to this, so later calls reuse the graphs
+
+_compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_step(model: Decoder) -> Callable[..., Any]:
+    """The model's forward compiled once with CUDA graphs (mode="reduce-overhead", the whole graph)."""
+    if model not in _compiled_steps:
+        _compiled_steps[model] = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    return _compiled_steps[model]
+
+
+class Decoding:
+    """The model side of one generation call: the cache, masks and positions of B rows, prefill and steps.
+
+    Without `compiled` the cache holds exactly P + max_new slots and each step reads the filled ones. With it
+    (default on CUDA) the cache length is rounded up to `STATIC_CACHE_STEP` and every step reads the whole
+    cache under a mask, so all steps have one shape.
+    """
+
+    def __init__(self, model: Decoder, input_ids: Tensor, attention_mask: Tensor, max_new: int,
+                 use_compile: bool | None):
+        B, P = input_ids.shape
+        self.model = model
+        self.device = input_ids.device
+        self.compiled = use_compile if use_compile is not None else self.device.type == "cuda"
+        length = P + max_new
+        if self.compiled:
+            length = min(-(-length // STATIC_CACHE_STEP) * STATIC_CACHE_STEP, model.config.max_seq_len)
+        model.setup_cache(B, length)
+        self.mask = torch.ones(B, length, dtype=torch.bool, device=self.device)  # (B, L)
+        self.mask[:, :P] = attention_mask.bool()
+        self.padded = not bool(self.mask[:, :P].all())
+        self.position = attention_mask.long().cumsum(-1) - 1  # (B, P), as transformers counts them
+        self.position.masked_fill_(attention_mask == 0, 1)
+        self.length = 0  # slots filled
+
+    def prefill(self, input_ids: Tensor, copies: int = 1) -> Tensor:
+        """Run the prompts, return the last logits (B, V) in float32. `copies` > 1: rows come in groups of that
+        many equal prompts (sequences or beams of one prompt); each group runs once and its cache row is
+        copied to the group's rows."""
+        B, P = input_ids.shape
+        first = slice(None, None, copies)
+        mask = self.mask[first, :P] if self.padded else None
+        out = self.model(input_ids[first], attention_mask=mask, position_ids=self.position[first],
+                         input_pos=torch.arange(P, device=self.device), last_logits_only=True)
+        logits = out.logits[:, -1].float()
+        if copies > 1:
+            self.model.reorder_cache(torch.arange(B // copies, device=self.device).repeat_interleave(copies))
+            logits = logits.repeat_interleave(copies, 0)
+        self.position = self.position[:, -1]  # (B,): the last position of each row
+        self.length = P
+        return logits
+
+    def step(self, token: Tensor) -> Tensor:
+        """Logits (B, V) in float32 after feeding token (B,) at the next slot."""
+        self.position = self.position + 1
+        input_pos = torch.tensor([self.length], device=self.device)
+        self.length += 1
+        if self.compiled:
+            logits = compiled_step(self.model)(token[:, None], attention_mask=self.mask,
+                                               position_ids=self.position[:, None], input_pos=input_pos).logits
+            return logits[:, -1].to(torch.float32, copy=True)  # CUDA graphs reuse their output buffer
+        mask = self.mask[:, :self.length] if self.padded else None
+        out = self.model(token[:, None], attention_mask=mask, position_ids=self.position[:, None],
+                         input_pos=input_pos)
+        return out.logits[:, -1].float()
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep cache rows `index` (B,) (beam search); a prompt's beams share their masks and positions."""
+        self.model.reorder_cache(index)
+
+
+@contextmanager
+def inference(model: nn.Module):
+    """No autograd and eval mode (no dropout) for the duration; the model's mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+# --- decoding loops -----------------------------------------------------------------------------------------
+
+def _stop_string_hits(tokenizer: Tokenizer, seqs: Tensor, start: int, stops: tuple[str, ...]) -> Tensor:
+    """(N,) bool: the text of seqs[:, start:] contains a stop string."""
+    texts = [tokenizer.decode(row) for row in seqs[:, start:].tolist()]
+    return torch.tensor([any(s in t for s in stops) for t in texts], device=seqs.device)
+
+
+def token_loop(run: Decoding, input_ids: Tensor, s: GenerationSettings, generator: torch.Generator | None,
+                tokenizer: Tokenizer | None) -> Iterator[Tensor]:
+    """Greedy or sampled decoding; yields the next token of every row (B,), pad for finished rows."""
+    B, P = input_ids.shape
+    seqs = torch.full((B, P + s.max_new_tokens), s.pad_id, dtype=torch.long, device=input_ids.device)
+    seqs[:, :P] = input_ids
+    eos = torch.tensor(s.eos_ids, dtype=torch.long, device=input_ids.device)
+    unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
+    penalised = s.repetition_penalty != 1.0 or s.no_repeat_ngram_size > 0 or s.min_new_tokens > 0
+    logits = run.prefill(input_ids, s.num_return_sequences)
+    for n in range(s.max_new_tokens):
+        cur = P + n
+        scores = penalise(logits, seqs[:, :cur], run.mask[:, :cur], n, s) if penalised else logits
+        token = sample(scores, s, generator)
+        token = torch.where(unfinished, token, s.pad_id)
+        seqs[:, cur] = token
+        if len(eos):
+            unfinished &= ~torch.isin(token, eos)
+        if s.stop_strings:
+            unfinished &= ~_stop_string_hits(tokenizer, seqs[:, :cur + 1], P, s.stop_strings)
+        yield token
+        if n + 1 == s.max_new_tokens or not bool(unfinished.any()):
+            return
+        logits = run.step(token)
+
+
+def _gather_beams(t: Tensor, index: Tensor) -> Tensor:
+    """t (B, K, ...) at beams index (B, K') -> (B, K', ...)."""
+    return torch.take_along_dim(t, index.view(*index.shape, *([1] * (t.dim() - 2))), dim=1)
+
+
+def beam_search(run: Decoding, input_ids: Tensor, s: GenerationSettings, generator: torch.Generator | None,
+                 tokenizer: Tokenizer | None) -> Tensor:
+    """transformers' vectorised beam search; input_ids (B * num_beams, P) -> (B * num_return_sequences, T).
+
+    Keeps, per prompt, `num_beams` running hypotheses and the `num_beams` best finished ones (scored by summed
+    log-probability / generated_length ** length_penalty); stops per `early_stopping` as transformers does.
+    """
+    nb, P, device = s.num_beams, input_ids.shape[1], input_ids.device
+    B = input_ids.shape[0] // nb
+    max_len = P + s.max_new_tokens
+    keep = max(2, 1 + len(s.eos_ids)) * nb  # enough candidates that num_beams of them can go on
+    top_nb = torch.arange(keep, device=device) < nb
+    eos = torch.tensor(s.eos_ids, dtype=torch.long, device=device)
+    # transformers fills finished beams with `pad_token_id or eos_token_id[0]`: eos when the pad id is 0.
+    fill = s.pad_id if s.pad_id or not s.eos_ids else s.eos_ids[0]
+    running = torch.full((B, nb, max_len), fill, dtype=torch.long, device=device)
+    running[:, :, :P] = input_ids.view(B, nb, P)
+    finished = running.clone()
+    running_scores = torch.zeros(B, nb, device=device)
+    running_scores[:, 1:] = -1e9  # only the first beam's continuations count at the first step
+    finished_scores = torch.full((B, nb), -1e9, device=device)
+    finished_len = torch.zeros(B, nb, dtype=torch.long, device=device)
+    is_finished = torch.zeros(B, nb, dtype=torch.bool, device=device)
+    improvable = torch.ones(B, 1, dtype=torch.bool, device=device)
+    min_keep = len(s.eos_ids) + 1
+    logits = run.prefill(input_ids, nb)
+    for cur in range(P, max_len):
+        logp = F.log_softmax(logits, dim=-1)  # (B * nb, V)
+        flat = running[:, :, :cur].reshape(B * nb, cur)
+        logp = process_logits(logp, flat, run.mask[:, :cur], cur - P, s, min_keep)
+        V = logp.shape[-1]
+        logp = (logp.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
+        if s.do_sample:
+            index = torch.multinomial(logp.softmax(-1), keep, generator=generator)  # (B, keep)
+            top_scores = logp.gather(1, index)
+        else:
+            top_scores, index = torch.topk(logp, keep)
+        beam, token = index // V, index % V  # (B, keep)
+        cand = _gather_beams(running, beam)  # (B, keep, max_len)
+        cand[:, :, cur] = token
+        hits = torch.isin(token, eos) if len(eos) else torch.zeros_like(token, dtype=torch.bool)
+        if cur + 1 >= max_len:
+            hits = torch.ones_like(hits)
+        if s.stop_strings:
+            hits |= _stop_string_hits(tokenizer, cand[:, :, :cur + 1].reshape(B * keep, -1), P,
+                                      s.stop_strings).view(B, keep)
+
+        # The best num_beams candidates that did not finish go on.
+        go_scores = top_scores + hits.float() * -1e9
+        go = torch.topk(go_scores, nb).indices  # (B, nb)
+        running = _gather_beams(cand, go)
+        running_scores = go_scores.gather(1, go)
+        source_beam = beam.gather(1, go)  # (B, nb)
+
+        # Finished candidates among the top num_beams join the finished set if they beat its members.
+        just = hits & top_nb
+        fin_scores = top_scores / ((cur + 1 - P) ** s.length_penalty)
+        full = is_finished.all(-1, keepdim=True) & (s.early_stopping is True)
+        for excluded in (full, ~improvable, ~just):  # added one by one, as transformers does (same rounding)
+            fin_scores = fin_scores + excluded.float() * -1e9
+        merged = torch.topk(torch.cat([finished_scores, fin_scores], 1), nb).indices  # (B, nb)
+        finished = _gather_beams(torch.cat([finished, cand], 1), merged)
+        finished_scores = torch.cat([finished_scores, fin_scores], 1).gather(1, merged)
+        lengths = torch.full_like(token, cur + 1 - P)
+        finished_len = torch.cat([finished_len, lengths], 1).gather(1, merged)
+        is_finished = torch.cat([is_finished, just], 1).gather(1, merged)
+
+        # Stop when no running beam can beat the worst finished one (transformers' heuristics), when every
+        # beam finished under early_stopping=True, or when every candidate finished (max length).
+        steps = (max_len if s.early_stopping == "never" and s.length_penalty > 0 else cur + 1) - P
+        best_running = running_scores[:, :1] / (steps ** s.length_penalty)
+        worst_finished = torch.where(is_finished, finished_scores.min(1, keepdim=True).values, -1e9)
+        improvable = improvable & (best_running > worst_finished).any(-1, keepdim=True)
+        all_done = bool(is_finished.all()) and s.early_stopping is True
+        if not bool(improvable.any()) or all_done or bool(hits.all()):
+            break
+        run.reorder((torch.arange(B, device=device)[:, None] * nb + source_beam).view(-1))
+        logits = run.step(running[:, :, cur].reshape(-1))
+
+    nrs = s.num_return_sequences
+    out_len = P + int(finished_len[:, :nrs].max())
+    return finished[:, :nrs, :out_len].reshape(B * nrs, out_len)
+
+
+def check_decoder(model: Any) -> None:
+    if not isinstance(model, Decoder):
+        raise TypeError(f"generation needs an lmforge Decoder (a causal language model), got "
+                        f"{type(model).__name__}")
+    if model.config.head != "lm":
+        raise ValueError(f"generation needs a language-model head, this model has head={model.config.head!r}")
+
+
+def _default_mask(input_ids: Tensor, s: GenerationSettings, pad_given: bool) -> Tensor:
+    """As transformers infers it: mask pad ids only when the pad id is known and is no eos id."""
+    if pad_given and s.pad_id not in s.eos_ids and bool((input_ids == s.pad_id).any()):
+        return (input_ids != s.pad_id).long()
+    return torch.ones_like(input_ids)
+
+
+def _generator(seed: int | None, generator: torch.Generator | None,
+               device: torch.device) -> torch.Generator | None:
+    if seed is not None and generator is not None:
+        raise ValueError("give seed or generator, not both")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        return generator
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def prepare(model: Decoder, input_ids: Tensor, attention_mask: Tensor | None, kwargs: dict[str, Any]):
+    """Validate and expand the inputs: returns (settings, generator, input_ids, attention_mask, options)."""
+    check_decoder(model)
+    check_input_ids(input_ids, model.config.vocab_size)
+    options = {k: kwargs.pop(k) for k in ("seed", "generator", "tokenizer", "compile") if k in kwargs}
+    s = resolve_settings(model.config, input_ids.shape[1], **kwargs)
+    device = model.norm.weight.device
+    input_ids = input_ids.to(device=device, dtype=torch.long)
+    if attention_mask is None:
+        pad_known = kwargs.get("pad_token_id", model.config.pad_token_id) is not None
+        attention_mask = _default_mask(input_ids, s, pad_known)
+    elif attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids shape "
+                         f"{tuple(input_ids.shape)}")
+    attention_mask = attention_mask.to(device)
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("prompts must be left-padded: attention_mask must be 1 at every row's last position")
+    if s.stop_strings and options.get("tokenizer") is None:
+        raise ValueError("stop_strings needs tokenizer= to read the generated text")
+    expand = s.num_beams if s.num_beams > 1 else s.num_return_sequences
+    if expand > 1:
+        input_ids = input_ids.repeat_interleave(expand, dim=0)
+        attention_mask = attention_mask.repeat_interleave(expand, dim=0)
+    generator = _generator(options.get("seed"), options.get("generator"), device)
+    return s, generator, input_ids, attention_mask, options
+
+
+def generate_ids(model: Decoder, input_ids: Tensor, attention_mask: Tensor | None = None,
+                 **kwargs: Any) -> Tensor:
+    """Token ids as transformers' `model.generate` returns them: (B * num_return_sequences, T), prompt first;
+    rows that finished early are padded with the pad id (the model's, else the first eos id).
+
+    input_ids: (B, P) left-padded prompts; attention_mask: (B, P), 1 for real tokens (inferred from the pad id
+    when it is no eos id, else all ones). kwargs: the decoding settings of `resolve_settings`, plus seed (int)
+    or generator (torch.Generator) for sampling, tokenizer (for stop_strings) and compile (default: on CUDA;
+    the one-token step of the model's forward compiled with CUDA graphs over static cache buffers).
+    Raises TypeError/ValueError for bad inputs or settings, naming them.
+    """
+    s, generator, input_ids, attention_mask, options = prepare(model, input_ids, attention_mask,
+                                                                dict(kwargs))
+    with inference(model):
+        run = Decoding(model, input_ids, attention_mask, s.max_new_tokens, options.get("compile"))
+        if s.num_beams > 1:
+            return beam_search(run, input_ids, s, generator, options.get("tokenizer"))
+        tokens = list(token_loop(run, input_ids, s, generator, options.get("tokenizer")))
+        return torch.cat([input_ids, torch.stack(tokens, 1)], 1)

@@ -1,0 +1,217 @@
+"""Weight formats for inference, swapped into a model in place (gpt-fast's quantize.py is the shape followed).
+
+`quantize(model, "int8")` replaces every `nn.Linear` of a decoder (and, with tied embeddings, the token embedding
+that shares the head's weight) by a module that keeps the weight in another format; the float weight is dropped
+as each module is replaced, so no weight is ever held twice. The model's forward is unchanged: the modules take
+and return activations in the model's dtype.
+
+Formats (N output features, K input features):
+- `PackedLinear`: the float weight reordered once into oneDNN's blocked layout (CPU, float32 / bfloat16),
+  computed with oneDNN's inner product; the reordered weight replaces the plain one.
+- `Int8Linear`: int8 weights with one symmetric scale per output row; `torch.ops.aten._weight_int8pack_mm` on
+  the CPU (VNNI where the host has it), a dequantizing fallback elsewhere.
+- `Int4Linear`: 4-bit weights in groups of 32 along K with a scale and an offset per group,
+  w = (q - 8) * scale + zero, i.e. exactly GGUF's Q4_0 (zero = 0) and Q4_1 (zero = min + 8 * scale) blocks;
+  `torch.ops.aten._weight_int4pack_mm_for_cpu` in bfloat16.
+- `BlockInt8Linear` / `BlockInt8Embedding`: int8 weights with one scale per block of 32 along K, i.e. GGUF's
+  Q8_0; products dequantize a band of rows at a time, lookups dequantize the rows looked up.
+Quantized modules hold buffers, not parameters: they are for inference, not training.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["BlockInt8Embedding", "BlockInt8Linear", "Int4Linear", "Int8Embedding", "Int8Linear", "PackedLinear",
+           "QUANTIZED", "is_quantized", "quantize"]
+
+GROUP = 32  # elements per quantization block along K (GGUF's QK4_0 / QK4_1 / QK8_0)
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b through oneDNN, with W reordered once into its blocked layout (an opaque tensor)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None):
+        super().__init__()
+        if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) \
+                or not torch.backends.mkldnn.is_available():
+            raise ValueError(f"PackedLinear needs a float32 or bfloat16 CPU weight and oneDNN, got "
+                             f"{weight.dtype} on {weight.device}")
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.dtype = weight.dtype
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+        self.bias = None if bias is None else bias.detach()
+
+    @classmethod
+    def from_float(cls, weight: Tensor, bias: Tensor | None = None) -> PackedLinear:
+        return cls(weight, bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(_flat(x), self.weight, self.bias, "none", [], "")
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class Int8Linear(nn.Module):
+    """y = (x q^T) * scales + bias with q int8 (N, K) and scales (N,), symmetric per output row."""
+
+    def __init__(self, weight: Tensor, scales: Tensor, bias: Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("weight", weight)  # (N, K) int8
+        self.register_buffer("scales", scales)  # (N,) in the activations' dtype
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_float(cls, weight: Tensor, bias: Tensor | None = None) -> Int8Linear:
+        """Round each row of a float weight (N, K) to int8 steps of max|row| / 127."""
+        w = weight.detach().float()
+        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (N,)
+        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(q, scales.to(weight.dtype), None if bias is None else bias.detach())
+
+    def dequantize(self) -> Tensor:
+        return self.weight.to(self.scales.dtype) * self.scales[:, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.dtype == self.scales.dtype:
+            y = torch.ops.aten._weight_int8pack_mm(_flat(x), self.weight, self.scales)
+        else:
+            y = F.linear(_flat(x), self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Embedding(nn.Module):
+    """Token embeddings that read the rows of an `Int8Linear` head (tied weights: one int8 copy for both)."""
+
+    def __init__(self, head: Int8Linear):
+        super().__init__()
+        self.head = [head]  # a plain list: the head is the model's own module, not a child of this one
+
+    def forward(self, ids: Tensor) -> Tensor:
+        head = self.head[0]
+        return F.embedding(ids, head.weight).to(head.scales.dtype) * head.scales[ids, None]
+
+
+class Int4Linear(nn.Module):
+    """4-bit weights in groups of 32 along K: w = (q - 8) * scale + zero, q in [0, 16).
+
+    Stored in the layout of torch's CPU int4 kernel: `weight` (N, K / 2) uint8 and `scales_and_zeros`
+    (K / 32, N, 2) bfloat16, kept as its int16 bits so that casting the model (`model.to(dtype)`) leaves it as
+    the kernel needs it. Products run in bfloat16; activations are cast to it and back.
+    """
+
+    def __init__(self, weight: Tensor, scales_and_zeros: Tensor, bias: Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1] * 2, weight.shape[0]
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_blocks(cls, q: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None = None) -> Int4Linear:
+        """From q (N, K) integers in [0, 16) and scale, zero (N, K / 32): w = (q - 8) * scale + zero."""
+        N, K = q.shape
+        if K % GROUP or scale.shape != (N, K // GROUP) or zero.shape != scale.shape:
+            raise ValueError(f"int4 blocks need K divisible by {GROUP} and scale/zero of shape (N, K/{GROUP}); "
+                             f"got q {tuple(q.shape)}, scale {tuple(scale.shape)}, zero {tuple(zero.shape)}")
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        sz = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()  # (K/32, N, 2)
+        return cls(packed, sz.view(torch.int16), bias)
+
+    @classmethod
+    def from_float(cls, weight: Tensor, bias: Tensor | None = None) -> Int4Linear:
+        """Asymmetric 4-bit rounding of a float weight (N, K) per group of 32 (as GGUF's Q4_1)."""
+        N, K = weight.shape
+        w = weight.detach().float().view(N, K // GROUP, GROUP)
+        lo, hi = w.amin(-1), w.amax(-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-12)
+        q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).view(N, K)
+        return cls.from_blocks(q, scale, lo + 8 * scale, None if bias is None else bias.detach())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu":
+            raise RuntimeError("Int4Linear weights are packed for torch's CPU kernel; run the model on the CPU")
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(_flat(x).to(torch.bfloat16), self.weight, GROUP,
+                                                       self.scales_and_zeros.view(torch.bfloat16))
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class BlockInt8Linear(nn.Module):
+    """int8 weights with a scale per block of 32 along K (GGUF's Q8_0): w = q * scale.
+
+    `weight` (N, K) int8, `scales` (N, K / 32) float32. A product dequantizes `rows_per_band` rows at a time
+    into the activations' dtype (a transient band, not a second copy of the weight).
+    """
+
+    rows_per_band = 4096
+
+    def __init__(self, weight: Tensor, scales: Tensor, bias: Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", bias)
+
+    def rows(self, index: Tensor | slice, dtype: torch.dtype) -> Tensor:
+        """Dequantized rows (..., K) of the weight."""
+        q, s = self.weight[index], self.scales[index]
+        return (q.view(*q.shape[:-1], -1, GROUP).to(dtype) * s[..., None].to(dtype)).flatten(-2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = _flat(x)
+        bands = [F.linear(flat, self.rows(slice(i, i + self.rows_per_band), x.dtype))
+                 for i in range(0, self.out_features, self.rows_per_band)]
+        y = torch.cat(bands, dim=-1).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class BlockInt8Embedding(nn.Module):
+    """Token embeddings from the rows of a `BlockInt8Linear` (tied head and embeddings share it)."""
+
+    def __init__(self, table: BlockInt8Linear, dtype: torch.dtype):
+        super().__init__()
+        self.table = [table]  # not a child: with tied weights the head owns it
+        self.dtype = dtype
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.table[0].rows(ids, self.dtype)
+
+
+QUANTIZED = (Int8Linear, Int4Linear, BlockInt8Linear, PackedLinear)
+_FORMATS = {"int8": Int8Linear, "int4": Int4Linear, "packed": PackedLinear}
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether any module of `model` holds quantized weights."""
+    return any(isinstance(m, QUANTIZED) for m in model.modules())
+
+
+def quantize(model: nn.Module, kind: str) -> nn.Module:
+    """Replace every `nn.Linear` of `model` by the `kind` format ("int8", "int4" or "packed"), in place;
+    returns `model`.
+
+    With tied embeddings (`config.tie_embeddings`), int8 makes the token embedding read the head's int8 rows
+    (one copy for both); int4 and packed leave the tied head as it is (their rows cannot be looked up, and a
+    second copy is never made). Raises ValueError for an unknown kind.
+    """
+    if kind not in _FORMATS:
+        raise ValueError(f"unknown weight format {kind!r}; expected one of {', '.join(_FORMATS)}")
+    cls = _FORMATS[kind]
+    tied = getattr(getattr(model, "config", None), "tie_embeddings", False) and hasattr(model, "lm_head")
+    names = [name for name, m in model.named_modules()
+             if type(m) is nn.Linear and not (tied and kind != "int8" and name == "lm_head")]
+    with torch.no_grad():
+        for name in names:
+            linear = model.get_submodule(name)
+            model.set_submodule(name, cls.from_float(linear.weight, linear.bias))
+        if tied and kind == "int8":
+            model.embed_tokens = Int8Embedding(model.lm_head)
+    return model
