@@ -1,150 +1,215 @@
-"""Generation speed: lmforge against transformers' `generate`, same weights, same dtype, in one run.
+"""Generation speed and memory: lmforge against transformers' `generate` and llama.cpp, alternating call by call.
 
-    python benchmarks/generate.py                # CPU: SmolLM2-135M, batch-1 greedy, 10 samples; fp32, bf16
-    python benchmarks/generate.py --device cuda  # GPU: SmolLM2-135M and GPT-2-124M shape, batch 1 and 64
+    python benchmarks/generate.py                  # CPU: SmolLM2-135M; fp32, bf16, int8, the GGUF's Q4_1 kept
+    python benchmarks/generate.py --skip-rss       # speed only
+    python benchmarks/generate.py --device cuda    # GPU: bf16 batch 1 and 64, compiled step vs transformers eager
 
-Each case times whole `generate` calls (prefill included) producing exactly --new-tokens tokens per row
-(min_new_tokens keeps eos away) and prints the medians, tokens/s and the lmforge / transformers ratio. It also
-prints tokens/s as a fraction of the memory-bandwidth bound: a decode step must read every weight once, so
-tokens/s <= batch * read bandwidth / weight bytes, with the read bandwidth measured here (a large `sum`).
+Every case times whole generate calls (prefill included) of exactly --new-tokens tokens per row after a fixed
+English prompt, lmforge and its reference called in turn for --rounds rounds, and prints tokens/s (medians) and
+the per-round speed ratio lmforge / reference as median [min - max]. Batch-1 cases also print lmforge's fraction
+of the bandwidth bound: a decode step reads every weight once, so tokens/s <= read bandwidth / weight bytes (the
+bandwidth measured here by a streaming `sum`). References: transformers (the same weights, saved by lmforge as an
+HF folder and loaded by transformers, in the same dtype; int8 and Q4_1 against its float32) and, when
+llama-cpp-python is installed, llama.cpp on the same GGUF file (2 threads, greedy and 10 samples one after the
+other, as its Python API generates them). Peak resident memory (ru_maxrss) of `lmforge generate` and of the same
+generation with transformers, each in a fresh process.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import itertools
+import json
+import resource
+import subprocess
+import sys
 import tempfile
-import time
-from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from common import alternate, host, ratio_summary, read_bandwidth
 
-from lmforge.config import ModelConfig
-from lmforge.generation import DecodeStep, generate_ids
+from lmforge.generation import generate_ids
 from lmforge.io import load_model, save_model
 from lmforge.models import Decoder
+from lmforge.registry import packaged_path
+from lmforge.tokenizer import Tokenizer
 
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    fn()  # warm-up: builds lmforge's decode step / compiles CUDA graphs, fills allocator caches
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def read_bandwidth(device: torch.device) -> float:
-    """Bytes/s of a streaming read (`sum` over 512 MiB of fp32), median of 5."""
-    x = torch.ones(128 * 2**20, device=device)
-    return x.numel() * 4 / median_seconds(lambda: x.sum(), 5, device)
+PROMPT = "The old lighthouse keeper climbed the stairs each evening and"
+MODEL = "smollm2-135m-instruct"
 
 
 def weight_bytes(model: Decoder) -> int:
-    """Bytes one decode step reads: every matrix once (a tied head counts once; embedding rows are few)."""
+    """Bytes one decode step reads: every weight once (a tied head once; embedding rows are few)."""
     seen, total = set(), 0
-    for name, p in model.named_parameters():
-        if p.data_ptr() in seen or name.startswith("embed_positions"):
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    for name, t in tensors:
+        if t.data_ptr() in seen or "kv_cache" in name or name.startswith("embed_positions"):
             continue
-        seen.add(p.data_ptr())
-        total += p.numel() * p.element_size()
-    if not model.config.tie_embeddings:
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    if not model.config.tie_embeddings and hasattr(model.embed_tokens, "weight"):
         total -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
     return total
 
 
-def as_transformers(model: Decoder, dtype: torch.dtype, device: torch.device):
-    """The same weights in transformers: saved by lmforge in Hugging Face layout, loaded back."""
+def transformers_model(folder: Path, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM
 
-    with tempfile.TemporaryDirectory() as folder:
-        save_model(model, folder)
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
 
 
-def run_case(name: str, model: Decoder, hf, ids: torch.Tensor, new: int, repeats: int, bandwidth: float,
-             **kw) -> None:
-    device = ids.device
-    rows = ids.shape[0] * kw.get("num_return_sequences", 1)
-    kw = dict(max_new_tokens=new, min_new_tokens=new, **kw)
+def lmforge_call(model: Decoder, ids: torch.Tensor, new: int, **kw):
     seed = {"seed": 0} if kw.get("do_sample") else {}
-    ours = median_seconds(lambda: generate_ids(model, ids, **kw, **seed), repeats, device)
-    with torch.inference_mode():  # both sample with transformers' defaults (top_k 50) when sampling
-        mask = torch.ones_like(ids)
-        theirs = median_seconds(lambda: hf.generate(ids, attention_mask=mask, **kw), repeats, device)
-    bound = rows * bandwidth / weight_bytes(model)
-    tps_ours, tps_theirs = rows * new / ours, rows * new / theirs
-    print(f"{name:<44} lmforge {tps_ours:8.1f} tok/s ({ours:6.3f} s) | transformers {tps_theirs:8.1f} tok/s "
-          f"({theirs:6.3f} s) | ratio {tps_ours / tps_theirs:5.2f}x | bound {bound:8.0f} tok/s: lmforge "
-          f"{tps_ours / bound:5.1%}, transformers {tps_theirs / bound:5.1%}")
+    return lambda: generate_ids(model, ids, max_new_tokens=new, min_new_tokens=new, **kw, **seed)
 
 
-def same_greedy_tokens(model: Decoder, hf, ids: torch.Tensor, new: int) -> bool:
-    ours = generate_ids(model, ids, max_new_tokens=new)
-    with torch.inference_mode():
-        theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False)
-    return ours.shape == theirs.shape and bool(torch.equal(ours.cpu(), theirs.cpu()))
+def transformers_call(hf, ids: torch.Tensor, new: int, **kw):
+    mask = torch.ones_like(ids)
+
+    def call():
+        with torch.inference_mode():  # both sample with transformers' defaults (top_k 50) when sampling
+            return hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, **kw)
+    return call
+
+
+def llama_cpp_call(llm, ids: torch.Tensor, new: int, samples: int):
+    prompt = ids[0].tolist()
+
+    def call():
+        for _ in range(samples):
+            llm.reset()  # no reuse of the previous call's prompt: every call runs its prefill
+            sampled = dict(temp=0.9, top_k=50, top_p=1.0) if samples > 1 else dict(temp=0.0, top_k=1)
+            list(itertools.islice(llm.generate(prompt, reset=False, **sampled), new))
+    return call
+
+
+def report(name: str, rows: int, new: int, ours: list[float], theirs: list[float], ref: str,
+           bound: float | None = None) -> None:
+    med, lo, hi = ratio_summary(ours, theirs)
+    tps = [rows * new / sorted(t)[len(t) // 2] for t in (ours, theirs)]
+    extra = f" | lmforge at {tps[0] / bound:4.0%} of the {bound:.0f} tok/s bound" if bound else ""
+    print(f"{name:<34} lmforge {tps[0]:7.1f} tok/s | {ref} {tps[1]:7.1f} tok/s | "
+          f"ratio {med:4.2f}x [{lo:.2f}-{hi:.2f}]{extra}", flush=True)
+
+
+def peak_rss(argv: list[str]) -> float:
+    """Peak resident memory (MB) of a fresh `python benchmarks/generate.py --rss-worker ...` process."""
+    out = subprocess.run([sys.executable, __file__, "--rss-worker", *argv], capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def rss_worker(side: str, dtype: str, folder: str) -> None:
+    """Generate 8 tokens greedily from PROMPT as a user would, then print this process's peak RSS."""
+    torch.set_num_threads(2)
+    if side == "lmforge":
+        from lmforge.cli import main
+
+        flags = ["--keep-quantized"] if dtype == "keep-quantized" else ["--dtype", dtype]
+        main(["generate", PROMPT, "--max-new-tokens", "8", "--temperature", "0", "--model", MODEL, *flags])
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+        with torch.inference_mode():
+            ids = tok(PROMPT, return_tensors="pt")
+            print(tok.decode(model.generate(**ids, max_new_tokens=8, do_sample=False)[0]))
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def cpu_cases(args: argparse.Namespace, folder: Path, ids: torch.Tensor, bandwidth: float) -> None:
+    cpu = torch.device("cpu")
+    new, rounds = args.new_tokens, args.rounds
+    sampled = dict(do_sample=True, num_return_sequences=10)
+    hf = {name: transformers_model(folder, getattr(torch, name), cpu) for name in ("float32", "bfloat16")}
+    fp32 = load_model(MODEL, dtype=torch.float32)
+    same = torch.equal(generate_ids(fp32, ids, max_new_tokens=new),
+                       hf["float32"].generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                              do_sample=False))
+    print(f"greedy tokens identical to transformers in float32 ({new} new): {same}")
+
+    models = {"float32": fp32, "bfloat16": load_model(MODEL, dtype=torch.bfloat16),
+              "int8": load_model(MODEL, dtype=torch.bfloat16, quantize="int8"),
+              "Q4_1 kept": load_model(MODEL, keep_quantized=True)}
+    for name, model in models.items():
+        print(f"  {name}: {weight_bytes(model) / 1e6:.0f} MB of weights read per token")
+    for name, model in models.items():
+        ref_name = name if name in hf else "float32"
+        bound = bandwidth / weight_bytes(model)
+        ours, theirs = alternate([lmforge_call(model, ids, new), transformers_call(hf[ref_name], ids, new)], rounds)
+        report(f"batch-1 greedy, {name}", 1, new, ours, theirs, f"transformers {ref_name}", bound)
+        if name in ("float32", "bfloat16"):
+            ours, theirs = alternate([lmforge_call(model, ids, new, **sampled),
+                                      transformers_call(hf[name], ids, new, **sampled)], rounds)
+            report(f"10 sampled, {name}", 10, new, ours, theirs, f"transformers {name}")
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama.cpp: llama-cpp-python is not installed (pip install llama-cpp-python); skipped")
+        return
+    llm = Llama(model_path=str(packaged_path(MODEL)), n_threads=2, n_threads_batch=2, n_ctx=256, verbose=False)
+    for name in ("Q4_1 kept", "int8", "bfloat16"):
+        ours, theirs = alternate([lmforge_call(models[name], ids, new), llama_cpp_call(llm, ids, new, 1)], rounds)
+        report(f"batch-1 greedy, {name}", 1, new, ours, theirs, "llama.cpp Q4_1")
+    for name in ("Q4_1 kept", "bfloat16"):
+        ours, theirs = alternate([lmforge_call(models[name], ids, new, **sampled),
+                                  llama_cpp_call(llm, ids, new, 10)], max(2, rounds // 2))
+        report(f"10 sampled, {name}", 10, new, ours, theirs, "llama.cpp Q4_1")
+
+
+def cuda_cases(args: argparse.Namespace, folder: Path, ids: torch.Tensor, bandwidth: float) -> None:
+    cuda = torch.device(args.device)
+    model = load_model(MODEL, dtype=torch.bfloat16, device=cuda)
+    hf = transformers_model(folder, torch.bfloat16, cuda)
+    for batch in (1, 64):
+        rows = ids.to(cuda).expand(batch, -1).contiguous()
+        ours, theirs = alternate([lmforge_call(model, rows, args.new_tokens),
+                                  transformers_call(hf, rows, args.new_tokens)], args.rounds, cuda)
+        report(f"batch-{batch} greedy, bfloat16 (compiled)", batch, args.new_tokens, ours, theirs,
+               "transformers eager", bandwidth * batch / weight_bytes(model))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--prompt-tokens", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--skip-rss", action="store_true", help="no peak-memory measurements")
+    parser.add_argument("--rss-worker", nargs=3, metavar=("SIDE", "DTYPE", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rss_worker:
+        return rss_worker(*args.rss_worker)
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    print(host())
     bandwidth = read_bandwidth(device)
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-          f"measured read bandwidth {bandwidth / 1e9:.1f} GB/s; prompt {args.prompt_tokens} tokens, "
-          f"{args.new_tokens} new tokens, median of {args.repeats}")
-    g = torch.Generator().manual_seed(0)
-
-    if device.type == "cpu":
-        cases = [("float32", [("batch-1 greedy", 1, {}), ("10 sampled sequences", 1,
-                                                          dict(do_sample=True, num_return_sequences=10))]),
-                 ("bfloat16", [("batch-1 greedy", 1, {}), ("10 sampled sequences", 1,
-                                                           dict(do_sample=True, num_return_sequences=10))])]
-        models = [("SmolLM2-135M", None)]
-    else:
-        cases = [("bfloat16", [("batch-1 greedy", 1, {}), ("batch-64 greedy", 64, {})])]
-        models = [("SmolLM2-135M", None), ("GPT-2-124M shape (random)", "gpt2")]
-
-    for model_name, preset in models:
-        for dtype_name, dtype_cases in cases:
-            dtype = getattr(torch, dtype_name)
-            if preset is None:
-                model = load_model("smollm2-135m-instruct", dtype=dtype, device=device)
-            else:
-                torch.manual_seed(0)
-                model = Decoder(ModelConfig.from_name(preset)).to(device=device, dtype=dtype).eval()
-            hf = as_transformers(model, dtype, device)
-            t = time.perf_counter()
-            DecodeStep.for_model(model)
-            print(f"\n{model_name} {dtype_name}: {weight_bytes(model) / 1e6:.0f} MB of weights per token; "
-                  f"decode step built in {time.perf_counter() - t:.2f} s")
-            vocab = model.config.vocab_size
-            if dtype == torch.float32:
-                prompt = torch.randint(0, vocab, (1, args.prompt_tokens), generator=g).to(device)
-                print(f"greedy tokens identical to transformers ({args.new_tokens} new): "
-                      f"{same_greedy_tokens(model, hf, prompt, args.new_tokens)}")
-            for case, batch, kw in dtype_cases:
-                ids = torch.randint(0, vocab, (batch, args.prompt_tokens), generator=g).to(device)
-                run_case(f"{case} {dtype_name}", model, hf, ids, args.new_tokens, args.repeats, bandwidth,
-                         **kw)
-            del model, hf
+    tokenizer = Tokenizer.for_model(MODEL)
+    ids = torch.tensor([tokenizer.encode(PROMPT)])
+    print(f"{MODEL}; prompt of {ids.shape[1]} tokens, {args.new_tokens} new tokens, {args.rounds} alternating "
+          f"rounds; streaming read {bandwidth / 1e9:.1f} GB/s")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        save_model(load_model(MODEL, dtype=torch.float32), folder)
+        tokenizer.save(folder)
+        if device.type == "cuda":
+            cuda_cases(args, folder, ids, bandwidth)
+            return None
+        cpu_cases(args, folder, ids, bandwidth)
+        if not args.skip_rss:
+            rss = {(side, dtype): peak_rss([side, dtype, str(folder)])
+                   for side, dtypes in (("lmforge", ("float32", "bfloat16", "int8", "keep-quantized")),
+                                        ("transformers", ("float32", "bfloat16")))
+                   for dtype in dtypes}
+            print("peak resident memory, `generate` of 8 tokens in a fresh process: " + ", ".join(
+                f"{side} {dtype} {mb:.0f} MB" for (side, dtype), mb in rss.items()))
+            for dtype in ("float32", "bfloat16"):
+                print(f"  lmforge / transformers, {dtype}: {rss['lmforge', dtype] / rss['transformers', dtype]:.2f}x")
+            for dtype in ("int8", "keep-quantized"):
+                print(f"  lmforge {dtype} / lmforge float32: {rss['lmforge', dtype] / rss['lmforge', 'float32']:.2f}x")
+    return None
 
 
 if __name__ == "__main__":

@@ -103,8 +103,12 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts (batched, left-padded)")
     p.add_argument("--model", default="default",
                    help="HF folder, .gguf file or packaged name (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="auto",
-                   help="weights dtype; auto: bfloat16 on CUDA and on CPUs with native bf16, else float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "int8", "int4", "auto"], default="auto",
+                   help="weights: float32, bfloat16, or int8 / int4 (weight-only quantization, activations in "
+                        "bfloat16 where the CPU has it); auto: bfloat16 on CUDA and on CPUs with native bf16, "
+                        "else float32")
+    p.add_argument("--keep-quantized", action="store_true",
+                   help="GGUF files: compute with the file's Q4_0 / Q4_1 / Q8_0 blocks as they are (CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     p.add_argument("--max-length", type=int, help="prompt + new tokens, as in transformers (default 20)")
     p.add_argument("--max-new-tokens", type=int, help="new tokens (instead of --max-length)")
@@ -134,8 +138,13 @@ def _generate(args: argparse.Namespace) -> int:
     from lmforge.tokenizer import Tokenizer
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    dtype = preferred_dtype(device) if args.dtype == "auto" else args.dtype
-    model = load_model(args.model, dtype=dtype, device=device)
+    quantize = args.dtype if args.dtype in ("int8", "int4") else None
+    if args.keep_quantized and quantize:
+        raise ValueError("--keep-quantized computes with the GGUF file's own blocks; it cannot be combined with "
+                         f"--dtype {args.dtype}")
+    dtype = preferred_dtype(device) if args.dtype == "auto" or quantize else args.dtype
+    model = load_model(args.model, dtype=dtype, device=device, quantize=quantize,
+                       keep_quantized=args.keep_quantized)
     tokenizer = Tokenizer.for_model(args.model)
     names = ("max_length", "max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "min_p",
              "repetition_penalty", "no_repeat_ngram_size", "num_beams", "num_return_sequences",

@@ -154,9 +154,10 @@ def build_loaded(config: ModelConfig, state: dict[str, Tensor], *, dtype: torch.
         owner = name.removesuffix(".weight")
         if f"{owner}.bias" in state:
             module.bias = model.get_submodule(owner).bias.detach()
-        if owner == "embed_tokens":  # tied embeddings: one quantized table for the lookups and the head
-            model.lm_head = module
+        if owner == "embed_tokens":  # with tied embeddings one quantized table serves lookups and the head
             model.embed_tokens = BlockInt8Embedding(module, dtype)
+            if config.tie_embeddings:
+                model.lm_head = module
         else:
             model.set_submodule(owner, module)
     if config.tie_embeddings and "embed_tokens.weight" not in modules:  # assign=True replaced one side only

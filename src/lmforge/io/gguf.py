@@ -320,11 +320,15 @@ def tensor_plan(reader: GGUFReader, source: Path, config: ModelConfig) -> dict[s
 def _convert_tensors(reader: GGUFReader, source: Path, config: ModelConfig,
                      keep_quantized: bool = False) -> dict[str, Tensor | nn.Module]:
     """Every lmforge tensor of the file (parts stacked, rotary rows un-permuted): dequantized to float32, or
-    with `keep_quantized` a module holding the blocks when every part is Q4_0, Q4_1 or Q8_0."""
+    with `keep_quantized` a module holding the blocks when every part is Q4_0, Q4_1 or Q8_0 (for the token
+    embeddings Q8_0 only: 4-bit rows are packed for products, not for lookups)."""
     tensors: dict[str, Tensor | nn.Module] = {}
     for name, parts in tensor_plan(reader, source, config).items():
         kinds = {GGMLQuantizationType(t.tensor_type) for t, _ in parts}
-        if keep_quantized and name.endswith(".weight") and len(kinds) == 1 and kinds <= set(_BLOCK_KINDS):
+        keep = keep_quantized and name.endswith(".weight") and len(kinds) == 1 and kinds <= set(_BLOCK_KINDS)
+        if name.startswith("embed_") and kinds != {Q.Q8_0}:
+            keep = False  # embeddings are looked up by row: only Q8_0 rows are read as they are
+        if keep:
             blocks = [[_unpermute_rotary(b, heads) if heads else b for b in _blocks(t)] for t, heads in parts]
             tensors[name] = _BLOCK_KINDS[kinds.pop()](*(torch.cat(b) for b in zip(*blocks, strict=True)))
             continue

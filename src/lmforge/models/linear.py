@@ -71,9 +71,9 @@ class Int8Linear(nn.Module):
     def from_float(cls, weight: Tensor, bias: Tensor | None = None) -> Int8Linear:
         """Round each row of a float weight (N, K) to int8 steps of max|row| / 127."""
         w = weight.detach().float()
-        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (N,)
-        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(q, scales.to(weight.dtype), None if bias is None else bias.detach())
+        scales = (w.abs().amax(dim=1).clamp(min=1e-12) / 127.0).to(weight.dtype)  # (N,), as the kernel reads them
+        q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(q, scales, None if bias is None else bias.detach())
 
     def dequantize(self) -> Tensor:
         return self.weight.to(self.scales.dtype) * self.scales[:, None]
