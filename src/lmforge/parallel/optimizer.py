@@ -294,6 +294,7 @@ def DistributedOptimizer(
 def broadcast_parameters(
     params: dict[str, Tensor] | Iterable[tuple[str, Tensor]],
     root_rank: int = 0,
+    *,
     process_set: ProcessSet = global_process_set,
 ) -> None:
     """Overwrite, in place, every tensor of a state_dict or of named_parameters() with root_rank's value."""
@@ -364,7 +365,7 @@ def _create_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 def broadcast_optimizer_state(
-    optimizer: torch.optim.Optimizer, root_rank: int = 0, process_set: ProcessSet = global_process_set
+    optimizer: torch.optim.Optimizer, root_rank: int = 0, *, process_set: ProcessSet = global_process_set
 ) -> None:
     """Make every rank's optimizer state (hyperparameters and per-parameter state) equal to root_rank's.
 
