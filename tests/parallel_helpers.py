@@ -180,7 +180,9 @@ def _run_phases(phases: list[Phase], report_port: int, boundary_s: float) -> Non
             try:
                 check(n, r)
                 error = ""
-            except Exception:
+            except BaseException as err:  # pytest.fail / pytest.raises raise a BaseException (Failed)
+                if isinstance(err, KeyboardInterrupt):
+                    raise
                 error = traceback.format_exc()
                 hvd.shutdown()
             store.set(f"{key}/{r}", error or "ok")
