@@ -33,6 +33,8 @@ from lmforge.parallel import collectives as C
 from lmforge.parallel import runtime
 from lmforge.parallel.process_sets import ProcessSet, global_process_set
 
+_created = 0  # DistributedOptimizers made by this process
+
 
 @dataclass
 class _Bucket:
@@ -84,6 +86,9 @@ class _DistributedOptimizerMixin:
         self._op = op
         self._prescale = 1.0 / gradient_predivide_factor
         self._postscale = gradient_predivide_factor
+        global _created
+        _created += 1  # every rank wraps its optimizers in the same order, so the names agree
+        self._prefix = f"DistributedOptimizer{_created}"  # collective names, distinct per optimizer
         self._sparse_as_dense = bool(sparse_as_dense)
         self._process_set = process_set
         self._should_synchronize = True
@@ -139,12 +144,12 @@ class _DistributedOptimizerMixin:
             elif p.grad.is_sparse and not self._sparse_as_dense:
                 view.zero_()
                 bucket.sparse[i] = C.sparse_allreduce_async(
-                    p.grad, f"DistributedOptimizer.sparse.{bucket.names[i]}", self._op, self._process_set)
+                    p.grad, f"{self._prefix}.sparse.{bucket.names[i]}", self._op, self._process_set)
             else:
                 view.copy_((p.grad.to_dense() if p.grad.is_sparse else p.grad).reshape(-1))
             offset += p.numel()
         bucket.handle = C.allreduce_async_(
-            bucket.buffer, name=f"DistributedOptimizer.bucket{bucket.index}", op=self._op,
+            bucket.buffer, name=f"{self._prefix}.bucket{bucket.index}", op=self._op,
             prescale_factor=self._prescale, postscale_factor=self._postscale, process_set=self._process_set,
             compression=self._compression,
         )

@@ -51,6 +51,7 @@ class _State:
 
 _state: _State | None = None
 _base_store: Any = None  # the store every init of this process talks through, under a fresh prefix
+_base_key: tuple[str, ...] = ()  # the torchrun variables it was made for
 _inits = 0  # process groups this process has created; the prefix of the next one
 
 
@@ -67,9 +68,11 @@ def _env_flag(name: str, default: bool) -> bool:
 
 def _fresh_store(timeout: datetime.timedelta) -> Any:
     """The process-lifetime store (torch's env:// rendezvous, created once) under a prefix new to this init."""
-    global _base_store, _inits
-    if _base_store is None:
+    global _base_store, _base_key, _inits
+    key = tuple(os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"))
+    if _base_store is None or key != _base_key:
         _base_store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+        _base_key = key
     _inits += 1
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun's store outlives restarts too
     return dist.PrefixStore(f"lmforge/attempt{attempt}/init{_inits}", _base_store)
