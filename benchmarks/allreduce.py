@@ -7,9 +7,10 @@ Launches itself under torchrun (`python -m torch.distributed.run --nproc-per-nod
 For every size (float32, powers of 4) it alternates, repetition by repetition, raw `dist.all_reduce(t)`,
 `hvd.allreduce_(t, op=hvd.Sum)` with the collective check on (the default: one extra all-gather of 8 int64
 per rank before the data) and with it off (`init(check=False)`), each after a barrier; a repetition's time is
-the slowest rank's. Reports medians, algbw = bytes / time and busbw = algbw x 2(N-1)/N (nccl-tests'
-definitions), each path's overhead over raw torch.distributed, and the median over sizes >= 1 MB and rank
-counts of the per-size overheads (target: <= 5% for the checked path).
+the slowest rank's; the order of the three paths rotates from one repetition to the next. Reports median
+times, algbw = bytes / time and busbw = algbw x 2(N-1)/N (nccl-tests' definitions), each path's overhead over
+raw torch.distributed as the median [quartiles] of per-repetition ratios, and the median over sizes >= 1 MB
+and rank counts of those per-size medians (target: <= 5% for the checked path).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def sizes(lo: int, hi: int) -> list[int]:
 
 
 def repetitions(nbytes: int) -> int:
-    return 50 if nbytes <= 2**20 else 10 if nbytes <= 16 * 2**20 else 5
+    return 50 if nbytes <= 2**20 else 12 if nbytes <= 16 * 2**20 else 6
 
 
 def timed(fn) -> float:
@@ -89,20 +90,34 @@ def worker(args: argparse.Namespace) -> None:
         def ours(tensor: torch.Tensor = tensor) -> None:
             hvd.allreduce_(tensor, op=hvd.Sum)
 
+        def checked() -> float:
+            hvd.init()  # the default: checked (reuses the process group; the mode is a local flag)
+            try:
+                return timed(ours)
+            finally:
+                hvd.shutdown()
+
+        def unchecked() -> float:
+            hvd.init(check=False)
+            try:
+                return timed(ours)
+            finally:
+                hvd.shutdown()
+
+        paths = {"torch": lambda: timed(raw), "unchecked": unchecked, "checked": checked}
         for rep in range(repetitions(nbytes) + 1):  # the first round warms up and is dropped
-            hvd.init(check=False)  # reuses the process group; switching modes is a local flag
-            t_raw, t_unchecked = timed(raw), timed(ours)
-            hvd.shutdown()
-            hvd.init()  # the default: checked
-            t_checked = timed(ours)
-            hvd.shutdown()
+            order = list(paths)[rep % 3:] + list(paths)[: rep % 3]  # rotate: no path always goes first
+            measured = {name: paths[name]() for name in order}
             if rep:
-                times["torch"].append(t_raw)
-                times["unchecked"].append(t_unchecked)
-                times["checked"].append(t_checked)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        rows.append({"ranks": n, "bytes": nbytes, "signature_s": round_trip,
-                     **{f"{k}_s": v for k, v in med.items()}})
+                for name, seconds in measured.items():
+                    times[name].append(seconds)
+        row = {"ranks": n, "bytes": nbytes, "signature_s": round_trip,
+               **{f"{k}_s": statistics.median(v) for k, v in times.items()}}
+        for path in ("checked", "unchecked"):  # per-repetition ratios against torch, then their quartiles
+            q1, q2, q3 = statistics.quantiles([a / b for a, b in zip(times[path], times["torch"], strict=True)],
+                                              n=4)
+            row[f"{path}_ratio"], row[f"{path}_q1"], row[f"{path}_q3"] = q2, q1, q3
+        rows.append(row)
     if dist.get_rank() == 0:
         print(json.dumps(rows))
     dist.destroy_process_group()
@@ -115,15 +130,20 @@ def table(rows: list[dict]) -> str:
         f"ranks={n}  (gloo, CPU, float32, Sum; busbw = algbw x {factor:.2f}; overhead vs torch.distributed; "
         f"the check's all-gather of 8 int64 alone: {rows[0]['signature_s'] * 1e6:.0f} us)",
         f"{'size':>8} | {'torch us':>10} {'algbw GB/s':>10} {'busbw':>7} | {'checked us':>10} {'busbw':>7} "
-        f"{'overhead':>8} | {'unchecked us':>12} {'overhead':>8}",
+        f"{'overhead [q1, q3]':>22} | {'unchecked us':>12} {'overhead [q1, q3]':>22}",
     ]
+
+    def overhead(row: dict, path: str) -> str:
+        pct = [(row[f"{path}_{k}"] - 1) * 100 for k in ("ratio", "q1", "q3")]
+        return f"{pct[0]:6.1f}% [{pct[1]:5.1f}, {pct[2]:5.1f}]"
+
     for row in rows:
         raw, checked, unchecked = row["torch_s"], row["checked_s"], row["unchecked_s"]
         algbw = row["bytes"] / raw / 1e9
         lines.append(
             f"{human(row['bytes']):>8} | {raw * 1e6:10.1f} {algbw:10.3f} {algbw * factor:7.3f} | "
-            f"{checked * 1e6:10.1f} {row['bytes'] / checked / 1e9 * factor:7.3f} "
-            f"{(checked / raw - 1) * 100:7.1f}% | {unchecked * 1e6:12.1f} {(unchecked / raw - 1) * 100:7.1f}%"
+            f"{checked * 1e6:10.1f} {row['bytes'] / checked / 1e9 * factor:7.3f} {overhead(row, 'checked'):>22} | "
+            f"{unchecked * 1e6:12.1f} {overhead(row, 'unchecked'):>22}"
         )
     return "\n".join(lines)
 
@@ -164,7 +184,7 @@ def main() -> None:
         all_rows += rows
     big = [r for r in all_rows if r["bytes"] >= 2**20]
     for path, target in (("checked", " (target <= 5%)"), ("unchecked", "")):
-        overheads = sorted((r[f"{path}_s"] / r["torch_s"] - 1) * 100 for r in big)
+        overheads = sorted((r[f"{path}_ratio"] - 1) * 100 for r in big)
         if overheads:
             print(f"{path} overhead at >= 1 MB over {len(overheads)} (size, ranks) pairs: median "
                   f"{statistics.median(overheads):.1f}%, range {overheads[0]:.1f}% .. {overheads[-1]:.1f}%{target}")
