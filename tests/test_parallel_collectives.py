@@ -516,12 +516,24 @@ def check_adasum(n: int, r: int) -> None:
 
 
 def check_reinit(n: int, r: int) -> None:
-    """shutdown() + init() inside a run joins a fresh group that works at once."""
+    """shutdown() + init() inside a run joins a fresh group that works at once; init(process_sets=...)
+    registers sets as Horovod's does, and shutdown() drops them."""
     for i in range(3):
         hvd.shutdown()
         hvd.init(timeout=30)
         _close(hvd.allreduce(torch.full((1,), float(i)), op=hvd.Sum), torch.full((1,), float(n * i)),
                torch.float32)
+    hvd.shutdown()
+    first_two = hvd.ProcessSet([0, 1])
+    hvd.init(timeout=30, process_sets=[first_two])
+    assert first_two.process_set_id is not None
+    if r < 2:
+        _close(hvd.allreduce(torch.ones(1), op=hvd.Sum, process_set=first_two), torch.full((1,), 2.0),
+               torch.float32)
+    hvd.barrier()
+    hvd.shutdown()
+    assert first_two.process_set_id is None
+    hvd.init(timeout=30)
 
 
 def check_names_exist(n: int, r: int) -> None:
