@@ -524,15 +524,16 @@ def check_reinit(n: int, r: int) -> None:
         _close(hvd.allreduce(torch.full((1,), float(i)), op=hvd.Sum), torch.full((1,), float(n * i)),
                torch.float32)
     hvd.shutdown()
-    first_two = hvd.ProcessSet([0, 1])
-    hvd.init(timeout=30, process_sets=[first_two])
-    assert first_two.process_set_id is not None
-    if r < 2:
-        _close(hvd.allreduce(torch.ones(1), op=hvd.Sum, process_set=first_two), torch.full((1,), 2.0),
+    ranks = list(range(n - 1))  # not every rank: a set equal to the global one is a duplicate
+    some = hvd.ProcessSet(ranks)
+    hvd.init(timeout=30, process_sets=[some])
+    assert some.process_set_id is not None
+    if r in ranks:
+        _close(hvd.allreduce(torch.ones(1), op=hvd.Sum, process_set=some), torch.full((1,), float(n - 1)),
                torch.float32)
     hvd.barrier()
     hvd.shutdown()
-    assert first_two.process_set_id is None
+    assert some.process_set_id is None
     hvd.init(timeout=30)
 
 
