@@ -80,8 +80,11 @@ def _compare(make_opt: Callable[[nn.Module], torch.optim.Optimizer], n: int, r: 
              make_model: Callable[[], nn.Module] = _mlp, ref_lr_scale: float = 1.0, **kwargs) -> nn.Module:
     """Train distributed (this rank's shard) and single-process (whole batch); assert the parameters agree."""
     dist_kw = {k: kwargs.pop(k) for k in ("backward_passes_per_step", "compression", "op", "bucket_cap_mb",
-                                          "gradient_predivide_factor", "sparse_as_dense") if k in kwargs}
+                                          "gradient_predivide_factor", "sparse_as_dense", "num_groups", "groups")
+               if k in kwargs}
     model = make_model()
+    if callable(dist_kw.get("groups")):
+        dist_kw["groups"] = dist_kw["groups"](model)
     opt = hvd.DistributedOptimizer(make_opt(model), model.named_parameters(), **dist_kw)
     _train(model, opt, slice(r * SHARD, (r + 1) * SHARD), n, micro=dist_kw.get("backward_passes_per_step", 1),
            **kwargs)
@@ -114,6 +117,17 @@ def check_matches_single_process(n: int, r: int) -> None:
     _compare(_adam, n, r, bucket_cap_mb=0.0005)  # ~500 bytes: many buckets
     _compare(_sgd, n, r, gradient_predivide_factor=2.0)
     _compare(_sgd, n, r, op=hvd.Sum, ref_lr_scale=n)  # summed gradients = n x the mean
+
+
+def check_explicit_groups(n: int, r: int) -> None:
+    """Horovod's num_groups / groups instead of size-capped buckets: same training, one bucket per group."""
+    _compare(_adam, n, r, num_groups=2)
+    _compare(_sgd, n, r, groups=lambda m: [list(m[0].parameters()) + list(m[5].parameters())])
+    model = _mlp()
+    opt = hvd.DistributedOptimizer(_sgd(model), model.named_parameters(), groups=[list(model[3].parameters())])
+    assert [len(b.params) for b in opt._buckets] == [1, 1, 2, 1, 1, 1, 1]  # the group, then one per parameter
+    with pytest.raises(ValueError, match="not both"):
+        hvd.DistributedOptimizer(_sgd(model), model.named_parameters(), num_groups=2, groups=2)
 
 
 def check_backward_passes_per_step(n: int, r: int) -> None:
@@ -317,7 +331,8 @@ def check_join_uneven_batches(n: int, r: int) -> None:
 
 
 CHECKS: list[Callable[[int, int], None]] = [
-    check_matches_single_process, check_backward_passes_per_step, check_transformer, check_clipping,
+    check_matches_single_process, check_explicit_groups, check_backward_passes_per_step, check_transformer,
+    check_clipping,
     check_fp16_compression, check_overlap, check_misuse, check_broadcast_parameters,
     check_broadcast_optimizer_state, check_broadcast_creates_empty_state, check_step_after_synchronize_warns,
     check_sparse_gradients, check_muon, check_join_uneven_batches,

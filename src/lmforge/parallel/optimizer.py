@@ -65,6 +65,7 @@ class _DistributedOptimizerMixin:
         bucket_cap_mb: float,
         sparse_as_dense: bool,
         process_set: ProcessSet,
+        groups: int | list[list[Tensor]] | None,
     ) -> None:
         if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
             raise ValueError(f"backward_passes_per_step must be an int >= 1, got "
@@ -93,7 +94,11 @@ class _DistributedOptimizerMixin:
         self._process_set = process_set
         self._should_synchronize = True
         self._synchronized = False
-        self._buckets = _make_buckets([p for p in params if p.requires_grad], names, bucket_cap_mb)
+        trained = [p for p in params if p.requires_grad]
+        if groups is None:
+            self._buckets = _make_buckets(trained, names, bucket_cap_mb)
+        else:
+            self._buckets = _group_buckets(trained, names, groups)
         self._bucket_of: dict[Tensor, _Bucket] = {p: b for b in self._buckets for p in b.params}
         self._delay: dict[Tensor, int] = {}
         self._next_launch = 0
@@ -252,6 +257,34 @@ def _make_buckets(params: list[Tensor], names: dict[Tensor, str], cap_mb: float)
     return buckets
 
 
+def _group_buckets(params: list[Tensor], names: dict[Tensor, str], groups: int | list[list[Tensor]]) -> list[_Bucket]:
+    """Horovod's explicit grouping: `groups` equal parts of the parameters, or the given lists (each other
+    parameter alone); one bucket per group and dtype, launched in the order backward finishes them."""
+    position = {p: i for i, p in enumerate(params)}
+    if isinstance(groups, int):
+        if groups < 1:
+            raise ValueError(f"groups / num_groups must be >= 1, got {groups}")
+        k = min(groups, len(params))
+        sizes = [len(params) // k + (1 if i < len(params) % k else 0) for i in range(k)]
+        starts = [sum(sizes[:i]) for i in range(k)]
+        parts = [params[a: a + n] for a, n in zip(starts, sizes, strict=True)]
+    else:
+        parts = [list(g) for g in groups]
+        listed = [p for part in parts for p in part]
+        seen = set(listed)
+        if any(p not in position for p in listed) or len(seen) != len(listed):
+            raise ValueError("groups must be lists of distinct parameters of the optimizer that require grad")
+        parts += [[p] for p in params if p not in seen]
+    by_kind = []
+    for part in parts:
+        kinds: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+        for p in part:
+            kinds.setdefault((p.dtype, p.device), []).append(p)
+        by_kind += [sorted(members, key=position.__getitem__, reverse=True) for members in kinds.values()]
+    by_kind.sort(key=lambda members: min(position[p] for p in members), reverse=True)  # ready first, first
+    return [_bucket(i, members, names) for i, members in enumerate(by_kind) if members]
+
+
 def _bucket(index: int, params: list[Tensor], names: dict[Tensor, str]) -> _Bucket:
     return _Bucket(index, params, [names[p] for p in params], sum(p.numel() for p in params))
 
@@ -263,16 +296,20 @@ def DistributedOptimizer(
     backward_passes_per_step: int = 1,
     op: C.ReduceOp = C.Average,
     gradient_predivide_factor: float = 1.0,
-    bucket_cap_mb: float = 25.0,
+    num_groups: int = 0,
+    groups: int | list[list[Tensor]] | None = None,
     sparse_as_dense: bool = False,
     process_set: ProcessSet = global_process_set,
+    bucket_cap_mb: float = 25.0,
 ) -> torch.optim.Optimizer:
     """Wrap `optimizer` so that step() uses gradients averaged (op=Average) or summed (op=Sum) over all ranks.
 
     named_parameters: (name, parameter) pairs covering the optimizer's parameters (names appear in errors and
     in the collective check). compression: Compression.none or Compression.fp16 on the wire.
     backward_passes_per_step: local accumulation steps per allreduce. gradient_predivide_factor f: gradients
-    are scaled by 1/f before the sum and f/size after it. bucket_cap_mb: fusion size of one allreduce.
+    are scaled by 1/f before the sum and f/size after it. num_groups / groups (Horovod's explicit grouping:
+    a number of equal parts, or lists of parameters, each reduced as one fused allreduce) replace the default
+    bucketing by bucket_cap_mb, the fusion size of one allreduce.
     sparse_as_dense: densify sparse gradients before the allreduce (else Horovod's sparse allreduce).
     process_set: the ranks that average their gradients (every rank of it wraps its optimizer).
     Call lmforge.parallel.init() first. Raises ValueError / TypeError on bad arguments, NotImplementedError
@@ -288,8 +325,11 @@ def DistributedOptimizer(
     wrapped = cls.__new__(cls)
     wrapped.__dict__.update(optimizer.__dict__)  # same param_groups, state and hooks as the original
     wrapped.__dict__.pop("step", None)  # an LR scheduler's per-instance step patch points at the original
+    if num_groups and groups is not None:
+        raise ValueError("pass either num_groups or groups (Horovod's newer name), not both")
     wrapped._setup_distributed(named_parameters, compression, backward_passes_per_step, op,
-                               gradient_predivide_factor, bucket_cap_mb, sparse_as_dense, process_set)
+                               gradient_predivide_factor, bucket_cap_mb, sparse_as_dense, process_set,
+                               groups if groups is not None else (num_groups or None))
     return wrapped
 
 
