@@ -140,3 +140,92 @@ def run(fn: Callable[..., Any], world_size: int, *args: Any, **kwargs: Any) -> l
         text = "\n".join(f"--- rank {r.rank} (exit code {r.exitcode}):\n{r.error}" for r in failed)
         raise AssertionError(text)
     return [r.value for r in out]
+
+
+# --- many checks in one process group, each reported under its own name -----------------------------------
+
+
+@dataclass
+class Phase:
+    """Checks that run one after another in one mode: `env` is set and `init` passed to hvd.init()."""
+
+    name: str
+    checks: list[Callable[[int, int], None]]
+    init: dict[str, Any]
+    env: dict[str, str]
+
+    def ids(self) -> list[str]:
+        return [f"{self.name}:{check.__name__}" for check in self.checks]
+
+
+def _run_phases(phases: list[Phase], report_port: int, boundary_s: float) -> None:
+    """In every rank: run each check, post its outcome to the parent's store, and agree before the next one.
+
+    A rank whose check raised leaves the process group at once, so peers blocked in a collective with it fail
+    fast instead of hanging; after any failure every rank joins a fresh group, so the next check starts clean.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    import lmforge.parallel as hvd
+
+    n, r = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    store = dist.TCPStore("127.0.0.1", report_port, is_master=False,
+                          timeout=datetime.timedelta(seconds=boundary_s))
+    for phase in phases:
+        os.environ.update(phase.env)
+        hvd.init(**phase.init)
+        for check, key in zip(phase.checks, phase.ids(), strict=True):
+            try:
+                check(n, r)
+                error = ""
+            except BaseException as err:  # pytest.fail / pytest.raises raise a BaseException (Failed)
+                if isinstance(err, KeyboardInterrupt):
+                    raise
+                error = traceback.format_exc()
+                hvd.shutdown()
+            store.set(f"{key}/{r}", error or "ok")
+            keys = [f"{key}/{s}" for s in range(n)]
+            store.wait(keys)
+            if any(store.get(k) != b"ok" for k in keys):
+                hvd.shutdown()
+                hvd.init(**phase.init)
+        hvd.shutdown()
+        for var in phase.env:
+            os.environ.pop(var, None)
+
+
+def run_checks(phases: list[Phase], world_size: int, timeout: float = 240.0,
+               local_size: int | None = None) -> dict[str, list[str | None]]:
+    """Run every phase's checks in `world_size` ranks; return check id -> per-rank traceback (None: passed).
+
+    Outcomes travel through a store this process hosts, so they survive a rank that dies or hangs: its
+    unfinished checks read "no report" plus why the rank ended, and every other check keeps its own result.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=timeout))
+    results = spawn(_run_phases, world_size, phases, store.port, timeout, timeout=timeout,
+                    local_size=local_size)
+    report: dict[str, list[str | None]] = {}
+    for phase in phases:
+        for key in phase.ids():
+            per_rank: list[str | None] = []
+            for res in results:
+                if store.check([f"{key}/{res.rank}"]):
+                    text = store.get(f"{key}/{res.rank}").decode()
+                    per_rank.append(None if text == "ok" else text)
+                else:
+                    per_rank.append(f"no report from rank {res.rank}: {res.error or 'it finished without one'}")
+            report[key] = per_rank
+    return report
+
+
+def assert_check_passed(report: dict[str, list[str | None]], key: str, world_size: int) -> None:
+    """Fail with every rank's traceback when `key` failed on any rank."""
+    failures = [f"--- rank {r}:\n{text}" for r, text in enumerate(report[key]) if text is not None]
+    assert not failures, f"{key} failed at world size {world_size}:\n" + "\n".join(failures)

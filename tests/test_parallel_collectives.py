@@ -1,8 +1,10 @@
 """lmforge.parallel collectives under real processes (gloo, CPU), against closed-form answers.
 
-One process group per world size runs every check (fast path, then coordinated mode) and reports each check's
-outcome; the tests below read those reports. Rank r contributes `base + r`, so Sum = N*base + N(N-1)/2,
-Min = base, Max = base + N - 1, Product = prod_r (base + r).
+One run per world size goes through every phase (the check on by default, off, and each way to turn it on or
+off) and every check in it; each check's outcome is reported under its own test id (`default:check_join`), and a
+failing check makes the ranks start the next one in a fresh process group (parallel_helpers.run_checks).
+Rank r contributes `base + r`, so Sum = N*base + N(N-1)/2, Min = base, Max = base + N - 1,
+Product = prod_r (base + r).
 """
 
 from __future__ import annotations
@@ -11,20 +13,19 @@ import math
 import os
 import signal
 import time
-import traceback
 from collections.abc import Callable
 
 import pytest
 import torch
-import torch.distributed as dist
-from parallel_helpers import run, spawn
+from parallel_helpers import Phase, assert_check_passed, run, run_checks, spawn
 
 import lmforge.parallel as hvd
 
 WORLD_SIZES = [2, 3, 4]
 LOCAL_SIZE = {2: 2, 3: 3, 4: 2}  # world size 4 runs as 2 "nodes" x 2 processes
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64, torch.int16]
 SHAPES = [(), (5,), (3, 4), (2, 3, 4)]
+OPS = [hvd.Average, hvd.Sum, hvd.Min, hvd.Max, hvd.Product]  # Adasum: check_adasum
 
 
 def _base(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -68,7 +69,7 @@ def check_allreduce(n: int, r: int) -> None:
     for dtype in DTYPES:
         for shape in SHAPES:
             base = _base(shape, dtype)
-            for op in hvd.ReduceOp:
+            for op in OPS:
                 x = base + r
                 out = hvd.allreduce(x, op=op, name=f"t{shape}")
                 _close(out, _expected(op, base, n), dtype)
@@ -92,14 +93,14 @@ def check_allreduce(n: int, r: int) -> None:
 
 def check_allreduce_async(n: int, r: int) -> None:
     base = _base((64, 17), torch.float64)
-    handles = [hvd.allreduce_async(base + r, op=op, name=f"a{op.value}") for op in hvd.ReduceOp]
+    handles = [hvd.allreduce_async(base + r, op=op, name=f"a{op.value}") for op in OPS]
     x = base + r
     inplace = hvd.allreduce_async_(x, op=hvd.Sum)
     while not hvd.poll(inplace):
         time.sleep(0.001)
     assert hvd.synchronize(inplace) is x
     _close(x, _expected(hvd.Sum, base, n), torch.float64)
-    for op, handle in zip(hvd.ReduceOp, handles, strict=True):
+    for op, handle in zip(OPS, handles, strict=True):
         _close(hvd.synchronize(handle), _expected(op, base, n), torch.float64)
         assert hvd.poll(handle)
 
@@ -202,7 +203,8 @@ def check_reducescatter(n: int, r: int) -> None:
 
 
 def check_autograd(n: int, r: int) -> None:
-    """allreduce / allgather are differentiable: L = sum_s w_s . y_s with w_s = s + 1 on rank s."""
+    """allreduce / allgather are differentiable: L_s = w_s . y_s with w_s = s + 1 on rank s; Horovod's rules
+    give allreduce the gradient of sum_s L_s and allgather that of the mean (check_gradients does the rest)."""
     w_sum = n * (n + 1) / 2  # sum over ranks of the output-gradient weights
     for op, factor in ((hvd.Sum, 1.0), (hvd.Average, 1.0 / n)):
         x = torch.full((3,), float(r), requires_grad=True)
@@ -212,8 +214,7 @@ def check_autograd(n: int, r: int) -> None:
     x = torch.full((r + 1, 2), float(r), requires_grad=True)  # rank r sends r + 1 rows
     y = hvd.allgather(x)
     (y * (r + 1)).sum().backward()
-    _close(x.grad, torch.full((r + 1, 2), w_sum), torch.float32)
-    assert hvd.allreduce(torch.ones(1, requires_grad=True), op=hvd.Max).grad_fn is None
+    _close(x.grad, torch.full((r + 1, 2), w_sum / n), torch.float32)
 
 
 def check_objects(n: int, r: int) -> None:
@@ -233,94 +234,373 @@ def check_bad_inputs(n: int, r: int) -> None:
         hvd.broadcast(torch.zeros(1), root_rank=n)
     with pytest.raises(ValueError, match="bool"):
         hvd.allreduce(torch.zeros(2, dtype=torch.bool), op=hvd.Average)
-    with pytest.raises(ValueError, match="floating-point"):
-        hvd.allreduce(torch.zeros(2, dtype=torch.int64), prescale_factor=2.0)
+    with pytest.raises(ValueError, match="bool"):
+        hvd.allreduce(torch.zeros(2, dtype=torch.bool), op=hvd.Sum, prescale_factor=2.0)
+    with pytest.raises(TypeError, match="process_set"):
+        hvd.allreduce(torch.zeros(2), process_set=[0, 1])
 
 
-def check_mismatch(n: int, r: int) -> None:
-    """Coordinated mode: a wrong shape or a different collective raises a named error on every rank."""
-    shape = (3, 5) if r == n - 1 else (3, 4)
+def _mismatch(n: int, r: int, call: Callable[[], object], *expected: str) -> None:
+    """`call` differs on the last rank: every rank raises Horovod's exception type, naming both calls."""
     with pytest.raises(hvd.CollectiveMismatchError) as info:
-        hvd.allreduce(torch.ones(shape), name="layer.weight")
+        call()
+    assert isinstance(info.value, hvd.HorovodInternalError)
     text = str(info.value)
-    assert f"rank {n - 1} called allreduce(name='layer.weight', shape=(3, 5)" in text, text
-    assert "'layer.weight'" in text and "shape=(3, 4)" in text
-    with pytest.raises(hvd.CollectiveMismatchError, match="broadcast") as info:
-        if r == 0:
-            hvd.broadcast(torch.ones(2), 0, name="x")
-        else:
-            hvd.allreduce(torch.ones(2), name="x")
-    assert "rank 0 called broadcast(name='x'" in str(info.value)
-    with pytest.raises(hvd.CollectiveMismatchError, match="dtype"):
-        hvd.allgather(torch.ones(2, dtype=torch.float64 if r == 0 else torch.float32))
+    for piece in expected:
+        assert piece in text, text
     # The group is still usable after a mismatch.
     _close(hvd.allreduce(torch.ones(2), op=hvd.Sum), torch.full((2,), float(n)), torch.float32)
 
 
+def check_mismatch_kind(n: int, r: int) -> None:
+    def call() -> object:
+        if r == 0:
+            return hvd.broadcast(torch.ones(2), 0, name="x")
+        return hvd.allreduce(torch.ones(2), name="x")
+
+    _mismatch(n, r, call, "rank 0 called broadcast(name='x'", "called allreduce(name='x'")
+
+
+def check_mismatch_shape(n: int, r: int) -> None:
+    last = r == n - 1
+    _mismatch(n, r, lambda: hvd.allreduce(torch.ones((3, 5) if last else (3, 4)), name="layer.weight"),
+              f"rank {n - 1} called allreduce(name='layer.weight', shape=(3, 5)", "shape=(3, 4)")
+    # Same number of elements, different shapes: without the check gloo would return a silently wrong result.
+    _mismatch(n, r, lambda: hvd.allreduce(torch.ones((4, 3) if last else (3, 4)), name="w"),
+              f"rank {n - 1} called allreduce(name='w', shape=(4, 3)")
+    _mismatch(n, r, lambda: hvd.allgather(torch.ones(2, 3 if last else 2)), "shape=(*, 3)", "shape=(*, 2)")
+
+
+def check_mismatch_dtype(n: int, r: int) -> None:
+    _mismatch(n, r, lambda: hvd.allgather(torch.ones(2, dtype=torch.float64 if r == n - 1 else torch.float32)),
+              "dtype=float64", "dtype=float32")
+
+
+def check_mismatch_op(n: int, r: int) -> None:
+    _mismatch(n, r, lambda: hvd.allreduce(torch.ones(3), name="g", op=hvd.Max if r == n - 1 else hvd.Sum),
+              f"rank {n - 1} called allreduce(name='g', shape=(3,), dtype=float32, op=max)", "op=sum")
+
+
+def check_mismatch_root(n: int, r: int) -> None:
+    _mismatch(n, r, lambda: hvd.broadcast(torch.ones(3), root_rank=1 if r == n - 1 else 0, name="p"),
+              f"rank {n - 1} called broadcast(name='p', shape=(3,), dtype=float32, root_rank=1)", "root_rank=0")
+
+
+def check_mismatch_name(n: int, r: int) -> None:
+    _mismatch(n, r, lambda: hvd.allreduce(torch.ones(3), name="b" if r == n - 1 else "a"),
+              f"rank {n - 1} called allreduce(name='b'", "allreduce(name='a'")
+
+
+MISMATCH_CHECKS = [check_mismatch_kind, check_mismatch_shape, check_mismatch_dtype, check_mismatch_op,
+                   check_mismatch_root, check_mismatch_name]
+
+
+def check_unchecked(n: int, r: int) -> None:
+    """With the check off nothing is compared: same-size tensors of different shapes reduce as flat buffers."""
+    x = torch.arange(12.0).reshape((4, 3) if r == n - 1 else (3, 4))
+    out = hvd.allreduce(x, op=hvd.Sum, name="a" if r else "b")  # names differ too: nobody notices
+    _close(out.reshape(-1), n * torch.arange(12.0), torch.float32)
+
+
+def check_small_int_dtypes(n: int, r: int) -> None:
+    """int16 (which gloo lacks), int8 and uint8 through every collective, with closed-form answers."""
+    for dtype in (torch.int16, torch.int8, torch.uint8):
+        base = _base((3, 2), dtype)
+        for op in (hvd.Sum, hvd.Max, hvd.Min, hvd.Average):
+            _close(hvd.allreduce(base + r, op=op), _expected(op, base, n), dtype)
+        mine = torch.full((r + 1, 2), r + 1, dtype=dtype)
+        _close(hvd.allgather(mine), torch.cat([torch.full((s + 1, 2), s + 1) for s in range(n)]), dtype)
+        _close(hvd.broadcast(base * (r + 1), root_rank=n - 1), base.double() * n, dtype)
+        x = (10 * r + torch.arange(2 * n)).to(dtype)  # rank r receives rows 2r, 2r+1 of every rank
+        _close(hvd.alltoall(x), torch.cat([10 * s + torch.arange(2 * r, 2 * r + 2) for s in range(n)]), dtype)
+        rows = _base((n, 2), dtype)
+        _close(hvd.reducescatter(rows + r, op=hvd.Sum), _expected(hvd.Sum, rows, n)[r: r + 1], dtype)
+        inplace = base + r
+        assert hvd.allreduce_(inplace, op=hvd.Sum) is inplace
+        _close(inplace, _expected(hvd.Sum, base, n), dtype)
+
+
+def check_int_scale_factors(n: int, r: int) -> None:
+    """Integer tensors with prescale/postscale: scaled in float64 and truncated, as Horovod does."""
+    x = torch.tensor([7, -7, 100, 3], dtype=torch.int32) + r
+    pre, post = 0.6, 1.7
+    scaled = [torch.trunc((torch.tensor([7, -7, 100, 3]) + s).double() * pre) for s in range(n)]
+    total = sum(scaled)
+    out = hvd.allreduce(x, op=hvd.Sum, prescale_factor=pre, postscale_factor=post)
+    _close(out, torch.trunc(total * post), torch.int32)
+    avg = hvd.allreduce(x, op=hvd.Average, prescale_factor=pre, postscale_factor=post)
+    _close(avg, torch.trunc(total * (post / n)), torch.int32)
+    y = torch.arange(2 * n, dtype=torch.int64) + r
+    block = hvd.reducescatter(y, op=hvd.Sum, prescale_factor=pre, postscale_factor=post)
+    expected = torch.trunc(sum(torch.trunc((torch.arange(2 * n) + s).double() * pre) for s in range(n)) * post)
+    _close(block, expected[2 * r: 2 * r + 2], torch.int64)
+
+
+def check_names(n: int, r: int) -> None:
+    """A name in flight cannot be reused until synchronized: ValueError before any communication."""
+    first = hvd.allreduce_async(torch.ones(3), name="dup", op=hvd.Sum)
+    for start in (lambda: hvd.allreduce_async(torch.ones(3), name="dup"),
+                  lambda: hvd.allgather_async(torch.ones(1), name="dup"),
+                  lambda: hvd.broadcast_async_(torch.ones(1), 0, name="dup")):
+        with pytest.raises(ValueError, match="'dup' is still in flight"):
+            start()
+    _close(hvd.synchronize(first), torch.full((3,), float(n)), torch.float32)
+    _close(hvd.allreduce(torch.ones(3), name="dup", op=hvd.Sum), torch.full((3,), float(n)), torch.float32)
+
+
+def _randn(shape: tuple[int, ...], tag: int, s: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * tag + s)
+    return torch.randn(shape, generator=g, dtype=torch.float64)
+
+
+def _grad_case(n: int, r: int, tag: int, shapes: Callable[[int], list[tuple[int, ...]]],
+               distributed: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+               reference: Callable[[list[list[torch.Tensor]]], list[list[torch.Tensor]]], scale: float) -> None:
+    """Horovod's gradient rule = autograd of the single-process computation with loss scale * sum_s L_s.
+
+    Rank s's inputs are x_s (shapes(s)) and its loss L_s = sum of w_s * y_s over its outputs; the single
+    process holds every rank's inputs, computes every rank's outputs with `reference` and differentiates.
+    """
+    xs = [_randn(shape, tag, r).requires_grad_() for shape in shapes(r)]
+    ys = distributed(xs)
+    sum((_randn(tuple(y.shape), tag + 1, r) * y).sum() for y in ys).backward()
+    all_xs = [[_randn(shape, tag, s).requires_grad_() for shape in shapes(s)] for s in range(n)]
+    all_ys = reference(all_xs)
+    total = sum((_randn(tuple(y.shape), tag + 1, s) * y).sum() for s in range(n) for y in all_ys[s])
+    (scale * total).backward()
+    for x, ref in zip(xs, all_xs[r], strict=True):
+        expected = torch.zeros_like(ref) if ref.grad is None else ref.grad  # None: the loss ignores x
+        torch.testing.assert_close(x.grad, expected, rtol=1e-10, atol=1e-12)
+
+
+def _blocks(x: torch.Tensor, n: int) -> list[torch.Tensor]:
+    return list(torch.split(x, [x.shape[0] // n + (1 if s < x.shape[0] % n else 0) for s in range(n)]))
+
+
+def check_gradients(n: int, r: int) -> None:
+    """Every differentiable collective against autograd of its single-process equivalent (Horovod's rules)."""
+    one = lambda shape: lambda s: [shape]  # noqa: E731 - the same input shape on every rank
+    for op, pre, post, tag in ((hvd.Sum, 2.0, 0.5, 1), (hvd.Average, 1.0, 3.0, 3)):
+        def reduced(all_xs, op=op, pre=pre, post=post):
+            y = post * sum(pre * xs[0] for xs in all_xs) / (n if op == hvd.Average else 1)
+            return [[y] for _ in all_xs]
+
+        _grad_case(n, r, tag, one((3, 2)), lambda xs, op=op, pre=pre, post=post: [
+            hvd.allreduce(xs[0], op=op, prescale_factor=pre, postscale_factor=post)], reduced, 1.0)
+    _grad_case(n, r, 5, lambda s: [(3,), (2, 2)], lambda xs: hvd.grouped_allreduce(xs, op=hvd.Sum),
+               lambda all_xs: [[sum(xs[i] for xs in all_xs) for i in range(2)] for _ in all_xs], 1.0)
+    # allgather and broadcast: Horovod averages the output gradients (the mean of the ranks' losses).
+    _grad_case(n, r, 7, lambda s: [(s + 1, 2)], lambda xs: [hvd.allgather(xs[0])],
+               lambda all_xs: [[torch.cat([xs[0] for xs in all_xs])] for _ in all_xs], 1.0 / n)
+    _grad_case(n, r, 9, lambda s: [(s + 1, 2), (1, 3)], lambda xs: hvd.grouped_allgather(xs),
+               lambda all_xs: [[torch.cat([xs[i] for xs in all_xs]) for i in range(2)] for _ in all_xs], 1.0 / n)
+    _grad_case(n, r, 11, one((4,)), lambda xs: [hvd.broadcast(xs[0], root_rank=n - 1)],
+               lambda all_xs: [[all_xs[n - 1][0]] for _ in all_xs], 1.0 / n)
+    # alltoall: rank s sends i + 1 rows to rank i; the gradient flows back along the received splits.
+    splits = [i + 1 for i in range(n)]
+    offsets = [sum(splits[:i]) for i in range(n)]
+    _grad_case(n, r, 13, one((sum(splits), 2)), lambda xs: [hvd.alltoall(xs[0], splits=splits)[0]],
+               lambda all_xs: [[torch.cat([xs[0][offsets[i]: offsets[i] + splits[i]] for xs in all_xs])]
+                               for i in range(n)], 1.0)
+    # reducescatter: Horovod's gradient is the allgather of the output gradients times size (Sum) and the
+    # scale factors: autograd's for size times the sum of the ranks' losses, for Sum and Average alike.
+    rows = 2 * n + 1
+    for op, pre, tag in ((hvd.Sum, 2.0, 15), (hvd.Average, 1.0, 17)):
+        def scattered(all_xs, op=op, pre=pre):
+            total = sum(pre * xs[0] for xs in all_xs) / (n if op == hvd.Average else 1)
+            return [[block] for block in _blocks(total, n)]
+
+        _grad_case(n, r, tag, one((rows, 2)), lambda xs, op=op, pre=pre: [
+            hvd.reducescatter(xs[0], op=op, prescale_factor=pre)], scattered, float(n))
+    _grad_case(n, r, 19, lambda s: [(rows, 2), (n, 1)], lambda xs: hvd.grouped_reducescatter(xs, op=hvd.Sum),
+               lambda all_xs: [[_blocks(sum(xs[i] for xs in all_xs), n)[s] for i in range(2)] for s in range(n)],
+               float(n))
+    assert hvd.allreduce(torch.ones(1, requires_grad=True), op=hvd.Max).grad_fn is None
+
+
 def check_join(n: int, r: int) -> None:
-    """Rank r has r + 1 batches; ranks that run out join and the others carry on."""
+    """Horovod's join: rank r has r + 1 batches; the others keep reducing, Average divides by the full size,
+    and allgather / broadcast raise while a rank has joined."""
     for step in range(r + 1):
         active = list(range(step, n))  # ranks that still have a batch at this step
         total = sum(s + 1 for s in active)
         _close(hvd.allreduce(torch.full((3,), float(r + 1)), op=hvd.Sum), torch.full((3,), float(total)),
                torch.float32)
-        _close(hvd.allreduce(torch.full((3,), float(r + 1)), op=hvd.Average),
-               torch.full((3,), total / len(active)), torch.float32)
+        avg = hvd.allreduce(torch.full((3,), float(r + 1)), op=hvd.Average)  # scaled by 1 / n in float32
+        torch.testing.assert_close(avg, torch.full((3,), total / n, dtype=torch.float32), rtol=1e-6, atol=0)
         _close(hvd.allreduce(torch.full((2,), r + 1), op=hvd.Min), torch.full((2,), step + 1), torch.int64)
-        gathered = torch.tensor(active).unsqueeze(1).expand(-1, 2)
-        _close(hvd.allgather(torch.full((1, 2), r)), gathered, torch.int64)
-        _close(hvd.broadcast(torch.full((2,), float(r)), root_rank=n - 1), torch.full((2,), float(n - 1)),
-               torch.float32)
+        outs = hvd.grouped_allreduce([torch.ones(2), torch.ones(1, dtype=torch.int64)], op=hvd.Sum)
+        _close(outs[0], torch.full((2,), float(len(active))), torch.float32)
+        if step == 0:
+            _close(hvd.allgather(torch.full((1, 2), r)), torch.arange(n).unsqueeze(1).expand(-1, 2), torch.int64)
+        else:
+            with pytest.raises(hvd.HorovodInternalError, match="join"):
+                hvd.allgather(torch.full((1, 2), r))
+            with pytest.raises(hvd.HorovodInternalError, match="join"):
+                hvd.broadcast(torch.ones(2), root_rank=n - 1)
         hvd.barrier()
     assert hvd.join() == n - 1
     assert hvd.join() in range(n)  # everyone joins together: still returns a rank
     _close(hvd.allreduce(torch.ones(1), op=hvd.Sum), torch.full((1,), float(n)), torch.float32)
 
 
+def check_process_sets(n: int, r: int) -> None:
+    """Collectives over the even and the odd ranks at once, each set with its own closed form."""
+    evens, odds = [s for s in range(n) if s % 2 == 0], [s for s in range(n) if s % 2 == 1]
+    even_set = hvd.add_process_set(evens)
+    odd_set = hvd.add_process_set(hvd.ProcessSet(odds))
+    with pytest.raises(ValueError, match="duplicate"):
+        hvd.add_process_set(evens)
+    mine, ranks = (even_set, evens) if r % 2 == 0 else (odd_set, odds)
+    assert mine.included() and mine.size() == len(ranks) and mine.rank() == ranks.index(r)
+    assert hvd.global_process_set.size() == n and hvd.global_process_set.rank() == r
+    _close(hvd.allreduce(torch.full((2,), float(r)), op=hvd.Sum, process_set=mine),
+           torch.full((2,), float(sum(ranks))), torch.float32)
+    _close(hvd.allreduce(torch.full((2,), float(r)), process_set=mine),
+           torch.full((2,), sum(ranks) / len(ranks)), torch.float32)
+    _close(hvd.allgather(torch.full((1,), r), process_set=mine), torch.tensor(ranks), torch.int64)
+    _close(hvd.broadcast(torch.full((2,), r), root_rank=ranks[-1], process_set=mine),
+           torch.full((2,), ranks[-1]), torch.int64)
+    x = 10 * r + torch.arange(len(ranks))  # element i goes to the set's i-th rank
+    _close(hvd.alltoall(x, process_set=mine), torch.tensor([10 * s + ranks.index(r) for s in ranks]),
+           torch.int64)
+    _close(hvd.reducescatter(torch.ones(len(ranks), 2), op=hvd.Sum, process_set=mine),
+           torch.full((1, 2), float(len(ranks))), torch.float32)
+    _close(hvd.grouped_allreduce([torch.ones(1), torch.ones(2)], op=hvd.Sum, process_set=mine)[1],
+           torch.full((2,), float(len(ranks))), torch.float32)
+    hvd.barrier(process_set=mine)
+    assert hvd.allgather_object(r, process_set=mine) == ranks
+    other = odd_set if mine is even_set else even_set
+    if other.ranks:
+        with pytest.raises(ValueError, match="not in"):
+            hvd.allreduce(torch.ones(1), process_set=other)
+    assert hvd.remove_process_set(odd_set) and hvd.remove_process_set(even_set)
+    assert not hvd.remove_process_set(even_set)
+    with pytest.raises(ValueError, match="not registered"):
+        hvd.allreduce(torch.ones(1), process_set=even_set)
+
+
+def _adasum_pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The closed form for two vectors."""
+    dot = a @ b
+    return (1 - dot / (2 * (a @ a))) * a + (1 - dot / (2 * (b @ b))) * b
+
+
+def _adasum_reference(gs: list[torch.Tensor]) -> torch.Tensor:
+    """Pairs (0, 1), (2, 3), ... first, then pairs of pairs: Horovod's recursive halving order."""
+    while len(gs) > 1:
+        gs = [_adasum_pair(gs[i], gs[i + 1]) for i in range(0, len(gs), 2)]
+    return gs[0]
+
+
+def check_adasum(n: int, r: int) -> None:
+    if n & (n - 1):
+        with pytest.raises(NotImplementedError, match="power of 2"):
+            hvd.allreduce(torch.ones(3), op=hvd.Adasum)
+        return
+    gs = [_randn((7,), 21, s) for s in range(n)]  # 7 elements: the halving splits unevenly
+    torch.testing.assert_close(hvd.allreduce(gs[r], op=hvd.Adasum), _adasum_reference(gs), rtol=1e-12, atol=0)
+    # Orthogonal gradients add up; identical gradients stay as they are.
+    basis = torch.eye(n, dtype=torch.float64)
+    _close(hvd.allreduce(3 * basis[r], op=hvd.Adasum), torch.full((n,), 3.0), torch.float64)
+    _close(hvd.allreduce(torch.arange(5.0), op=hvd.Adasum), torch.arange(5.0), torch.float32)
+    # Two ranks, closed form: g0 = (1, 0), g1 = (1, 1): dot 1, so (1 - 1/2) g0 + (1 - 1/4) g1 = (1.25, 0.75).
+    if n == 2:
+        g = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+        _close(hvd.allreduce(g[r], op=hvd.Adasum), torch.tensor([1.25, 0.75]), torch.float64)
+    outs = hvd.grouped_allreduce([gs[r], 3 * basis[r]], op=hvd.Adasum)  # each tensor on its own
+    torch.testing.assert_close(outs[0], _adasum_reference(gs), rtol=1e-12, atol=0)
+    _close(outs[1], torch.full((n,), 3.0), torch.float64)
+    with pytest.raises(ValueError, match="floating-point"):
+        hvd.allreduce(torch.ones(2, dtype=torch.int64), op=hvd.Adasum)
+
+
+def check_reinit(n: int, r: int) -> None:
+    """shutdown() + init() inside a run joins a fresh group that works at once; init(process_sets=...)
+    registers sets as Horovod's does, and shutdown() drops them."""
+    for i in range(3):
+        hvd.shutdown()
+        hvd.init(timeout=30)
+        _close(hvd.allreduce(torch.full((1,), float(i)), op=hvd.Sum), torch.full((1,), float(n * i)),
+               torch.float32)
+    hvd.shutdown()
+    ranks = list(range(n - 1))  # not every rank: a set equal to the global one is a duplicate
+    some = hvd.ProcessSet(ranks)
+    hvd.init(timeout=30, process_sets=[some])
+    assert some.process_set_id is not None
+    if r in ranks:
+        _close(hvd.allreduce(torch.ones(1), op=hvd.Sum, process_set=some), torch.full((1,), float(n - 1)),
+               torch.float32)
+    hvd.barrier()
+    hvd.shutdown()
+    assert some.process_set_id is None
+    hvd.init(timeout=30)
+
+
+def check_names_exist(n: int, r: int) -> None:
+    """The Horovod names programs call exist and answer sensibly."""
+    assert hvd.gloo_built() and hvd.gloo_enabled() and not hvd.mpi_enabled() and not hvd.ccl_built()
+    assert not hvd.ddl_built() and not hvd.mpi_threads_supported() and isinstance(hvd.mpi_built(), bool)
+    assert isinstance(hvd.nccl_built(), bool) and isinstance(hvd.cuda_built(), bool)
+    assert not hvd.rocm_built()
+    assert issubclass(hvd.HorovodInternalError, RuntimeError)
+    sparse = torch.sparse_coo_tensor(torch.tensor([[r, n]]), torch.tensor([1.0, float(r)]), (n + 1,))
+    handle = hvd.sparse_allreduce_async(sparse, name="emb", op=hvd.Sum)
+    dense = handle().to_dense()  # Horovod returns a function to call
+    expected = torch.cat([torch.ones(n), torch.tensor([float(sum(range(n)))])])
+    _close(dense, expected, torch.float32)
+    avg = hvd.synchronize(hvd.sparse_allreduce_async(sparse, name="emb2", op=hvd.Average)).to_dense()
+    _close(avg, expected / n, torch.float32)
+
+
 FAST_CHECKS: list[Callable[[int, int], None]] = [
     check_topology, check_allreduce, check_allreduce_async, check_compression, check_grouped_allreduce,
     check_allgather, check_broadcast, check_alltoall, check_reducescatter, check_autograd, check_objects,
-    check_bad_inputs,
+    check_bad_inputs, check_small_int_dtypes, check_int_scale_factors, check_names,
 ]
-COORDINATED_CHECKS = [check_allreduce, check_allreduce_async, check_grouped_allreduce, check_allgather,
-                      check_broadcast, check_alltoall, check_reducescatter, check_autograd, check_objects,
-                      check_mismatch, check_join]
-
-
-def _suite() -> dict[str, str | None]:
-    """Every check, fast path then coordinated mode, in one process group; name -> traceback or None."""
-    n, r = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-    dist.init_process_group("gloo")  # hvd.init() reuses it, so shutdown() + init() can switch modes
-    report: dict[str, str | None] = {}
-    for mode, checks in (("fast", FAST_CHECKS), ("coordinated", COORDINATED_CHECKS)):
-        hvd.init(uneven_inputs=mode == "coordinated", timeout=30)
-        for check in checks:
-            try:
-                check(n, r)
-                report[f"{mode}:{check.__name__}"] = None
-            except Exception:
-                report[f"{mode}:{check.__name__}"] = traceback.format_exc()
-                hvd.barrier()  # a failed check on one rank may leave others mid-check: best-effort resync
-        hvd.shutdown()
-    dist.destroy_process_group()
-    return report
+CHECKED_ONLY = MISMATCH_CHECKS + [check_gradients, check_join, check_process_sets, check_adasum, check_reinit,
+                                  check_names_exist]
+NO_ENV = {"LMFORGE_CHECK_COLLECTIVES": "", "LMFORGE_UNEVEN_INPUTS": ""}
+PHASES = [
+    Phase("default", FAST_CHECKS + CHECKED_ONLY, {"timeout": 30}, NO_ENV),
+    Phase("unchecked", FAST_CHECKS + [check_unchecked, check_gradients, check_process_sets],
+          {"check": False, "timeout": 30}, NO_ENV),
+    Phase("env_on", MISMATCH_CHECKS, {"timeout": 30}, {"LMFORGE_CHECK_COLLECTIVES": "1"}),
+    Phase("explicit", MISMATCH_CHECKS, {"check": True, "timeout": 30}, {"LMFORGE_CHECK_COLLECTIVES": "0"}),
+    Phase("env_off", [check_unchecked], {"timeout": 30}, {"LMFORGE_CHECK_COLLECTIVES": "0"}),
+    Phase("uneven", [check_join], {"check": False, "uneven_inputs": True, "timeout": 30}, NO_ENV),
+]
 
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda n: f"world{n}")
-def reports(request) -> tuple[int, list[dict[str, str | None]]]:
+def reports(request) -> tuple[int, dict[str, list[str | None]]]:
     n = request.param
-    return n, run(_suite, n, timeout=120, local_size=LOCAL_SIZE[n])
+    return n, run_checks(PHASES, n, timeout=300, local_size=LOCAL_SIZE[n])
 
 
-CHECK_IDS = [f"fast:{c.__name__}" for c in FAST_CHECKS]
-CHECK_IDS += [f"coordinated:{c.__name__}" for c in COORDINATED_CHECKS]
-
-
-@pytest.mark.parametrize("check", CHECK_IDS)
+@pytest.mark.parametrize("check", [key for phase in PHASES for key in phase.ids()])
 def test_collective(reports, check: str) -> None:
-    n, per_rank = reports
-    failures = [f"rank {r}:\n{rep[check]}" for r, rep in enumerate(per_rank) if rep.get(check, "missing")]
-    assert not failures, f"{check} failed at world size {n}:\n" + "\n".join(failures)
+    n, report = reports
+    assert_check_passed(report, check, n)
+
+
+def _cycles(count: int) -> float:
+    """init / allreduce / shutdown, `count` times; returns the seconds it took."""
+    start = time.monotonic()
+    for i in range(count):
+        hvd.init(timeout=20)
+        out = hvd.allreduce(torch.full((4,), float(i + hvd.rank())), op=hvd.Sum)
+        n = hvd.size()
+        assert out.tolist() == [n * i + n * (n - 1) / 2] * 4, (i, out)
+        hvd.shutdown()
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_hundred_init_shutdown_cycles(world: int) -> None:
+    """Each init talks through a fresh store prefix, so re-initialising never reads stale peer addresses."""
+    seconds = run(_cycles, world, 100, timeout=240)
+    assert all(s > 0 for s in seconds)
 
 
 def test_single_process_without_launcher(monkeypatch) -> None:

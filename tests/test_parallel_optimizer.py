@@ -2,20 +2,19 @@
 
 The reference for data-parallel training is one process training on the concatenated batch: with equal shards,
 the average over ranks of the shard-mean gradient is the full-batch mean gradient, so parameters must agree
-(within 1e-5) after k steps. One process group per world size runs every check and reports each outcome.
+(within 1e-5) after k steps. One run per world size goes through every check, each reported under its own test
+id (parallel_helpers.run_checks).
 """
 
 from __future__ import annotations
 
-import os
-import traceback
+import warnings
 from collections.abc import Callable
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from parallel_helpers import run
+from parallel_helpers import Phase, assert_check_passed, run_checks
 from torch import nn
 
 import lmforge.parallel as hvd
@@ -81,8 +80,11 @@ def _compare(make_opt: Callable[[nn.Module], torch.optim.Optimizer], n: int, r: 
              make_model: Callable[[], nn.Module] = _mlp, ref_lr_scale: float = 1.0, **kwargs) -> nn.Module:
     """Train distributed (this rank's shard) and single-process (whole batch); assert the parameters agree."""
     dist_kw = {k: kwargs.pop(k) for k in ("backward_passes_per_step", "compression", "op", "bucket_cap_mb",
-                                          "gradient_predivide_factor") if k in kwargs}
+                                          "gradient_predivide_factor", "sparse_as_dense", "num_groups", "groups")
+               if k in kwargs}
     model = make_model()
+    if callable(dist_kw.get("groups")):
+        dist_kw["groups"] = dist_kw["groups"](model)
     opt = hvd.DistributedOptimizer(make_opt(model), model.named_parameters(), **dist_kw)
     _train(model, opt, slice(r * SHARD, (r + 1) * SHARD), n, micro=dist_kw.get("backward_passes_per_step", 1),
            **kwargs)
@@ -115,6 +117,17 @@ def check_matches_single_process(n: int, r: int) -> None:
     _compare(_adam, n, r, bucket_cap_mb=0.0005)  # ~500 bytes: many buckets
     _compare(_sgd, n, r, gradient_predivide_factor=2.0)
     _compare(_sgd, n, r, op=hvd.Sum, ref_lr_scale=n)  # summed gradients = n x the mean
+
+
+def check_explicit_groups(n: int, r: int) -> None:
+    """Horovod's num_groups / groups instead of size-capped buckets: same training, one bucket per group."""
+    _compare(_adam, n, r, num_groups=2)
+    _compare(_sgd, n, r, groups=lambda m: [list(m[0].parameters()) + list(m[5].parameters())])
+    model = _mlp()
+    opt = hvd.DistributedOptimizer(_sgd(model), model.named_parameters(), groups=[list(model[3].parameters())])
+    assert [len(b.params) for b in opt._buckets] == [1, 1, 2, 1, 1, 1, 1]  # the group, then one per parameter
+    with pytest.raises(ValueError, match="not both"):
+        hvd.DistributedOptimizer(_sgd(model), model.named_parameters(), num_groups=2, groups=2)
 
 
 def check_backward_passes_per_step(n: int, r: int) -> None:
@@ -175,6 +188,8 @@ def check_misuse(n: int, r: int) -> None:
         hvd.DistributedOptimizer(_sgd(model), model.named_parameters(), backward_passes_per_step=0)
     with pytest.raises(ValueError, match="Average or Sum"):
         hvd.DistributedOptimizer(_sgd(model), model.named_parameters(), op=hvd.Max)
+    with pytest.raises(NotImplementedError, match="Adasum"):
+        hvd.DistributedOptimizer(_sgd(model), model.named_parameters(), op=hvd.Adasum)
     opt = hvd.DistributedOptimizer(_sgd(model), model.named_parameters())
     x, y = _global_batch(0, n)
     _mse(model, x, y).backward()
@@ -203,7 +218,7 @@ def check_broadcast_parameters(n: int, r: int) -> None:
 def check_broadcast_optimizer_state(n: int, r: int) -> None:
     model = _mlp()
     opt = torch.optim.Adam(model.parameters(), lr=0.01 * (r + 1), betas=(0.8, 0.99))
-    if r == 0:  # only the root has state
+    if r == 0:  # only the root has state; the others create theirs first, as Horovod does
         for step in range(2):
             x, y = _global_batch(step, 1)
             _mse(model, x, y).backward()
@@ -217,15 +232,81 @@ def check_broadcast_optimizer_state(n: int, r: int) -> None:
     gathered = hvd.allgather(flat.unsqueeze(0))
     assert len(state["state"]) == len(list(model.parameters()))
     assert (gathered - gathered[0]).abs().max().item() == 0.0
-    # A root that has not stepped empties the others' state.
-    fresh = torch.optim.Adam(model.parameters(), lr=0.5)
-    hvd.broadcast_optimizer_state(fresh if r == 1 else opt, root_rank=1)
-    assert (fresh if r == 1 else opt).state_dict()["state"] == {}
+
+
+def check_broadcast_creates_empty_state(n: int, r: int) -> None:
+    """A fresh optimizer gets Horovod's state (zero gradients, one step) on every rank; parameters, with
+    weight decay, and gradients are left as they were."""
+    model = _mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5, weight_decay=0.1)
+    hvd.broadcast_optimizer_state(opt, root_rank=n - 1)
+    assert len(opt.state) == len(before)
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), b) and p.grad is None
+        st = opt.state[p]
+        assert st["step"].item() == 1 and not st["exp_avg"].any() and not st["exp_avg_sq"].any()
+    wrapped = hvd.DistributedOptimizer(torch.optim.Adam(model.parameters()), model.named_parameters())
+    hvd.broadcast_optimizer_state(wrapped, root_rank=0)  # steps the base class: no allreduce to line up
+    assert len(wrapped.state) == len(before)
+    with pytest.raises(ValueError, match="LBFGS"):
+        hvd.broadcast_optimizer_state(torch.optim.LBFGS(model.parameters()), root_rank=0)
+
+
+def check_step_after_synchronize_warns(n: int, r: int) -> None:
+    model = _mlp()
+    opt = hvd.DistributedOptimizer(_sgd(model), model.named_parameters())
+    x, y = _global_batch(0, n)
+    _mse(model, x[r::n], y[r::n]).backward()
+    opt.synchronize()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.warns(UserWarning, match="skip_synchronize"):
+        opt.step()
+    opt.zero_grad()
+    _mse(model, x[r::n], y[r::n]).backward()
+    opt.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with opt.skip_synchronize():
+            opt.step()
+    assert all(g is not None for g in grads)
+    opt.zero_grad()
+
+
+def _embedding_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(12, 4))
+
+
+def _ids_batch(step: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2000 + step)
+    return torch.randint(0, 10, (n * SHARD, 3), generator=g), torch.randn(n * SHARD, 4, generator=g)
+
+
+def check_sparse_gradients(n: int, r: int) -> None:
+    """nn.Embedding(sparse=True): Horovod's sparse allreduce, and sparse_as_dense, equal single-process SGD."""
+    for as_dense in (False, True):
+        model = _compare(lambda m: torch.optim.SGD(m.parameters(), lr=0.5), n, r, make_model=_embedding_model,
+                         batch=_ids_batch, sparse_as_dense=as_dense)
+        assert model[0].weight.grad is None  # zero_grad after the last step
+
+
+def check_muon(n: int, r: int) -> None:
+    """torch's Muon (2-D parameters only) wrapped as any other optimizer; its state broadcasts too."""
+    def make_model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16, bias=False), nn.Tanh(), nn.Linear(16, 4, bias=False))
+
+    _compare(lambda m: torch.optim.Muon(m.parameters(), lr=0.05), n, r, tol=1e-4, make_model=make_model)
+    model = make_model()
+    opt = torch.optim.Muon(model.parameters(), lr=0.05)
+    hvd.broadcast_optimizer_state(opt, root_rank=0)
+    assert len(opt.state) == 2
 
 
 def check_join_uneven_batches(n: int, r: int) -> None:
-    """uneven_inputs mode: rank r has r + 2 batches, then joins; the ranks still training average over
-    themselves, so every step equals single-process training on the active ranks' shards."""
+    """Horovod's join: rank r has r + 2 batches, then joins and contributes zero gradients; Average still
+    divides by n, so every step equals single-process training on (sum of the active shards' losses) / n."""
     model = _mlp()
     opt = hvd.DistributedOptimizer(_sgd(model), model.named_parameters(), bucket_cap_mb=0.0005)
     for step in range(r + 2):
@@ -239,8 +320,10 @@ def check_join_uneven_batches(n: int, r: int) -> None:
         ref_opt = _sgd(reference)
         for step in range(n + 1):
             x, y = _global_batch(step, n)
-            rows = torch.cat([torch.arange(s * SHARD, (s + 1) * SHARD) for s in range(n) if s + 2 > step])
-            _mse(reference, x[rows], y[rows]).backward()
+            active = [s for s in range(n) if s + 2 > step]
+            loss = sum(_mse(reference, x[s * SHARD: (s + 1) * SHARD], y[s * SHARD: (s + 1) * SHARD])
+                       for s in active) / n
+            loss.backward()
             ref_opt.step()
             ref_opt.zero_grad()
         diff = _max_diff(model, reference)
@@ -248,44 +331,28 @@ def check_join_uneven_batches(n: int, r: int) -> None:
 
 
 CHECKS: list[Callable[[int, int], None]] = [
-    check_matches_single_process, check_backward_passes_per_step, check_transformer, check_clipping,
+    check_matches_single_process, check_explicit_groups, check_backward_passes_per_step, check_transformer,
+    check_clipping,
     check_fp16_compression, check_overlap, check_misuse, check_broadcast_parameters,
-    check_broadcast_optimizer_state,
+    check_broadcast_optimizer_state, check_broadcast_creates_empty_state, check_step_after_synchronize_warns,
+    check_sparse_gradients, check_muon, check_join_uneven_batches,
+]
+PHASES = [
+    Phase("default", CHECKS, {"timeout": 30}, {"LMFORGE_CHECK_COLLECTIVES": ""}),
+    Phase("unchecked", [check_matches_single_process, check_sparse_gradients], {"check": False, "timeout": 30},
+          {"LMFORGE_CHECK_COLLECTIVES": ""}),
 ]
 
 
-UNEVEN_CHECKS = [check_join_uneven_batches]
-
-
-def _suite() -> dict[str, str | None]:
-    """Every check in one process group: CHECKS on the fast path, then UNEVEN_CHECKS in uneven_inputs mode."""
-    n, r = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-    dist.init_process_group("gloo")  # hvd.init() reuses it, so shutdown() + init() can switch modes
-    report: dict[str, str | None] = {}
-    for uneven, checks in ((False, CHECKS), (True, UNEVEN_CHECKS)):
-        hvd.init(uneven_inputs=uneven, timeout=30)
-        for check in checks:
-            try:
-                check(n, r)
-                report[check.__name__] = None
-            except Exception:
-                report[check.__name__] = traceback.format_exc()
-                hvd.barrier()
-        hvd.shutdown()
-    dist.destroy_process_group()
-    return report
-
-
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda n: f"world{n}")
-def reports(request) -> tuple[int, list[dict[str, str | None]]]:
-    return request.param, run(_suite, request.param, timeout=150)
+def reports(request) -> tuple[int, dict[str, list[str | None]]]:
+    return request.param, run_checks(PHASES, request.param, timeout=300)
 
 
-@pytest.mark.parametrize("check", [c.__name__ for c in CHECKS + UNEVEN_CHECKS])
+@pytest.mark.parametrize("check", [key for phase in PHASES for key in phase.ids()])
 def test_optimizer(reports, check: str) -> None:
-    n, per_rank = reports
-    failures = [f"rank {r}:\n{rep[check]}" for r, rep in enumerate(per_rank) if rep.get(check, "missing")]
-    assert not failures, f"{check} failed at world size {n}:\n" + "\n".join(failures)
+    n, report = reports
+    assert_check_passed(report, check, n)
 
 
 def test_requires_init() -> None:

@@ -2,32 +2,36 @@
 
 Naming grid as in Horovod: `allreduce` returns a new tensor, `allreduce_` works in place, `allreduce_async`
 and `allreduce_async_` return a `Handle` for `synchronize(handle)` / `poll(handle)`; the same for the other
-collectives. Topology: `rank`/`size` over all processes, `local_rank`/`local_size` within a node,
-`cross_rank`/`cross_size` across the processes that share a local rank (one per node when nodes are alike).
+collectives. Every collective takes `process_set=` (default `global_process_set`, see `process_sets`).
 
-Coordinated mode (`init(check=True)` or LMFORGE_CHECK_COLLECTIVES=1, or `init(uneven_inputs=True)` or
-LMFORGE_UNEVEN_INPUTS=1) starts every collective with a small header exchange (one all-gather of 8 int64 per
-rank). It buys two things at the cost of one extra round trip per call:
-- the hang check: ranks that call different collectives, or the same one with different shapes, dtypes, ops,
-  roots or names, all raise `CollectiveMismatchError` naming each rank's call instead of hanging;
-- `join()` with uneven inputs: a rank that ran out of data calls `join()` and keeps answering the others'
-  allreduces (contributing the op's identity: zeros for Sum/Average), allgathers (zero rows), broadcasts and
-  barriers until every rank has joined. Average then divides by the number of ranks that have not joined.
-Without it, `join()` is a barrier every rank must reach at the same point.
+The collective check (on by default; `init(check=False)` or LMFORGE_CHECK_COLLECTIVES=0 turns it off) starts
+every collective with one all-gather of a fixed-size signature (8 int64 per rank: kind, join state, dtype,
+element count, row size, op, root and a CRC of the whole call, name and shape included). It buys:
+- safety: ranks that call different collectives, or the same one with different shapes, dtypes, ops, roots
+  or names, all raise `CollectiveMismatchError` (a `HorovodInternalError`, as Horovod raises) naming each
+  rank's call, instead of aborting in gloo, hanging or returning wrong data silently;
+- `join()` with uneven inputs, as in Horovod: a rank that ran out of data calls `join()` and keeps answering
+  the others' allreduces (contributing zeros; Average still divides by the full size) and barriers until every
+  rank has joined; allgather, broadcast, alltoall and reducescatter raise on the other ranks meanwhile.
+With the check off (`uneven_inputs=True` keeps the exchange for join), `join()` is a barrier.
+
+dtypes the backend lacks (int16 on gloo and NCCL) travel promoted (reductions: int32) or reinterpreted
+(data movement: the bits of a 16-bit float) and come back in their own dtype. Integer tensors accept
+prescale/postscale factors, applied in float64 and truncated, as Horovod does.
+
+Names: a name given to an async collective stays taken until its handle is synchronized (or dropped); a
+second collective with the same name meanwhile raises ValueError, before any communication.
 
 Failures: a peer that dies or stops answering makes the collective raise `CollectiveError` on the others,
-at once when its connection closes, at the latest after the timeout (`init(timeout=...)`,
-LMFORGE_COLLECTIVE_TIMEOUT seconds, default 60).
+at once when its connection closes, at the latest after the timeout (`init(timeout=...)`).
 """
 
 from __future__ import annotations
 
-import datetime
 import enum
 import math
-import os
-import socket
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,7 +41,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-DEFAULT_TIMEOUT_S = 60.0
+from lmforge.parallel.adasum import adasum_, is_power_of_two
+from lmforge.parallel.process_sets import ProcessSet, global_process_set
+from lmforge.parallel.runtime import CollectiveError, CollectiveMismatchError, _require
 
 
 class ReduceOp(enum.Enum):
@@ -45,6 +51,7 @@ class ReduceOp(enum.Enum):
 
     AVERAGE = "average"
     SUM = "sum"
+    ADASUM = "adasum"
     MIN = "min"
     MAX = "max"
     PRODUCT = "product"
@@ -52,12 +59,13 @@ class ReduceOp(enum.Enum):
 
 Average = ReduceOp.AVERAGE
 Sum = ReduceOp.SUM
+Adasum = ReduceOp.ADASUM
 Min = ReduceOp.MIN
 Max = ReduceOp.MAX
 Product = ReduceOp.PRODUCT
 
 _BACKEND_OPS = {
-    ReduceOp.AVERAGE: dist.ReduceOp.SUM,  # divided afterwards by the number of contributing ranks
+    ReduceOp.AVERAGE: dist.ReduceOp.SUM,  # scaled afterwards by 1 / size
     ReduceOp.SUM: dist.ReduceOp.SUM,
     ReduceOp.MIN: dist.ReduceOp.MIN,
     ReduceOp.MAX: dist.ReduceOp.MAX,
@@ -68,13 +76,9 @@ _OP_CODES = list(ReduceOp)
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-
-class CollectiveError(RuntimeError):
-    """A collective failed: a peer rank died or timed out, or the ranks could not agree on the call."""
-
-
-class CollectiveMismatchError(CollectiveError):
-    """Coordinated mode: the ranks called different collectives, or the same one on different tensors."""
+# dtypes gloo and NCCL lack: promoted for reductions, reinterpreted (same bits) for data movement.
+_REDUCE_AS = {torch.int16: torch.int32}
+_MOVE_AS = {torch.int16: torch.float16}
 
 
 # --- compression --------------------------------------------------------------------------------------------
@@ -115,168 +119,37 @@ class Compression:
     fp16 = FP16Compressor
 
 
-# --- state and topology -------------------------------------------------------------------------------------
+# --- process sets as groups ---------------------------------------------------------------------------------
 
 
 @dataclass
-class _State:
-    rank: int
-    size: int
-    local_rank: int
-    local_size: int
-    cross_rank: int
-    cross_size: int
-    device: torch.device  # where header and object tensors live (cuda for NCCL)
-    timeout_s: float
-    coordinate: bool  # header exchange before every collective (check + uneven inputs)
-    owns_group: bool  # init() created the process group, so shutdown() destroys it
-    calls: int = 0  # coordinated calls so far; identical on every rank
+class _Group:
+    """Where a collective runs: the process group (None: the default one) and its global ranks."""
+
+    pg: Any
+    ranks: list[int]
+    index: int  # this rank's position in `ranks`
+    is_global: bool
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
 
 
-_state: _State | None = None
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def init(
-    check: bool | None = None,
-    uneven_inputs: bool | None = None,
-    timeout: float | None = None,
-    backend: str | None = None,
-) -> None:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK...).
-
-    Without those variables, runs as a single process (size 1). Reuses a process group the caller already
-    created. Calling init() twice does nothing the second time.
-    check / uneven_inputs: coordinated mode (see the module docstring); default from
-    LMFORGE_CHECK_COLLECTIVES / LMFORGE_UNEVEN_INPUTS. timeout: seconds a collective waits for its peers
-    (default LMFORGE_COLLECTIVE_TIMEOUT or 60). backend: "gloo" or "nccl"; default nccl with CUDA, else gloo.
-    Raises ValueError on a bad timeout or backend.
-    """
-    global _state
-    if _state is not None:
-        return
-    check = _env_flag("LMFORGE_CHECK_COLLECTIVES") if check is None else check
-    uneven_inputs = _env_flag("LMFORGE_UNEVEN_INPUTS") if uneven_inputs is None else uneven_inputs
-    if timeout is None:
-        timeout = float(os.environ.get("LMFORGE_COLLECTIVE_TIMEOUT", DEFAULT_TIMEOUT_S))
-    if not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    owns_group = not dist.is_initialized()
-    if not owns_group:
-        backend = "nccl" if "nccl" in str(dist.get_backend()) else "gloo"
-    elif backend is None:
-        backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-    if backend not in ("gloo", "nccl"):
-        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
-
-    env_local_rank = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None
-    if backend == "nccl":
-        torch.cuda.set_device(env_local_rank or 0)
-    if owns_group:
-        delta = datetime.timedelta(seconds=timeout)
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend, init_method="env://", timeout=delta)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=delta)
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    rank, size = dist.get_rank(), dist.get_world_size()
-
-    # Topology: node = GROUP_RANK (torchrun) or host name; local rank = LOCAL_RANK or place on the node.
-    everyone: list[Any] = [None] * size
-    dist.all_gather_object(everyone, (os.environ.get("GROUP_RANK", socket.gethostname()), env_local_rank))
-    nodes = [node for node, _ in everyone]
-    local_ranks = [lr if lr is not None else nodes[:r].count(nodes[r]) for r, (_, lr) in enumerate(everyone)]
-    local_rank = local_ranks[rank]
-    on_my_node = [r for r in range(size) if nodes[r] == nodes[rank]]
-    same_local = [r for r in range(size) if local_ranks[r] == local_rank]
-    _state = _State(
-        rank=rank,
-        size=size,
-        local_rank=local_rank,
-        local_size=len(on_my_node),
-        cross_rank=same_local.index(rank),
-        cross_size=len(same_local),
-        device=device,
-        timeout_s=float(timeout),
-        coordinate=bool(check or uneven_inputs),
-        owns_group=owns_group,
-    )
-
-
-def shutdown() -> None:
-    """Leave the process group (destroying it if init() created it). Safe to call when not initialised."""
-    global _state
-    if _state is not None and _state.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
-    _state = None
-
-
-def is_initialized() -> bool:
-    """True between init() and shutdown()."""
-    return _state is not None
-
-
-def _require() -> _State:
-    if _state is None:
-        raise ValueError("lmforge.parallel is not initialised: call lmforge.parallel.init() first")
-    return _state
-
-
-def size() -> int:
-    """Number of processes."""
-    return _require().size
-
-
-def rank() -> int:
-    """This process's rank in [0, size)."""
-    return _require().rank
-
-
-def local_size() -> int:
-    """Number of processes on this node."""
-    return _require().local_size
-
-
-def local_rank() -> int:
-    """This process's rank on its node."""
-    return _require().local_rank
-
-
-def cross_size() -> int:
-    """Number of processes with this process's local rank (the number of nodes when nodes are alike)."""
-    return _require().cross_size
-
-
-def cross_rank() -> int:
-    """This process's index among the processes with its local rank (its node's index if nodes are alike)."""
-    return _require().cross_rank
-
-
-def is_homogeneous() -> bool:
-    """True when every node runs the same number of processes."""
+def _group(process_set: ProcessSet, what: str) -> _Group:
     st = _require()
-    return st.size == st.local_size * st.cross_size
+    if not isinstance(process_set, ProcessSet):
+        raise TypeError(f"{what}: process_set must be a ProcessSet, got {type(process_set).__name__}")
+    if process_set is global_process_set:
+        return _Group(None, list(range(st.size)), st.rank, True)
+    if process_set.process_set_id is None:
+        raise ValueError(f"{what}: {process_set} is not registered; call add_process_set on every rank first")
+    if st.rank not in process_set.ranks:
+        raise ValueError(f"{what}: rank {st.rank} is not in {process_set}")
+    return _Group(process_set.group, process_set.ranks, process_set.ranks.index(st.rank), False)
 
 
-def gloo_built() -> bool:
-    """Whether torch.distributed has the gloo backend (Horovod's name for the question)."""
-    return dist.is_gloo_available()
-
-
-def nccl_built() -> bool:
-    """Whether torch.distributed has the NCCL backend."""
-    return dist.is_nccl_available()
-
-
-def mpi_built() -> bool:
-    """Whether torch.distributed has the MPI backend (lmforge itself never uses it)."""
-    return dist.is_mpi_available()
-
-
-# --- coordination: header exchange, hang check, join --------------------------------------------------------
+# --- the collective check: signature exchange, mismatch errors, join ----------------------------------------
 
 _KINDS = [
     "join",
@@ -289,27 +162,27 @@ _KINDS = [
     "broadcast_object",
     "allgather_object",
 ]
-# Collectives a joined rank can keep answering.
-_JOINABLE = {"allreduce", "allgather", "broadcast", "barrier"}
+_JOINABLE = {"allreduce", "barrier"}  # what a joined rank keeps answering, as in Horovod
 _DTYPES = [
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
-    torch.int8, torch.uint8, torch.bool,
+    torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128,
 ]
-_HEADER_LEN = 8  # kind, joined_at, dtype, numel, row_numel, op, root, signature
+_HEADER_LEN = 8  # kind, joined_at, wire dtype, numel, row_numel, op, root, signature
 
 
 @dataclass
 class _Call:
-    """What one rank asks of a collective, as exchanged in coordinated mode and named in errors."""
+    """What one rank asks of a collective, as exchanged by the check and named in errors."""
 
     kind: str
     name: str | None = None
     shape: str = ""  # text; "*" stands for a dimension that may differ between ranks
-    dtype: torch.dtype | None = None  # on the wire (after compression)
+    dtype: torch.dtype | None = None  # the caller's (after compression)
     numel: int = 0  # elements sent (allgather: rows)
     row_numel: int = 0  # allgather: elements per row
     op: ReduceOp | None = None
     root: int = -1
+    wire: torch.dtype | None = None  # what the backend moves, when it differs from dtype
 
     def describe(self) -> str:
         parts = [f"name={self.name!r}"]
@@ -324,11 +197,11 @@ class _Call:
         return f"{self.kind}({', '.join(parts)})"
 
     def header(self, joined_at: int) -> list[int]:
-        if self.dtype is not None and self.dtype not in _DTYPES:
+        wire = self.wire or self.dtype
+        if wire is not None and wire not in _DTYPES:
             names = ", ".join(str(d).replace("torch.", "") for d in _DTYPES)
-            raise ValueError(f"{self.describe()}: coordinated mode (check / uneven_inputs) supports "
-                             f"the dtypes {names}, got {self.dtype}")
-        dtype = _DTYPES.index(self.dtype) if self.dtype is not None else -1
+            raise ValueError(f"{self.describe()}: lmforge.parallel supports the dtypes {names}, got {wire}")
+        dtype = _DTYPES.index(wire) if wire is not None else -1
         op = _OP_CODES.index(self.op) if self.op is not None else -1
         signature = zlib.crc32(self.describe().encode())
         kind = _KINDS.index(self.kind)
@@ -337,7 +210,7 @@ class _Call:
 
 @dataclass
 class _Peers:
-    """The header exchange's answer: per rank (kind, joined_at, dtype, numel, row_numel, op, root, sig)."""
+    """The signature exchange's answer: per rank (kind, joined_at, dtype, numel, row_numel, op, root, sig)."""
 
     rows: list[list[int]]
 
@@ -370,47 +243,54 @@ def _guarded(call: _Call, fn: Callable[[], Any]) -> Any:
         ) from err
 
 
-def _exchange(call: _Call, joined_at: int = -1) -> _Peers:
-    """Coordinated mode: all-gather every rank's header for this call; check that the active ranks agree."""
+def _exchange(call: _Call, group: _Group, joined_at: int = -1) -> _Peers:
+    """All-gather every rank's signature for this call; raise if the active ranks disagree."""
     st = _require()
     mine = torch.tensor(call.header(joined_at), dtype=torch.int64, device=st.device)
-    table = torch.empty(st.size * _HEADER_LEN, dtype=torch.int64, device=st.device)
-    _guarded(call, lambda: _all_gather_single(table, mine))
+    table = torch.empty(group.size * _HEADER_LEN, dtype=torch.int64, device=st.device)
+    _guarded(call, lambda: _all_gather_single(table, mine, group=group.pg))
     st.calls += 1
-    peers = _Peers(table.view(st.size, _HEADER_LEN).cpu().tolist())
+    peers = _Peers(table.view(group.size, _HEADER_LEN).cpu().tolist())
     active = peers.active
     if len({(peers.rows[r][0], peers.rows[r][7]) for r in active}) > 1:
-        _raise_mismatch(call, joined_at, "the ranks called different collectives or passed different tensors")
-    if active and peers.joined:
-        kind, root = _KINDS[peers.rows[active[0]][0]], peers.rows[active[0]][6]
-        if kind not in _JOINABLE:
-            raise CollectiveError(
-                f"rank {st.rank}: {kind} cannot run while rank(s) {peers.joined} have called join(); joined "
-                "ranks answer only allreduce, allgather, broadcast and barrier"
-            )
-        if kind == "broadcast" and root in peers.joined:
-            raise CollectiveError(f"rank {st.rank}: broadcast from root rank {root}, which has called join()")
+        _raise_mismatch(call, group, joined_at,
+                        "the ranks called different collectives or passed different tensors")
     return peers
 
 
-def _raise_mismatch(call: _Call, joined_at: int, reason: str) -> None:
+def _raise_mismatch(call: _Call, group: _Group, joined_at: int, reason: str) -> None:
     """Every rank sees the same table, so every rank gets here: swap descriptions and raise the same error."""
     st = _require()
     mine = "join()" if joined_at >= 0 else call.describe()
-    calls: list[Any] = [None] * st.size
-    _guarded(call, lambda: dist.all_gather_object(calls, mine))
-    groups: dict[str, list[int]] = {}
-    for r, text in enumerate(calls):
-        groups.setdefault(text, []).append(r)
+    calls: list[Any] = [None] * group.size
+    _guarded(call, lambda: dist.all_gather_object(calls, mine, group=group.pg))
+    by_call: dict[str, list[int]] = {}
+    for index, text in enumerate(calls):
+        by_call.setdefault(text, []).append(group.ranks[index])
     lines = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))} called {text}"
-                      for text, rs in groups.items())
+                      for text, rs in by_call.items())
     raise CollectiveMismatchError(
-        f"collective mismatch at coordinated call #{st.calls} (seen by rank {st.rank}): {reason}: {lines}"
+        f"collective mismatch at checked call #{st.calls} (seen by rank {st.rank}): {reason}: {lines}"
     )
 
 
+def _begin(call: _Call, group: _Group) -> _Peers | None:
+    """Start a collective: with the check on, exchange signatures (and refuse what joined ranks cannot do)."""
+    st = _require()
+    if not st.coordinate or group.size == 1:
+        return None
+    peers = _exchange(call, group)
+    if group.is_global and peers.joined:
+        if call.kind not in _JOINABLE or call.op == ReduceOp.ADASUM:
+            raise CollectiveError(
+                f"rank {st.rank}: {call.describe()} cannot run while rank(s) {peers.joined} have called "
+                "join(); joined ranks answer only allreduce (not Adasum) and barrier, as in Horovod"
+            )
+    return peers
+
+
 def _identity(op: ReduceOp, dtype: torch.dtype) -> float | int | bool:
-    """The value a joined rank contributes so the reduction is unchanged."""
+    """What a joined rank contributes: zeros for Sum and Average (as Horovod), else the op's neutral value."""
     if op in (ReduceOp.SUM, ReduceOp.AVERAGE):
         return 0
     if op == ReduceOp.PRODUCT:
@@ -422,50 +302,31 @@ def _identity(op: ReduceOp, dtype: torch.dtype) -> float | int | bool:
 
 
 def _answer(peers: _Peers) -> None:
-    """A joined rank takes part in the active ranks' collective with a neutral contribution."""
+    """A joined rank takes part in the active ranks' allreduce or barrier; anything else they refuse."""
     st = _require()
-    kind, _, dtype_code, numel, row_numel, op_code, root, _ = peers.rows[peers.active[0]]
-    dtype = _DTYPES[dtype_code] if dtype_code >= 0 else torch.uint8  # barrier: no tensor
+    kind, _, dtype_code, numel, _, op_code, _, _ = peers.rows[peers.active[0]]
     call = _Call("join", name="join")
-    if kind == _KINDS.index("allreduce"):
-        op = _OP_CODES[op_code]
+    if kind == _KINDS.index("allreduce") and _OP_CODES[op_code] != ReduceOp.ADASUM:
+        op, dtype = _OP_CODES[op_code], _DTYPES[dtype_code]
         buf = torch.full((numel,), _identity(op, dtype), dtype=dtype, device=st.device)
         _guarded(call, lambda: dist.all_reduce(buf, op=_BACKEND_OPS[op]))
-    elif kind == _KINDS.index("allgather"):
-        rows = max(peers.rows[r][3] for r in range(st.size))
-        mine = torch.zeros(rows * row_numel, dtype=dtype, device=st.device)
-        out = torch.empty(st.size * rows * row_numel, dtype=dtype, device=st.device)
-        _guarded(call, lambda: _all_gather_single(out, mine))
-    elif kind == _KINDS.index("broadcast"):
-        buf = torch.empty(numel, dtype=dtype, device=st.device)
-        _guarded(call, lambda: dist.broadcast(buf, src=root))
     elif kind == _KINDS.index("barrier"):
         _guarded(call, dist.barrier)
-
-
-def _begin(call: _Call) -> _Peers | None:
-    """Start a collective: in coordinated mode exchange headers (and check them); return the peers' table."""
-    st = _require()
-    if not st.coordinate or st.size == 1:
-        return None
-    return _exchange(call)
-
-
-def _contributors(peers: _Peers | None) -> int:
-    return _require().size if peers is None else len(peers.active)
 
 
 def join(device: int = -1) -> int:
     """Declare that this rank has no more data; return the rank that joined last once every rank has joined.
 
-    Coordinated mode (uneven_inputs / check): until then this rank answers the others' allreduces (with the
-    op's identity), allgathers (with no rows), broadcasts and barriers. Otherwise join() is a barrier every
-    rank must reach at the same point. `device` is accepted for Horovod compatibility and ignored.
+    With the check on (the default) or uneven_inputs, this rank meanwhile answers the others' allreduces
+    (contributing zeros; Average divides by the full size, as in Horovod) and barriers; their allgathers,
+    broadcasts, alltoalls and reducescatters raise CollectiveError. With both off, join() is a barrier.
+    `device` is accepted for Horovod compatibility and ignored.
     """
     st = _require()
     if st.size == 1:
         return 0
     call = _Call("join", name="join")
+    group = _group(global_process_set, "join")
     if not st.coordinate:
         arrived = torch.tensor([time.time()], dtype=torch.float64, device=st.device)
         times = torch.empty(st.size, dtype=torch.float64, device=st.device)
@@ -473,14 +334,14 @@ def join(device: int = -1) -> int:
         return int(times.argmax())
     joined_at = st.calls
     while True:
-        peers = _exchange(call, joined_at)
+        peers = _exchange(call, group, joined_at)
         if not peers.active:
             # Last to join: the largest joined_at (ties broken by the highest rank).
             return max(range(st.size), key=lambda r: (peers.rows[r][1], r))
         _answer(peers)
 
 
-# --- async handles ------------------------------------------------------------------------------------------
+# --- async handles and names in flight ----------------------------------------------------------------------
 
 
 class Handle:
@@ -507,21 +368,46 @@ class Handle:
             self._works = []
         return self._result
 
+    def __call__(self) -> Any:
+        """Same as wait(): Horovod's sparse_allreduce_async returns a function to call."""
+        return self.wait()
+
 
 class _GroupHandle(Handle):
-    """Several handles finished together; the result is `result` once all of them are done."""
+    """Several handles finished together; the result is `result(...)` once all of them are done."""
 
-    def __init__(self, handles: list[Handle], result: Any):
+    def __init__(self, handles: list[Handle], result: Callable[[], Any]):
         def finish() -> Any:
             for h in handles:
                 h.wait()
-            return result
+            return result()
 
-        super().__init__(_Call("allreduce"), [], finish)
+        super().__init__(handles[0]._call if handles else _Call("allreduce"), [], finish)
         self._handles = handles
 
     def poll(self) -> bool:
         return self._done or all(h.poll() for h in self._handles)
+
+
+_in_flight: weakref.WeakValueDictionary[str, Handle] = weakref.WeakValueDictionary()
+
+
+def _check_name(name: str | None, what: str) -> None:
+    """Horovod's rule: a name may not be reused while a collective with that name is in flight."""
+    if name is None:
+        return
+    if not isinstance(name, str):
+        raise TypeError(f"{what}: name must be a str or None, got {type(name).__name__}")
+    held = _in_flight.get(name)
+    if held is not None and not held._done:
+        raise ValueError(f"{what}: a collective named {name!r} is still in flight (not synchronized); "
+                         "names of concurrent collectives must differ")
+
+
+def _named(handle: Handle, name: str | None) -> Handle:
+    if name is not None:
+        _in_flight[name] = handle
+    return handle
 
 
 def synchronize(handle: Handle) -> Any:
@@ -545,7 +431,8 @@ def _check_tensor(tensor: Any, what: str) -> None:
     if not isinstance(tensor, Tensor):
         raise TypeError(f"{what} expects a torch.Tensor, got {type(tensor).__name__}")
     if tensor.is_sparse:
-        raise ValueError(f"{what} does not support sparse tensors; pass tensor.to_dense()")
+        raise ValueError(f"{what} does not support sparse tensors; pass tensor.to_dense() "
+                         "(or use sparse_allreduce_async)")
 
 
 def _resolve_op(op: ReduceOp | None, average: bool | None, what: str) -> ReduceOp:
@@ -554,17 +441,31 @@ def _resolve_op(op: ReduceOp | None, average: bool | None, what: str) -> ReduceO
     if op is None:
         return ReduceOp.SUM if average is False else ReduceOp.AVERAGE
     if not isinstance(op, ReduceOp):
-        raise ValueError(f"{what}: op must be one of Average, Sum, Min, Max, Product; got {op!r}")
+        raise ValueError(f"{what}: op must be one of Average, Sum, Adasum, Min, Max, Product; got {op!r}")
     return op
 
 
-def _check_scaling(tensor: Tensor, op: ReduceOp, prescale: float, postscale: float, what: str) -> None:
-    if not tensor.is_floating_point():
-        if prescale != 1.0 or postscale != 1.0:
-            raise ValueError(f"{what}: prescale/postscale factors need a floating-point tensor, got "
-                             f"{tensor.dtype}")
-        if op == ReduceOp.AVERAGE and tensor.dtype == torch.bool:
-            raise ValueError(f"{what}: op=Average is undefined for bool tensors; use Min, Max or Sum")
+def _check_op(tensor: Tensor, op: ReduceOp, group: _Group, what: str) -> None:
+    if tensor.dtype == torch.bool and op in (ReduceOp.AVERAGE, ReduceOp.ADASUM):
+        raise ValueError(f"{what}: op={op.value} is undefined for bool tensors; use Min, Max or Sum")
+    if op == ReduceOp.ADASUM:
+        if not tensor.is_floating_point():
+            raise ValueError(f"{what}: Adasum needs a floating-point tensor, got {tensor.dtype}")
+        if not group.is_global:
+            raise NotImplementedError("Adasum does not support non-global process sets yet.")
+        if not is_power_of_two(group.size):
+            raise NotImplementedError("Running Adasum with non-power of 2 ranks is not supported yet.")
+
+
+def _scale_(buffer: Tensor, factor: float) -> Tensor:
+    """buffer *= factor in place; integer tensors are scaled in float64 and truncated, as Horovod does."""
+    if factor == 1.0:
+        return buffer
+    if buffer.is_floating_point() or buffer.is_complex():
+        return buffer.mul_(factor)
+    if buffer.dtype == torch.bool:
+        raise ValueError("prescale/postscale factors are undefined for bool tensors")
+    return buffer.copy_(buffer.double().mul_(factor).trunc_())
 
 
 def _allreduce_flat(
@@ -575,33 +476,36 @@ def _allreduce_flat(
     postscale: float,
     compression: type[Compressor],
     call: _Call,
+    group: _Group,
 ) -> Handle:
     """Allreduce `buffer` and leave the scaled result in `out`, asynchronously.
 
     `buffer` is contiguous and ours to overwrite: `out` itself, or a private copy of it.
     """
-    if prescale != 1.0:
-        buffer.mul_(prescale)
+    _scale_(buffer, prescale)
     wire, ctx = compression.compress(buffer)
     call.dtype = wire.dtype
-    peers = _begin(call)
-    work = _guarded(call, lambda: dist.all_reduce(wire, op=_BACKEND_OPS[op], async_op=True))
+    promoted = _REDUCE_AS.get(wire.dtype)
+    if promoted is not None:
+        call.wire = promoted
+    _begin(call, group)
+    sent = wire if promoted is None else wire.to(promoted)
+    if op == ReduceOp.ADASUM:  # blocking, so overlapping async calls never interleave its messages
+        _guarded(call, lambda: adasum_(sent, _require().rank, group.size))
+        works = []
+    else:
+        works = [_guarded(call, lambda: dist.all_reduce(sent, op=_BACKEND_OPS[op], group=group.pg,
+                                                       async_op=True))]
 
     def finish() -> Tensor:
-        result = compression.decompress(wire, ctx)
-        scale = postscale
-        if op == ReduceOp.AVERAGE:
-            if not result.is_floating_point():
-                result = torch.div(result, _contributors(peers), rounding_mode="trunc")
-            else:
-                scale = scale / _contributors(peers)
-        if scale != 1.0:
-            result.mul_(scale)  # `result` is the wire buffer or a fresh tensor, never the caller's input
-        if result is not out:
-            out.copy_(result)
+        result = compression.decompress(sent if promoted is None else wire.copy_(sent), ctx)
+        scale = postscale / group.size if op == ReduceOp.AVERAGE else postscale
+        _scale_(result, scale)  # `result` is a buffer of ours, never the caller's input
+        if result.data_ptr() != out.data_ptr():  # else `result` is `out`'s own memory, seen flat
+            out.copy_(result.view(out.shape))
         return out
 
-    return Handle(call, [work], finish)
+    return Handle(call, works, finish)
 
 
 def allreduce_async_(
@@ -611,21 +515,26 @@ def allreduce_async_(
     op: ReduceOp | None = None,
     prescale_factor: float = 1.0,
     postscale_factor: float = 1.0,
+    process_set: ProcessSet = global_process_set,
     compression: type[Compressor] = Compression.none,
 ) -> Handle:
     """Start an in-place allreduce of `tensor`; synchronize(handle) returns `tensor` holding the result.
 
-    op: Average (default), Sum, Min, Max or Product; the result is postscale * reduce(prescale * tensor).
-    Average of integer tensors rounds toward zero. Raises ValueError for ops or factors the dtype cannot take.
+    op: Average (default), Sum, Adasum, Min, Max or Product; the result is post * reduce(pre * tensor).
+    Integer tensors are scaled (and averaged) in float64 and truncated. Raises ValueError for a name in flight
+    or an op the dtype cannot take, NotImplementedError for Adasum over a non-power-of-two number of ranks.
     """
     _check_tensor(tensor, "allreduce")
+    _check_name(name, "allreduce")
     op = _resolve_op(op, average, "allreduce")
-    _check_scaling(tensor, op, prescale_factor, postscale_factor, "allreduce")
+    group = _group(process_set, "allreduce")
+    _check_op(tensor, op, group, "allreduce")
     call = _Call("allreduce", name, _shape_text(tensor.shape), tensor.dtype, tensor.numel(), op=op)
     target = tensor.detach()  # same storage; in-place writes bypass autograd, as Horovod's do
     buffer = target if target.is_contiguous() else target.contiguous()
-    inner = _allreduce_flat(buffer, target, op, prescale_factor, postscale_factor, compression, call)
-    return _GroupHandle([inner], tensor)
+    inner = _allreduce_flat(buffer.view(-1), target, op, prescale_factor, postscale_factor, compression,
+                            call, group)
+    return _named(_GroupHandle([inner], lambda: tensor), name)
 
 
 def allreduce_async(
@@ -635,12 +544,13 @@ def allreduce_async(
     op: ReduceOp | None = None,
     prescale_factor: float = 1.0,
     postscale_factor: float = 1.0,
+    process_set: ProcessSet = global_process_set,
     compression: type[Compressor] = Compression.none,
 ) -> Handle:
     """Start an allreduce of `tensor` into a new tensor (see allreduce_async_); `tensor` is left unchanged."""
     _check_tensor(tensor, "allreduce")
     return allreduce_async_(tensor.detach().clone(memory_format=torch.contiguous_format), average, name, op,
-                            prescale_factor, postscale_factor, compression)
+                            prescale_factor, postscale_factor, process_set, compression)
 
 
 def allreduce(
@@ -651,35 +561,19 @@ def allreduce(
     op: ReduceOp | None = None,
     prescale_factor: float = 1.0,
     postscale_factor: float = 1.0,
+    process_set: ProcessSet = global_process_set,
 ) -> Tensor:
-    """Return the reduction of `tensor` over all ranks (same shape and dtype); `tensor` is left unchanged.
+    """Return the reduction of `tensor` over the ranks (same shape and dtype); `tensor` is left unchanged.
 
-    Differentiable for op Sum and Average (the gradient is the same reduction of the output gradients, as in
-    Horovod); Min, Max and Product results carry no gradient.
+    Differentiable for Sum and Average: the gradient is the same reduction of the output gradients (Horovod's
+    rule, which is autograd's for the sum of every rank's loss); Adasum, Min, Max and Product carry none.
     """
     op = _resolve_op(op, average, "allreduce")
-    differentiable = op in (Sum, Average) and torch.is_grad_enabled()
-    if isinstance(tensor, Tensor) and tensor.requires_grad and differentiable:
-        return _DifferentiableAllreduce.apply(tensor, name, op, prescale_factor, postscale_factor,
-                                              compression)
-    return allreduce_async(tensor, None, name, op, prescale_factor, postscale_factor, compression).wait()
-
-
-class _DifferentiableAllreduce(torch.autograd.Function):
-    """y = post * reduce_r(pre * x_r) on every rank, so dL/dx_r = post * pre * reduce_s(dL/dy_s)."""
-
-    @staticmethod
-    def forward(ctx: Any, tensor: Tensor, name: str | None, op: ReduceOp, pre: float, post: float,
-                compression: type[Compressor]) -> Tensor:
-        ctx.args = (name, op, pre, post, compression)
-        return allreduce_async(tensor, None, name, op, pre, post, compression).wait()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        name, op, pre, post, compression = ctx.args
-        grad_name = None if name is None else f"{name}.grad"
-        reduced = allreduce_async(grad, None, grad_name, op, pre, post, compression).wait()
-        return reduced, None, None, None, None, None
+    if isinstance(tensor, Tensor) and tensor.requires_grad and op in (Sum, Average) and torch.is_grad_enabled():
+        return _AllreduceGrad.apply(tensor, name, op, prescale_factor, postscale_factor, process_set,
+                                    compression)
+    return allreduce_async(tensor, None, name, op, prescale_factor, postscale_factor, process_set,
+                           compression).wait()
 
 
 def allreduce_(
@@ -689,10 +583,21 @@ def allreduce_(
     op: ReduceOp | None = None,
     prescale_factor: float = 1.0,
     postscale_factor: float = 1.0,
+    process_set: ProcessSet = global_process_set,
     compression: type[Compressor] = Compression.none,
 ) -> Tensor:
-    """Reduce `tensor` over all ranks in place and return it."""
-    return allreduce_async_(tensor, average, name, op, prescale_factor, postscale_factor, compression).wait()
+    """Reduce `tensor` over the ranks in place and return it."""
+    return allreduce_async_(tensor, average, name, op, prescale_factor, postscale_factor, process_set,
+                            compression).wait()
+
+
+def _tensor_list(tensors: Any, what: str) -> list[Tensor]:
+    if isinstance(tensors, Tensor) or not all(isinstance(t, Tensor) for t in tensors):
+        raise TypeError(f"{what} expects a list of torch.Tensor")
+    tensors = list(tensors)
+    for t in tensors:
+        _check_tensor(t, what)
+    return tensors
 
 
 def grouped_allreduce_async_(
@@ -702,34 +607,38 @@ def grouped_allreduce_async_(
     op: ReduceOp | None = None,
     prescale_factor: float = 1.0,
     postscale_factor: float = 1.0,
+    process_set: ProcessSet = global_process_set,
     compression: type[Compressor] = Compression.none,
 ) -> Handle:
-    """Start one fused allreduce per dtype over `tensors`, in place; synchronize returns the list."""
-    if isinstance(tensors, Tensor) or not all(isinstance(t, Tensor) for t in tensors):
-        raise TypeError("grouped_allreduce expects a list of torch.Tensor")
+    """Start one fused allreduce per dtype over `tensors`, in place; synchronize returns the list.
+
+    Adasum combines each tensor on its own (one Adasum per tensor, as Horovod's per-tensor dot products).
+    """
+    tensors = _tensor_list(tensors, "grouped_allreduce")
+    _check_name(name, "grouped_allreduce")
     op = _resolve_op(op, average, "grouped_allreduce")
+    group = _group(process_set, "grouped_allreduce")
     by_dtype: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
     for t in tensors:
-        _check_tensor(t, "grouped_allreduce")
-        _check_scaling(t, op, prescale_factor, postscale_factor, "grouped_allreduce")
-        by_dtype.setdefault((t.dtype, t.device), []).append(t)
+        _check_op(t, op, group, "grouped_allreduce")
+        key = (t.dtype, t.device) if op != ReduceOp.ADASUM else (t.dtype, t.device, len(by_dtype))
+        by_dtype.setdefault(key, []).append(t)  # type: ignore[arg-type]
     handles = []
-    for (dtype, _), group in by_dtype.items():
-        flat = torch.cat([t.reshape(-1) for t in group])  # (sum of numels,)
-        shape = "[" + ", ".join(_shape_text(t.shape) for t in group) + "]"
-        call = _Call("allreduce", name, shape, dtype, flat.numel(), op=op)
-        inner = _allreduce_flat(flat, flat, op, prescale_factor, postscale_factor, compression, call)
+    for key, members in by_dtype.items():
+        flat = torch.cat([t.detach().reshape(-1) for t in members])  # (sum of numels,)
+        shape = "[" + ", ".join(_shape_text(t.shape) for t in members) + "]"
+        call = _Call("allreduce", name, shape, key[0], flat.numel(), op=op)
+        inner = _allreduce_flat(flat, flat, op, prescale_factor, postscale_factor, compression, call, group)
 
-        def unflatten(inner: Handle = inner, group: list[Tensor] = group) -> list[Tensor]:
+        def unflatten(inner: Handle = inner, members: list[Tensor] = members) -> None:
             flat = inner.wait()
             offset = 0
-            for t in group:
+            for t in members:
                 t.detach().copy_(flat[offset: offset + t.numel()].view_as(t))
                 offset += t.numel()
-            return group
 
         handles.append(Handle(call, [], unflatten))
-    return _GroupHandle(handles, list(tensors))
+    return _named(_GroupHandle(handles, lambda: tensors), name)
 
 
 def grouped_allreduce_async(
@@ -739,13 +648,14 @@ def grouped_allreduce_async(
     op: ReduceOp | None = None,
     prescale_factor: float = 1.0,
     postscale_factor: float = 1.0,
+    process_set: ProcessSet = global_process_set,
     compression: type[Compressor] = Compression.none,
 ) -> Handle:
     """Like grouped_allreduce_async_ on copies; the input tensors are left unchanged."""
-    if isinstance(tensors, Tensor) or not all(isinstance(t, Tensor) for t in tensors):
-        raise TypeError("grouped_allreduce expects a list of torch.Tensor")
-    copies = [t.clone(memory_format=torch.contiguous_format) for t in tensors]
-    return grouped_allreduce_async_(copies, average, name, op, prescale_factor, postscale_factor, compression)
+    tensors = _tensor_list(tensors, "grouped_allreduce")
+    copies = [t.detach().clone(memory_format=torch.contiguous_format) for t in tensors]
+    return grouped_allreduce_async_(copies, average, name, op, prescale_factor, postscale_factor, process_set,
+                                    compression)
 
 
 def grouped_allreduce(
@@ -756,9 +666,18 @@ def grouped_allreduce(
     op: ReduceOp | None = None,
     prescale_factor: float = 1.0,
     postscale_factor: float = 1.0,
+    process_set: ProcessSet = global_process_set,
 ) -> list[Tensor]:
-    """Reduce every tensor of the list over all ranks (one fused collective per dtype); return new tensors."""
-    return grouped_allreduce_async(tensors, average, name, op, prescale_factor, postscale_factor,
+    """Reduce every tensor of the list (one fused collective per dtype); return new tensors.
+
+    Differentiable for Sum and Average, like allreduce.
+    """
+    tensors = _tensor_list(tensors, "grouped_allreduce")
+    op = _resolve_op(op, average, "grouped_allreduce")
+    if any(t.requires_grad for t in tensors) and op in (Sum, Average) and torch.is_grad_enabled():
+        return list(_GroupedAllreduceGrad.apply(name, op, prescale_factor, postscale_factor, process_set,
+                                                compression, *tensors))
+    return grouped_allreduce_async(tensors, None, name, op, prescale_factor, postscale_factor, process_set,
                                    compression).wait()
 
 
@@ -769,43 +688,71 @@ def grouped_allreduce_(
     op: ReduceOp | None = None,
     prescale_factor: float = 1.0,
     postscale_factor: float = 1.0,
+    process_set: ProcessSet = global_process_set,
     compression: type[Compressor] = Compression.none,
 ) -> list[Tensor]:
     """Reduce every tensor of the list in place (one fused collective per dtype) and return the list."""
-    return grouped_allreduce_async_(tensors, average, name, op, prescale_factor, postscale_factor,
+    return grouped_allreduce_async_(tensors, average, name, op, prescale_factor, postscale_factor, process_set,
                                     compression).wait()
 
 
-# --- allgather, broadcast, alltoall, reducescatter, barrier -------------------------------------------------
+def sparse_allreduce_async(
+    tensor: Tensor, name: str | None, op: ReduceOp, process_set: ProcessSet = global_process_set
+) -> Handle:
+    """Reduce a sparse COO tensor by allgathering its indices and values (Horovod's method).
+
+    The result (from `handle()` or synchronize) is a sparse tensor holding every rank's entries (duplicates
+    uncoalesced, so their sum is the Sum); Average divides the values by the set's size. Only Sum and Average.
+    """
+    if not isinstance(tensor, Tensor) or not tensor.is_sparse:
+        raise TypeError("sparse_allreduce_async expects a sparse COO torch.Tensor")
+    if op not in (Sum, Average):
+        raise ValueError(f"sparse_allreduce_async: op must be Sum or Average, got {op!r}")
+    _check_name(name, "sparse_allreduce_async")
+    group = _group(process_set, "sparse_allreduce_async")
+    t = tensor.coalesce() if not tensor.is_coalesced() else tensor
+    prefix = "sparse" if name is None else name
+    values = allgather_async(t.values(), f"{prefix}.values", process_set)
+    indices = allgather_async(t.indices().t().contiguous(), f"{prefix}.indices", process_set)  # (nnz, ndim)
+
+    def finish() -> Tensor:
+        v = values.wait()
+        v = v / group.size if op == Average else v
+        return torch.sparse_coo_tensor(indices.wait().t(), v, t.shape)
+
+    return _named(_GroupHandle([values, indices], finish), name)
 
 
-def allgather_async(tensor: Tensor, name: str | None = None) -> Handle:
-    """Start an allgather along dim 0; the first dimension may differ between ranks (the others must not)."""
-    return _allgather_start(tensor, name)[0]
+# --- allgather ----------------------------------------------------------------------------------------------
 
 
-def _allgather_start(tensor: Tensor, name: str | None) -> tuple[Handle, list[int]]:
+def _moved(x: Tensor) -> Tensor:
+    """The tensor the backend moves: `x`, or its bits as a dtype the backend has."""
+    alias = _MOVE_AS.get(x.dtype)
+    return x if alias is None else x.view(alias)
+
+
+def _allgather_start(tensor: Tensor, name: str | None, group: _Group) -> tuple[Handle, list[int]]:
     """Start an allgather; return its handle and every rank's number of rows."""
-    _check_tensor(tensor, "allgather")
-    tensor = tensor.detach()
     st = _require()
-    x = tensor.reshape(1) if tensor.dim() == 0 else tensor.contiguous()  # (rows, *trailing)
+    x = tensor.detach()
+    x = x.reshape(1) if x.dim() == 0 else x.contiguous()  # (rows, *trailing)
     row_numel = math.prod(x.shape[1:])
     call = _Call("allgather", name, _shape_text(x.shape, free_first=True), x.dtype, x.shape[0], row_numel)
-    peers = _begin(call)
+    peers = _begin(call, group)
     if peers is not None:
         rows = [row[3] for row in peers.rows]
     else:
         mine = torch.tensor([x.shape[0]], dtype=torch.int64, device=st.device)
-        sizes = torch.empty(st.size, dtype=torch.int64, device=st.device)
-        _guarded(call, lambda: _all_gather_single(sizes, mine))
+        sizes = torch.empty(group.size, dtype=torch.int64, device=st.device)
+        _guarded(call, lambda: _all_gather_single(sizes, mine, group=group.pg))
         rows = sizes.tolist()
     most = max(rows)
     if x.shape[0] < most:
         pad = torch.zeros((most - x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
         x = torch.cat([x, pad])
-    out = torch.empty((st.size * most, *x.shape[1:]), dtype=x.dtype, device=x.device)  # (N * most, *trailing)
-    work = _guarded(call, lambda: _all_gather_single(out, x, async_op=True))
+    out = torch.empty((group.size * most, *x.shape[1:]), dtype=x.dtype, device=x.device)  # (N*most, ...)
+    work = _guarded(call, lambda: _all_gather_single(_moved(out), _moved(x), group=group.pg, async_op=True))
 
     def finish() -> Tensor:
         if all(n == most for n in rows):
@@ -815,108 +762,146 @@ def _allgather_start(tensor: Tensor, name: str | None) -> tuple[Handle, list[int
     return Handle(call, [work], finish), rows
 
 
-def allgather(tensor: Tensor, name: str | None = None) -> Tensor:
+def allgather_async(tensor: Tensor, name: str | None = None,
+                    process_set: ProcessSet = global_process_set) -> Handle:
+    """Start an allgather along dim 0; the first dimension may differ between ranks (the others must not)."""
+    _check_tensor(tensor, "allgather")
+    _check_name(name, "allgather")
+    return _named(_allgather_start(tensor, name, _group(process_set, "allgather"))[0], name)
+
+
+def allgather(tensor: Tensor, name: str | None = None, process_set: ProcessSet = global_process_set) -> Tensor:
     """Concatenate every rank's tensor along dim 0, in rank order (first dimensions may differ).
 
-    A scalar counts as one row. Differentiable: a rank's input gradient is its rows of the sum over ranks of
-    the output gradients.
+    A scalar counts as one row. Differentiable with Horovod's rule: a rank's input gradient is its rows of the
+    average over ranks of the output gradients (autograd's gradient of the mean of the ranks' losses).
     """
     if isinstance(tensor, Tensor) and tensor.requires_grad and torch.is_grad_enabled():
-        return _DifferentiableAllgather.apply(tensor, name)
-    return allgather_async(tensor, name).wait()
+        return _AllgatherGrad.apply(tensor, name, process_set)
+    return allgather_async(tensor, name, process_set).wait()
 
 
-class _DifferentiableAllgather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, tensor: Tensor, name: str | None) -> Tensor:
-        handle, rows = _allgather_start(tensor, name)
-        st = _require()
-        ctx.start, ctx.rows, ctx.shape, ctx.name = sum(rows[: st.rank]), rows[st.rank], tensor.shape, name
-        return handle.wait()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
-        grad_name = None if ctx.name is None else f"{ctx.name}.grad"
-        summed = allreduce_async(grad, None, grad_name, Sum).wait()  # (total rows, *trailing)
-        return summed[ctx.start: ctx.start + ctx.rows].reshape(ctx.shape), None
+def grouped_allgather_async(tensors: Sequence[Tensor], name: str | None = None,
+                            process_set: ProcessSet = global_process_set) -> Handle:
+    """Start one allgather per tensor; synchronize returns the list of gathered tensors."""
+    tensors = _tensor_list(tensors, "grouped_allgather")
+    _check_name(name, "grouped_allgather")
+    group = _group(process_set, "grouped_allgather")
+    handles = [_allgather_start(t, None if name is None else f"{name}.{i}", group)[0]
+               for i, t in enumerate(tensors)]
+    return _named(_GroupHandle(handles, lambda: [h.wait() for h in handles]), name)
 
 
-def broadcast_async_(tensor: Tensor, root_rank: int, name: str | None = None) -> Handle:
-    """Start overwriting `tensor` on every rank with its value on `root_rank`; synchronize returns it."""
+def grouped_allgather(tensors: Sequence[Tensor], name: str | None = None,
+                      process_set: ProcessSet = global_process_set) -> list[Tensor]:
+    """allgather of every tensor of the list; differentiable like allgather."""
+    tensors = _tensor_list(tensors, "grouped_allgather")
+    if any(t.requires_grad for t in tensors) and torch.is_grad_enabled():
+        return list(_GroupedAllgatherGrad.apply(name, process_set, *tensors))
+    return grouped_allgather_async(tensors, name, process_set).wait()
+
+
+# --- broadcast ----------------------------------------------------------------------------------------------
+
+
+def broadcast_async_(tensor: Tensor, root_rank: int, name: str | None = None,
+                     process_set: ProcessSet = global_process_set) -> Handle:
+    """Start overwriting `tensor` on every rank with its value on `root_rank` (a global rank, in the set)."""
     _check_tensor(tensor, "broadcast")
-    st = _require()
-    if not isinstance(root_rank, int) or not 0 <= root_rank < st.size:
-        raise ValueError(f"broadcast: root_rank must be an int in [0, {st.size}), got {root_rank!r}")
+    _check_name(name, "broadcast")
+    group = _group(process_set, "broadcast")
+    if not isinstance(root_rank, int) or root_rank not in group.ranks:
+        raise ValueError(f"broadcast: root_rank must be one of the ranks {group.ranks}, got {root_rank!r}")
     call = _Call("broadcast", name, _shape_text(tensor.shape), tensor.dtype, tensor.numel(), root=root_rank)
-    _begin(call)
+    _begin(call, group)
     target = tensor.detach()  # same storage; in-place writes bypass autograd, as Horovod's do
     buffer = target if target.is_contiguous() else target.contiguous()
-    work = _guarded(call, lambda: dist.broadcast(buffer, src=root_rank, async_op=True))
+    work = _guarded(call, lambda: dist.broadcast(_moved(buffer), src=root_rank, group=group.pg, async_op=True))
 
     def finish() -> Tensor:
         if buffer is not target:
             target.copy_(buffer)
         return tensor
 
-    return Handle(call, [work], finish)
+    return _named(Handle(call, [work], finish), name)
 
 
-def broadcast_async(tensor: Tensor, root_rank: int, name: str | None = None) -> Handle:
+def broadcast_async(tensor: Tensor, root_rank: int, name: str | None = None,
+                    process_set: ProcessSet = global_process_set) -> Handle:
     """Start a broadcast into a new tensor; `tensor` is left unchanged."""
     _check_tensor(tensor, "broadcast")
-    return broadcast_async_(tensor.clone(memory_format=torch.contiguous_format), root_rank, name)
+    return broadcast_async_(tensor.detach().clone(memory_format=torch.contiguous_format), root_rank, name,
+                            process_set)
 
 
-def broadcast(tensor: Tensor, root_rank: int, name: str | None = None) -> Tensor:
-    """Return `root_rank`'s value of `tensor` on every rank (a new tensor)."""
-    return broadcast_async(tensor, root_rank, name).wait()
+def broadcast(tensor: Tensor, root_rank: int, name: str | None = None,
+              process_set: ProcessSet = global_process_set) -> Tensor:
+    """Return `root_rank`'s value of `tensor` on every rank (a new tensor).
+
+    Differentiable with Horovod's rule: the root's gradient is the average over ranks of the output gradients,
+    the other ranks' is zero.
+    """
+    if isinstance(tensor, Tensor) and tensor.requires_grad and torch.is_grad_enabled():
+        return _BroadcastGrad.apply(tensor, root_rank, name, process_set)
+    return broadcast_async(tensor, root_rank, name, process_set).wait()
 
 
-def broadcast_(tensor: Tensor, root_rank: int, name: str | None = None) -> Tensor:
+def broadcast_(tensor: Tensor, root_rank: int, name: str | None = None,
+               process_set: ProcessSet = global_process_set) -> Tensor:
     """Overwrite `tensor` with its value on `root_rank`, in place, and return it."""
-    return broadcast_async_(tensor, root_rank, name).wait()
+    return broadcast_async_(tensor, root_rank, name, process_set).wait()
 
 
-def alltoall_async(
-    tensor: Tensor, splits: Sequence[int] | Tensor | None = None, name: str | None = None
-) -> Handle:
-    """Start an alltoall: rows splits[i] go to rank i (default: dim 0 split evenly). See alltoall."""
+# --- alltoall -----------------------------------------------------------------------------------------------
+
+
+def alltoall_async(tensor: Tensor, splits: Sequence[int] | Tensor | None = None, name: str | None = None,
+                   process_set: ProcessSet = global_process_set) -> Handle:
+    """Start an alltoall: rows splits[i] go to the set's i-th rank (default: dim 0 split evenly)."""
     _check_tensor(tensor, "alltoall")
-    st = _require()
-    x = tensor.contiguous()
+    _check_name(name, "alltoall")
+    group = _group(process_set, "alltoall")
+    x = tensor.detach().contiguous()
     if x.dim() == 0:
         raise ValueError("alltoall expects a tensor with at least one dimension, got a scalar")
     if splits is None:
-        if x.shape[0] % st.size:
-            raise ValueError(f"alltoall: dim 0 ({x.shape[0]}) is not divisible by size ({st.size}); "
-                             "pass splits")
-        send = [x.shape[0] // st.size] * st.size
+        if x.shape[0] % group.size:
+            raise ValueError(f"alltoall: dim 0 ({x.shape[0]}) is not divisible by the number of ranks "
+                             f"({group.size}); pass splits")
+        send = [x.shape[0] // group.size] * group.size
     else:
         send = [int(s) for s in (splits.tolist() if isinstance(splits, Tensor) else splits)]
-        if len(send) != st.size or any(s < 0 for s in send) or sum(send) != x.shape[0]:
-            raise ValueError(f"alltoall: splits must be {st.size} non-negative ints summing to dim 0 "
+        if len(send) != group.size or any(s < 0 for s in send) or sum(send) != x.shape[0]:
+            raise ValueError(f"alltoall: splits must be {group.size} non-negative ints summing to dim 0 "
                              f"({x.shape[0]}), got {send}")
     call = _Call("alltoall", name, _shape_text(x.shape, free_first=True), x.dtype)
-    _begin(call)
+    _begin(call, group)
     send_t = torch.tensor(send, dtype=torch.int64, device=x.device)
-    recv_t = torch.empty(st.size, dtype=torch.int64, device=x.device)
-    _guarded(call, lambda: dist.all_to_all_single(recv_t, send_t))
+    recv_t = torch.empty(group.size, dtype=torch.int64, device=x.device)
+    _guarded(call, lambda: dist.all_to_all_single(recv_t, send_t, group=group.pg))
     recv = recv_t.tolist()
     out = torch.empty((sum(recv), *x.shape[1:]), dtype=x.dtype, device=x.device)
-    work = _guarded(call, lambda: dist.all_to_all_single(out, x, recv, send, async_op=True))
+    work = _guarded(call, lambda: dist.all_to_all_single(_moved(out), _moved(x), recv, send, group=group.pg,
+                                                         async_op=True))
     received = torch.tensor(recv, dtype=torch.int32)
-    return Handle(call, [work], (lambda: out) if splits is None else (lambda: (out, received)))
+    return _named(Handle(call, [work], (lambda: out) if splits is None else (lambda: (out, received))), name)
 
 
-def alltoall(
-    tensor: Tensor, splits: Sequence[int] | Tensor | None = None, name: str | None = None
-) -> Tensor | tuple[Tensor, Tensor]:
+def alltoall(tensor: Tensor, splits: Sequence[int] | Tensor | None = None, name: str | None = None,
+             process_set: ProcessSet = global_process_set) -> Tensor | tuple[Tensor, Tensor]:
     """Send rows splits[i] of `tensor` (dim 0, in order) to rank i; concatenate what arrives in rank order.
 
     As in Horovod: returns the output tensor, or (output, received_splits) when `splits` is given.
+    Differentiable: the gradient is the alltoall of the output gradient back along the received splits.
     Raises ValueError when splits do not sum to dim 0 (or dim 0 is not divisible by size without splits).
     """
-    return alltoall_async(tensor, splits, name).wait()
+    if isinstance(tensor, Tensor) and tensor.requires_grad and torch.is_grad_enabled():
+        out, received = _AlltoallGrad.apply(tensor, splits, name, process_set)
+        return out if splits is None else (out, received)
+    return alltoall_async(tensor, splits, name, process_set).wait()
+
+
+# --- reducescatter ------------------------------------------------------------------------------------------
 
 
 def _scatter_rows(rows: int, n: int) -> list[int]:
@@ -924,42 +909,54 @@ def _scatter_rows(rows: int, n: int) -> list[int]:
     return [rows // n + (1 if r < rows % n else 0) for r in range(n)]
 
 
+def _reducescatter_start(tensor: Tensor, name: str | None, compression: type[Compressor], op: ReduceOp,
+                         prescale: float, postscale: float, group: _Group) -> Handle:
+    if tensor.dim() == 0:
+        raise ValueError("reducescatter expects a tensor with at least one dimension, got a scalar")
+    if op == ReduceOp.ADASUM:
+        raise ValueError("reducescatter: op must be Average, Sum, Min, Max or Product, got Adasum")
+    _check_op(tensor, op, group, "reducescatter")
+    call = _Call("reducescatter", name, _shape_text(tensor.shape), None, tensor.numel(), op=op)
+    x = _scale_(tensor.detach().clone(memory_format=torch.contiguous_format), prescale)
+    wire, ctx = compression.compress(x)
+    call.dtype = wire.dtype
+    promoted = _REDUCE_AS.get(wire.dtype)
+    call.wire = promoted
+    _begin(call, group)
+    sent = wire if promoted is None else wire.to(promoted)
+    counts = _scatter_rows(sent.shape[0], group.size)
+    most = counts[0]
+    if any(c != most for c in counts):  # pad every block to `most` rows; the padding is dropped below
+        blocks = list(torch.split(sent, counts))
+        sent = torch.cat([torch.cat([b, b.new_zeros((most - b.shape[0], *b.shape[1:]))]) for b in blocks])
+    out = torch.empty((most, *sent.shape[1:]), dtype=sent.dtype, device=sent.device)  # (most, *trailing)
+    work = _guarded(call, lambda: _reduce_scatter_single(out, sent, op=_BACKEND_OPS[op], group=group.pg,
+                                                         async_op=True))
+
+    def finish() -> Tensor:
+        mine = out[: counts[group.index]]
+        result = compression.decompress(mine if promoted is None else mine.to(wire.dtype), ctx).clone()
+        return _scale_(result, postscale / group.size if op == ReduceOp.AVERAGE else postscale)
+
+    return Handle(call, [work], finish)
+
+
 def reducescatter_async(
     tensor: Tensor,
     name: str | None = None,
-    compression: type[Compressor] = Compression.none,
     op: ReduceOp = ReduceOp.AVERAGE,
+    process_set: ProcessSet = global_process_set,
     prescale_factor: float = 1.0,
     postscale_factor: float = 1.0,
+    compression: type[Compressor] = Compression.none,
 ) -> Handle:
-    """Start a reducescatter: reduce `tensor` over ranks; rank r keeps its block of rows."""
+    """Start a reducescatter: reduce `tensor` over the ranks; the i-th rank of the set keeps block i of rows."""
     _check_tensor(tensor, "reducescatter")
-    st = _require()
+    _check_name(name, "reducescatter")
     op = _resolve_op(op, None, "reducescatter")
-    _check_scaling(tensor, op, prescale_factor, postscale_factor, "reducescatter")
-    if tensor.dim() == 0:
-        raise ValueError("reducescatter expects a tensor with at least one dimension, got a scalar")
-    call = _Call("reducescatter", name, _shape_text(tensor.shape), None, tensor.numel(), op=op)
-    x = tensor * prescale_factor if prescale_factor != 1.0 else tensor
-    wire, ctx = compression.compress(x.contiguous())
-    call.dtype = wire.dtype
-    _begin(call)
-    counts = _scatter_rows(wire.shape[0], st.size)
-    most = counts[0]
-    if any(c != most for c in counts):  # pad every block to `most` rows; the padding is dropped below
-        blocks = list(torch.split(wire, counts))
-        wire = torch.cat([torch.cat([b, b.new_zeros((most - b.shape[0], *b.shape[1:]))]) for b in blocks])
-    out = torch.empty((most, *wire.shape[1:]), dtype=wire.dtype, device=wire.device)  # (most, *trailing)
-    work = _guarded(call, lambda: _reduce_scatter_single(out, wire, op=_BACKEND_OPS[op], async_op=True))
-
-    def finish() -> Tensor:
-        result = compression.decompress(out[: counts[st.rank]], ctx)
-        scale = postscale_factor / (st.size if op == ReduceOp.AVERAGE and result.is_floating_point() else 1)
-        if op == ReduceOp.AVERAGE and not result.is_floating_point():
-            result = torch.div(result, st.size, rounding_mode="trunc")
-        return result * scale if scale != 1.0 else result.clone()
-
-    return Handle(call, [work], finish)
+    group = _group(process_set, "reducescatter")
+    handle = _reducescatter_start(tensor, name, compression, op, prescale_factor, postscale_factor, group)
+    return _named(handle, name)
 
 
 def reducescatter(
@@ -967,42 +964,238 @@ def reducescatter(
     name: str | None = None,
     compression: type[Compressor] = Compression.none,
     op: ReduceOp = ReduceOp.AVERAGE,
+    process_set: ProcessSet = global_process_set,
     prescale_factor: float = 1.0,
     postscale_factor: float = 1.0,
 ) -> Tensor:
     """Reduce `tensor` (same shape on every rank) and return this rank's block of dim 0.
 
     Dim 0 is split as evenly as possible, the first ranks taking one extra row, as Horovod does.
+    Differentiable with Horovod's rule: the input gradient is the allgather of the output gradients times
+    size (Sum) and the scale factors.
     """
-    return reducescatter_async(tensor, name, compression, op, prescale_factor, postscale_factor).wait()
+    if isinstance(tensor, Tensor) and tensor.requires_grad and torch.is_grad_enabled():
+        return _ReducescatterGrad.apply(tensor, name, op, process_set, prescale_factor, postscale_factor,
+                                        compression)
+    return reducescatter_async(tensor, name, op, process_set, prescale_factor, postscale_factor,
+                               compression).wait()
 
 
-def barrier() -> None:
-    """Block until every rank has reached the barrier."""
-    st = _require()
+def grouped_reducescatter_async(
+    tensors: Sequence[Tensor],
+    name: str | None = None,
+    op: ReduceOp = ReduceOp.AVERAGE,
+    process_set: ProcessSet = global_process_set,
+    prescale_factor: float = 1.0,
+    postscale_factor: float = 1.0,
+    compression: type[Compressor] = Compression.none,
+) -> Handle:
+    """Start one reducescatter per tensor; synchronize returns the list of this rank's blocks."""
+    tensors = _tensor_list(tensors, "grouped_reducescatter")
+    _check_name(name, "grouped_reducescatter")
+    op = _resolve_op(op, None, "grouped_reducescatter")
+    group = _group(process_set, "grouped_reducescatter")
+    handles = [_reducescatter_start(t, None if name is None else f"{name}.{i}", compression, op,
+                                    prescale_factor, postscale_factor, group) for i, t in enumerate(tensors)]
+    return _named(_GroupHandle(handles, lambda: [h.wait() for h in handles]), name)
+
+
+def grouped_reducescatter(
+    tensors: Sequence[Tensor],
+    name: str | None = None,
+    compression: type[Compressor] = Compression.none,
+    op: ReduceOp = ReduceOp.AVERAGE,
+    process_set: ProcessSet = global_process_set,
+    prescale_factor: float = 1.0,
+    postscale_factor: float = 1.0,
+) -> list[Tensor]:
+    """reducescatter of every tensor of the list; differentiable like reducescatter."""
+    tensors = _tensor_list(tensors, "grouped_reducescatter")
+    if any(t.requires_grad for t in tensors) and torch.is_grad_enabled():
+        return list(_GroupedReducescatterGrad.apply(name, op, process_set, prescale_factor, postscale_factor,
+                                                    compression, *tensors))
+    return grouped_reducescatter_async(tensors, name, op, process_set, prescale_factor, postscale_factor,
+                                       compression).wait()
+
+
+# --- barrier and objects ------------------------------------------------------------------------------------
+
+
+def barrier(process_set: ProcessSet = global_process_set) -> None:
+    """Block until every rank of the set has reached the barrier."""
+    group = _group(process_set, "barrier")
     call = _Call("barrier", "barrier")
-    _begin(call)
-    if st.size > 1:
-        _guarded(call, dist.barrier)
+    _begin(call, group)
+    if group.size > 1:
+        _guarded(call, lambda: dist.barrier(group=group.pg))
 
 
-def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None) -> Any:
-    """Return `root_rank`'s picklable object on every rank."""
-    st = _require()
-    if not isinstance(root_rank, int) or not 0 <= root_rank < st.size:
-        raise ValueError(f"broadcast_object: root_rank must be an int in [0, {st.size}), got {root_rank!r}")
+def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
+                     process_set: ProcessSet = global_process_set) -> Any:
+    """Return `root_rank`'s picklable object on every rank of the set."""
+    group = _group(process_set, "broadcast_object")
+    if not isinstance(root_rank, int) or root_rank not in group.ranks:
+        raise ValueError(f"broadcast_object: root_rank must be one of the ranks {group.ranks}, "
+                         f"got {root_rank!r}")
     call = _Call("broadcast_object", name, root=root_rank)
-    _begin(call)
+    _begin(call, group)
     box = [obj]
-    _guarded(call, lambda: dist.broadcast_object_list(box, src=root_rank, device=st.device))
+    _guarded(call, lambda: dist.broadcast_object_list(box, src=root_rank, group=group.pg,
+                                                      device=_require().device))
     return box[0]
 
 
-def allgather_object(obj: Any, name: str | None = None) -> list[Any]:
+def allgather_object(obj: Any, name: str | None = None,
+                     process_set: ProcessSet = global_process_set) -> list[Any]:
     """Return the list of every rank's picklable object, in rank order."""
-    st = _require()
+    group = _group(process_set, "allgather_object")
     call = _Call("allgather_object", name)
-    _begin(call)
-    out: list[Any] = [None] * st.size
-    _guarded(call, lambda: dist.all_gather_object(out, obj))
+    _begin(call, group)
+    out: list[Any] = [None] * group.size
+    _guarded(call, lambda: dist.all_gather_object(out, obj, group=group.pg))
     return out
+
+
+# --- Horovod's gradient rules -------------------------------------------------------------------------------
+
+
+class _AllreduceGrad(torch.autograd.Function):
+    """y = post * reduce_s(pre * x_s) on every rank, so dL/dx_r = post * pre * reduce_s(dL/dy_s)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, name: str | None, op: ReduceOp, pre: float, post: float,
+                process_set: ProcessSet, compression: type[Compressor]) -> Tensor:
+        ctx.args = (op, pre, post, process_set, compression)
+        return allreduce_async(tensor, None, name, op, pre, post, process_set, compression).wait()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        op, pre, post, process_set, compression = ctx.args
+        reduced = allreduce(grad, None, None, compression, op, pre, post, process_set)
+        return reduced, None, None, None, None, None, None
+
+
+class _GroupedAllreduceGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, name: str | None, op: ReduceOp, pre: float, post: float, process_set: ProcessSet,
+                compression: type[Compressor], *tensors: Tensor) -> tuple[Tensor, ...]:
+        ctx.args = (op, pre, post, process_set, compression)
+        return tuple(grouped_allreduce_async(list(tensors), None, name, op, pre, post, process_set,
+                                             compression).wait())
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        op, pre, post, process_set, compression = ctx.args
+        reduced = grouped_allreduce(list(grads), None, None, compression, op, pre, post, process_set)
+        return (None, None, None, None, None, None, *reduced)
+
+
+def _own_rows(grad: Tensor, rows: list[int], index: int, shape: torch.Size) -> Tensor:
+    start = sum(rows[:index])
+    return grad[start: start + rows[index]].reshape(shape)
+
+
+class _AllgatherGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, name: str | None, process_set: ProcessSet) -> Tensor:
+        _check_tensor(tensor, "allgather")
+        _check_name(name, "allgather")
+        group = _group(process_set, "allgather")
+        handle, rows = _allgather_start(tensor, name, group)
+        ctx.rows, ctx.index, ctx.shape, ctx.process_set = rows, group.index, tensor.shape, process_set
+        return handle.wait()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
+        averaged = allreduce(grad, op=Average, process_set=ctx.process_set)  # (total rows, *trailing)
+        return _own_rows(averaged, ctx.rows, ctx.index, ctx.shape), None, None
+
+
+class _GroupedAllgatherGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, name: str | None, process_set: ProcessSet, *tensors: Tensor) -> tuple[Tensor, ...]:
+        group = _group(process_set, "grouped_allgather")
+        _check_name(name, "grouped_allgather")
+        started = [_allgather_start(t, None if name is None else f"{name}.{i}", group)
+                   for i, t in enumerate(tensors)]
+        ctx.rows = [rows for _, rows in started]
+        ctx.index, ctx.shapes, ctx.process_set = group.index, [t.shape for t in tensors], process_set
+        return tuple(h.wait() for h, _ in started)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        averaged = grouped_allreduce(list(grads), op=Average, process_set=ctx.process_set)
+        own = [_own_rows(g, rows, ctx.index, shape) for g, rows, shape in zip(averaged, ctx.rows, ctx.shapes,
+                                                                             strict=True)]
+        return (None, None, *own)
+
+
+class _BroadcastGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, root_rank: int, name: str | None, process_set: ProcessSet) -> Tensor:
+        ctx.root_rank, ctx.process_set = root_rank, process_set
+        return broadcast_async(tensor, root_rank, name, process_set).wait()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
+        averaged = allreduce(grad, op=Average, process_set=ctx.process_set)
+        if _require().rank != ctx.root_rank:
+            averaged = torch.zeros_like(averaged)
+        return averaged, None, None, None
+
+
+class _AlltoallGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, splits: Any, name: str | None,
+                process_set: ProcessSet) -> tuple[Tensor, Tensor]:
+        out = alltoall_async(tensor, splits, name, process_set).wait()
+        if splits is None:
+            n = _group(process_set, "alltoall").size
+            out, received = out, torch.full((n,), out.shape[0] // n, dtype=torch.int32)
+        else:
+            out, received = out
+        ctx.received, ctx.process_set = received, process_set
+        ctx.mark_non_differentiable(received)
+        return out, received
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, _: Tensor) -> tuple[Tensor | None, None, None, None]:
+        back, _ = alltoall(grad.contiguous(), splits=ctx.received, process_set=ctx.process_set)
+        return back, None, None, None
+
+
+def _reducescatter_grad_scale(op: ReduceOp, pre: float, post: float, n: int) -> float:
+    """Horovod's factor on the gathered output gradient: size for Sum, times the scale factors."""
+    return (n if op == Sum else 1) * pre * post
+
+
+class _ReducescatterGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, name: str | None, op: ReduceOp, process_set: ProcessSet, pre: float,
+                post: float, compression: type[Compressor]) -> Tensor:
+        ctx.args = (op, pre, post, process_set)
+        return reducescatter_async(tensor, name, op, process_set, pre, post, compression).wait()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        op, pre, post, process_set = ctx.args
+        n = _group(process_set, "reducescatter").size
+        gathered = allgather(grad * _reducescatter_grad_scale(op, pre, post, n), process_set=process_set)
+        return gathered, None, None, None, None, None, None
+
+
+class _GroupedReducescatterGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, name: str | None, op: ReduceOp, process_set: ProcessSet, pre: float, post: float,
+                compression: type[Compressor], *tensors: Tensor) -> tuple[Tensor, ...]:
+        ctx.args = (op, pre, post, process_set)
+        return tuple(grouped_reducescatter_async(list(tensors), name, op, process_set, pre, post,
+                                                 compression).wait())
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        op, pre, post, process_set = ctx.args
+        scale = _reducescatter_grad_scale(op, pre, post, _group(process_set, "reducescatter").size)
+        gathered = grouped_allgather([g * scale for g in grads], process_set=process_set)
+        return (None, None, None, None, None, None, *gathered)
+

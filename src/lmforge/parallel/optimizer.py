@@ -11,13 +11,17 @@ isinstance and state_dict keep working) that shares the original's parameter gro
 final gradient, one fused async allreduce of the bucket is launched while backward goes on. Buckets launch in
 index order on every rank, so the collectives line up. step() waits for them (synchronize) and then steps.
 
-For gradient clipping: opt.synchronize(); clip; `with opt.skip_synchronize(): opt.step()`.
+For gradient clipping: opt.synchronize(); clip; `with opt.skip_synchronize(): opt.step()` (a step() after
+synchronize() outside skip_synchronize() warns, as in Horovod, and does not reduce again).
 backward_passes_per_step=k: gradients accumulate locally over k backward passes before one allreduce.
+Sparse gradients (e.g. nn.Embedding(sparse=True)) are reduced by Horovod's sparse allreduce (allgather of
+indices and values), or densified first with sparse_as_dense=True.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +30,10 @@ import torch
 from torch import Tensor
 
 from lmforge.parallel import collectives as C
+from lmforge.parallel import runtime
+from lmforge.parallel.process_sets import ProcessSet, global_process_set
+
+_created = 0  # DistributedOptimizers made by this process
 
 
 @dataclass
@@ -39,6 +47,7 @@ class _Bucket:
     waiting: int = 0  # parameters whose gradient for this step is not final yet
     buffer: Tensor | None = None  # (numel,) flat gradients, allocated on first use
     handle: C.Handle | None = None
+    sparse: dict[int, C.Handle] | None = None  # position in params -> sparse allreduce of that gradient
 
 
 class _DistributedOptimizerMixin:
@@ -54,10 +63,16 @@ class _DistributedOptimizerMixin:
         op: C.ReduceOp,
         gradient_predivide_factor: float,
         bucket_cap_mb: float,
+        sparse_as_dense: bool,
+        process_set: ProcessSet,
+        groups: int | list[list[Tensor]] | None,
     ) -> None:
         if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
             raise ValueError(f"backward_passes_per_step must be an int >= 1, got "
                              f"{backward_passes_per_step!r}")
+        if op == C.Adasum:
+            raise NotImplementedError("DistributedOptimizer(op=Adasum) (Horovod's delta-based Adasum "
+                                      "optimizer) is not implemented; use op=Average or op=Sum")
         if op not in (C.Average, C.Sum):
             raise ValueError(f"DistributedOptimizer op must be Average or Sum, got {op!r}")
         if gradient_predivide_factor <= 0 or (gradient_predivide_factor != 1.0 and op != C.Average):
@@ -72,9 +87,18 @@ class _DistributedOptimizerMixin:
         self._op = op
         self._prescale = 1.0 / gradient_predivide_factor
         self._postscale = gradient_predivide_factor
+        global _created
+        _created += 1  # every rank wraps its optimizers in the same order, so the names agree
+        self._prefix = f"DistributedOptimizer{_created}"  # collective names, distinct per optimizer
+        self._sparse_as_dense = bool(sparse_as_dense)
+        self._process_set = process_set
         self._should_synchronize = True
         self._synchronized = False
-        self._buckets = _make_buckets([p for p in params if p.requires_grad], names, bucket_cap_mb)
+        trained = [p for p in params if p.requires_grad]
+        if groups is None:
+            self._buckets = _make_buckets(trained, names, bucket_cap_mb)
+        else:
+            self._buckets = _group_buckets(trained, names, groups)
         self._bucket_of: dict[Tensor, _Bucket] = {p: b for b in self._buckets for p in b.params}
         self._delay: dict[Tensor, int] = {}
         self._next_launch = 0
@@ -88,6 +112,7 @@ class _DistributedOptimizerMixin:
         for bucket in self._buckets:
             bucket.waiting = len(bucket.params)
             bucket.handle = None
+            bucket.sparse = None
         self._next_launch = 0
 
     def _on_grad_ready(self, param: Tensor) -> None:
@@ -116,19 +141,22 @@ class _DistributedOptimizerMixin:
         if bucket.buffer is None:
             bucket.buffer = torch.empty(bucket.numel, dtype=first.dtype, device=first.device)
         offset = 0
-        for p in bucket.params:
+        bucket.sparse = {}
+        for i, p in enumerate(bucket.params):
             view = bucket.buffer[offset: offset + p.numel()]  # (numel(p),)
             if p.grad is None:  # unused this step: contribute zeros, as Horovod does
                 view.zero_()
+            elif p.grad.is_sparse and not self._sparse_as_dense:
+                view.zero_()
+                bucket.sparse[i] = C.sparse_allreduce_async(
+                    p.grad, f"{self._prefix}.sparse.{bucket.names[i]}", self._op, self._process_set)
             else:
-                if p.grad.is_sparse:
-                    raise ValueError(f"parameter {self._name(p)!r} has a sparse gradient; "
-                                     "DistributedOptimizer needs dense gradients")
-                view.copy_(p.grad.reshape(-1))
+                view.copy_((p.grad.to_dense() if p.grad.is_sparse else p.grad).reshape(-1))
             offset += p.numel()
         bucket.handle = C.allreduce_async_(
-            bucket.buffer, name=f"DistributedOptimizer.bucket{bucket.index}", op=self._op,
-            prescale_factor=self._prescale, postscale_factor=self._postscale, compression=self._compression,
+            bucket.buffer, name=f"{self._prefix}.bucket{bucket.index}", op=self._op,
+            prescale_factor=self._prescale, postscale_factor=self._postscale, process_set=self._process_set,
+            compression=self._compression,
         )
         self._next_launch = bucket.index + 1
 
@@ -140,13 +168,15 @@ class _DistributedOptimizerMixin:
         for bucket in self._buckets[self._next_launch:]:
             self._launch(bucket)
         for bucket in self._buckets:
-            assert bucket.handle is not None and bucket.buffer is not None
+            assert bucket.handle is not None and bucket.buffer is not None and bucket.sparse is not None
             C.synchronize(bucket.handle)
             offset = 0
             with torch.no_grad():
-                for p in bucket.params:
+                for i, p in enumerate(bucket.params):
                     reduced = bucket.buffer[offset: offset + p.numel()].view_as(p)
-                    if p.grad is None:
+                    if i in bucket.sparse:
+                        p.grad = bucket.sparse[i].wait()
+                    elif p.grad is None or p.grad.is_sparse:
                         p.grad = reduced.clone()
                     else:
                         p.grad.copy_(reduced)
@@ -164,9 +194,17 @@ class _DistributedOptimizerMixin:
             self._should_synchronize = True
 
     def step(self, closure: Any = None) -> Any:
-        """Synchronize the gradients (unless already done or inside skip_synchronize), then step."""
-        if self._should_synchronize and not self._synchronized:
-            self.synchronize()
+        """Synchronize the gradients (unless already done or inside skip_synchronize), then step.
+
+        Warns (Horovod's warning) when synchronize() was called before without skip_synchronize().
+        """
+        if self._should_synchronize:
+            if self._synchronized:
+                warnings.warn("optimizer.step() called without optimizer.skip_synchronize() context after "
+                              "optimizer.synchronize(); wrap step() in `with optimizer.skip_synchronize():`",
+                              UserWarning, stacklevel=2)
+            else:
+                self.synchronize()
         self._synchronized = False
         return super().step(closure)  # type: ignore[misc]
 
@@ -219,6 +257,34 @@ def _make_buckets(params: list[Tensor], names: dict[Tensor, str], cap_mb: float)
     return buckets
 
 
+def _group_buckets(params: list[Tensor], names: dict[Tensor, str], groups: int | list[list[Tensor]]) -> list[_Bucket]:
+    """Horovod's explicit grouping: `groups` equal parts of the parameters, or the given lists (each other
+    parameter alone); one bucket per group and dtype, launched in the order backward finishes them."""
+    position = {p: i for i, p in enumerate(params)}
+    if isinstance(groups, int):
+        if groups < 1:
+            raise ValueError(f"groups / num_groups must be >= 1, got {groups}")
+        k = min(groups, len(params))
+        sizes = [len(params) // k + (1 if i < len(params) % k else 0) for i in range(k)]
+        starts = [sum(sizes[:i]) for i in range(k)]
+        parts = [params[a: a + n] for a, n in zip(starts, sizes, strict=True)]
+    else:
+        parts = [list(g) for g in groups]
+        listed = [p for part in parts for p in part]
+        seen = set(listed)
+        if any(p not in position for p in listed) or len(seen) != len(listed):
+            raise ValueError("groups must be lists of distinct parameters of the optimizer that require grad")
+        parts += [[p] for p in params if p not in seen]
+    by_kind = []
+    for part in parts:
+        kinds: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+        for p in part:
+            kinds.setdefault((p.dtype, p.device), []).append(p)
+        by_kind += [sorted(members, key=position.__getitem__, reverse=True) for members in kinds.values()]
+    by_kind.sort(key=lambda members: min(position[p] for p in members), reverse=True)  # ready first, first
+    return [_bucket(i, members, names) for i, members in enumerate(by_kind) if members]
+
+
 def _bucket(index: int, params: list[Tensor], names: dict[Tensor, str]) -> _Bucket:
     return _Bucket(index, params, [names[p] for p in params], sum(p.numel() for p in params))
 
@@ -230,6 +296,10 @@ def DistributedOptimizer(
     backward_passes_per_step: int = 1,
     op: C.ReduceOp = C.Average,
     gradient_predivide_factor: float = 1.0,
+    num_groups: int = 0,
+    groups: int | list[list[Tensor]] | None = None,
+    sparse_as_dense: bool = False,
+    process_set: ProcessSet = global_process_set,
     bucket_cap_mb: float = 25.0,
 ) -> torch.optim.Optimizer:
     """Wrap `optimizer` so that step() uses gradients averaged (op=Average) or summed (op=Sum) over all ranks.
@@ -237,21 +307,29 @@ def DistributedOptimizer(
     named_parameters: (name, parameter) pairs covering the optimizer's parameters (names appear in errors and
     in the collective check). compression: Compression.none or Compression.fp16 on the wire.
     backward_passes_per_step: local accumulation steps per allreduce. gradient_predivide_factor f: gradients
-    are scaled by 1/f before the sum and f/size after it. bucket_cap_mb: fusion size of one allreduce.
-    Call lmforge.parallel.init() first. Raises ValueError / TypeError on bad arguments.
+    are scaled by 1/f before the sum and f/size after it. num_groups / groups (Horovod's explicit grouping:
+    a number of equal parts, or lists of parameters, each reduced as one fused allreduce) replace the default
+    bucketing by bucket_cap_mb, the fusion size of one allreduce.
+    sparse_as_dense: densify sparse gradients before the allreduce (else Horovod's sparse allreduce).
+    process_set: the ranks that average their gradients (every rank of it wraps its optimizer).
+    Call lmforge.parallel.init() first. Raises ValueError / TypeError on bad arguments, NotImplementedError
+    for op=Adasum.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"DistributedOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if isinstance(optimizer, _DistributedOptimizerMixin):
         raise ValueError("the optimizer is already a DistributedOptimizer")
-    C.size()  # raises when init() was not called
+    runtime.size()  # raises when init() was not called
     base = type(optimizer)
     cls = type(f"Distributed{base.__name__}", (_DistributedOptimizerMixin, base), {})
     wrapped = cls.__new__(cls)
     wrapped.__dict__.update(optimizer.__dict__)  # same param_groups, state and hooks as the original
     wrapped.__dict__.pop("step", None)  # an LR scheduler's per-instance step patch points at the original
+    if num_groups and groups is not None:
+        raise ValueError("pass either num_groups or groups (Horovod's newer name), not both")
     wrapped._setup_distributed(named_parameters, compression, backward_passes_per_step, op,
-                               gradient_predivide_factor, bucket_cap_mb)
+                               gradient_predivide_factor, bucket_cap_mb, sparse_as_dense, process_set,
+                               groups if groups is not None else (num_groups or None))
     return wrapped
 
 
@@ -259,7 +337,10 @@ def DistributedOptimizer(
 
 
 def broadcast_parameters(
-    params: dict[str, Tensor] | Iterable[tuple[str, Tensor]], root_rank: int = 0
+    params: dict[str, Tensor] | Iterable[tuple[str, Tensor]],
+    root_rank: int = 0,
+    *,
+    process_set: ProcessSet = global_process_set,
 ) -> None:
     """Overwrite, in place, every tensor of a state_dict or of named_parameters() with root_rank's value."""
     items = sorted(params.items()) if isinstance(params, dict) else list(params)
@@ -272,7 +353,7 @@ def broadcast_parameters(
             continue
         if not isinstance(tensor, Tensor):
             raise TypeError(f"broadcast_parameters: {name!r} is a {type(tensor).__name__}, not a tensor")
-        handles.append(C.broadcast_async_(tensor.detach(), root_rank, name=f"broadcast.{name}"))
+        handles.append(C.broadcast_async_(tensor.detach(), root_rank, f"broadcast.{name}", process_set))
     for handle in handles:
         C.synchronize(handle)
 
@@ -308,29 +389,58 @@ def _fill(obj: Any, tensors: list[Tensor]) -> Any:
     return obj
 
 
-def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int = 0) -> None:
+def _create_state(optimizer: torch.optim.Optimizer) -> None:
+    """Horovod's way to give a fresh optimizer its state: zero gradients and one step.
+
+    Unlike Horovod, the parameters and gradients are put back afterwards (a step with zero gradients still
+    moves parameters under weight decay); a DistributedOptimizer steps its base class, reducing nothing.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    saved = [(p.detach().clone(), p.grad) for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    with torch.no_grad():
+        if isinstance(optimizer, _DistributedOptimizerMixin):
+            super(_DistributedOptimizerMixin, optimizer).step()  # type: ignore[misc]
+        else:
+            optimizer.step()
+        for p, (value, grad) in zip(params, saved, strict=True):
+            p.copy_(value)
+            p.grad = grad
+
+
+def broadcast_optimizer_state(
+    optimizer: torch.optim.Optimizer, root_rank: int = 0, *, process_set: ProcessSet = global_process_set
+) -> None:
     """Make every rank's optimizer state (hyperparameters and per-parameter state) equal to root_rank's.
 
-    The state's structure travels as one pickle, its tensors by tensor broadcasts; works whether or not the
-    ranks have stepped yet (a root with empty state empties the others).
+    An optimizer without state gets it first, as in Horovod (zero gradients, one step; see _create_state), so
+    every rank ends with the same, complete state. The state's structure travels as one pickle, its tensors
+    by tensor broadcasts. Raises ValueError for LBFGS (its state holds closures' history), as Horovod does.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError("broadcast_optimizer_state expects a torch.optim.Optimizer, got "
                         f"{type(optimizer).__name__}")
-    comm_device = C._require().device
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise ValueError("cannot broadcast torch.optim.LBFGS state")
+    if not optimizer.state:
+        _create_state(optimizer)
+    comm_device = runtime._require().device
     mine: list[Tensor] = []
-    skeleton = C.broadcast_object(_strip(optimizer.state_dict(), mine), root_rank, name="optimizer_state")
+    skeleton = C.broadcast_object(_strip(optimizer.state_dict(), mine), root_rank, "optimizer_state",
+                                  process_set)
     slots: list[_TensorSlot] = []
     _collect_slots(skeleton, slots)
     slots.sort(key=lambda s: s.index)
     tensors = []
     for slot in slots:
-        if C.rank() == root_rank:
+        if runtime.rank() == root_rank:
             t = mine[slot.index].detach().to(comm_device).contiguous()
         else:
             t = torch.empty(slot.shape, dtype=slot.dtype, device=comm_device)
         tensors.append(t)
-    handles = [C.broadcast_async_(t, root_rank, name=f"optimizer_state.{i}") for i, t in enumerate(tensors)]
+    handles = [C.broadcast_async_(t, root_rank, f"optimizer_state.{i}", process_set)
+               for i, t in enumerate(tensors)]
     for handle in handles:
         C.synchronize(handle)
     home = [t.to(s.device_type) for t, s in zip(tensors, slots, strict=True)]  # back where root kept them

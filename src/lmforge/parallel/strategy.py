@@ -3,8 +3,8 @@
     strategy = make_strategy("allreduce" | "ddp" | "ps")      # under torchrun --nproc-per-node N
     result = run_training(model, objective, data, config, strategy=strategy, resume=resume)
 
-Every strategy joins the process group torchrun describes (`init_process_group`, then
-`lmforge.parallel.init`); the loop then shards the data by `strategy.rank` / `strategy.world_size` (its
+Every strategy joins the process group torchrun describes (`lmforge.parallel.init`, which keys its store by
+torchrun's restart attempt); the loop then shards the data by `strategy.rank` / `strategy.world_size` (its
 `EpochSampler`), logs and checkpoints on `is_main` only, and reduces metrics with `all_reduce_sum`.
 
 - "allreduce": lmforge's Horovod-style `DistributedOptimizer` (gradients averaged by bucketed allreduces
@@ -52,30 +52,6 @@ def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
-def init_process_group(backend: str | None = None, timeout: float = 60.0) -> None:
-    """Join the process group torchrun describes, keyed by the restart attempt (no-op if one exists).
-
-    torchrun keeps its store across `--max-restarts` restarts, so a restarted rank can read the dead attempt's
-    gloo addresses and fail to connect; a store prefix per attempt (TORCHELASTIC_RESTART_COUNT) avoids that.
-    Without torchrun's variables, `lmforge.parallel.init` sets up the group (a single process).
-    """
-    env = os.environ
-    needed = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
-    if dist.is_initialized() or not all(k in env for k in needed):
-        return
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-    delta = datetime.timedelta(seconds=timeout)
-    # The agent hosts the store when it says so; otherwise rank 0 does (as torch's env:// rendezvous).
-    host = env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rank == 0
-    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=host, timeout=delta)
-    store = dist.PrefixStore(f"lmforge/attempt_{restart_count()}", store)
-    if backend == "nccl":
-        torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=delta)
-
-
 class Distributed(SingleProcess):
     """Common part: join the process group, place the model (cuda:LOCAL_RANK with NCCL, else CPU), reduce
     over `group` (None: every rank)."""
@@ -83,7 +59,6 @@ class Distributed(SingleProcess):
     group: Any = None
 
     def __init__(self, timeout: float = 60.0, backend: str | None = None):
-        init_process_group(backend, timeout)
         hvd.init(timeout=timeout, backend=backend)
         self.rank, self.world_size = hvd.rank(), hvd.size()
         self.is_main = self.rank == 0
@@ -133,17 +108,24 @@ class AllreduceStrategy(Distributed):
         self.grad_accum = grad_accum
         self.compression = compression or hvd.Compression.none
         self.optimizer: Any = None
+        self._skip = contextlib.ExitStack()  # holds skip_synchronize() from a clip until the next step's sync
 
     def prepare(self, model: nn.Module, optimizer: Optimizer) -> tuple[nn.Module, Optimizer]:
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+        if optimizer.state:  # resumed (every rank loaded the same checkpoint); a fresh one stays fresh
+            hvd.broadcast_optimizer_state(optimizer, root_rank=0)
         self.optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                                   compression=self.compression,
                                                   backward_passes_per_step=self.grad_accum)
         return model, self.optimizer
 
+    def sync(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+        self._skip.close()  # a new step: its step() synchronizes again
+        return super().sync(model, sync)
+
     def clip_grad_norm(self, parameters: list[Tensor], max_norm: float) -> Tensor:
-        self.optimizer.synchronize()  # clip the averaged gradients; step() then skips its own synchronize
+        self.optimizer.synchronize()  # clip the averaged gradients; this step's step() must not sync again
+        self._skip.enter_context(self.optimizer.skip_synchronize())
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
 
 
