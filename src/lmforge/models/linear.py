@@ -28,6 +28,7 @@ __all__ = ["BlockInt8Embedding", "BlockInt8Linear", "Int4Linear", "Int8Embedding
            "QUANTIZED", "is_quantized", "quantize"]
 
 GROUP = 32  # elements per quantization block along K (GGUF's QK4_0 / QK4_1 / QK8_0)
+MATVEC_ROWS = 16  # up to this many rows (decode steps) int8 products read the int8 weight directly
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -79,10 +80,11 @@ class Int8Linear(nn.Module):
         return self.weight.to(self.scales.dtype) * self.scales[:, None]
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and x.dtype == self.scales.dtype:
-            y = torch.ops.aten._weight_int8pack_mm(_flat(x), self.weight, self.scales)
-        else:
-            y = F.linear(_flat(x), self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        flat = _flat(x)
+        if x.device.type == "cpu" and x.dtype == self.scales.dtype and flat.shape[0] <= MATVEC_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
+        else:  # many rows (a prompt): compute-bound, so a transient float copy of this one weight is cheap
+            y = F.linear(flat, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
