@@ -3,7 +3,7 @@
 # what a training step does: the learning-rate schedule, the AdamW parameter groups, the optimizer and scheduler
 # set-up, gradient clipping, and the causal-LM objective with the evaluation metrics. Each mutant runs the
 # non-slow tests of tests/test_training.py that reach its function. Prints the surviving mutants and the rate;
-# docs/testing.md explains each survivor. Results are cached in mutants/ (a rerun only redoes changed functions).
+# docs/testing.md explains each survivor. Every run redoes every selected mutant (mutants/ holds the copies).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mutants=(

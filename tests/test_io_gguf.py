@@ -1,5 +1,6 @@
 """GGUF import (lmforge.io.gguf): real SmolLM2-135M parity with transformers' own GGUF loading, synthetic GGUF
-files for tiny Llama / GPT-2 models in F32, F16, BF16, Q8_0, Q4_0, Q4_1, the cache, and bad files.
+files for tiny Llama / GPT-2 models in every type gguf.quants can write (F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1,
+TQ1_0, TQ2_0, MXFP4) converted by `lmforge convert` and loaded in transformers, the cache, and bad files.
 
 Synthetic files are written the way llama.cpp's converter writes them (GGUF names, Q/K rows permuted for its
 rotary layout, GPT-2's Conv1D weights transposed), from tiny random transformers models, so the import is

@@ -63,6 +63,9 @@ def test_lr_schedule_closed_form():
     assert lr_factor(10, cos) == pytest.approx(0.1)
     assert lr_factor(2, cos) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.2)))
     assert lr_factor(7, quiet(max_steps=10, schedule="constant", warmup_steps=1)) == 1.0
+    assert lr_factor(20, lin) == 0.0 and lr_factor(30, cos) == pytest.approx(0.1)  # past max_steps: the floor
+    one = quiet(warmup_steps=3, max_steps=4, schedule="linear")  # a single decay step
+    assert [lr_factor(s, one) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 0.0]
 
 
 def test_train_follows_schedule():
@@ -204,6 +207,22 @@ def test_causal_lm_skips_padding():
     assert CausalLM().targets(batch).tolist() == [[6, 7, -100, -100]]
 
 
+def test_causal_lm_targets_counts_and_loss_by_hand():
+    """Targets come from "labels" when given (IGNORE_INDEX skipped, with or without a mask); a batch of B rows of
+    T tokens has B * (T - 1) targets; a single target's loss is its cross-entropy (not halved or clamped)."""
+    assert CausalLM().n_targets({"input_ids": torch.zeros(3, 5, dtype=torch.long)}) == 3 * 4
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "labels": torch.tensor([[5, -100, 9, 10]])}
+    assert CausalLM().targets(batch).tolist() == [[-100, 9, 10, -100]]
+    assert CausalLM().n_targets(batch) == 2
+    model = tiny("tiny-gpt2")
+    one = {"input_ids": torch.tensor([[5, 6]])}
+    loss, metrics = CausalLM()(model, one)
+    with torch.no_grad():
+        want = F.cross_entropy(model(one["input_ids"]).logits[0, :1], torch.tensor([6]))
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6) and metrics.keys() == {"loss"}
+    assert evaluate(model, CausalLM(), TokenBlocks(one["input_ids"]))["loss"] == pytest.approx(want.item(), rel=1e-6)
+
+
 # --- checkpoints, resume, errors ----------------------------------------------------------------------------
 
 
@@ -269,7 +288,7 @@ def test_metrics_log_and_plot(tmp_path):
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6]
     assert [r["step"] for r in records if r["split"] == "eval"] == [3, 6]
-    assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(records[0])
+    assert set(records[0]) == {"step", "split", "loss", "lr", "grad_norm", "tokens_per_s"}
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "spl')  # a torn line from a kill is skipped
     assert len(read_metrics(tmp_path)) == len(records)
