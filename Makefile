@@ -14,6 +14,6 @@ test: setup
 lint: setup
 	.venv/bin/ruff check src tests benchmarks scripts examples
 
-# Mutation testing of the training step's core (scripts/mutate.sh, docs/testing.md): ~N minutes on 2 cores.
+# Mutation testing of the training step's core (scripts/mutate.sh; timing and survivors in docs/testing.md).
 mutate: setup
 	bash scripts/mutate.sh
