@@ -92,13 +92,14 @@ def test_param_groups_no_decay_on_biases_and_norms():
 
 def test_param_groups_skip_frozen_parameters_and_list_shared_ones_once():
     model = tiny("tiny-gpt2")
-    model.norm.weight.requires_grad_(False)
+    frozen, shared = model.layers[0].attn_norm.weight, model.layers[1].attn_norm.weight
+    frozen.requires_grad_(False)
     extra = torch.nn.Linear(2, 3)  # an objective's own module, here also holding one of the model's weights
-    extra.register_parameter("shared", model.layers[0].mlp.up_proj.weight)
+    extra.register_parameter("shared", shared)
     decay, no_decay = param_groups(model, 0.1, extra)
     ids = [id(p) for group in (decay, no_decay) for p in group["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters())) - 1 + 2  # + extra's weight and bias
-    assert id(model.norm.weight) not in ids and {id(extra.weight), id(extra.bias)} <= set(ids)
+    assert id(frozen) not in ids and {id(shared), id(extra.weight), id(extra.bias)} <= set(ids)
 
 
 # --- learning -----------------------------------------------------------------------------------------------
