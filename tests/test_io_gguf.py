@@ -97,7 +97,7 @@ def test_smollm2_cached_load_is_used_and_equal(smollm2_gguf, smollm2_lmforge, sm
     monkeypatch.setenv("LMFORGE_CACHE", str(smollm2_cache))
     assert cache_file(smollm2_gguf).is_file()
 
-    def no_conversion(path):
+    def no_conversion(path, **kwargs):
         raise AssertionError("the cache entry was not used")
 
     monkeypatch.setattr(lg, "read_gguf", no_conversion)
@@ -435,9 +435,9 @@ def count_conversions(monkeypatch) -> list[Path]:
     calls: list[Path] = []
     real = lg.read_gguf
 
-    def counting(path):
+    def counting(path, **kwargs):
         calls.append(path)
-        return real(path)
+        return real(path, **kwargs)
 
     monkeypatch.setattr(lg, "read_gguf", counting)
     return calls
