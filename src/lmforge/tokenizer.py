@@ -580,6 +580,33 @@ class Tokenizer:
         self._check_text(text, "encode(text)")
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_pair(self, text: str, pair: str, max_length: int | None = None) -> tuple[list[int], list[int]]:
+        """(ids, token type ids) of a sentence pair in the model's pair format: [CLS] A [SEP] B [SEP] with
+        types 0 then 1 for BERT, <s> A </s></s> B </s> for RoBERTa (as its tokenizer.json says).
+
+        With `max_length`, tokens are cut from the end of the longer text first (transformers'
+        "longest_first") until the pair with its special tokens fits. Raises ValueError for empty texts or a
+        max_length that leaves no room for one token of each text.
+        """
+        self._check_text(text, "encode_pair(text)")
+        self._check_text(pair, "encode_pair(pair)")
+        first = self.backend.encode(text, add_special_tokens=False)
+        second = self.backend.encode(pair, add_special_tokens=False)
+        if max_length is not None:
+            budget = max_length - self.backend.num_special_tokens_to_add(True)
+            if budget < 2:
+                raise ValueError(f"max_length={max_length} leaves no room for both texts of a pair")
+            n_first, n_second = len(first.ids), len(second.ids)
+            while n_first + n_second > budget:
+                if n_first > n_second:
+                    n_first -= 1
+                else:
+                    n_second -= 1
+            first.truncate(n_first)
+            second.truncate(n_second)
+        enc = self.backend.post_process(first, second, add_special_tokens=True)
+        return enc.ids, enc.type_ids
+
     def encode_batch(self, texts: Sequence[str], padding_side: Literal["left", "right"] = "left",
                      max_length: int | None = None, truncation: bool = False, add_special_tokens: bool = True,
                      return_tensors: bool = True) -> BatchEncoding:

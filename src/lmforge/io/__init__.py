@@ -82,26 +82,27 @@ def _read(path: Path, head: str | None, n_labels: int | None) -> tuple[ModelConf
 
 def load_model(source: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None,
                device: torch.device | str = "cpu", head: str | None = None,
-               n_labels: int | None = None) -> nn.Module:
+               n_labels: int | None = None, seed: int = 0) -> nn.Module:
     """A `Decoder` or `Encoder` in eval mode with the weights of `source` (see `resolve_source`).
 
     dtype: None keeps the dtype most of the stored weights have (dequantized GGUF weights: what the importer
         gives); otherwise every weight is cast to it.
     head / n_labels (encoders): replace the checkpoint's head, e.g. a BertModel body with a new classifier of
-        n_labels outputs for fine-tuning; the new head's weights are freshly initialised.
+        n_labels outputs for fine-tuning; the new head's weights are freshly initialised from `seed`, so
+        loading twice gives the same model (the global random state is neither used nor changed).
     Raises ValueError (CheckpointError for file problems) naming the file, field or tensor at fault.
     """
     path = resolve_source(source)
     config, state = _read(path, head, n_labels)
-    return build_loaded(config, state, dtype=dtype, device=device, where=str(path))
+    return build_loaded(config, state, dtype=dtype, device=device, where=str(path), seed=seed)
 
 
 def build_loaded(config: ModelConfig, state: dict[str, Tensor], *, dtype: torch.dtype | str | None = None,
-                 device: torch.device | str = "cpu", where: str = "state dict") -> nn.Module:
+                 device: torch.device | str = "cpu", where: str = "state dict", seed: int = 0) -> nn.Module:
     """Build the model of `config` around lmforge-named tensors without a throwaway random initialisation.
 
     Tensors missing from `state` are allowed only inside a head (mlm_head, cls_head) and are initialised
-    fresh; tied output weights may be absent. Raises CheckpointError for unknown names, wrong shapes or
+    fresh from `seed` (on the CPU, so the same on every device); tied output weights may be absent. Raises CheckpointError for unknown names, wrong shapes or
     missing tensors.
     """
     dtype = resolve_dtype(dtype)
@@ -131,10 +132,13 @@ def build_loaded(config: ModelConfig, state: dict[str, Tensor], *, dtype: torch.
     state = {name: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
              for name, t in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
-    for module_name in sorted({n.rsplit(".", 1)[0] for n in missing}):
-        module = model.get_submodule(module_name)
-        module.to_empty(device=device)
-        init_weights(module)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module_name in sorted({n.rsplit(".", 1)[0] for n in missing}):
+            module = model.get_submodule(module_name)
+            module.to_empty(device="cpu")
+            init_weights(module)
+            module.to(device)
     if config.tie_embeddings:  # assign=True replaced the shared parameter on one side only
         if config.arch == "decoder":
             model.lm_head.weight = model.embed_tokens.weight
