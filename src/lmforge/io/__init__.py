@@ -102,8 +102,8 @@ def build_loaded(config: ModelConfig, state: dict[str, Tensor], *, dtype: torch.
     """Build the model of `config` around lmforge-named tensors without a throwaway random initialisation.
 
     Tensors missing from `state` are allowed only inside a head (mlm_head, cls_head) and are initialised
-    fresh from `seed` (on the CPU, so the same on every device); tied output weights may be absent. Raises CheckpointError for unknown names, wrong shapes or
-    missing tensors.
+    fresh from `seed` (on the CPU, so the same on every device); tied output weights may be absent. Raises
+    CheckpointError for unknown names, wrong shapes or missing tensors.
     """
     dtype = resolve_dtype(dtype)
     if dtype is None:
