@@ -331,7 +331,15 @@ def load_splits(data: str | Path | None = None, *, train: str | Path | None = No
     if "train" not in files or "validation" not in files:
         raise ValueError(f"split files need at least train and validation; found {sorted(files) or 'none'}"
                          f"{' in ' + str(data) if data is not None else ''}")
-    tables = {split: read_table(p, options) for split, p in files.items()}
+    tables = {}
+    for split, p in files.items():
+        try:
+            tables[split] = read_table(p, options)
+        except ValueError as err:  # GLUE's test files are unlabelled: a test file found in a folder is optional
+            if split != "test" or split in given or "no label column" not in str(err):
+                raise
+            warnings.warn(f"{p} has no labels ({err}); it is not used as the test split", DataWarning,
+                          stacklevel=2)
     labelled = _labelled(list(tables.values()), options, label_names)
     splits = dict(zip(tables, labelled, strict=True))
     _report_overlaps(splits)
