@@ -584,8 +584,8 @@ class Tokenizer:
         """(ids, token type ids) of a sentence pair in the model's pair format: [CLS] A [SEP] B [SEP] with
         types 0 then 1 for BERT, <s> A </s></s> B </s> for RoBERTa (as its tokenizer.json says).
 
-        With `max_length`, tokens are cut from the end of the longer text first (transformers'
-        "longest_first") until the pair with its special tokens fits. Raises ValueError for empty texts or a
+        With `max_length`, the pair is cut to fit as the `tokenizers` library's "longest_first" does: the
+        shorter text keeps up to half of the room, the longer one the rest (each cut at its end). Raises ValueError for empty texts or a
         max_length that leaves no room for one token of each text.
         """
         self._check_text(text, "encode_pair(text)")
@@ -597,13 +597,15 @@ class Tokenizer:
             if budget < 2:
                 raise ValueError(f"max_length={max_length} leaves no room for both texts of a pair")
             n_first, n_second = len(first.ids), len(second.ids)
-            while n_first + n_second > budget:
+            if n_first + n_second > budget:  # the shorter text keeps up to half (the first one on a tie)
                 if n_first > n_second:
-                    n_first -= 1
+                    n_second = min(n_second, budget // 2)
+                    n_first = budget - n_second
                 else:
-                    n_second -= 1
-            first.truncate(n_first)
-            second.truncate(n_second)
+                    n_first = min(n_first, budget // 2)
+                    n_second = budget - n_first
+                first.truncate(n_first)
+                second.truncate(n_second)
         enc = self.backend.post_process(first, second, add_special_tokens=True)
         return enc.ids, enc.type_ids
 
