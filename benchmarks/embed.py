@@ -24,7 +24,7 @@ import time
 import torch
 
 from lmforge.data import bbc_news
-from lmforge.embed import SentenceEncoder
+from lmforge.embeddings import SentenceEncoder
 
 
 def cpu_model() -> str:

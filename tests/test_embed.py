@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from benchmarks.embed import bbc_sentences
 from lmforge import cli
-from lmforge.embed import SentenceEncoder, embed, pool, read_sentence_modules
+from lmforge.embeddings import SentenceEncoder, embed, pool, read_sentence_modules
 from lmforge.io import CheckpointError, save_model
 from tests.test_io_hf import random_model
 

@@ -638,7 +638,7 @@ def _distill(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- inference (lmforge.predict, lmforge.embed): predict, embed ---------------------------------------------------
+# --- inference (lmforge.predict, lmforge.embeddings): predict, embed ------------------------------------------------
 
 
 def _read_inputs(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
@@ -733,7 +733,7 @@ def _embed_arguments(p: argparse.ArgumentParser) -> None:
 @command("embed", "Sentence embeddings: pooling, Dense and Normalize as the model's sentence-transformers files "
          "say (mean pooling without them).", _embed_arguments)
 def _embed(args: argparse.Namespace) -> int:
-    from lmforge.embed import SentenceEncoder
+    from lmforge.embeddings import SentenceEncoder
 
     if args.output is not None and Path(args.output).suffix.lower() not in (".npy", ".jsonl"):
         raise ValueError(f"--output {args.output!r}: expected a .npy or .jsonl file")

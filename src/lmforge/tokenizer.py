@@ -585,8 +585,8 @@ class Tokenizer:
         types 0 then 1 for BERT, <s> A </s></s> B </s> for RoBERTa (as its tokenizer.json says).
 
         With `max_length`, the pair is cut to fit as the `tokenizers` library's "longest_first" does: the
-        shorter text keeps up to half of the room, the longer one the rest (each cut at its end). Raises ValueError for empty texts or a
-        max_length that leaves no room for one token of each text.
+        shorter text keeps up to half of the room, the longer one the rest (each cut at its end). Raises
+        ValueError for empty texts or a max_length that leaves no room for one token of each text.
         """
         self._check_text(text, "encode_pair(text)")
         self._check_text(pair, "encode_pair(pair)")
