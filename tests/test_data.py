@@ -10,6 +10,7 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.data import (
     IGNORE_INDEX,
+    DataWarning,
     EncodedTexts,
     EpochSampler,
     LabelledTexts,
@@ -38,7 +39,10 @@ def test_read_corpus_folder_and_file(tmp_path):
     assert read_corpus(tmp_path) == ["first doc", "second doc"]
     assert read_corpus(tmp_path / "a.txt") == ["first doc"]
     (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
-    assert "café" in read_corpus(tmp_path)
+    with pytest.raises(ValueError, match=r"latin.txt: not valid utf-8: byte offset 3 \(line 1\)"):
+        read_corpus(tmp_path)  # never a silent fallback
+    assert "café" in read_corpus(tmp_path, encoding="latin-1")[2]
+    assert "café" in read_corpus(tmp_path, encoding="utf-8,latin-1")  # an explicit order of encodings
 
 
 def test_read_corpus_errors(tmp_path):
@@ -216,7 +220,8 @@ def test_labelled_folder_and_split(tmp_path):
     all_texts = [t for s in splits.values() for t in s.texts]
     assert sorted(all_texts) == sorted(data.texts)
     dup = LabelledTexts(data.texts + data.texts[:5], data.labels + data.labels[:5], data.label_names)
-    assert sum(len(s) for s in split_labelled(dup, seed=3).values()) == 30  # duplicates kept once
+    with pytest.warns(DataWarning, match="5 example.s. repeat another exactly"):  # reported, not silent
+        assert sum(len(s) for s in split_labelled(dup, seed=3).values()) == 30  # duplicates kept once
     assert split_labelled(data, seed=3)["test"].texts == splits["test"].texts
     assert split_labelled(data, seed=4)["test"].texts != splits["test"].texts
 

@@ -397,7 +397,7 @@ def test_cli_distill_errors(cli_root, tmp_path, capsys):
     assert code == 2 and "does not exist" in err
     code, _, err = run_cli(capsys, "distill", "--teacher", cli_root / "classifier", "--data",
                            cli_root / "corpus", "--run-dir", tmp_path / "r2")
-    assert code == 2 and "expected <path>/<label>/*.txt" in err
+    assert code == 2 and "nor <label>/*.txt folders" in err
     code, _, err = run_cli(capsys, "distill", "--teacher", cli_root / "unnamed", "--data",
                            cli_root / "labelled", "--run-dir", tmp_path / "r3")
     assert code == 2 and "label-set mismatch" in err and "LABEL_0" in err

@@ -415,7 +415,7 @@ def test_info_command(gpt2_folder: Path, capsys: pytest.CaptureFixture[str]) -> 
 def test_info_on_real_models(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["info", "minilm"]) == 0
     out = capsys.readouterr().out
-    assert "BertModel" in out and "22,565,376" in out and "512 tokens" in out and "90.9 MB" in out
+    assert "BertModel" in out and "22,713,216" in out and "512 tokens" in out and "90.9 MB" in out
     assert cli.main(["info", "no-such-model"]) == 2
     assert "unknown model 'no-such-model'" in capsys.readouterr().err
 
@@ -472,3 +472,63 @@ def test_convert_gguf(tmp_path: Path, smollm2_gguf: Path) -> None:
     assert set(tensors) == set(state) - {"lm_head.weight"}
     for name, tensor in tensors.items():
         assert torch.equal(state[name], tensor.to(torch.bfloat16)), name
+
+
+_SMALL = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+              max_position_embeddings=66)
+_DISTIL = dict(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=64)
+# transformers' own classes, randomly initialised: the sources a convert must copy without losing anything
+CONVERT_SOURCES = {
+    "gpt2": (tf.GPT2LMHeadModel, lambda: tf.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4,
+                                                       n_positions=64)),
+    "llama": (tf.LlamaForCausalLM, lambda: tf.LlamaConfig(**_SMALL, num_key_value_heads=2)),
+    "llama-untied": (tf.LlamaForCausalLM, lambda: tf.LlamaConfig(**_SMALL, num_key_value_heads=2,
+                                                                 tie_word_embeddings=False)),
+    "bert": (tf.BertModel, lambda: tf.BertConfig(**_SMALL)),  # with its pooler
+    "bert-mlm": (tf.BertForMaskedLM, lambda: tf.BertConfig(**_SMALL)),
+    "bert-classify": (tf.BertForSequenceClassification, lambda: tf.BertConfig(**_SMALL, num_labels=3)),
+    "bert-regress": (tf.BertForSequenceClassification, lambda: tf.BertConfig(**_SMALL, num_labels=1)),
+    "distilbert": (tf.DistilBertModel, lambda: tf.DistilBertConfig(**_DISTIL)),
+    "distilbert-mlm": (tf.DistilBertForMaskedLM, lambda: tf.DistilBertConfig(**_DISTIL)),
+    "distilbert-classify": (tf.DistilBertForSequenceClassification, lambda: tf.DistilBertConfig(**_DISTIL)),
+    "roberta": (tf.RobertaModel, lambda: tf.RobertaConfig(**_SMALL)),
+    "roberta-mlm": (tf.RobertaForMaskedLM, lambda: tf.RobertaConfig(**_SMALL)),
+    "roberta-classify": (tf.RobertaForSequenceClassification, lambda: tf.RobertaConfig(**_SMALL)),
+}
+
+
+@pytest.mark.parametrize("case", list(CONVERT_SOURCES))
+def test_convert_keeps_every_tensor(case: str, tmp_path: Path) -> None:
+    """Every key and value transformers saved is in the converted folder, and transformers loading the
+    converted folder finds nothing missing (a BERT / RoBERTa pooler included)."""
+    cls, make_config = CONVERT_SOURCES[case]
+    torch.manual_seed(0)
+    cls(make_config()).save_pretrained(tmp_path / "src")
+    assert cli.main(["convert", str(tmp_path / "src"), str(tmp_path / "dst")]) == 0
+    source = load_file(tmp_path / "src" / "model.safetensors")
+    converted = load_file(tmp_path / "dst" / "model.safetensors")
+    assert sorted(source) == sorted(converted)
+    for name, tensor in source.items():
+        assert torch.equal(converted[name], tensor), name
+    _, info = cls.from_pretrained(tmp_path / "dst", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_convert_keeps_the_pooler_and_sentence_transformers_files(tmp_path: Path, minilm_dir: Path) -> None:
+    dst = tmp_path / "minilm"
+    assert cli.main(["convert", "minilm", str(dst)]) == 0
+    source, converted = load_file(minilm_dir / "model.safetensors"), load_file(dst / "model.safetensors")
+    # the one tensor not carried over is a constant buffer old transformers versions saved: 0, 1, ..., 511
+    assert torch.equal(source.pop("embeddings.position_ids"), torch.arange(512)[None])
+    assert "pooler.dense.weight" in converted and set(source) == set(converted)
+    assert all(torch.equal(converted[name], source[name]) for name in source)
+    for name in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+                 "1_Pooling/config.json"):
+        assert (dst / name).read_bytes() == (minilm_dir / name).read_bytes(), name
+    _, info = tf.AutoModel.from_pretrained(dst, output_loading_info=True)
+    assert not info["missing_keys"]
+    model = load_model(dst)
+    reference = tf.AutoModel.from_pretrained(minilm_dir).eval()
+    ids = torch.tensor([[101, 7592, 2088, 102]])
+    with torch.no_grad():  # the pooled output as transformers computes it
+        torch.testing.assert_close(model.pool(model(ids).last_hidden_state), reference(ids).pooler_output)

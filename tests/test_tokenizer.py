@@ -485,3 +485,37 @@ def test_gguf_metadata_errors(tmp_path: Path, kwargs: dict, message: str) -> Non
     _write_gguf(tmp_path / "bad.gguf", **kwargs)
     with pytest.raises(ValueError, match=rf"bad\.gguf: .*{message}"):
         Tokenizer.from_gguf(tmp_path / "bad.gguf", cache=False)
+
+
+PAIRS = [("The cat sat on the mat.", "A dog ran far away from home today."),
+         ("Shares in the company rose sharply after the results were published on Monday", "Markets fell."),
+         ("Hi", "there")]
+
+
+@pytest.mark.parametrize("max_length", [None, 24, 12, 7])
+def test_bert_sentence_pairs_match_transformers(minilm_dir: Path, max_length: int | None) -> None:
+    """[CLS] A [SEP] B [SEP] with token types 0 / 1, cut longest-first: as BertTokenizerFast."""
+    import transformers
+
+    reference = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    ours = Tokenizer.for_model(minilm_dir)
+    for a, b in PAIRS:
+        want = reference(a, b, truncation=max_length is not None, max_length=max_length)
+        assert ours.encode_pair(a, b, max_length) == (want["input_ids"], want["token_type_ids"])
+
+
+def test_roberta_sentence_pairs_match_transformers(tmp_path: Path, gpt2_tiktoken: Path) -> None:
+    """<s> A </s></s> B </s>, cut longest-first: as RobertaTokenizerFast (GPT-2's BPE ranks as its vocabulary)."""
+    import transformers
+
+    folder = convert_gpt2_tiktoken(tmp_path / "gpt2", gpt2_tiktoken)
+    reference = transformers.RobertaTokenizerFast(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+    reference.save_pretrained(tmp_path / "roberta")
+    ours = Tokenizer.from_dir(tmp_path / "roberta")
+    for max_length in (None, 9):
+        for a, b in PAIRS:
+            want = reference(a, b, truncation=max_length is not None, max_length=max_length)["input_ids"]
+            ids, types = ours.encode_pair(a, b, max_length)
+            assert ids == want and set(types) == {0}
+    with pytest.raises(ValueError, match="leaves no room for both texts"):
+        ours.encode_pair("a", "b", 4)

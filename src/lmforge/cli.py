@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -78,6 +79,7 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
          _convert_arguments)
 def _convert(args: argparse.Namespace) -> int:
     from lmforge.io import load_model, resolve_source, save_model
+    from lmforge.io.hf import copy_sentence_transformers_files
     from lmforge.tokenizer import Tokenizer
 
     src = resolve_source(args.src)
@@ -89,6 +91,8 @@ def _convert(args: argparse.Namespace) -> int:
         tokenizer = None  # a folder with weights only: nothing to carry over
     if tokenizer is not None:
         tokenizer.save(args.dst)
+    if src.is_dir():
+        files += copy_sentence_transformers_files(src, Path(args.dst))
     params = sum(p.numel() for p in model.parameters())
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     print(f"wrote {args.dst}: {', '.join(f.name for f in files)}"
@@ -264,7 +268,7 @@ def _lm_data(args: argparse.Namespace, tokenizer, objective: str, block_size: in
             return dataset(blocks(splits["train"].texts)), dataset(blocks(splits["validation"].texts))
         parts = list(splits.values()) if split == "all" else [splits[split]]
         return dataset(blocks([text for part in parts for text in part.texts]))
-    rows = blocks(data.read_corpus(args.data))
+    rows = blocks(data.read_corpus(args.data, getattr(args, "encoding", None) or "utf-8"))
     if split is not None:
         return dataset(rows)
     train_rows, eval_rows = data.split_blocks(rows, args.eval_fraction)
@@ -338,19 +342,6 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _labelled(data: str, label_names: list[str] | None = None):
-    """The train / validation / test splits of bbc-news or of a <label>/*.txt folder (seeded split)."""
-    from lmforge.data import bbc_news, read_labelled_folder, split_labelled
-
-    if data == "bbc-news":
-        splits = bbc_news()
-        if label_names is not None and label_names != splits["train"].label_names:
-            raise ValueError(f"label-set mismatch: the model predicts {label_names}, bbc-news has "
-                             f"{splits['train'].label_names}")
-        return splits
-    return split_labelled(read_labelled_folder(data, label_names))
-
-
 def _fitting_objective(cfg, requested: str | None, who: str) -> str:
     """The objective a model's head supports (clm, mlm or classify); an error if `requested` is another one."""
     fitting = "classify" if cfg.head == "classify" else ("clm" if cfg.arch == "decoder" else "mlm")
@@ -361,61 +352,147 @@ def _fitting_objective(cfg, requested: str | None, who: str) -> str:
     return objective
 
 
-def _labelled_for(cfg, data: str, who: str):
-    """The labelled splits of `data` in the label order a classifier `cfg` stores; an error if the sets differ."""
+def add_data_arguments(p: argparse.ArgumentParser, corpus: bool = False) -> None:
+    """Where labelled data comes from and how it is read (finetune, evaluate, distill, predict)."""
+    from lmforge.labelled import GLUE_TASKS
+    from lmforge.metrics import METRICS
+
+    p.add_argument("--data", help="bbc-news; a CSV / TSV / JSON-lines file (split with --split-fractions); a folder of "
+                   "split files (train, validation or dev, test); or a folder of <label>/*.txt"
+                   + ("; or a text file / folder of .txt files (LM objectives)" if corpus else ""))
+    p.add_argument("--train", help="training split file (with --validation; overrides those in --data)")
+    p.add_argument("--validation", help="validation split file")
+    p.add_argument("--test", help="test split file")
+    p.add_argument("--task", choices=list(GLUE_TASKS), help="a GLUE task: its TSV column names and metric")
+    p.add_argument("--text-column", help="column of the text (default: text, sentence or sentence1); a 0-based "
+                   "number with --no-header")
+    p.add_argument("--text-pair-column", help="column of the second text of sentence pairs (default: "
+                   "sentence2 beside sentence1)")
+    p.add_argument("--label-column", help="column of the label (default: label)")
+    p.add_argument("--encoding", help="text encoding of the files, e.g. latin-1; several tried in order: "
+                   "utf-8,latin-1 (default utf-8; bytes that do not decode are an error)")
+    p.add_argument("--no-header", action="store_true", help="CSV/TSV files without a header row")
+    p.add_argument("--regression", action="store_true", default=None,
+                   help="labels are scores (default: inferred, numbers with a fraction are scores)")
+    p.add_argument("--split-fractions", default="0.8,0.1,0.1", help="train,validation,test fractions for a "
+                   "single data file or label folder (default 0.8,0.1,0.1)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of that split (default 0)")
+    p.add_argument("--metric", choices=list(METRICS), help="the metric reported as 'metric' (default: the "
+                   "task's; accuracy for classes, pearson for scores)")
+
+
+def _column_options(args: argparse.Namespace):
+    from lmforge.labelled import task_options
+
+    return task_options(args.task, text_column=args.text_column, pair_column=args.text_pair_column,
+                        label_column=args.label_column, encoding=args.encoding,
+                        header=False if args.no_header else None, regression=args.regression)
+
+
+def _fractions(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise ValueError(f"--split-fractions {text!r}: expected three fractions, e.g. 0.8,0.1,0.1")
+    return values
+
+
+def _splits(args: argparse.Namespace, label_names: list[str] | None = None):
+    """The labelled splits the data options name (see `lmforge.labelled.load_splits`)."""
+    from lmforge.labelled import load_splits
+
+    if args.data is None and args.train is None:
+        raise ValueError("no data: give --data, or --train and --validation")
+    return load_splits(args.data, train=args.train, validation=args.validation, test=args.test,
+                       options=_column_options(args), fractions=_fractions(args.split_fractions),
+                       split_seed=args.split_seed, label_names=label_names)
+
+
+def _model_splits(cfg, args: argparse.Namespace, who: str):
+    """The labelled splits of the data options in the label order a classifier `cfg` stores ([] for a
+    regressor); an error if the label sets differ."""
+    from lmforge.predict import is_regressor, label_names
+
     stored = cfg.extra.get("id2label")
-    names = [stored[i] for i in range(cfg.n_labels)] if stored and len(stored) == cfg.n_labels else None
-    splits = _labelled(data, names)
-    if len(splits["train"].label_names) != cfg.n_labels:
-        raise ValueError(f"label-set mismatch: the {who} has {cfg.n_labels} labels, {data!r} has "
-                         f"{len(splits['train'].label_names)}")
+    names = [] if is_regressor(cfg) else (label_names(cfg) if stored and len(stored) == cfg.n_labels else None)
+    splits = _splits(args, names)
+    n = 1 if splits["train"].is_regression else len(splits["train"].label_names)
+    if n != cfg.n_labels:
+        raise ValueError(f"label-set mismatch: the {who} has {cfg.n_labels} output(s), the data "
+                         f"{'is a regression' if n == 1 else f'has {n} labels'}")
     return splits
+
+
+def _task_objective(cfg):
+    from lmforge.objectives import Classification, Regression
+    from lmforge.predict import is_regressor
+
+    return Regression() if is_regressor(cfg) else Classification(cfg.n_labels)
+
+
+def _with_metric(metrics: dict, args: argparse.Namespace, regression: bool) -> dict:
+    """metrics plus "metric": the --metric (or the task's, or the default) name and value."""
+    from lmforge.labelled import GLUE_TASKS
+    from lmforge.metrics import METRICS
+
+    name = args.metric or (GLUE_TASKS[args.task].metric if args.task else ("pearson" if regression else
+                                                                            "accuracy"))
+    if METRICS[name][0] != ("regress" if regression else "classify") or name not in metrics:
+        raise ValueError(f"--metric {name} does not apply to a {'regression' if regression else 'classification'}"
+                         f" with these labels; choose among {sorted(k for k in metrics if k in METRICS)}")
+    return {**metrics, "metric": {"name": name, "value": metrics[name]}}
 
 
 def _finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="encoder to fine-tune: HF folder or packaged name")
-    p.add_argument("--data", required=True, help="bbc-news, or a folder of <label>/*.txt")
-    p.add_argument("--max-len", type=int, help="tokens per text, cut beyond (default 256 or the context)")
+    add_data_arguments(p)
+    p.add_argument("--max-len", type=int, help="tokens per text or pair, cut beyond (default 256 or the context)")
     add_loop_arguments(p, steps=300, lr=5e-5)
 
 
-@command("finetune", "Fine-tune an encoder for text classification; reports validation and test metrics.",
-         _finetune_arguments)
+@command("finetune", "Fine-tune an encoder for text or sentence-pair classification or regression; reports "
+         "validation and test metrics.", _finetune_arguments)
 def _finetune(args: argparse.Namespace) -> int:
-    from lmforge.data import EncodedTexts
     from lmforge.io import load_model
-    from lmforge.objectives import Classification
+    from lmforge.predict import encode_for
     from lmforge.tokenizer import Tokenizer
     from lmforge.training import evaluate, train
 
     config = loop_config(args)
-    splits = _labelled(args.data)
+    splits = _splits(args)
     names = splits["train"].label_names
-    model = load_model(args.model, dtype="float32", head="classify", n_labels=len(names))
-    model.config.extra["id2label"] = dict(enumerate(names))
-    model.config.extra["label2id"] = {name: i for i, name in enumerate(names)}
+    regression = splits["train"].is_regression
+    model = load_model(args.model, dtype="float32", head="classify", n_labels=1 if regression else len(names),
+                       seed=args.seed)
+    if regression:
+        model.config.extra.update(problem_type="regression", id2label={0: "score"}, label2id={"score": 0})
+    else:
+        model.config.extra.update(problem_type="single_label_classification", id2label=dict(enumerate(names)),
+                                  label2id={name: i for i, name in enumerate(names)})
     tokenizer = Tokenizer.for_model(args.model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     max_len = _fit_length(args.max_len, 256, model.config, "--max-len")
-    encoded = {split: EncodedTexts(texts, tokenizer.encode, max_len, pad) for split, texts in splits.items()}
-    objective = Classification(len(names))
+    encoded = {split: encode_for(model, tokenizer, texts, max_len) for split, texts in splits.items()}
+    objective = _task_objective(model.config)
     result = train(model, objective, encoded["train"], config, eval_data=encoded["validation"],
                    resume=args.resume)
-    test = evaluate(model, objective, encoded["test"], batch_size=args.batch_size, precision=args.precision)
-    out = _save_final(model, tokenizer, args.run_dir)
-    print(json.dumps({"step": result.step, "validation": result.eval_metrics, "test": test,
-                      "model": str(out)}))
+    report = {"step": result.step, "validation": _with_metric(result.eval_metrics, args, regression)}
+    if "test" in encoded:
+        test = evaluate(model, objective, encoded["test"], batch_size=args.batch_size, precision=args.precision)
+        report["test"] = _with_metric(test, args, regression)
+    report["model"] = str(_save_final(model, tokenizer, args.run_dir))
+    print(json.dumps(report))
     return 0
 
 
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF folder, .gguf file or packaged name")
-    p.add_argument("--data", required=True, help="a text file / folder of .txt files, a folder of "
-                   "<label>/*.txt (classifiers), or bbc-news")
+    add_data_arguments(p, corpus=True)
     p.add_argument("--split", choices=["train", "validation", "test", "all"], default="test",
-                   help="which split of bbc-news or of a labelled folder (default test); corpora: all text")
+                   help="which split of labelled data or bbc-news (default test); corpora: all text")
     p.add_argument("--objective", choices=["clm", "mlm", "classify"],
-                   help="default: classify for classifiers, clm for decoders, mlm for encoders")
+                   help="default: classify for classifiers and regressors, clm for decoders, mlm for encoders")
     p.add_argument("--block-size", type=int, help="tokens per LM sequence (default 128 or the context)")
     p.add_argument("--max-len", type=int, help="tokens per classified text (default 256 or the context)")
     p.add_argument("--batch-size", type=int, default=16, help="items per batch (default 16)")
@@ -425,12 +502,13 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the MLM masking (default 0)")
 
 
-@command("evaluate", "Evaluate a model: perplexity (LM) or accuracy and macro-F1 (classifiers).",
-         _evaluate_arguments)
+@command("evaluate", "Evaluate a model: perplexity (LM), GLUE's classification metrics (accuracy, F1, Matthews) "
+         "or correlations (regressors).", _evaluate_arguments)
 def _evaluate(args: argparse.Namespace) -> int:
-    from lmforge.data import EncodedTexts, LabelledTexts
+    from lmforge.data import LabelledTexts
     from lmforge.io import load_model
-    from lmforge.objectives import CausalLM, Classification, MaskedLM
+    from lmforge.objectives import CausalLM, MaskedLM
+    from lmforge.predict import encode_for, is_regressor
     from lmforge.tokenizer import Tokenizer
     from lmforge.training import evaluate
 
@@ -438,25 +516,33 @@ def _evaluate(args: argparse.Namespace) -> int:
     cfg = model.config
     objective = _fitting_objective(cfg, args.objective, "this model")
     tokenizer = Tokenizer.for_model(args.model)
+    split = args.split
     if objective == "classify":
-        splits = _labelled_for(cfg, args.data, "model")
-        if args.split == "all":
+        splits = _model_splits(cfg, args, "model")
+        if split == "all":
             parts = list(splits.values())
+            pick = (lambda name: None if parts[0].text_pairs is None else  # noqa: E731
+                    [x for s in parts for x in getattr(s, name)])
             texts = LabelledTexts([t for s in parts for t in s.texts], [y for s in parts for y in s.labels],
-                                  parts[0].label_names)
+                                  parts[0].label_names, pick("text_pairs"), pick("sources"))
+        elif split not in splits:
+            raise ValueError(f"--split {split}: the data has no {split} split (it has {', '.join(splits)})")
         else:
-            texts = splits[args.split]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            texts = splits[split]
         max_len = _fit_length(args.max_len, 256, cfg, "--max-len")
-        data, obj = EncodedTexts(texts, tokenizer.encode, max_len, pad), Classification(cfg.n_labels)
+        data, obj = encode_for(model, tokenizer, texts, max_len), _task_objective(cfg)
     else:
+        if args.data is None:
+            raise ValueError("no data: give --data (a text file, a folder of .txt files or bbc-news)")
         block_size = _fit_length(args.block_size, 128, cfg, "--block-size")
-        data = _lm_data(args, tokenizer, objective, block_size, split=args.split, vocab_size=cfg.vocab_size)
+        data = _lm_data(args, tokenizer, objective, block_size, split=split, vocab_size=cfg.vocab_size)
         obj = CausalLM() if objective == "clm" else MaskedLM()
     metrics = evaluate(model, obj, data, batch_size=args.batch_size, precision=args.precision,
                        max_batches=args.max_batches)
-    split = args.split if args.data == "bbc-news" or objective == "classify" else "all"
-    print(json.dumps({"model": args.model, "data": args.data, "split": split, **metrics}))
+    if objective == "classify":
+        metrics = _with_metric(metrics, args, is_regressor(cfg))
+    split = split if args.data == "bbc-news" or objective == "classify" else "all"
+    print(json.dumps({"model": args.model, "data": args.data or args.train, "split": split, **metrics}))
     return 0
 
 
@@ -490,16 +576,16 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True, help="HF folder, .gguf file or packaged name of the teacher")
     p.add_argument("--student-layers", help="N evenly spaced teacher layers, or a map 0,2,4 (one layer: 5,); "
                    "default: every other layer")
-    p.add_argument("--data", required=True, help="a text file, a folder of .txt files, a folder of "
-                   "<label>/*.txt (classify), or bbc-news")
+    add_data_arguments(p, corpus=True)
     p.add_argument("--objective", choices=["clm", "mlm", "classify"],
-                   help="default: classify for classifiers, clm for decoders, mlm for encoders")
+                   help="default: classify for classifiers and regressors, clm for decoders, mlm for encoders")
     p.add_argument("--alpha-ce", type=float, default=5.0, help="weight of the soft-target KL (default 5)")
     p.add_argument("--alpha-lm", type=float, default=2.0,
                    help="weight of the LM / MLM / classification loss (default 2)")
     p.add_argument("--alpha-cos", type=float, default=1.0, help="weight of the hidden-state cosine loss "
                    "(default 1)")
-    p.add_argument("--alpha-mse", type=float, default=0.0, help="weight of the logit MSE (default 0)")
+    p.add_argument("--alpha-mse", type=float, help="weight of the logit MSE (default 0; for a regressor, whose "
+                   "single output has no soft-target KL, --alpha-ce)")
     p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the KL (default 2)")
     p.add_argument("--align", choices=["last", "layers"], default="last",
                    help="cosine loss on the last hidden states (DistilBERT), or on every student layer's "
@@ -515,43 +601,164 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
 @command("distill", "Distil a teacher into a student initialised from its layers (DistilBERT-style).",
          _distill_arguments)
 def _distill(args: argparse.Namespace) -> int:
-    from lmforge.data import EncodedTexts
     from lmforge.distill import DistillObjective, aligned_hidden_pairs, init_student
     from lmforge.io import load_model
-    from lmforge.objectives import CausalLM, Classification, MaskedLM
+    from lmforge.objectives import CausalLM, MaskedLM
+    from lmforge.predict import encode_for, is_regressor
     from lmforge.tokenizer import Tokenizer
-    from lmforge.training import evaluate, train
+    from lmforge.training import evaluate, seed_everything, train
 
     config = loop_config(args)
+    seed_everything(args.seed)  # a projection the objective may create is initialised from the seed
     teacher = load_model(args.teacher, dtype="float32", device=args.device)
     cfg = teacher.config
     objective = _fitting_objective(cfg, args.objective, "the teacher")
     student, layer_map = init_student(teacher, _student_layers(args.student_layers))
     tokenizer = Tokenizer.for_model(args.teacher)
     test = None
+    regression = objective == "classify" and is_regressor(cfg)
     if objective == "classify":
-        splits = _labelled_for(cfg, args.data, "teacher")
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        splits = _model_splits(cfg, args, "teacher")
         max_len = _fit_length(args.max_len, 256, cfg, "--max-len")
-        encoded = {split: EncodedTexts(texts, tokenizer.encode, max_len, pad)
-                   for split, texts in splits.items()}
-        train_data, eval_data, test = encoded["train"], encoded["validation"], encoded["test"]
-        base = Classification(cfg.n_labels)
+        encoded = {split: encode_for(teacher, tokenizer, texts, max_len) for split, texts in splits.items()}
+        train_data, eval_data, test = encoded["train"], encoded["validation"], encoded.get("test")
+        base = _task_objective(cfg)
     else:
+        if args.data is None:
+            raise ValueError("no data: give --data (a text file, a folder of .txt files or bbc-news)")
         block_size = _fit_length(args.block_size, 128, cfg, "--block-size")
         train_data, eval_data = _lm_data(args, tokenizer, objective, block_size)
         base = CausalLM() if objective == "clm" else MaskedLM()
+    alpha_mse = args.alpha_mse if args.alpha_mse is not None else (args.alpha_ce if regression else 0.0)
     pairs = aligned_hidden_pairs(layer_map, cfg.n_layer) if args.align == "layers" else None
-    loss = DistillObjective(teacher, student, base, alpha_ce=args.alpha_ce, alpha_lm=args.alpha_lm,
-                            alpha_cos=args.alpha_cos, alpha_mse=args.alpha_mse, temperature=args.temperature,
-                            hidden_pairs=pairs)
+    loss = DistillObjective(teacher, student, base, alpha_ce=0.0 if regression else args.alpha_ce,
+                            alpha_lm=args.alpha_lm, alpha_cos=args.alpha_cos, alpha_mse=alpha_mse,
+                            temperature=args.temperature, hidden_pairs=pairs)
     result = train(student, loss, train_data, config, eval_data=eval_data, resume=args.resume)
     report = {"step": result.step, "train_loss": result.train_loss, "layer_map": layer_map,
               "eval": result.eval_metrics}
+    if objective == "classify":
+        report["eval"] = _with_metric(result.eval_metrics, args, regression)
     if test is not None:
-        report["test"] = evaluate(student, base, test, batch_size=args.batch_size, precision=args.precision)
+        metrics = evaluate(student, base, test, batch_size=args.batch_size, precision=args.precision)
+        report["test"] = _with_metric(metrics, args, regression)
     report["model"] = str(_save_final(student, tokenizer, args.run_dir))
     print(json.dumps(report))
+    return 0
+
+
+# --- inference (lmforge.predict, lmforge.embeddings): predict, embed ------------------------------------------------
+
+
+def _read_inputs(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
+    """Texts (and second texts) from positional TEXT arguments or --input FILE (.txt: one per line)."""
+    from lmforge.labelled import ColumnOptions, read_table
+
+    if bool(args.texts) == bool(args.input):
+        raise ValueError("give texts on the command line or --input FILE, not both or neither")
+    if args.texts:
+        return list(args.texts), None
+    options = ColumnOptions(text_column=args.text_column, pair_column=getattr(args, "text_pair_column", None),
+                            encoding=args.encoding or "utf-8", header=not args.no_header)
+    table = read_table(args.input, options, need_labels=False)
+    return table.texts, table.pairs
+
+
+def _input_arguments(p: argparse.ArgumentParser, pairs: bool) -> None:
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to process (or --input)")
+    p.add_argument("--input", help="a .txt file (one text per line) or a CSV / TSV / JSON-lines file")
+    p.add_argument("--text-column", help="column of the text (default: text, sentence or sentence1)")
+    if pairs:
+        p.add_argument("--text-pair-column", help="column of the second text of pairs (default: sentence2 "
+                       "beside sentence1)")
+    p.add_argument("--encoding", help="text encoding of --input (default utf-8)")
+    p.add_argument("--no-header", action="store_true", help="CSV/TSV input without a header row")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per batch (default 32)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
+
+
+def _write_rows(rows: list[dict], output: str | None) -> None:
+    """Rows as JSON lines (stdout or .jsonl) or CSV (.csv; nested dicts flattened as key_subkey)."""
+    import csv
+
+    if output is None:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+        return
+    path = Path(output)
+    if path.suffix.lower() == ".jsonl":
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        path.write_text(text, encoding="utf-8")
+    elif path.suffix.lower() == ".csv":
+        flat = [{f"{k}_{sub}" if isinstance(v, dict) else k: x for k, v in row.items()
+                 for sub, x in (v.items() if isinstance(v, dict) else [(None, v)])} for row in rows]
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(flat[0]))
+            writer.writeheader()
+            writer.writerows(flat)
+    else:
+        raise ValueError(f"--output {output!r}: expected a .jsonl or .csv file")
+
+
+def _predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a fine-tuned classifier or regressor (HF folder)")
+    _input_arguments(p, pairs=True)
+    p.add_argument("--output", help="a .jsonl or .csv file (default: JSON lines on stdout)")
+    p.add_argument("--max-len", type=int, help="tokens per text or pair (default 256 or the context)")
+
+
+@command("predict", "Label new texts (or text pairs) with a classifier (label + per-class probabilities) or "
+         "score them with a regressor.", _predict_arguments)
+def _predict(args: argparse.Namespace) -> int:
+    from lmforge.io import load_model
+    from lmforge.predict import predict
+    from lmforge.tokenizer import Tokenizer
+
+    texts, pairs = _read_inputs(args)
+    model = load_model(args.model, dtype="float32", device=args.device)
+    tokenizer = Tokenizer.for_model(args.model)
+    max_len = _fit_length(args.max_len, 256, model.config, "--max-len")
+    results = predict(model, tokenizer, texts, pairs, batch_size=args.batch_size, max_len=max_len,
+                      progress=args.input is not None)
+    rows = [{"text": t, **({"text_pair": pairs[i]} if pairs else {}), **r}
+            for i, (t, r) in enumerate(zip(texts, results, strict=True))]
+    _write_rows(rows, args.output)
+    if args.output:
+        print(f"wrote {len(rows)} predictions to {args.output}")
+    return 0
+
+
+def _embed_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="all-minilm-l6-v2", help="an encoder: HF or sentence-transformers folder, "
+                   "or packaged name (default all-minilm-l6-v2)")
+    _input_arguments(p, pairs=False)
+    p.add_argument("--output", help="a .npy (float32 matrix) or .jsonl file (default: JSON lines on stdout)")
+    normalize = p.add_mutually_exclusive_group()
+    normalize.add_argument("--normalize", action="store_true", default=None, help="unit-length vectors")
+    normalize.add_argument("--no-normalize", dest="normalize", action="store_false",
+                           help="raw vectors (default: as the model's Normalize module says)")
+
+
+@command("embed", "Sentence embeddings: pooling, Dense and Normalize as the model's sentence-transformers files "
+         "say (mean pooling without them).", _embed_arguments)
+def _embed(args: argparse.Namespace) -> int:
+    from lmforge.embeddings import SentenceEncoder
+
+    if args.output is not None and Path(args.output).suffix.lower() not in (".npy", ".jsonl"):
+        raise ValueError(f"--output {args.output!r}: expected a .npy or .jsonl file")
+    texts, _ = _read_inputs(args)
+    encoder = SentenceEncoder.load(args.model, device=args.device)
+    vectors = encoder.encode(texts, batch_size=args.batch_size, normalize=args.normalize,
+                             progress=args.input is not None)
+    if args.output is not None and Path(args.output).suffix.lower() == ".npy":
+        import numpy as np
+
+        np.save(args.output, vectors.numpy())
+    else:
+        _write_rows([{"text": t, "embedding": v} for t, v in zip(texts, vectors.tolist(), strict=True)],
+                    args.output)
+    if args.output:
+        print(f"wrote {tuple(vectors.shape)} embeddings to {args.output}")
     return 0
 
 
@@ -564,8 +771,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, (help_text, add_arguments, _) in COMMANDS.items():
         add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
+    from lmforge.data import DataWarning
+
+    def show(message, category, *rest, **kwargs) -> None:
+        print(f"lmforge {args.command}: warning: {message}", file=sys.stderr)
+
     try:
-        return COMMANDS[args.command][2](args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", DataWarning)
+            warnings.showwarning = show
+            return COMMANDS[args.command][2](args)
     except (ValueError, FileNotFoundError, TypeError, KeyError) as err:
         print(f"lmforge {args.command}: error: {err}", file=sys.stderr)
         return 2

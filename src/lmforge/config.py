@@ -47,6 +47,7 @@ class ModelConfig:
     embed_norm: bool = False  # a norm right after the embeddings (BERT family)
     head: Literal["lm", "classify", "none"] = "lm"  # lm: next-token (decoder) or masked-token (encoder) logits
     cls_activation: Literal["tanh", "relu"] = "tanh"  # classification head: dense -> act -> out
+    pooler: bool = False  # a bare BERT / RoBERTa body's pooler (dense + tanh on the first token), kept on convert
     dropout: float = 0.0
     n_labels: int = 2
     pad_token_id: int | None = None

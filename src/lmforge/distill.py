@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
 from lmforge.models import ModelOutput, build_model
+from lmforge.objectives import model_inputs
 
 __all__ = ["DistillObjective", "aligned_hidden_pairs", "cosine_hidden_loss", "init_student", "logit_mse_loss",
            "soft_target_loss", "student_layer_map"]
@@ -196,8 +197,9 @@ class DistillObjective(nn.Module):
         It is not a submodule: the objective's parameters are only the projection, if any, and moving the
         objective (as the training loop does) leaves the teacher where it is: put it on the student's device.
     student: the model that will be trained (used here to check compatibility and size the projection).
-    base: the objective for the hard-label term and for evaluation: `CausalLM()`, `MaskedLM()` or
-        `Classification(n_labels)`; evaluation (`eval_stats`/`summarize`) measures the student with it.
+    base: the objective for the hard-label term and for evaluation: `CausalLM()`, `MaskedLM()`,
+        `Classification(n_labels)` or `Regression()` (one output: use alpha_mse, the KL of one logit is 0);
+        evaluation (`eval_stats`/`summarize`) measures the student with it.
     alpha_ce, alpha_lm, alpha_cos, alpha_mse: weights of the soft-target KL, the base loss, the hidden-state
         cosine loss and the logit MSE (see the module docstring); non-negative, not all zero.
     temperature: the softmax temperature T of the KL term.
@@ -249,12 +251,17 @@ class DistillObjective(nn.Module):
         return self._teacher[0]
 
     @property
+    def concat_stats(self) -> tuple[str, ...]:
+        """The base objective's statistics that evaluation concatenates (see `lmforge.objectives`)."""
+        return tuple(getattr(self.base, "concat_stats", ()))
+
+    @property
     def name(self) -> str:
         return f"distill-{getattr(self.base, 'name', type(self.base).__name__)}"
 
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """(loss, metrics) of the student `model` on `batch`; metrics hold every weighted term's raw value."""
-        kwargs = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
+        kwargs = model_inputs(batch)
         need_hidden = self.alpha_cos > 0
         student_out = model(batch["input_ids"], output_hidden_states=need_hidden, **kwargs)
         with torch.no_grad():

@@ -12,28 +12,40 @@ The protocol (any object with these four methods is an objective; the loop never
   counts, a confusion matrix, ...), so that batches and ranks combine by summation (an all-reduce).
 - `objective.summarize(stats) -> dict[str, float]`: the metrics (loss, perplexity, accuracy, macro-F1, ...)
   from summed statistics.
+- optionally `objective.concat_stats`: names of `eval_stats` entries that are concatenated along dim 0 over
+  batches and ranks instead of summed (rank correlations need every prediction).
 
-Batches are dicts of tensors: "input_ids" (B, T), optionally "attention_mask" (B, T) and "labels" ((B, T)
-token ids with IGNORE_INDEX for skipped positions, or (B,) class ids).
+Batches are dicts of tensors: "input_ids" (B, T), optionally "attention_mask" and "token_type_ids" (B, T) and
+"labels" ((B, T) token ids with IGNORE_INDEX for skipped positions, (B,) class ids, or (B,) float scores).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmforge.data import IGNORE_INDEX
+from lmforge.data import IGNORE_INDEX, DataWarning
+from lmforge.metrics import classification_metrics, confusion_matrix, macro_f1, regression_metrics
+
+__all__ = ["CausalLM", "Classification", "MaskedLM", "Regression", "confusion_matrix", "macro_f1",
+           "model_inputs"]
 
 Batch = dict[str, Tensor]
 
 
+def model_inputs(batch: Batch) -> dict[str, Tensor]:
+    """The keyword inputs of a batch besides input_ids: attention_mask and token_type_ids when present."""
+    return {k: batch[k] for k in ("attention_mask", "token_type_ids") if k in batch}
+
+
 def _forward(model: nn.Module, batch: Batch) -> Tensor:
-    """Logits of `model` on a batch: the model gets input_ids and, when present, attention_mask."""
-    kwargs = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
-    out = model(batch["input_ids"], **kwargs)
+    """Logits of `model` on a batch: the model gets input_ids and, when present, attention_mask and
+    token_type_ids (sentence pairs)."""
+    out = model(batch["input_ids"], **model_inputs(batch))
     if out.logits is None:
         raise ValueError("the model has no output head (config.head='none'); an objective needs logits")
     return out.logits
@@ -162,28 +174,48 @@ class Classification:
                 "confusion": confusion_matrix(batch["labels"], logits.argmax(-1), self.n_labels).double()}
 
     def summarize(self, stats: dict[str, Tensor]) -> dict[str, float]:
-        """loss, accuracy and macro-F1 (see `macro_f1`)."""
+        """loss, accuracy, macro-F1, Matthews correlation and, with two labels, binary F1 (see
+        `lmforge.metrics`). Warns (DataWarning) when some label never occurs in the evaluated examples."""
         confusion = stats["confusion"]
         n = confusion.sum().clamp(min=1)
-        return {"loss": float(stats["loss_sum"] / n), "accuracy": float(confusion.diagonal().sum() / n),
-                "macro_f1": macro_f1(confusion), "examples": int(confusion.sum())}
+        absent = [i for i, count in enumerate(confusion.sum(1).tolist()) if count == 0]
+        if absent and confusion.sum() > 0:
+            warnings.warn(f"the evaluation set has no example of label(s) {absent} of {self.n_labels}; "
+                          f"their F1 counts as 0 where predicted and the scores are over the labels present",
+                          DataWarning, stacklevel=2)
+        return {"loss": float(stats["loss_sum"] / n), **classification_metrics(confusion),
+                "examples": int(confusion.sum())}
 
 
-def confusion_matrix(labels: Tensor, predictions: Tensor, n_labels: int) -> Tensor:
-    """Counts (n_labels, n_labels): rows are true labels, columns predictions."""
-    counts = torch.bincount(labels * n_labels + predictions, minlength=n_labels * n_labels)
-    return counts.view(n_labels, n_labels)
+class Regression:
+    """Regression on one score per example: mean squared error of (B, 1) outputs against float "labels" (B,).
 
+    Evaluation reports mse (= loss), Pearson and Spearman correlation (see `lmforge.metrics`)."""
 
-def macro_f1(confusion: Tensor) -> float:
-    """Unweighted mean of per-class F1 over the classes that occur as a label or a prediction.
+    name = "regress"
+    concat_stats = ("pairs",)
 
-    As scikit-learn's default; a class's F1 is 0 when it has no true positives."""
-    confusion = confusion.double()
-    tp = confusion.diagonal()
-    support, predicted = confusion.sum(1), confusion.sum(0)
-    present = (support + predicted) > 0
-    if not present.any():
-        return 0.0
-    f1 = 2 * tp / (support + predicted).clamp(min=1)  # = 2PR / (P + R)
-    return float(f1[present].mean())
+    def n_targets(self, batch: Batch) -> int:
+        return int(batch["labels"].shape[0])
+
+    def _scores(self, model: nn.Module, batch: Batch) -> Tensor:
+        logits = _forward(model, batch)
+        if logits.dim() != 2 or logits.shape[1] != 1:
+            raise ValueError(f"a regressor's outputs must be (B, 1), got {tuple(logits.shape)}: is the model "
+                             f"built with head='classify' and n_labels=1?")
+        return logits.float().squeeze(1)  # (B,)
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        loss = F.mse_loss(self._scores(model, batch), batch["labels"].float())
+        return loss, {"loss": loss.detach()}
+
+    def eval_stats(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        scores, labels = self._scores(model, batch), batch["labels"].float()
+        return {"loss_sum": F.mse_loss(scores, labels, reduction="sum").detach().double(),
+                "pairs": torch.stack([scores.detach(), labels], dim=1).double()}  # (B, 2)
+
+    def summarize(self, stats: dict[str, Tensor]) -> dict[str, float]:
+        pairs = stats["pairs"]
+        n = pairs.shape[0]
+        return {"loss": float(stats["loss_sum"]) / max(n, 1), **regression_metrics(pairs[:, 0], pairs[:, 1]),
+                "examples": n}

@@ -580,6 +580,35 @@ class Tokenizer:
         self._check_text(text, "encode(text)")
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_pair(self, text: str, pair: str, max_length: int | None = None) -> tuple[list[int], list[int]]:
+        """(ids, token type ids) of a sentence pair in the model's pair format: [CLS] A [SEP] B [SEP] with
+        types 0 then 1 for BERT, <s> A </s></s> B </s> for RoBERTa (as its tokenizer.json says).
+
+        With `max_length`, the pair is cut to fit as the `tokenizers` library's "longest_first" does: the
+        shorter text keeps up to half of the room, the longer one the rest (each cut at its end). Raises
+        ValueError for empty texts or a max_length that leaves no room for one token of each text.
+        """
+        self._check_text(text, "encode_pair(text)")
+        self._check_text(pair, "encode_pair(pair)")
+        first = self.backend.encode(text, add_special_tokens=False)
+        second = self.backend.encode(pair, add_special_tokens=False)
+        if max_length is not None:
+            budget = max_length - self.backend.num_special_tokens_to_add(True)
+            if budget < 2:
+                raise ValueError(f"max_length={max_length} leaves no room for both texts of a pair")
+            n_first, n_second = len(first.ids), len(second.ids)
+            if n_first + n_second > budget:  # the shorter text keeps up to half (the first one on a tie)
+                if n_first > n_second:
+                    n_second = min(n_second, budget // 2)
+                    n_first = budget - n_second
+                else:
+                    n_first = min(n_first, budget // 2)
+                    n_second = budget - n_first
+                first.truncate(n_first)
+                second.truncate(n_second)
+        enc = self.backend.post_process(first, second, add_special_tokens=True)
+        return enc.ids, enc.type_ids
+
     def encode_batch(self, texts: Sequence[str], padding_side: Literal["left", "right"] = "left",
                      max_length: int | None = None, truncation: bool = False, add_special_tokens: bool = True,
                      return_tensors: bool = True) -> BatchEncoding:

@@ -596,16 +596,24 @@ def evaluate(model: nn.Module, objective: Any, data: Any, batch_size: int = 16,
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
     mine = list(range(strategy.rank, n_batches, strategy.world_size))
+    concat = set(getattr(objective, "concat_stats", ()))
     totals: dict[str, Tensor] = {}
+    parts: dict[str, list[Tensor]] = {k: [] for k in concat}
     # A rank without a batch of its own runs one weighted by 0, so that every rank reduces the same keys.
     for b, weight in [(b, 1.0) for b in mine] or [(0, 0.0)]:
         items = [data[i] for i in range(b * batch_size, min(len(data), (b + 1) * batch_size))]
         with _autocast(strategy.device, precision):
             stats = objective.eval_stats(model, _to_device(data.collate(items), strategy.device))
         for k, v in stats.items():
-            totals[k] = totals.get(k, 0) + v.double() * weight
-    totals = {k: strategy.all_reduce_sum(v) for k, v in sorted(totals.items())}
-    return objective.summarize({k: v.cpu() for k, v in totals.items()})
+            if k in concat:
+                if weight:
+                    parts[k].append(v.detach().double().cpu())
+            else:
+                totals[k] = totals.get(k, 0) + v.double() * weight
+    totals = {k: strategy.all_reduce_sum(v).cpu() for k, v in sorted(totals.items())}
+    for k in sorted(concat):  # every rank's rows, in rank order
+        totals[k] = torch.cat([t for rank_parts in strategy.gather_object(parts[k]) for t in rank_parts])
+    return objective.summarize(totals)
 
 
 # --- plots --------------------------------------------------------------------------------------------------

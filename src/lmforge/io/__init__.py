@@ -93,13 +93,14 @@ def _read(path: Path, head: str | None, n_labels: int | None,
 
 def load_model(source: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None,
                device: torch.device | str = "cpu", head: str | None = None, n_labels: int | None = None,
-               quantize: str | None = None, keep_quantized: bool = False) -> nn.Module:
+               seed: int = 0, quantize: str | None = None, keep_quantized: bool = False) -> nn.Module:
     """A `Decoder` or `Encoder` in eval mode with the weights of `source` (see `resolve_source`).
 
     dtype: None keeps the dtype most of the stored weights have (dequantized GGUF weights: what the importer
         gives); otherwise every weight is cast to it. With quantized weights, the dtype of the activations.
     head / n_labels (encoders): replace the checkpoint's head, e.g. a BertModel body with a new classifier of
-        n_labels outputs for fine-tuning; the new head's weights are freshly initialised.
+        n_labels outputs for fine-tuning; the new head's weights are freshly initialised from `seed`, so
+        loading twice gives the same model (the global random state is neither used nor changed).
     quantize: "int8" or "int4" (or "packed": oneDNN's layout): the weights of every linear in that format
         (`lmforge.models.linear`), converted tensor by tensor while loading (for GGUF files, once, into the
         cache), so the float model is never built.
@@ -113,19 +114,19 @@ def load_model(source: str | os.PathLike[str], *, dtype: torch.dtype | str | Non
     path = resolve_source(source)
     weights = "gguf" if keep_quantized else None if quantize == "packed" else quantize
     config, state = _read(path, head, n_labels, weights)
-    model = build_loaded(config, state, dtype=dtype, device=device, where=str(path))
+    model = build_loaded(config, state, dtype=dtype, device=device, where=str(path), seed=seed)
     return quantize_model(model, "packed") if quantize == "packed" else model  # packed for the final dtype
 
 
 def build_loaded(config: ModelConfig, state: dict[str, Tensor], *, dtype: torch.dtype | str | None = None,
-                 device: torch.device | str = "cpu", where: str = "state dict") -> nn.Module:
+                 device: torch.device | str = "cpu", where: str = "state dict", seed: int = 0) -> nn.Module:
     """Build the model of `config` around lmforge-named tensors without a throwaway random initialisation.
 
     A value of `state` may also be a module that keeps a weight quantized (`read_gguf(keep_quantized=True)`):
     it replaces the linear whose weight it names (and, with tied embeddings, serves the token embedding too).
     Tensors missing from `state` are allowed only inside a head (mlm_head, cls_head) and are initialised
-    fresh; tied output weights may be absent. Raises CheckpointError for unknown names, wrong shapes or
-    missing tensors.
+    fresh from `seed` (on the CPU, so the same on every device); tied output weights may be absent. Raises
+    CheckpointError for unknown names, wrong shapes or missing tensors.
     """
     modules = {name: m for name, m in state.items() if isinstance(m, nn.Module)}
     state = {name: t for name, t in state.items() if name not in modules}
@@ -158,10 +159,13 @@ def build_loaded(config: ModelConfig, state: dict[str, Tensor], *, dtype: torch.
     state = {name: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
              for name, t in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
-    for module_name in sorted({n.rsplit(".", 1)[0] for n in missing}):
-        module = model.get_submodule(module_name)
-        module.to_empty(device=device)
-        init_weights(module)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module_name in sorted({n.rsplit(".", 1)[0] for n in missing}):
+            module = model.get_submodule(module_name)
+            module.to_empty(device="cpu")
+            init_weights(module)
+            module.to(device)
     for name, module in modules.items():
         owner = name.removesuffix(".weight")
         if f"{owner}.bias" in state:

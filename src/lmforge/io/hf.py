@@ -412,6 +412,8 @@ def _bert_entries(c: ModelConfig) -> list[_Entry]:
     elif c.head == "classify":
         e += _linear("pooler.dense", "cls_head.dense")
         e += _linear("classifier", "cls_head.out", base=False)
+    elif c.pooler:
+        e += _linear("pooler.dense", "pooler")
     return e
 
 
@@ -426,6 +428,8 @@ def _roberta_entries(c: ModelConfig) -> list[_Entry]:
     elif c.head == "classify":
         e += _linear("classifier.dense", "cls_head.dense", base=False)
         e += _linear("classifier.out_proj", "cls_head.out", base=False)
+    elif c.pooler:
+        e += _linear("pooler.dense", "pooler")
     return e
 
 
@@ -719,10 +723,42 @@ def read_checkpoint(folder: Path, *, head: str | None = None,
         fresh = ("cls_head.out.",)
     if new_head != config.head or n_labels is not None:
         config = config.replace(head=new_head, n_labels=config.n_labels if n_labels is None else n_labels)
-    expected = {name: t.shape for name, t in build_empty_model(config).state_dict().items()}
     tensors = read_tensors(folder)
+    pooled = re.compile(r"((bert|roberta)\.)?pooler\.dense\.weight")
+    if config.family in ("bert", "roberta") and new_head == "none" and any(pooled.fullmatch(n) for n in tensors):
+        config = config.replace(pooler=True)  # a bare body keeps its pooler, so that convert loses nothing
+    expected = {name: t.shape for name, t in build_empty_model(config).state_dict().items()}
     where = str(weight_files(folder)[0])
     return config, state_dict_from_hf(config, tensors, expected, where, fresh, other_heads_ok=bool(fresh))
+
+
+# sentence-transformers module files beside the weights: which modules, their pooling, Dense and Normalize.
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def copy_sentence_transformers_files(src: Path, dst: Path) -> list[Path]:
+    """Copy a sentence-transformers folder's module files (modules.json, its configs and every module
+    folder it lists, e.g. 1_Pooling/, 2_Dense/) from `src` to `dst`; returns the copied top-level paths."""
+    src, dst = Path(src), Path(dst)
+    if not (src / "modules.json").is_file():
+        return []
+    try:
+        modules = json.loads((src / "modules.json").read_text(encoding="utf-8"))
+        folders = sorted({m["path"] for m in modules if m.get("path")})
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as err:
+        raise CheckpointError(f"{src / 'modules.json'}: malformed sentence-transformers module list "
+                              f"({err})") from None
+    copied = []
+    for name in [*SENTENCE_TRANSFORMERS_FILES, *folders]:
+        path = src / name
+        if path.is_dir():
+            shutil.copytree(path, dst / name, dirs_exist_ok=True)
+        elif path.is_file():
+            shutil.copy2(path, dst / name)
+        else:
+            continue
+        copied.append(dst / name)
+    return copied
 
 
 def parse_size(size: int | str) -> int:

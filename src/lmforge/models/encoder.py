@@ -54,9 +54,16 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.mlm_head = MLMHead(config) if config.head == "lm" else None
         self.cls_head = ClassificationHead(config) if config.head == "classify" else None
+        self.pooler = nn.Linear(config.d_model, config.d_model) if config.pooler else None
         init_weights(self)
         if self.mlm_head is not None and config.tie_embeddings:
             self.mlm_head.decoder.weight = self.embed_tokens.weight
+
+    def pool(self, last_hidden_state: Tensor) -> Tensor:
+        """BERT's pooled output (B, C): tanh(pooler(first token)). Raises ValueError without a pooler."""
+        if self.pooler is None:
+            raise ValueError("this encoder has no pooler (config.pooler is False)")
+        return torch.tanh(self.pooler(last_hidden_state[:, 0]))
 
     def positions(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
         """Position ids (B, T): 0.. for BERT; RoBERTa counts real tokens from offset, padding gets offset - 1."""

@@ -1,0 +1,79 @@
+"""Using a fine-tuned classifier or regressor: labels with per-class probabilities, or scores, for new texts.
+
+    predictions = predict(model, tokenizer, ["great film", "dull"])   # classifier
+    # [{"label": "pos", "probabilities": {"neg": 0.03, "pos": 0.97}}, ...]; a regressor gives {"score": 3.8}
+
+Texts (or text pairs) are encoded as in fine-tuning (`lmforge.data.EncodedTexts`: the same cut to `max_len`,
+the same pair format and token types), batched by length, and returned in the input order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lmforge.data import EncodedTexts, LabelledTexts
+from lmforge.objectives import model_inputs
+from lmforge.tokenizer import Tokenizer
+
+
+def is_regressor(config) -> bool:
+    """Whether a model with a classification head predicts one score (HF's num_labels=1 / problem_type)."""
+    return config.head == "classify" and (config.n_labels == 1 or config.extra.get("problem_type") == "regression")
+
+
+def label_names(config) -> list[str]:
+    """A classifier's label names in output order (config id2label, else LABEL_i); [] for a regressor."""
+    if is_regressor(config):
+        return []
+    stored = config.extra.get("id2label") or {}
+    return [str(stored.get(i, f"LABEL_{i}")) for i in range(config.n_labels)]
+
+
+def encode_for(model: nn.Module, tokenizer: Tokenizer, data: LabelledTexts, max_len: int) -> EncodedTexts:
+    """`data` tokenised for `model`: pairs in the tokenizer's pair format, token types when the model has
+    segment embeddings (BERT), padding with the tokenizer's pad token."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return EncodedTexts(data, tokenizer.encode, max_len, pad, encode_pair=tokenizer.encode_pair,
+                        token_types=model.config.type_vocab_size > 1)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str], pairs: Sequence[str] | None = None,
+            batch_size: int = 32, max_len: int = 256, progress: bool = False) -> list[dict[str, Any]]:
+    """One prediction per text (pair): {"label", "probabilities": {name: p}} for a classifier, {"score"} for a
+    regressor. Raises ValueError for a model without a classification head, empty input or mismatched pairs."""
+    cfg = model.config
+    if cfg.head != "classify":
+        raise ValueError(f"predict needs a classifier or regressor (head 'classify'), got head {cfg.head!r}; "
+                         f"fine-tune the model first (lmforge finetune)")
+    if isinstance(texts, str) or not texts:
+        raise ValueError("texts: expected a non-empty list of strings")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    data = LabelledTexts(list(texts), [0.0] * len(texts), [], None if pairs is None else list(pairs))  # no labels
+    encoded = encode_for(model, tokenizer, data, max_len)
+    names = label_names(cfg)
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded.ids[i]))
+    device = next(model.parameters()).device
+    model.eval()
+    out: list[dict[str, Any]] = [{} for _ in order]
+    for start in tqdm(range(0, len(order), batch_size), disable=not progress, unit="batch"):
+        rows = order[start:start + batch_size]
+        batch = encoded.collate([encoded[i] for i in rows])
+        inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
+        logits = model(batch["input_ids"].to(device), **inputs).logits.float().cpu()  # (B, n_labels)
+        if not names:
+            for r, i in enumerate(rows):
+                out[i] = {"score": float(logits[r, 0])}
+            continue
+        probs = torch.softmax(logits, dim=-1)
+        for r, i in enumerate(rows):
+            p = probs[r].tolist()
+            out[i] = {"label": names[int(probs[r].argmax())],
+                      "probabilities": {name: p[k] for k, name in enumerate(names)}}
+    return out
