@@ -325,7 +325,9 @@ def test_cli_serve_smollm2_greedy_equals_generate_and_graceful_shutdown(capsys):
         rest = list(chunks)
         finish = [c.choices[0].finish_reason for c in [first, *rest] if c.choices][-1]
         assert finish == "length" and rest[-1].usage.completion_tokens == 24
-        assert proc.wait(TIMEOUT) == 0
+        # uvicorn re-raises the signal after its graceful shutdown, so a clean exit reports SIGTERM
+        assert proc.wait(TIMEOUT) in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -151,8 +151,9 @@ class Engine:
         self._thread.start()
 
     def submit(self, request: Request) -> None:
-        """Queue a request. Raises QueueFull when `max_queue` requests wait already beyond the free rows, ShuttingDown after
-        `shutdown`, ValueError when n exceeds max_batch or the prompt plus max_tokens exceed the context."""
+        """Queue a request. Raises QueueFull when `max_queue` requests wait already beyond the free rows,
+        ShuttingDown after `shutdown`, ValueError when n exceeds max_batch or the prompt plus max_tokens exceed
+        the context."""
         if request.n > self.max_batch:
             raise ValueError(f"n ({request.n}) exceeds the server's batch of {self.max_batch} rows")
         if not request.prompt or len(request.prompt) + request.params.max_tokens > self.context:
@@ -262,21 +263,26 @@ class Engine:
         token = torch.tensor([[seq.generated[-1]] for seq in self._rows])  # (b, 1)
         pos = torch.tensor([[seq.position] for seq in self._rows])  # (b, 1)
         logits = self.model(token, input_pos=pos, cache_rows=slice(0, b)).logits[:, -1].float()  # (b, V)
+        best = logits.argmax(-1).tolist()  # greedy rows without penalties take this: one op for the batch
         done = []
         for i, seq in enumerate(self._rows):
             seq.position += 1
-            if self._advance(seq, logits[i]):
+            if self._advance(seq, logits[i], best[i]):
                 done.append(i)
         self._remove(done)
         self.metrics.observe("lmforge_decode_step_seconds", time.perf_counter() - start)
 
-    def _advance(self, seq: _Sequence, logits: torch.Tensor) -> bool:
-        """Choose seq's next token from its logits (V,), send the event; True when the sequence has ended."""
+    def _advance(self, seq: _Sequence, logits: torch.Tensor, best: int | None = None) -> bool:
+        """Choose seq's next token from its logits (V,) (`best`: their argmax when known), send the event;
+        True when the sequence has ended."""
         p = seq.request.params
-        scores = logits
-        if seq.counts is not None:  # OpenAI's penalties over the generated tokens
-            scores = scores - p.presence_penalty * (seq.counts > 0) - p.frequency_penalty * seq.counts
-        token = int(sample(scores[None], seq.settings, seq.generator)[0])
+        if best is not None and seq.counts is None and not seq.settings.do_sample:
+            token = best
+        else:
+            scores = logits
+            if seq.counts is not None:  # OpenAI's penalties over the generated tokens
+                scores = scores - p.presence_penalty * (seq.counts > 0) - p.frequency_penalty * seq.counts
+            token = int(sample(scores[None], seq.settings, seq.generator)[0])
         seq.generated.append(token)
         if seq.counts is not None:
             seq.counts[token] += 1
