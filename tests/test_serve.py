@@ -258,6 +258,21 @@ def test_errors_in_openai_shape(server, client, tiny):
     assert client.completions.create(model=folder, prompt="still alive", max_tokens=2).usage.completion_tokens == 2
 
 
+def test_a_failing_step_answers_500_and_the_server_goes_on(server, client, tiny, monkeypatch):
+    engine, folder = server[1], tiny[0]
+    forward = engine.model.forward
+
+    def broken(*args, **kwargs):
+        monkeypatch.setattr(engine.model, "forward", forward)  # fails once
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(engine.model, "forward", broken)
+    body = _error(lambda: client.completions.create(model=folder, prompt="boom", max_tokens=3), 500,
+                  code="generation_failed")
+    assert "simulated kernel failure" in body["message"]
+    assert client.completions.create(model=folder, prompt="after", max_tokens=3).usage.completion_tokens == 3
+
+
 def test_full_queue_429_and_disconnect_frees_rows(server, client, tiny):
     """A request holding all 4 rows, 2 more waiting (max_queue): the next gets 429 with Retry-After. Closing
     the first one's stream cancels it: its rows are freed and the waiting requests run."""

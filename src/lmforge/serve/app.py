@@ -31,6 +31,7 @@ from lmforge.tokenizer import Tokenizer
 
 __all__ = ["Embedder", "create_app", "mean_pool", "serve"]
 
+ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings")
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
 
 
@@ -113,7 +114,8 @@ class _Run:
                 continue
             if event.error:
                 self.cancel()
-                raise api.APIError(503, event.error, type="server_error", code="shutting_down")
+                raise api.APIError(503 if event.error_code == "shutting_down" else 500, event.error,
+                                   type="server_error", code=event.error_code)
             if event.finish_reason:
                 self.open -= 1
             yield index, event
@@ -175,7 +177,8 @@ def create_app(engines: dict[str, Engine], embedders: dict[str, Embedder] | None
                                           code="invalid_api_key"))
         else:
             response = await call_next(request)
-        metrics.inc("lmforge_requests_total", route=request.url.path, status=str(response.status_code))
+        route = request.url.path if request.url.path in ROUTES else "other"  # bounded label values
+        metrics.inc("lmforge_requests_total", route=route, status=str(response.status_code))
         metrics.observe("lmforge_request_seconds", time.perf_counter() - start)
         return response
 
@@ -247,7 +250,8 @@ def create_app(engines: dict[str, Engine], embedders: dict[str, Embedder] | None
                 async for index, event in job.events(request):
                     per_choice[index].append(event)
             finally:
-                job.cancel() if job.open else None
+                if job.open:  # the client went away, or an error ended the wait
+                    job.cancel()
             choices = [api.completion_choice(i, ev, chat, logprobs) for i, ev in per_choice.items()]
             generated = sum(len(e.token_ids) for ev in per_choice.values() for e in ev)
             return api.response(rid, body.model, choices, chat, job.prompt_tokens, generated)

@@ -16,6 +16,7 @@ Shapes: b running rows, P prompt length, V vocabulary.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from lmforge.generation.settings import GenerationSettings, sample
 from lmforge.models.decoder import Decoder
 from lmforge.serve.metrics import Metrics
 from lmforge.tokenizer import IncrementalDecoder, Tokenizer
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Engine", "Event", "QueueFull", "Request", "SamplingParams", "ShuttingDown", "TokenLogprob"]
 
@@ -72,6 +75,7 @@ class Event:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     error: str | None = None
+    error_code: str | None = None  # with error: "shutting_down" or "generation_failed"
 
 
 @dataclass
@@ -205,17 +209,34 @@ class Engine:
                     if self._abort:
                         break
                     admitted = self._take_admissible()
-                self._drop_cancelled()
-                for request in admitted:
-                    self._prefill(request)
-                if self._rows:
-                    self._step()
+                try:
+                    self._drop_cancelled()
+                    for request in admitted:
+                        self._prefill(request)
+                    if self._rows:
+                        self._step()
+                except Exception as err:  # a failed step ends the running requests, not the server
+                    logger.exception("decode step failed")
+                    self._fail(admitted, f"generation failed: {type(err).__name__}: {err}")
             for seq in self._rows:
-                seq.request.sink(Event(seq.index, "", [], error="the server shut down before the request ended"))
+                seq.request.sink(Event(seq.index, "", [], error="the server shut down before the request ended",
+                                       error_code="shutting_down"))
             for request in self._pending:
                 for i in range(request.n):
-                    request.sink(Event(i, "", [], error="the server shut down before the request started"))
+                    request.sink(Event(i, "", [], error="the server shut down before the request started",
+                                           error_code="shutting_down"))
             self._rows, self._pending = [], collections.deque()
+
+    def _fail(self, admitted: list[Request], message: str) -> None:
+        """End every running sequence and the just-admitted requests with an error event; free the rows."""
+        requests = {id(seq.request): seq.request for seq in self._rows}
+        requests.update({id(r): r for r in admitted})
+        for request in requests.values():
+            request.cancelled = True
+            for i in range(request.n):
+                request.sink(Event(i, "", [], error=message, error_code="generation_failed"))
+        self._rows = []
+        self.metrics.set("lmforge_batch_occupancy", 0)
 
     def _take_admissible(self) -> list[Request]:
         """Pop queued requests, first come first served, while their sequences fit in the free rows."""
