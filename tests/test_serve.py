@@ -152,6 +152,11 @@ def test_chat_and_streaming(client, tiny, tokenizer):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    out = client.chat.completions.create(model=folder, messages=messages, max_tokens=4, temperature=0,
+                                         logprobs=True, top_logprobs=2)
+    content = out.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.logprob == pytest.approx(c.top_logprobs[0].logprob, abs=1e-6) for c in content)  # greedy
 
 
 def test_n_seed_and_stream_agree(client, tiny):
@@ -299,6 +304,25 @@ def test_full_queue_429_and_disconnect_frees_rows(server, client, tiny):
     assert done == [2, 2]
     _until(lambda: not engine.busy, "the engine to be idle")
     assert _metric(url, 'lmforge_sequences_total{reason="cancelled"}') == cancelled + 4
+
+
+def test_shutdown_ends_what_cannot_finish_in_time(tiny, tokenizer):
+    """Engine.shutdown(timeout): no new requests; a request still running at the deadline gets an error event
+    ("shutting_down") and the loop stops."""
+    from lmforge.serve.engine import Request, SamplingParams, ShuttingDown
+
+    engine = Engine(load_model(tiny[0]), tokenizer, max_batch=2, max_queue=1, context=4096)
+    engine.start()
+    events = []
+    engine.submit(Request(tokenizer.encode("long"), SamplingParams(max_tokens=4000), events.append))
+    _until(lambda: events, "the first token")
+    start = time.monotonic()
+    engine.shutdown(timeout=0.2)
+    assert time.monotonic() - start < 15
+    assert events[-1].error_code == "shutting_down" and events[-1].finish_reason is None
+    assert 0 < sum(len(e.token_ids) for e in events) < 4000
+    with pytest.raises(ShuttingDown):
+        engine.submit(Request(tokenizer.encode("late"), SamplingParams(max_tokens=2), events.append))
 
 
 # --- the command line: SmolLM2 served by `lmforge serve`, graceful shutdown ---------------------------------
