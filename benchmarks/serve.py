@@ -104,6 +104,7 @@ def main() -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--per-client", type=int, default=2, help="requests each client sends, one after another")
+    p.add_argument("--sequential", type=int, default=8, help="requests of the sequential baseline (1 client)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--time-limit", type=float, default=300, help="clients send no new request after this (s)")
     p.add_argument("--memory-requests", type=int, default=1000)
@@ -128,12 +129,13 @@ def main() -> None:
                 time.sleep(0.1)
         print(f"host: {host()}")
         print(f"model {args.model}, dtype {args.dtype}, {args.max_tokens} new tokens per request, greedy, "
-              f"{args.per_client} requests per client")
+              f"{args.per_client} requests per client ({args.sequential} for the sequential baseline)")
         asyncio.run(load(url, args.model, 1, 1, args.max_tokens, 60))  # warm-up
         before = server_requests(url)
         rows, sent = [], 0
         for c in levels:
-            r = asyncio.run(load(url, args.model, c, args.per_client, args.max_tokens, args.time_limit))
+            per_client = args.sequential if c == 1 else args.per_client
+            r = asyncio.run(load(url, args.model, c, per_client, args.max_tokens, args.time_limit))
             rows.append(r)
             sent += r["requests"]
         counted = server_requests(url) - before
