@@ -306,6 +306,39 @@ def test_full_queue_429_and_disconnect_frees_rows(server, client, tiny):
     assert _metric(url, 'lmforge_sequences_total{reason="cancelled"}') == cancelled + 4
 
 
+def test_prompts_arriving_together_prefill_in_one_forward_and_equal_running_alone(tiny, tokenizer, monkeypatch):
+    """Requests queued before the loop starts are admitted together: one right-padded prefill for all (the
+    forward is counted), then each one's text equals running it alone; n=2 rows copy their prompt's row."""
+    from lmforge.serve.engine import Request, SamplingParams
+
+    folder, model = tiny
+    engine = Engine(load_model(folder), tokenizer, max_batch=6, max_queue=0, context=256)
+    prompts = [("Short", 7, 1), ("A rather longer prompt than the others here", 4, 2), ("Mid length one", 9, 1)]
+    texts: dict[tuple[int, int], str] = {}
+    ended = []
+
+    def sink(p: int):
+        def take(e):
+            texts[(p, e.index)] = texts.get((p, e.index), "") + e.text
+            if e.finish_reason:
+                ended.append((p, e.index))
+        return take
+
+    for p, (text, n_new, n) in enumerate(prompts):
+        engine.submit(Request(tokenizer.encode(text), SamplingParams(max_tokens=n_new, temperature=0), sink(p), n))
+    shapes = []
+    forward = engine.model.forward
+    monkeypatch.setattr(engine.model, "forward",
+                        lambda ids, **kw: shapes.append(tuple(ids.shape)) or forward(ids, **kw))
+    engine.start()
+    _until(lambda: len(ended) == 4, "the four sequences")
+    engine.shutdown(timeout=5)
+    assert shapes[0] == (3, len(tokenizer.encode(prompts[1][0])))  # one prefill, the three prompts padded
+    for p, (text, n_new, n) in enumerate(prompts):
+        expected = lmforge.generate(model, tokenizer, text, max_new_tokens=n_new)[0]
+        assert [texts[(p, i)] for i in range(n)] == [expected] * n
+
+
 def test_shutdown_ends_what_cannot_finish_in_time(tiny, tokenizer):
     """Engine.shutdown(timeout): no new requests; a request still running at the deadline gets an error event
     ("shutting_down") and the loop stops."""

@@ -2,10 +2,10 @@
 
 The engine owns a model with a KV cache of `max_batch` rows. Each running sequence holds one cache row and its
 own position: a decode step is one forward over rows [0, b) with per-row slots (`input_pos` (b, 1)), so rows at
-different positions share the step. A new request is prefilled alone into the next free row(s) (`cache_rows`)
-between two steps and joins the next one; a finished or cancelled sequence leaves, and the last row's cache is
-moved into its place, so the running rows stay [0, b) and a step reads no empty rows. Prompts of several
-sequences (n > 1) run once; their cache row is copied.
+different positions share the step. New requests are prefilled into the next free rows (`cache_rows`) between
+two steps, the prompts that arrived together in one right-padded forward, and join the next step; a finished or
+cancelled sequence leaves, and the last row's cache is moved into its place, so the running rows stay [0, b)
+and a step reads no empty rows. Prompts of several sequences (n > 1) run once; their cache row is copied.
 
 Why per-row slots rather than left-padding joiners into shared slots: a joiner's prompt need not fit before
 the batch's current position, no row ever has to be shifted, and a row's cost is its own length only.
@@ -111,6 +111,22 @@ class _Sequence:
         self.last_time = request.arrived
 
 
+PREFILL_TOKENS = 512  # a batched prefill holds at most this many (padded) prompt tokens
+
+
+def _prefill_groups(requests: list[Request]) -> list[list[Request]]:
+    """Consecutive requests grouped so that each group's rows x longest prompt stays within PREFILL_TOKENS
+    (a longer prompt runs alone)."""
+    groups: list[list[Request]] = []
+    for r in requests:
+        if groups and (len(groups[-1]) + 1) * max(len(r.prompt), *(len(g.prompt) for g in groups[-1])) \
+                <= PREFILL_TOKENS:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
+
+
 class Engine:
     """Continuous batching over `model` (a Decoder) on one background thread; see the module docstring.
 
@@ -211,8 +227,8 @@ class Engine:
                     admitted = self._take_admissible()
                 try:
                     self._drop_cancelled()
-                    for request in admitted:
-                        self._prefill(request)
+                    for group in _prefill_groups(admitted):
+                        self._prefill(group)
                     if self._rows:
                         self._step()
                 except Exception as err:  # a failed step ends the running requests, not the server
@@ -265,18 +281,29 @@ class Engine:
             self._rows.pop()
         self.metrics.set("lmforge_batch_occupancy", len(self._rows))
 
-    def _prefill(self, request: Request) -> None:
-        b, P = len(self._rows), len(request.prompt)
-        ids = torch.tensor([request.prompt], dtype=torch.long)
-        out = self.model(ids, input_pos=torch.arange(P), cache_rows=slice(b, b + 1), last_logits_only=True)
-        logits = out.logits[0, -1].float()  # (V,)
-        for i in range(1, request.n):
-            self.model.copy_cache_row(b, b + i)
+    def _prefill(self, requests: list[Request]) -> None:
+        """Run the prompts of `requests` in one forward, right-padded, request i's in cache row b + i (the
+        padding's keys land in slots past the prompt, which a row overwrites before it ever reads them); the
+        other sequences of a request (n > 1) get copies of its row. Then choose every first token."""
+        b, k = len(self._rows), len(requests)
+        lengths = [len(r.prompt) for r in requests]
+        P = max(lengths)
+        ids = torch.zeros(k, P, dtype=torch.long)  # (k, P)
+        for i, r in enumerate(requests):
+            ids[i, :lengths[i]] = torch.tensor(r.prompt)
+        out = self.model(ids, input_pos=torch.arange(P), cache_rows=slice(b, b + k), last_logits_only=k == 1)
+        logits = out.logits[torch.arange(k), torch.tensor(lengths) - 1 if k > 1 else -1].float()  # (k, V)
         vocab = logits.shape[-1]
-        seqs = [_Sequence(request, i, self.tokenizer, vocab) for i in range(request.n)]
-        self._rows.extend(seqs)
-        self.metrics.inc("lmforge_prompt_tokens_total", P)
-        self._remove([b + i for i, seq in enumerate(seqs) if self._advance(seq, logits)])
+        firsts = [_Sequence(r, 0, self.tokenizer, vocab) for r in requests]
+        self._rows.extend(firsts)
+        rows = [(seq, logits[i]) for i, seq in enumerate(firsts)]
+        for i, r in enumerate(requests):
+            for j in range(1, r.n):
+                self.model.copy_cache_row(b + i, len(self._rows))
+                self._rows.append(_Sequence(r, j, self.tokenizer, vocab))
+                rows.append((self._rows[-1], logits[i]))
+        self.metrics.inc("lmforge_prompt_tokens_total", sum(lengths))
+        self._remove([b + i for i, (seq, row_logits) in enumerate(rows) if self._advance(seq, row_logits)])
 
     def _step(self) -> None:
         start = time.perf_counter()
