@@ -255,6 +255,9 @@ def test_errors_in_openai_shape(server, client, tiny):
     _error(lambda: client.chat.completions.create(model=folder, messages=[{"role": "wizard", "content": "x"}]),
            400)
     _error(lambda: client.embeddings.create(model=folder, input="x"), 400, "model")
+    _error(lambda: comp(model=folder, prompt="hi", max_tokens=2, logit_bias={"5": 10}), 400, "logit_bias",
+           "unsupported_parameter")
+    _error(lambda: comp(model=folder, prompt="hi", max_tokens=2, echo=True), 400, "echo")
     bad_key = openai.OpenAI(base_url=server[0] + "/v1", api_key="wrong", max_retries=0)
     _error(lambda: bad_key.completions.create(model=folder, prompt="hi", max_tokens=2), 401, code="invalid_api_key")
     r = httpx.post(server[0] + "/v1/completions", content=b'{"model": "x", "prompt": ', timeout=TIMEOUT,
