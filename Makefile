@@ -1,5 +1,5 @@
 # The two README commands. Both install what is missing first (seconds when already set up).
-.PHONY: setup run test lint
+.PHONY: setup run test lint mutate
 
 setup:
 	@bash scripts/setup.sh
@@ -13,3 +13,7 @@ test: setup
 
 lint: setup
 	.venv/bin/ruff check src tests benchmarks scripts examples
+
+# Mutation testing of the training step's core (scripts/mutate.sh; timing and survivors in docs/testing.md).
+mutate: setup
+	bash scripts/mutate.sh

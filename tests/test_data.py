@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from lmforge.config import ModelConfig
 from lmforge.data import (
     IGNORE_INDEX,
     EncodedTexts,
@@ -23,6 +24,9 @@ from lmforge.data import (
     split_blocks,
     split_labelled,
 )
+from lmforge.models import build_model
+from lmforge.objectives import CausalLM
+from lmforge.training import TrainConfig, latest_checkpoint, train
 
 
 def test_read_corpus_folder_and_file(tmp_path):
@@ -120,7 +124,7 @@ def test_masked_blocks_seeded_dynamic_and_padding():
     assert batch["input_ids"].shape == batch["labels"].shape == (2, 64)
 
 
-def test_sampler_epochs_ranks_and_o1_resume():
+def test_sampler_epochs_ranks_and_far_positions():
     n, bs, world = 103, 4, 3
     samplers = [EpochSampler(n, bs, seed=5, rank=r, world_size=world) for r in range(world)]
     per_epoch = samplers[0].batches_per_epoch
@@ -131,11 +135,6 @@ def test_sampler_epochs_ranks_and_o1_resume():
         assert len(seen) == len(set(seen)) == per_epoch * bs * world  # every rank disjoint, no repeats
         assert all(s.batch(epoch * per_epoch)[0] == epoch for s in samplers)
     assert samplers[0].permutation(0).tolist() != samplers[0].permutation(1).tolist()
-    # resuming: a fresh sampler at position p gives exactly the batch the continuing one would give
-    walk = [samplers[1].batch(p) for p in range(3 * per_epoch)]
-    fresh = EpochSampler(n, bs, seed=5, rank=1, world_size=world)
-    positions = (17, 5, 2 * per_epoch + 1)
-    assert [fresh.batch(p) for p in positions] == [walk[p] for p in positions]
     t0 = time.perf_counter()
     epoch, idx = EpochSampler(n, bs, seed=5).batch(10**12)  # no replay: a far position costs one permutation
     assert time.perf_counter() - t0 < 0.5 and len(idx) == bs and epoch == 10**12 // (n // bs)
@@ -143,6 +142,59 @@ def test_sampler_epochs_ranks_and_o1_resume():
         EpochSampler(5, 4, world_size=2)
     with pytest.raises(ValueError, match="rank"):
         EpochSampler(10, 2, rank=2, world_size=2)
+
+
+class RecordedBlocks(TokenBlocks):
+    """TokenBlocks that record the items the training loop fetches and the epochs it announces, in order."""
+
+    def __init__(self, blocks):
+        super().__init__(blocks)
+        self.fetched: list[int] = []
+        self.epochs: list[int] = []
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+
+    def __getitem__(self, i):
+        self.fetched.append(int(i))
+        return super().__getitem__(i)
+
+
+def test_training_resumed_mid_epoch_continues_the_uninterrupted_order(tmp_path):
+    """The loop's sampler, interrupted after step 3 and resumed from the step-2 checkpoint (one batch into the
+    second epoch), fetches exactly the items an uninterrupted run fetches from there on."""
+    blocks = torch.randint(0, 128, (10, 8), generator=torch.Generator().manual_seed(0))
+    config = dict(lr=1e-3, max_steps=6, batch_size=3, grad_accum=2, save_every=2, seed=7, progress=False)
+
+    def run(data, run_dir, resume=False, on_step=None):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig.from_name("tiny-gpt2"))
+        train(model, CausalLM(), data, TrainConfig(run_dir=str(run_dir), **config), resume=resume,
+              on_step=on_step)
+
+    def crash(step, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    interrupted = RecordedBlocks(blocks)
+    with pytest.raises(KeyboardInterrupt):
+        run(interrupted, tmp_path / "run", on_step=crash)
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000002"
+    resumed = RecordedBlocks(blocks)
+    run(resumed, tmp_path / "run", resume=True)
+    full = RecordedBlocks(blocks)
+    run(full, tmp_path / "uninterrupted")
+
+    # The uninterrupted order: 3 batches of 3 an epoch (the 10th item left out), each epoch a new permutation.
+    per_epoch = 9
+    epochs = [full.fetched[i:i + per_epoch] for i in range(0, len(full.fetched), per_epoch)]
+    assert len(epochs) == 4 and all(len(set(e)) == per_epoch for e in epochs)
+    assert len({tuple(e) for e in epochs}) == 4
+    assert full.epochs == [b // 3 for b in range(12)]
+    # The resumed run continues after the checkpoint's 4 batches (12 items), in the middle of epoch 1.
+    assert interrupted.fetched == full.fetched[:3 * 2 * 3]
+    assert resumed.fetched == full.fetched[2 * 2 * 3:]
+    assert resumed.epochs == full.epochs[4:]
 
 
 def _labelled_tree(root, labels=("cats", "dogs", "fish"), per_label=10):

@@ -1,5 +1,6 @@
 """GGUF import (lmforge.io.gguf): real SmolLM2-135M parity with transformers' own GGUF loading, synthetic GGUF
-files for tiny Llama / GPT-2 models in F32, F16, BF16, Q8_0, Q4_0, Q4_1, the cache, and bad files.
+files for tiny Llama / GPT-2 models in every type gguf.quants can write (F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1,
+TQ1_0, TQ2_0, MXFP4) converted by `lmforge convert` and loaded in transformers, the cache, and bad files.
 
 Synthetic files are written the way llama.cpp's converter writes them (GGUF names, Q/K rows permuted for its
 rotary layout, GPT-2's Conv1D weights transposed), from tiny random transformers models, so the import is
@@ -96,7 +97,7 @@ def test_smollm2_cached_load_is_used_and_equal(smollm2_gguf, smollm2_lmforge, sm
     monkeypatch.setenv("LMFORGE_CACHE", str(smollm2_cache))
     assert cache_file(smollm2_gguf).is_file()
 
-    def no_conversion(path):
+    def no_conversion(path, **kwargs):
         raise AssertionError("the cache entry was not used")
 
     monkeypatch.setattr(lg, "read_gguf", no_conversion)
@@ -151,8 +152,9 @@ def llama_gguf_tensors(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
 
 
 def write_gguf(path: Path, arch: str, hparams: dict, tensors: dict[str, np.ndarray], qtype=Q.F32,
-               token_list: bool = True) -> Path:
-    """A GGUF file: 2-D weights as `qtype` (quantized with gguf.quants), 1-D tensors as F32 (as llama.cpp)."""
+               token_list: bool = True, bpe: tuple[list[str], list[str]] | None = None) -> Path:
+    """A GGUF file: 2-D weights as `qtype` (quantized with gguf.quants), 1-D tensors as F32 (as llama.cpp).
+    bpe: (tokens, merges) of a whole byte-level BPE tokenizer instead of a bare token list."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(hparams["n_layer"])
     w.add_context_length(hparams["n_ctx"])
@@ -167,7 +169,9 @@ def write_gguf(path: Path, arch: str, hparams: dict, tensors: dict[str, np.ndarr
         w.add_layer_norm_eps(hparams["eps"])
     if token_list:
         w.add_tokenizer_model("gpt2")
-        w.add_token_list([f"tok{i}" for i in range(hparams["vocab"])])
+        w.add_token_list(bpe[0] if bpe else [f"tok{i}" for i in range(hparams["vocab"])])
+        if bpe:
+            w.add_token_merges(bpe[1])
     else:
         w.add_vocab_size(hparams["vocab"])
     w.add_bos_token_id(hparams["bos"])
@@ -291,10 +295,8 @@ def test_quantized_llama_matches_transformers_gguf_loading(llama_ref, tmp_path):
     assert (ours - theirs).abs().max().item() <= 1e-5
 
 
-def test_gpt2_matches_transformers(tmp_path):
-    torch.manual_seed(0)
-    ref = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                                     bos_token_id=0, eos_token_id=0)).eval()
+def gpt2_gguf_tensors(ref: GPT2LMHeadModel) -> dict[str, np.ndarray]:
+    """GPT-2 tensors under llama.cpp's GGUF names and layouts."""
     sd = {k: v.numpy() for k, v in ref.state_dict().items()}
     tensors = {"token_embd.weight": sd["transformer.wte.weight"],
                "position_embd.weight": sd["transformer.wpe.weight"],
@@ -304,19 +306,121 @@ def test_gpt2_matches_transformers(tmp_path):
     names = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
              "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
     conv1d = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}  # (in, out); llama.cpp transposes
-    for i in range(2):
+    for i in range(ref.config.n_layer):
         for hf, gg in names.items():
             for kind in ("weight", "bias"):
                 w = sd[f"transformer.h.{i}.{hf}.{kind}"]
                 tensors[f"blk.{i}.{gg}.{kind}"] = w.T if kind == "weight" and hf in conv1d else w
-    hparams = dict(n_layer=2, n_ctx=32, d_model=32, d_ff=128, n_head=4, eps=1e-5, vocab=96, bos=0, eos=0)
-    path = write_gguf(tmp_path / "tiny-gpt2.gguf", "gpt2", hparams, tensors)
+    return tensors
+
+
+def gpt2_hparams(ref: GPT2LMHeadModel) -> dict:
+    c = ref.config
+    return dict(n_layer=c.n_layer, n_ctx=c.n_positions, d_model=c.n_embd, d_ff=c.n_inner or 4 * c.n_embd,
+                n_head=c.n_head, eps=c.layer_norm_epsilon, vocab=c.vocab_size, bos=c.bos_token_id,
+                eos=c.eos_token_id)
+
+
+def test_gpt2_matches_transformers(tmp_path):
+    torch.manual_seed(0)
+    ref = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                     bos_token_id=0, eos_token_id=0)).eval()
+    path = write_gguf(tmp_path / "tiny-gpt2.gguf", "gpt2", gpt2_hparams(ref), gpt2_gguf_tensors(ref))
     config, weights = read_gguf(path)
     kind = (config.family, config.position, config.norm, config.activation, config.tie_embeddings)
     assert kind == ("gpt2", "learned", "layernorm", "gelu_tanh", False)
     ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (lmforge_model(config, weights)(ids).logits - ref(ids).logits).abs().max().item() <= 1e-5
+
+
+# --- `lmforge convert`: every type gguf.quants writes, llama and gpt2, checked in transformers ---------------
+
+# Largest error of a converted weight against the unquantized one, as a fraction of the tensor's largest |weight|
+# (bounds of the writers in gguf.quants). Q5_0 clips one end of its range by a full step of absmax/16; Q5_1 has
+# half a step of range/31 <= 2 absmax/31. TQ1_0/TQ2_0 are ternary (-d, 0, d with d the block's absmax): half of d,
+# plus the fp16 rounding of d. MXFP4 has a power-of-two scale s = 2^floor(log2 absmax) / 4 and values 0..6 s:
+# at most s (the 4 s -> 6 s gap) in range and under 2 s beyond 6 s, both below absmax / 4.
+WRITABLE_TOLERANCE = {**QUANT_TOLERANCE, Q.Q5_0: 1.1 / 16, Q.Q5_1: 1.1 / 31, Q.TQ1_0: 0.5 + 2**-10,
+                      Q.TQ2_0: 0.5 + 2**-10, Q.MXFP4: 0.25}
+
+
+def test_the_tolerance_table_covers_every_type_gguf_can_write():
+    weights = np.random.default_rng(0).standard_normal((1, 256), dtype=np.float32)
+    writable = set()
+    for qtype in Q:
+        try:
+            quantize(weights, qtype)
+        except NotImplementedError:
+            continue
+        writable.add(qtype)
+    assert writable - {Q.F32} == set(WRITABLE_TOLERANCE)
+
+
+def wide_llama() -> LlamaForCausalLM:
+    """One Llama layer whose every weight row has 256 values: a whole block of the 256-value (TQ) types."""
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, rope_theta=500.0,
+                      rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def wide_gpt2() -> GPT2LMHeadModel:
+    """One GPT-2 layer of width 256. GPT-2's default 1024 positions and 4x MLP: transformers' GGUF loading (the
+    reference) ignores the file's context and feed-forward lengths for gpt2."""
+    torch.manual_seed(1)
+    cfg = GPT2Config(vocab_size=64, n_positions=1024, n_embd=256, n_layer=1, n_head=4, bos_token_id=0,
+                     eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def wide_models() -> dict:
+    llama, gpt2 = wide_llama(), wide_gpt2()
+    return {"llama": (llama, llama_hparams(llama), llama_gguf_tensors(llama)),
+            "gpt2": (gpt2, gpt2_hparams(gpt2), gpt2_gguf_tensors(gpt2))}
+
+
+def convert(src: Path, dst: Path) -> Path:
+    from lmforge.cli import main
+
+    assert main(["convert", str(src), str(dst)]) == 0
+    return dst
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("qtype", [Q.F32, *WRITABLE_TOLERANCE], ids=lambda q: q.name)
+def test_convert_every_writable_type_within_its_bound_and_as_transformers_loads_it(arch, qtype, wide_models,
+                                                                                   tmp_path, cache_env):
+    """GGUF -> HF folder with `lmforge convert`: each weight (in transformers' names and layout, read from the
+    safetensors file) within the type's bound of the unquantized weight; the folder loaded in transformers gives
+    the logits of transformers' own loading of the GGUF file (F32: of the original model)."""
+    from safetensors.torch import load_file
+
+    ref, hparams, tensors = wide_models[arch]
+    bpe = (["a", "b", "ab", *(f"tok{i}" for i in range(3, hparams["vocab"]))], ["a b"])
+    path = write_gguf(tmp_path / f"{arch}.{qtype.name}.gguf", arch, hparams, tensors, qtype=qtype, bpe=bpe)
+    assert {t.tensor_type for t in gguf.GGUFReader(path).tensors} == {qtype, Q.F32}
+    dst = convert(path, tmp_path / "hf")
+    converted = load_file(dst / "model.safetensors")
+    original = ref.state_dict()
+    assert converted.keys() <= original.keys() and len(converted) >= len(tensors)
+    for name, weight in converted.items():
+        err = (weight - original[name]).abs().max().item()
+        if qtype == Q.F32 or original[name].dim() == 1:
+            assert err == 0.0, name
+        else:
+            assert 0.0 < err <= WRITABLE_TOLERANCE[qtype] * original[name].abs().max().item(), name
+
+    ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(4))
+    ours = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32).eval()
+    theirs = ref if qtype == Q.F32 else AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = theirs(ids).logits
+        assert want.std() > 0.01
+        torch.testing.assert_close(ours(ids).logits, want, rtol=0, atol=1e-5)
 
 
 # --- cache --------------------------------------------------------------------------------------------------
@@ -331,9 +435,9 @@ def count_conversions(monkeypatch) -> list[Path]:
     calls: list[Path] = []
     real = lg.read_gguf
 
-    def counting(path):
+    def counting(path, **kwargs):
         calls.append(path)
-        return real(path)
+        return real(path, **kwargs)
 
     monkeypatch.setattr(lg, "read_gguf", counting)
     return calls

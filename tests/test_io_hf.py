@@ -420,19 +420,43 @@ def test_info_on_real_models(capsys: pytest.CaptureFixture[str]) -> None:
     assert "unknown model 'no-such-model'" in capsys.readouterr().err
 
 
-def test_convert_hf_folder_to_bf16(tmp_path: Path, minilm_dir: Path,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
-    dst = tmp_path / "minilm-bf16"
-    assert cli.main(["convert", "minilm", str(dst), "--dtype", "bfloat16"]) == 0
+def bf16_rounded(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with every weight rounded to bfloat16 (and kept in float32): what a bf16 conversion must hold."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    return model
+
+
+@pytest.mark.parametrize("source", ["minilm", "llama"])
+def test_convert_hf_folder_to_bf16_loads_in_transformers(source: str, tmp_path: Path, minilm_dir: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`lmforge convert --dtype bfloat16`: transformers loads the folder in bfloat16, and in float32 it gives the
+    outputs of the original model with its weights rounded to bfloat16 (same config, every tensor carried)."""
+    if source == "minilm":
+        auto, src = tf.AutoModel, minilm_dir
+    else:
+        auto, src = tf.AutoModelForCausalLM, tmp_path / "llama"
+        torch.manual_seed(0)
+        tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                                           max_position_embeddings=64)).save_pretrained(src)
+    dst = tmp_path / "bf16"
+    assert cli.main(["convert", str(src), str(dst), "--dtype", "bfloat16"]) == 0
     assert "wrote" in capsys.readouterr().out
-    assert (dst / "tokenizer.json").exists()
-    converted = load_model(dst)
-    original = load_model(minilm_dir)
-    assert converted.embed_tokens.weight.dtype == torch.bfloat16
-    torch.testing.assert_close(converted.embed_tokens.weight.float(), original.embed_tokens.weight,
-                               atol=0.01, rtol=0.01)
-    reference = tf.AutoModel.from_pretrained(dst)
-    assert reference.dtype == torch.bfloat16
+    assert (dst / "tokenizer.json").exists() == (source == "minilm")
+    assert auto.from_pretrained(dst).dtype == torch.bfloat16
+    converted = auto.from_pretrained(dst, dtype=torch.float32).eval()
+    want = bf16_rounded(auto.from_pretrained(src, dtype=torch.float32)).eval()
+    ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        got, ref = (m(input_ids=ids, attention_mask=mask) for m in (converted, want))
+    got, ref = (o.logits if source == "llama" else o.last_hidden_state for o in (got, ref))
+    real = mask.bool()
+    assert ref[real].abs().max() > 0.1
+    torch.testing.assert_close(got[real], ref[real], rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -22,9 +22,9 @@ from lmforge.models import Decoder
 from lmforge.models.linear import (
     BlockInt8Linear,
     Int4Linear,
-    Int8Embedding,
     Int8Linear,
     PackedLinear,
+    RowEmbedding,
     quantize,
 )
 from lmforge.tokenizer import Tokenizer
@@ -44,6 +44,19 @@ def test_int8_product_equals_the_dequantized_weight(dtype):
     x = torch.randn(3, 5, 128).to(dtype)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(m(x).float(), x.float() @ deq.t(), rtol=tol, atol=tol)
+
+
+def test_int8_weights_at_any_address():
+    """Tensors read from a safetensors file need not start on a 64-byte boundary; the kernel's vector loads
+    must still see aligned weights (a misaligned one crashed the process for 4+ rows)."""
+    m = Int8Linear.from_float(_weight(64, 128))
+    storage = torch.zeros(64 * 128 + 8, dtype=torch.int8)
+    shifted = storage[8:].view(64, 128)
+    shifted.copy_(m.weight)
+    assert shifted.data_ptr() % 64 != 0
+    moved = Int8Linear(shifted, m.scales.clone())
+    x = torch.randn(8, 128)
+    torch.testing.assert_close(moved(x), m(x), rtol=0, atol=0)
 
 
 def test_int4_product_equals_its_blocks():
@@ -92,7 +105,8 @@ def test_gguf_blocks_decode_as_gguf_dequantizes(qtype):
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0], ids=lambda q: q.name)
-def test_kept_gguf_blocks_give_the_dequantized_models_logits(qtype, tmp_path):
+def test_kept_gguf_blocks_give_the_dequantized_models_logits(qtype, tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
     ref = tiny_llama()
     path = write_gguf(tmp_path / f"tiny.{qtype.name}.gguf", "llama", llama_hparams(ref), llama_gguf_tensors(ref),
                       qtype=qtype)
@@ -120,7 +134,7 @@ def test_quantize_swaps_in_place_and_keeps_one_copy():
         assert quantize(model, "int8") is model
         got = model(ids).logits
     assert not any(type(m) is torch.nn.Linear for m in model.modules())
-    assert isinstance(model.embed_tokens, Int8Embedding) and model.embed_tokens.head[0] is model.lm_head
+    assert isinstance(model.embed_tokens, RowEmbedding) and model.embed_tokens.table is model.lm_head
     held = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
     assert sum(held.values()) < 0.4 * float_bytes  # int8 weights, no float copy left behind
     torch.testing.assert_close(got, expected, rtol=0, atol=0.05 * expected.abs().max().item())
@@ -128,6 +142,24 @@ def test_quantize_swaps_in_place_and_keeps_one_copy():
         save_model(model, "unused")
     with pytest.raises(ValueError, match="unknown weight format 'int3'"):
         quantize(model, "int3")
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "packed"])
+def test_quantized_at_load_equals_quantized_in_place(kind, tmp_path, monkeypatch):
+    """load_model(quantize=...) converts tensor by tensor while loading (through the GGUF cache for GGUF files):
+    the same weights, and the same logits, as quantizing the loaded float model in place."""
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    ref = tiny_llama(tie=True)
+    path = write_gguf(tmp_path / "tiny.gguf", "llama", llama_hparams(ref), llama_gguf_tensors(ref))
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    expected = quantize(load_model(path, dtype=torch.float32), kind)
+    for _ in range(2):  # the second load reads the cache entry of this format
+        got = load_model(path, dtype=torch.float32, quantize=kind)
+        assert [type(m).__name__ for m in got.modules()] == [type(m).__name__ for m in expected.modules()]
+        with torch.no_grad():
+            torch.testing.assert_close(got(ids).logits, expected(ids).logits, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown weight format"):
+        load_model(path, quantize="int3")
 
 
 def test_keep_quantized_needs_a_gguf_file(tmp_path):

@@ -70,10 +70,13 @@ def batch(case: str) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.masked_fill(mask == 0, pad), mask
 
 
-def outputs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, reference: bool) -> torch.Tensor:
-    """Logits, or the last hidden state for a model without a head; real tokens only for per-token outputs."""
+def outputs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, reference: bool,
+            **kwargs: torch.Tensor) -> torch.Tensor:
+    """Logits, or the last hidden state for a model without a head; real tokens only for per-token outputs.
+    kwargs (token_type_ids) go to both models."""
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask) if reference else model(ids, attention_mask=mask)
+        out = model(input_ids=ids, attention_mask=mask, **kwargs) if reference else model(ids, attention_mask=mask,
+                                                                                           **kwargs)
     result = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
     return result[mask.bool()] if result.dim() == 3 else result
 
@@ -140,3 +143,44 @@ def test_minilm_hidden_states_match_transformers(minilm_dir: Path, bbc_dir: Path
     assert len(got) == len(want) == 7
     for layer, (g, w) in enumerate(zip(got, want, strict=True)):
         torch.testing.assert_close(g[real], w[real], atol=ATOL, rtol=0, msg=f"hidden state {layer}")
+
+
+# --- sentence pairs: token type ids -------------------------------------------------------------------------
+
+
+def pair_types(mask: torch.Tensor, first: tuple[int, ...] = (7, 5, 3)) -> torch.Tensor:
+    """Token types of sentence pairs: 0 for each row's first `first[row]` tokens, 1 for the rest (padding 0)."""
+    positions = torch.arange(mask.shape[1])[None]
+    return ((positions >= torch.tensor(first)[:, None]) & mask.bool()).long()
+
+
+@pytest.mark.parametrize("case", ["bert-base", "bert-mlm", "bert-classify"])
+def test_sentence_pairs_match_transformers(case: str, tmp_path: Path) -> None:
+    """Non-zero token_type_ids (the second sentence of a pair) reach the type embedding as in transformers."""
+    reference = make_reference(case, tmp_path)
+    model = load_model(tmp_path)
+    ids, mask = batch(case)
+    types = pair_types(mask)
+    want = outputs(reference, ids, mask, True, token_type_ids=types)
+    got = outputs(model, ids, mask, False, token_type_ids=types)
+    single = outputs(reference, ids, mask, True)  # every token of type 0
+    assert (want - single).abs().max() > 10 * ATOL  # the types matter: ignoring them would show
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_minilm_sentence_pairs_match_transformers(minilm_dir: Path, bbc_dir: Path,
+                                                  minilm_reference: torch.nn.Module) -> None:
+    tokenizer = tf.AutoTokenizer.from_pretrained(minilm_dir)
+    sentences = _bbc_sentences(bbc_dir, 8)
+    enc = tokenizer(sentences[:4], sentences[4:], padding=True, truncation=True, max_length=96,
+                    return_tensors="pt")
+    assert enc["token_type_ids"].eq(1).sum() > 40 and enc["attention_mask"].eq(0).any()
+    model = load_model("all-minilm-l6-v2")
+    with torch.no_grad():
+        want = minilm_reference(**enc).last_hidden_state
+        got = model(enc["input_ids"], attention_mask=enc["attention_mask"],
+                    token_type_ids=enc["token_type_ids"]).last_hidden_state
+        single = minilm_reference(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    real = enc["attention_mask"].bool()
+    assert (want[real] - single[real]).abs().max() > 10 * ATOL
+    torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=0)

@@ -212,31 +212,62 @@ def _cli_fixtures(root: Path) -> tuple[Path, Path]:
     return root / "tiny-gpt2", root / "corpus"
 
 
-@pytest.mark.slow
-def test_cli_train_strategy_ps_under_torchrun_equals_the_single_process_run(tmp_path):
-    """`torchrun --nproc-per-node 2 -m lmforge.cli train --strategy ps`: one server, one worker, checkpoints
-    whose optimizer state the worker gathers from the server; the same run in one process gives the same."""
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """The CLI's `train` arguments for a batch size and run folder, and the single-process run with batch 4."""
     from lmforge.cli import main
 
-    model_dir, corpus = _cli_fixtures(tmp_path)
-    common = ["train", "--model", str(model_dir), "--data", str(corpus), "--batch-size", "4", "--block-size",
-              "16", "--steps", "4", "--save-every", "2", "--log-every", "1", "--lr", "1e-2"]
+    root = tmp_path_factory.mktemp("cli")
+    model_dir, corpus = _cli_fixtures(root)
+
+    def arguments(batch_size: int, run_dir: Path) -> list[str]:
+        return ["train", "--model", str(model_dir), "--data", str(corpus), "--batch-size", str(batch_size),
+                "--block-size", "16", "--steps", "4", "--save-every", "2", "--log-every", "1", "--lr", "1e-2",
+                "--run-dir", str(run_dir)]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks (see _reference)
+    try:
+        assert main(arguments(4, root / "one")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return arguments, root / "one"
+
+
+def _torchrun_cli(arguments: list[str]) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-           "lmforge.cli", *common, "--run-dir", str(tmp_path / "ps"), "--strategy", "ps"]
+           "lmforge.cli", *arguments]
     proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 4
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ranks (see _reference)
-    try:
-        assert main([*common, "--run-dir", str(tmp_path / "one")]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    got_model, got = load_checkpoint(latest_checkpoint(tmp_path / "ps"))
-    want_model, want = load_checkpoint(latest_checkpoint(tmp_path / "one"))
+
+
+def _assert_same_checkpoint(got_dir: Path, want_dir: Path) -> None:
+    got_model, got = load_checkpoint(latest_checkpoint(got_dir))
+    want_model, want = load_checkpoint(latest_checkpoint(want_dir))
     _assert_same(_plain(got_model), want_model)
     assert got["optimizer"]["state"].keys() == want["optimizer"]["state"].keys()
     for i, state in want["optimizer"]["state"].items():
         for k in ("exp_avg", "exp_avg_sq", "step"):
             torch.testing.assert_close(got["optimizer"]["state"][i][k], state[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_cli_train_strategy_ps_under_torchrun_equals_the_single_process_run(cli_run, tmp_path):
+    """`torchrun --nproc-per-node 2 -m lmforge.cli train --strategy ps`: one server, one worker, checkpoints
+    whose optimizer state the worker gathers from the server; the same run in one process gives the same."""
+    arguments, single = cli_run
+    _torchrun_cli([*arguments(4, tmp_path / "ps"), "--strategy", "ps"])
+    _assert_same_checkpoint(tmp_path / "ps", single)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["allreduce", "ddp"])
+def test_cli_train_data_parallel_under_torchrun_equals_the_single_process_run(strategy, cli_run, tmp_path):
+    """`torchrun --nproc-per-node 2 -m lmforge.cli train --strategy allreduce|ddp --batch-size 2`: two ranks of
+    batch 2 end with the weights and optimizer state of one process with batch 4 (the ranks' batches side by
+    side)."""
+    arguments, single = cli_run
+    _torchrun_cli([*arguments(2, tmp_path / strategy), "--strategy", strategy])
+    _assert_same_checkpoint(tmp_path / strategy, single)

@@ -63,6 +63,9 @@ def test_lr_schedule_closed_form():
     assert lr_factor(10, cos) == pytest.approx(0.1)
     assert lr_factor(2, cos) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.2)))
     assert lr_factor(7, quiet(max_steps=10, schedule="constant", warmup_steps=1)) == 1.0
+    assert lr_factor(20, lin) == 0.0 and lr_factor(30, cos) == pytest.approx(0.1)  # past max_steps: the floor
+    one = quiet(warmup_steps=3, max_steps=4, schedule="linear")  # a single decay step
+    assert [lr_factor(s, one) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 0.0]
 
 
 def test_train_follows_schedule():
@@ -85,6 +88,18 @@ def test_param_groups_no_decay_on_biases_and_norms():
     assert {"embed_tokens.weight", "embed_positions.weight", "layers.1.mlp.up.weight"} <= decay_names
     assert not any(n.endswith(".bias") or "norm" in n for n in decay_names)
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_param_groups_skip_frozen_parameters_and_list_shared_ones_once():
+    model = tiny("tiny-gpt2")
+    frozen, shared = model.layers[0].attn_norm.weight, model.layers[1].attn_norm.weight
+    frozen.requires_grad_(False)
+    extra = torch.nn.Linear(2, 3)  # an objective's own module, here also holding one of the model's weights
+    extra.register_parameter("shared", shared)
+    decay, no_decay = param_groups(model, 0.1, extra)
+    ids = [id(p) for group in (decay, no_decay) for p in group["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters())) - 1 + 2  # + extra's weight and bias
+    assert id(frozen) not in ids and {id(shared), id(extra.weight), id(extra.bias)} <= set(ids)
 
 
 # --- learning -----------------------------------------------------------------------------------------------
@@ -204,6 +219,22 @@ def test_causal_lm_skips_padding():
     assert CausalLM().targets(batch).tolist() == [[6, 7, -100, -100]]
 
 
+def test_causal_lm_targets_counts_and_loss_by_hand():
+    """Targets come from "labels" when given (IGNORE_INDEX skipped, with or without a mask); a batch of B rows of
+    T tokens has B * (T - 1) targets; a single target's loss is its cross-entropy (not halved or clamped)."""
+    assert CausalLM().n_targets({"input_ids": torch.zeros(3, 5, dtype=torch.long)}) == 3 * 4
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "labels": torch.tensor([[5, -100, 9, 10]])}
+    assert CausalLM().targets(batch).tolist() == [[-100, 9, 10, -100]]
+    assert CausalLM().n_targets(batch) == 2
+    model = tiny("tiny-gpt2")
+    one = {"input_ids": torch.tensor([[5, 6]])}
+    loss, metrics = CausalLM()(model, one)
+    with torch.no_grad():
+        want = F.cross_entropy(model(one["input_ids"]).logits[0, :1], torch.tensor([6]))
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6) and metrics.keys() == {"loss"}
+    assert evaluate(model, CausalLM(), TokenBlocks(one["input_ids"]))["loss"] == pytest.approx(want.item(), rel=1e-6)
+
+
 # --- checkpoints, resume, errors ----------------------------------------------------------------------------
 
 
@@ -269,7 +300,7 @@ def test_metrics_log_and_plot(tmp_path):
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6]
     assert [r["step"] for r in records if r["split"] == "eval"] == [3, 6]
-    assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(records[0])
+    assert set(records[0]) == {"step", "split", "loss", "lr", "grad_norm", "tokens_per_s"}
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "spl')  # a torn line from a kill is skipped
     assert len(read_metrics(tmp_path)) == len(records)
@@ -446,3 +477,164 @@ def test_cli_errors(cli_fixtures, tmp_path, capsys):
     assert code == 2 and "--block-size 500" in err
     code, _, err = run_cli(capsys, "plot", tmp_path / "nowhere")
     assert code == 2 and "metrics.jsonl" in err
+
+
+# --- the loop against a hand-written AdamW + LambdaLR loop --------------------------------------------------
+
+
+class NextToken:
+    """A plain next-token objective, defined here so that the loop and the reference below compute the very same
+    loss (bit-identical gradients: the loop, not the objective, is what these tests compare)."""
+
+    @staticmethod
+    def loss(model, input_ids):
+        logits = model(input_ids).logits[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+
+    def __call__(self, model, batch):
+        loss = self.loss(model, batch["input_ids"])
+        return loss, {"loss": loss.detach()}
+
+    def n_targets(self, batch):
+        B, T = batch["input_ids"].shape
+        return B * (T - 1)
+
+
+class RecordingBlocks(TokenBlocks):
+    """TokenBlocks that remember which items the loop fetched, in order (the data order the reference replays)."""
+
+    def __init__(self, blocks):
+        super().__init__(blocks)
+        self.fetched: list[int] = []
+
+    def __getitem__(self, i):
+        self.fetched.append(int(i))
+        return super().__getitem__(i)
+
+
+def reference_lr_factor(step: int, warmup: int, max_steps: int, schedule: str, min_ratio: float) -> float:
+    """The documented schedule, written out again: linear warm-up to 1 over `warmup` steps ((s+1)/(w+1)), then
+    linear or cosine decay to `min_ratio` at `max_steps`."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / (max_steps - warmup))
+    shape = 1 - progress if schedule == "linear" else (1 + math.cos(math.pi * progress)) / 2
+    return min_ratio + (1 - min_ratio) * shape
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_train_equals_a_hand_written_adamw_lambdalr_loop(schedule):
+    """`train` = torch.optim.AdamW (no decay on biases and norms) + LambdaLR stepped after the optimizer,
+    gradient clipping of the accumulated gradient, 2 micro-batches per step; weights within 1e-6.
+
+    The scheduler stepped before the optimizer shifts every update's learning rate by one step (and PyTorch's
+    scheduler-order warning is an error in this suite, see pyproject.toml)."""
+    steps, warmup, accum, batch_size, clip = 7, 2, 2, 3, 0.5
+    data = RecordingBlocks(blocks(10, 12, seed=3).blocks)
+    cfg = quiet(lr=2e-2, weight_decay=0.1, betas=(0.8, 0.95), eps=1e-6, warmup_steps=warmup, max_steps=steps,
+                schedule=schedule, min_lr_ratio=0.1, batch_size=batch_size, grad_accum=accum, clip_norm=clip)
+    model = tiny("tiny-gpt2")
+    logged = {}
+    train(model, NextToken(), data, cfg, on_step=lambda s, r: logged.setdefault(s, r["grad_norm"]))
+    assert len(data.fetched) == steps * accum * batch_size
+
+    ref = tiny("tiny-gpt2")
+    named = dict(ref.named_parameters())  # the tied LM head appears once
+    no_decay = [n for n in named if n.endswith(".bias") or "norm" in n]
+    decay = [n for n in named if n not in no_decay]
+    assert any(n.endswith(".bias") for n in no_decay) and any("norm" in n for n in no_decay) and decay
+    optimizer = torch.optim.AdamW([{"params": [named[n] for n in decay], "weight_decay": 0.1},
+                                   {"params": [named[n] for n in no_decay], "weight_decay": 0.0}],
+                                  lr=2e-2, betas=(0.8, 0.95), eps=1e-6)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: reference_lr_factor(s, warmup, steps, schedule, 0.1))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    order = torch.tensor(data.fetched).view(steps, accum, batch_size)
+    norms = []
+    for step in range(steps):
+        for micro in order[step]:
+            (NextToken.loss(ref, data.blocks[micro]) / accum).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, clip)))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    assert sum(n > clip for n in norms) >= steps // 2  # clipping is active on most steps
+    assert [logged[s + 1] for s in range(steps)] == pytest.approx(norms, rel=1e-6)
+    for name, value in ref.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=1e-6,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+# --- fp16 mixed precision: the gradient scaler ----------------------------------------------------------------
+
+
+class InfGradientAt:
+    """Turns one parameter's gradient into +inf during optimizer step `at` (1-based): a gradient overflow."""
+
+    def __init__(self, model, at: int, next_step: int = 1):
+        self.at, self.next_step = at, next_step
+        next(model.parameters()).register_hook(self.hook)
+
+    def hook(self, grad):
+        return torch.full_like(grad, math.inf) if self.next_step == self.at else grad
+
+    def on_step(self, step, record):
+        self.next_step = step + 1
+
+
+def test_fp16_logs_the_unscaled_gradient_norm_of_the_fp32_run():
+    """With clipping, the norm logged in fp16 (scaled by 2^16 during backward) is the true one: that of the
+    fp32 run from the same weights within fp16 rounding (measured: ~1e-4 relative on step 1)."""
+    norms = {}
+    for precision in ("fp32", "fp16"):
+        cfg = quiet(lr=1e-3, max_steps=3, batch_size=4, clip_norm=0.1, precision=precision)
+        norms[precision] = []
+        train(tiny("tiny-gpt2"), CausalLM(), blocks(8), cfg,
+              on_step=lambda s, r, p=precision: norms[p].append(r["grad_norm"]))
+    assert min(norms["fp32"]) > 0.1  # clipping is active
+    assert norms["fp16"] == pytest.approx(norms["fp32"], rel=1e-2)
+
+
+def test_fp16_overflow_skips_the_step_and_halves_the_scale(tmp_path):
+    model = tiny("tiny-gpt2")
+    inject = InfGradientAt(model, at=2)
+    cfg = quiet(lr=1e-2, max_steps=3, batch_size=4, precision="fp16", save_every=1, keep_last=3,
+                run_dir=str(tmp_path))
+    train(model, CausalLM(), blocks(8), cfg, on_step=inject.on_step)
+    (w1, s1), (w2, s2), (w3, s3) = (load_checkpoint(p) for p in checkpoint_dirs(tmp_path))
+    assert s1["scaler"]["scale"] == 2.0**16 and s2["scaler"]["scale"] == 2.0**15 and s3["scaler"]["scale"] == 2.0**15
+    for name in w1:  # step 2 changed nothing: neither the weights nor Adam's moments and step count
+        assert torch.equal(w1[name], w2[name]), name
+    for before, after in zip(s1["optimizer"]["state"].values(), s2["optimizer"]["state"].values(), strict=True):
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not all(torch.equal(w2[name], w3[name]) for name in w2)  # step 3 ran
+
+
+def test_fp16_resume_restores_the_gradient_scaler_bit_identically(tmp_path):
+    """An overflow at step 2 halves the scale; a crash after step 4 resumes from the step-3 checkpoint. The
+    resumed run ends with the uninterrupted run's weights and scaler state (scale and growth tracker)."""
+    data = blocks(8)
+    cfg = dict(lr=1e-2, max_steps=6, batch_size=4, precision="fp16", save_every=3, keep_last=3)
+
+    ref = tiny("tiny-gpt2")
+    inject = InfGradientAt(ref, at=2)
+    train(ref, CausalLM(), data, quiet(run_dir=str(tmp_path / "ref"), **cfg), on_step=inject.on_step)
+
+    def crash(step, record):
+        inject.on_step(step, record)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    inject = InfGradientAt(tiny_model := tiny("tiny-gpt2"), at=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model, CausalLM(), data, quiet(run_dir=str(tmp_path / "run"), **cfg), on_step=crash)
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000003"
+    model = tiny("tiny-gpt2")
+    inject = InfGradientAt(model, at=2, next_step=4)
+    train(model, CausalLM(), data, quiet(run_dir=str(tmp_path / "run"), **cfg), resume=True,
+          on_step=inject.on_step)
+    (want_w, want), (got_w, got) = (load_checkpoint(latest_checkpoint(tmp_path / d)) for d in ("ref", "run"))
+    assert want["scaler"] == got["scaler"] and want["scaler"]["scale"] == 2.0**15
+    assert want["scaler"]["_growth_tracker"] == 4  # 4 good steps since the overflow
+    for name, value in want_w.items():
+        assert torch.equal(value, got_w[name]), name

@@ -20,8 +20,8 @@ from lmforge.io import hf
 from lmforge.io.hf import CheckpointError
 from lmforge.models import Decoder, Encoder, build_empty_model
 from lmforge.models.blocks import init_weights
-from lmforge.models.linear import BlockInt8Embedding, is_quantized
-from lmforge.models.linear import quantize as quantize_weights
+from lmforge.models.linear import install, is_quantized, quantize_state, targets
+from lmforge.models.linear import quantize as quantize_model
 from lmforge.registry import ALIASES, packaged_path
 
 __all__ = ["MODEL_NAMES", "CheckpointError", "build_loaded", "describe_checkpoint", "load_config",
@@ -72,18 +72,23 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def _read(path: Path, head: str | None, n_labels: int | None,
-          keep_quantized: bool = False) -> tuple[ModelConfig, dict[str, Tensor | nn.Module]]:
+          weights: str | None = None) -> tuple[ModelConfig, dict[str, Tensor | nn.Module]]:
+    """(config, state) of a source; `weights`: None (float), "int8" / "int4" (see `load_model`), or "gguf"
+    (the GGUF file's quantized blocks as they are)."""
     if path.suffix.lower() == ".gguf":
         if head not in (None, "lm") or n_labels is not None:
             raise ValueError(f"{path}: a GGUF decoder only has its language-model head; got head={head!r}, "
                              f"n_labels={n_labels!r}")
         from lmforge.io.gguf import load_gguf  # the gguf package is only needed for .gguf sources
 
-        return load_gguf(path, keep_quantized=keep_quantized)
-    if keep_quantized:
+        return load_gguf(path, weights=weights)
+    if weights == "gguf":
         raise ValueError(f"{path}: keep_quantized applies to GGUF files (their Q4_0/Q4_1/Q8_0 blocks); for a "
                          f"Hugging Face folder use quantize='int8' or 'int4'")
-    return hf.read_checkpoint(path, head=head, n_labels=n_labels)
+    config, state = hf.read_checkpoint(path, head=head, n_labels=n_labels)
+    if weights is not None:
+        quantize_state(state, targets(build_empty_model(config), weights), weights)
+    return config, state
 
 
 def load_model(source: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None,
@@ -95,14 +100,21 @@ def load_model(source: str | os.PathLike[str], *, dtype: torch.dtype | str | Non
         gives); otherwise every weight is cast to it. With quantized weights, the dtype of the activations.
     head / n_labels (encoders): replace the checkpoint's head, e.g. a BertModel body with a new classifier of
         n_labels outputs for fine-tuning; the new head's weights are freshly initialised.
-    quantize: "int8" or "int4": the linears' weights rounded to that format (`lmforge.models.linear.quantize`).
+    quantize: "int8" or "int4" (or "packed": oneDNN's layout): the weights of every linear in that format
+        (`lmforge.models.linear`), converted tensor by tensor while loading (for GGUF files, once, into the
+        cache), so the float model is never built.
     keep_quantized (GGUF only): Q4_0 / Q4_1 / Q8_0 weights stay in their blocks and are computed with as such.
     Raises ValueError (CheckpointError for file problems) naming the file, field or tensor at fault.
     """
+    if quantize is not None and keep_quantized:
+        raise ValueError("give quantize or keep_quantized, not both")
+    if quantize is not None:
+        targets(build_empty_model(ModelConfig()), quantize)  # an unknown format fails before any loading
     path = resolve_source(source)
-    config, state = _read(path, head, n_labels, keep_quantized)
+    weights = "gguf" if keep_quantized else None if quantize == "packed" else quantize
+    config, state = _read(path, head, n_labels, weights)
     model = build_loaded(config, state, dtype=dtype, device=device, where=str(path))
-    return model if quantize is None else quantize_weights(model, quantize)
+    return quantize_model(model, "packed") if quantize == "packed" else model  # packed for the final dtype
 
 
 def build_loaded(config: ModelConfig, state: dict[str, Tensor], *, dtype: torch.dtype | str | None = None,
@@ -154,12 +166,7 @@ def build_loaded(config: ModelConfig, state: dict[str, Tensor], *, dtype: torch.
         owner = name.removesuffix(".weight")
         if f"{owner}.bias" in state:
             module.bias = model.get_submodule(owner).bias.detach()
-        if owner == "embed_tokens":  # with tied embeddings one quantized table serves lookups and the head
-            model.embed_tokens = BlockInt8Embedding(module, dtype)
-            if config.tie_embeddings:
-                model.lm_head = module
-        else:
-            model.set_submodule(owner, module)
+        install(model, owner, module)
     if config.tie_embeddings and "embed_tokens.weight" not in modules:  # assign=True replaced one side only
         if config.arch == "decoder":
             model.lm_head.weight = model.embed_tokens.weight

@@ -35,13 +35,13 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
 from lmforge.io.hf import part_rows
 from lmforge.models import build_empty_model
-from lmforge.models.linear import QUANTIZED, BlockInt8Linear, Int4Linear
+from lmforge.models.linear import QUANTIZED, BlockInt8Linear, Int4Linear, quantize_state, targets
 from lmforge.registry import cache_root
 
 __all__ = ["CACHE_VERSION", "SUPPORTED_ARCHITECTURES", "cache_dir", "cache_file", "load_gguf", "read_gguf"]
@@ -72,34 +72,39 @@ def cache_dir() -> Path:
     return cache_root() / "gguf"
 
 
-def cache_file(path: str | os.PathLike[str], keep_quantized: bool = False) -> Path:
-    """The cache entry (a safetensors file) for the GGUF file at `path`, whether or not it exists yet."""
+def cache_file(path: str | os.PathLike[str], weights: str | None = None) -> Path:
+    """The cache entry (a safetensors file) for the GGUF file at `path` converted to `weights` (see
+    `load_gguf`), whether or not it exists yet."""
     source = Path(path).expanduser().resolve()
     digest = zlib.crc32(str(source).encode()) & 0xFFFFFFFF
-    kind = "-blocks" if keep_quantized else ""
+    kind = f"-{weights}" if weights else ""
     return cache_dir() / f"{_safe_stem(source.stem)}-{digest:08x}{kind}.safetensors"
 
 
 def load_gguf(path: str | os.PathLike[str], *, cache: bool = True,
-              keep_quantized: bool = False) -> tuple[ModelConfig, dict[str, Tensor | nn.Module]]:
+              weights: str | None = None) -> tuple[ModelConfig, dict[str, Tensor | nn.Module]]:
     """Read a GGUF checkpoint as (config, state dict in lmforge parameter names), through the cache.
 
-    Same result as `read_gguf`; with `cache=True` the converted tensors are read from (or written to) the
-    cache entry `cache_file(path, keep_quantized)`. A cache entry that is stale (the GGUF file's size or mtime
-    changed), from another cache format, or corrupt is rebuilt. A cache folder that cannot be written is
-    reported with a warning and the converted weights are returned anyway.
-    Raises the errors of `read_gguf`.
+    weights: None, float32 tensors (`read_gguf`); "gguf", the file's Q4_0 / Q4_1 / Q8_0 blocks kept
+    (`read_gguf(keep_quantized=True)`); "int8" / "int4", the linears' weights converted to those formats
+    (`lmforge.models.linear`). With `cache=True` the result is read from (or written to) the cache entry
+    `cache_file(path, weights)`. A cache entry that is stale (the GGUF file's size or mtime changed), from
+    another cache format, or corrupt is rebuilt. A cache folder that cannot be written is reported with a
+    warning and the converted weights are returned anyway.
+    Raises the errors of `read_gguf`, and ValueError for an unknown `weights`.
     """
     source = _check_path(path)
-    if not cache:
-        return read_gguf(source, keep_quantized=keep_quantized)
-    entry = cache_file(source, keep_quantized)
+    if weights not in (None, "gguf"):
+        targets(build_empty_model(ModelConfig()), weights)  # an unknown format fails before any work
+    entry = cache_file(source, weights)
     key = _cache_key(source)
-    cached = _read_cache(entry, key)
+    cached = _read_cache(entry, key) if cache else None
     if cached is not None:
         return cached
-    config, tensors = read_gguf(source, keep_quantized=keep_quantized)
-    if _cache_key(source) == key:  # the source did not change while it was being read
+    config, tensors = read_gguf(source, keep_quantized=weights == "gguf")
+    if weights not in (None, "gguf"):
+        quantize_state(tensors, targets(build_empty_model(config), weights), weights)
+    if cache and _cache_key(source) == key:  # the source did not change while it was being read
         _write_cache(entry, key, config, tensors)
     return config, tensors
 
@@ -409,6 +414,30 @@ def _checksum(tensors: dict[str, Tensor]) -> str:
     return f"{crc:08x}"
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file, each read straight into its own new (64-byte aligned) tensor: no
+    mapping of the file and no intermediate copy, so reading costs the tensors' size in memory and no more."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        header.pop("__metadata__", None)
+        tensors = {}
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            begin, end = info["data_offsets"]
+            t = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+            f.seek(8 + header_len + begin)
+            if end - begin != t.numel() * t.element_size() or f.readinto(t.view(-1).view(torch.uint8).numpy()) \
+                    != end - begin:
+                raise ValueError(f"tensor {name!r} is truncated or its size does not match its shape")
+            tensors[name] = t
+    return tensors
+
+
 def _flatten(state: dict[str, Tensor | nn.Module]) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Tensors only: a quantized module's buffers under "name::buffer", and its class per name."""
     tensors, modules = {}, {}
@@ -422,11 +451,13 @@ def _flatten(state: dict[str, Tensor | nn.Module]) -> tuple[dict[str, Tensor], d
 
 
 def _unflatten(tensors: dict[str, Tensor], modules: dict[str, str]) -> dict[str, Tensor | nn.Module]:
+    """The inverse of `_flatten`; consumes `tensors`, so that each buffer read is released once its module
+    holds it (the modules may copy misaligned ones)."""
     state: dict[str, Tensor | nn.Module] = {n: t for n, t in tensors.items() if "::" not in n}
     classes = {cls.__name__: cls for cls in QUANTIZED}
     for name, cls_name in modules.items():
-        buffers = {n.split("::", 1)[1]: t for n, t in tensors.items() if n.startswith(name + "::")}
-        state[name] = classes[cls_name](**buffers)
+        keys = [n for n in tensors if n.startswith(name + "::")]
+        state[name] = classes[cls_name](**{n.split("::", 1)[1]: tensors.pop(n) for n in keys})
     return state
 
 
@@ -439,7 +470,7 @@ def _read_cache(entry: Path, key: dict[str, str]) -> tuple[ModelConfig, dict[str
             meta = f.metadata() or {}
         if any(meta.get(k) != v for k, v in key.items()):
             return None  # stale (source changed) or older format: rebuilt quietly
-        tensors = load_file(entry)
+        tensors = _read_safetensors(entry)
         if _checksum(tensors) != meta.get("crc32"):
             raise ValueError("checksum mismatch")
         config = ModelConfig.from_dict(json.loads(meta["config"]))

@@ -13,8 +13,9 @@ Formats (N output features, K input features):
 - `Int4Linear`: 4-bit weights in groups of 32 along K with a scale and an offset per group,
   w = (q - 8) * scale + zero, i.e. exactly GGUF's Q4_0 (zero = 0) and Q4_1 (zero = min + 8 * scale) blocks;
   `torch.ops.aten._weight_int4pack_mm_for_cpu` in bfloat16.
-- `BlockInt8Linear` / `BlockInt8Embedding`: int8 weights with one scale per block of 32 along K, i.e. GGUF's
-  Q8_0; products dequantize a band of rows at a time, lookups dequantize the rows looked up.
+- `BlockInt8Linear`: int8 weights with one scale per block of 32 along K, i.e. GGUF's Q8_0; products
+  dequantize a band of rows at a time.
+- `RowEmbedding`: token embeddings read from an int8 / Q8_0 table (dequantizing only the rows looked up).
 Quantized modules hold buffers, not parameters: they are for inference, not training.
 """
 
@@ -24,14 +25,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BlockInt8Embedding", "BlockInt8Linear", "Int4Linear", "Int8Embedding", "Int8Linear", "PackedLinear",
-           "QUANTIZED", "is_quantized", "quantize"]
+__all__ = ["BlockInt8Linear", "Int4Linear", "Int8Linear", "PackedLinear", "QUANTIZED", "RowEmbedding", "convert",
+           "install", "is_quantized", "quantize", "quantize_state", "targets"]
 
 GROUP = 32  # elements per quantization block along K (GGUF's QK4_0 / QK4_1 / QK8_0)
+MATVEC_ROWS = 16  # up to this many rows (decode steps) int8 products read the int8 weight directly
 
 
 def _flat(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
+
+
+def _aligned(t: Tensor | None) -> Tensor | None:
+    """`t`, or a copy of it starting on a 64-byte boundary: torch's int8 / int4 CPU kernels read their weights
+    with aligned vector loads and crash on others (e.g. tensors mapped from a safetensors file)."""
+    return t if t is None or t.data_ptr() % 64 == 0 else t.clone()
 
 
 class PackedLinear(nn.Module):
@@ -63,40 +71,45 @@ class Int8Linear(nn.Module):
     def __init__(self, weight: Tensor, scales: Tensor, bias: Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.register_buffer("weight", weight)  # (N, K) int8
-        self.register_buffer("scales", scales)  # (N,) in the activations' dtype
+        self.register_buffer("weight", _aligned(weight))  # (N, K) int8
+        self.register_buffer("scales", _aligned(scales))  # (N,) in the activations' dtype
         self.register_buffer("bias", bias)
 
     @classmethod
     def from_float(cls, weight: Tensor, bias: Tensor | None = None) -> Int8Linear:
-        """Round each row of a float weight (N, K) to int8 steps of max|row| / 127."""
-        w = weight.detach().float()
-        scales = (w.abs().amax(dim=1).clamp(min=1e-12) / 127.0).to(weight.dtype)  # (N,), as the kernel reads them
-        q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(q, scales, None if bias is None else bias.detach())
+        """Round each row of a float weight (N, K) to int8 steps of max|row| / 127.
 
-    def dequantize(self) -> Tensor:
-        return self.weight.to(self.scales.dtype) * self.scales[:, None]
+        The scales are rounded to bfloat16 precision first (and the steps taken with the rounded scales), so
+        that casting the model to float32, bfloat16 or float16 keeps them exact."""
+        w = weight.detach().float()
+        scales = (w.abs().amax(dim=1).clamp(min=1e-12) / 127.0).to(torch.bfloat16).float()  # (N,)
+        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(q, scales.to(weight.dtype), None if bias is None else bias.detach())
+
+    def rows(self, index: Tensor) -> Tensor:
+        """Dequantized rows (..., K) of the weight, in the scales' dtype."""
+        return F.embedding(index, self.weight).to(self.scales.dtype) * self.scales[index, None]
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and x.dtype == self.scales.dtype:
-            y = torch.ops.aten._weight_int8pack_mm(_flat(x), self.weight, self.scales)
-        else:
-            y = F.linear(_flat(x), self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        flat = _flat(x)
+        if x.device.type == "cpu" and x.dtype == self.scales.dtype and flat.shape[0] <= MATVEC_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
+        else:  # many rows (a prompt): compute-bound, so a transient float copy of this one weight is cheap
+            y = F.linear(flat, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 
-class Int8Embedding(nn.Module):
-    """Token embeddings that read the rows of an `Int8Linear` head (tied weights: one int8 copy for both)."""
+class RowEmbedding(nn.Module):
+    """Token embeddings read from the rows of a quantized table (`Int8Linear` or `BlockInt8Linear`); with tied
+    weights the same table module is also the model's `lm_head`: one quantized copy for lookups and products."""
 
-    def __init__(self, head: Int8Linear):
+    def __init__(self, table: Int8Linear | BlockInt8Linear):
         super().__init__()
-        self.head = [head]  # a plain list: the head is the model's own module, not a child of this one
+        self.table = table
 
     def forward(self, ids: Tensor) -> Tensor:
-        head = self.head[0]
-        return F.embedding(ids, head.weight).to(head.scales.dtype) * head.scales[ids, None]
+        return self.table.rows(ids)
 
 
 class Int4Linear(nn.Module):
@@ -110,8 +123,8 @@ class Int4Linear(nn.Module):
     def __init__(self, weight: Tensor, scales_and_zeros: Tensor, bias: Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1] * 2, weight.shape[0]
-        self.register_buffer("weight", weight)
-        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.register_buffer("weight", _aligned(weight))
+        self.register_buffer("scales_and_zeros", _aligned(scales_and_zeros))
         self.register_buffer("bias", bias)
 
     @classmethod
@@ -160,8 +173,9 @@ class BlockInt8Linear(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("bias", bias)
 
-    def rows(self, index: Tensor | slice, dtype: torch.dtype) -> Tensor:
-        """Dequantized rows (..., K) of the weight."""
+    def rows(self, index: Tensor | slice, dtype: torch.dtype | None = None) -> Tensor:
+        """Dequantized rows (..., K) of the weight, in `dtype` (default: the scales' dtype)."""
+        dtype = dtype or self.scales.dtype
         q, s = self.weight[index], self.scales[index]
         return (q.view(*q.shape[:-1], -1, GROUP).to(dtype) * s[..., None].to(dtype)).flatten(-2)
 
@@ -173,18 +187,6 @@ class BlockInt8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class BlockInt8Embedding(nn.Module):
-    """Token embeddings from the rows of a `BlockInt8Linear` (tied head and embeddings share it)."""
-
-    def __init__(self, table: BlockInt8Linear, dtype: torch.dtype):
-        super().__init__()
-        self.table = [table]  # not a child: with tied weights the head owns it
-        self.dtype = dtype
-
-    def forward(self, ids: Tensor) -> Tensor:
-        return self.table[0].rows(ids, self.dtype)
-
-
 QUANTIZED = (Int8Linear, Int4Linear, BlockInt8Linear, PackedLinear)
 _FORMATS = {"int8": Int8Linear, "int4": Int4Linear, "packed": PackedLinear}
 
@@ -194,24 +196,45 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, QUANTIZED) for m in model.modules())
 
 
-def quantize(model: nn.Module, kind: str) -> nn.Module:
-    """Replace every `nn.Linear` of `model` by the `kind` format ("int8", "int4" or "packed"), in place;
-    returns `model`.
-
-    With tied embeddings (`config.tie_embeddings`), int8 makes the token embedding read the head's int8 rows
-    (one copy for both); int4 and packed leave the tied head as it is (their rows cannot be looked up, and a
-    second copy is never made). Raises ValueError for an unknown kind.
-    """
+def targets(model: nn.Module, kind: str) -> list[str]:
+    """Names of the modules whose weight the `kind` format replaces: every `nn.Linear`; with tied embeddings
+    and int8 the token embedding too, whose int8 table then also serves as the head (int4 and packed rows
+    cannot be looked up, so they leave a tied head in float rather than make a second copy)."""
     if kind not in _FORMATS:
         raise ValueError(f"unknown weight format {kind!r}; expected one of {', '.join(_FORMATS)}")
-    cls = _FORMATS[kind]
     tied = getattr(getattr(model, "config", None), "tie_embeddings", False) and hasattr(model, "lm_head")
-    names = [name for name, m in model.named_modules()
-             if type(m) is nn.Linear and not (tied and kind != "int8" and name == "lm_head")]
+    names = [name for name, m in model.named_modules() if type(m) is nn.Linear and not (tied and name == "lm_head")]
+    return names + ["embed_tokens"] if tied and kind == "int8" else names
+
+
+def convert(weight: Tensor, kind: str, bias: Tensor | None = None) -> nn.Module:
+    """The `kind` module ("int8", "int4", "packed") holding `weight` (N, K) in that format."""
+    return _FORMATS[kind].from_float(weight, bias)
+
+
+def install(model: nn.Module, owner: str, module: nn.Module) -> None:
+    """Put `module` in place of the linear `owner`; for "embed_tokens", make the token embedding read its rows
+    and, with tied embeddings, make it the head as well."""
+    if owner == "embed_tokens":
+        model.embed_tokens = RowEmbedding(module)
+        if model.config.tie_embeddings:
+            model.lm_head = module
+    else:
+        model.set_submodule(owner, module)
+
+
+def quantize_state(state: dict[str, Tensor | nn.Module], owners: list[str], kind: str) -> None:
+    """Convert the weights of `owners` (from `targets`) in a state dict to `kind` modules, in place, dropping
+    each float weight as it is converted; their biases stay float tensors in the state."""
+    for owner in owners:
+        state[f"{owner}.weight"] = convert(state.pop(f"{owner}.weight"), kind)
+
+
+def quantize(model: nn.Module, kind: str) -> nn.Module:
+    """Replace the weights of `targets(model, kind)` by the `kind` format ("int8", "int4" or "packed"), in
+    place, one module at a time; returns `model`. Raises ValueError for an unknown kind."""
     with torch.no_grad():
-        for name in names:
-            linear = model.get_submodule(name)
-            model.set_submodule(name, cls.from_float(linear.weight, linear.bias))
-        if tied and kind == "int8":
-            model.embed_tokens = Int8Embedding(model.lm_head)
+        for name in targets(model, kind):
+            old = model.get_submodule(name)
+            install(model, name, convert(old.weight, kind, getattr(old, "bias", None)))
     return model
