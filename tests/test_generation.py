@@ -227,6 +227,61 @@ def test_cache_is_explicit_and_reusable():
         Decoder(ModelConfig.from_name("tiny-gpt2")).setup_cache(1, 65)
 
 
+def test_per_row_slots_equal_each_row_alone(tiny_pair):
+    """Rows at different positions (input_pos (B, T), as a continuously batched server decodes them) give
+    each row's logits of decoding it alone: rows prefilled one by one into chosen cache rows (`cache_rows`)
+    while others are mid-decode, a finished row's cache moved onto another row (`copy_cache_row`)."""
+    model = tiny_pair[1]
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 128, (n,), generator=g) for n in (5, 2, 7)]
+    steps = torch.randint(3, 128, (3, 4), generator=g)  # the tokens fed back, per row
+
+    def alone(i: int) -> torch.Tensor:
+        model.setup_cache(1, 16)
+        P = len(prompts[i])
+        out = [model(prompts[i][None], input_pos=torch.arange(P)).logits[0, -1]]
+        for n in range(steps.shape[1]):
+            out.append(model(steps[i, n].view(1, 1), input_pos=torch.tensor([P + n])).logits[0, -1])
+        return torch.stack(out)  # (1 + steps, V)
+
+    with torch.inference_mode():  # as generation runs (the caches other tests left are inference tensors)
+        expected = [alone(i) for i in range(3)]
+        model.setup_cache(5, 16)
+        got: list[list[torch.Tensor]] = [[], [], []]
+        pos = torch.zeros(3, dtype=torch.long)
+        fed = [0, 0, 0]
+
+        def join(i: int) -> None:  # row i lives in cache row i + 1
+            P = len(prompts[i])
+            logits = model(prompts[i][None], input_pos=torch.arange(P), cache_rows=slice(i + 1, i + 2)).logits
+            got[i].append(logits[0, -1])
+            pos[i] = P
+
+        def step(rows: list[int]) -> None:  # one forward over cache rows rows[0] + 1 ... (contiguous)
+            token = torch.stack([steps[i, fed[i]] for i in rows])[:, None]  # (b, 1)
+            logits = model(token, input_pos=pos[rows][:, None], cache_rows=slice(rows[0] + 1, rows[-1] + 2)).logits
+            for j, i in enumerate(rows):
+                got[i].append(logits[j, -1])
+                pos[i] += 1
+                fed[i] += 1
+
+        join(0)
+        step([0])
+        join(1)
+        step([0, 1])
+        join(2)
+        step([0, 1, 2])
+        step([0, 1, 2])
+        step([1, 2])
+        model.copy_cache_row(3, 0)  # row 2 moves to cache row 0 (no longer contiguous with row 1: step it alone)
+        token = steps[2, fed[2]].view(1, 1)
+        got[2].append(model(token, input_pos=pos[2].view(1, 1), cache_rows=slice(0, 1)).logits[0, -1])
+        fed[2] += 1
+        assert fed == [4, 4, 4]
+    for i in range(3):
+        torch.testing.assert_close(torch.stack(got[i]), expected[i], rtol=1e-5, atol=1e-5)
+
+
 # --- the real model: SmolLM2-135M, against transformers loading the same GGUF -------------------------------
 
 @pytest.fixture(scope="module")

@@ -176,6 +176,42 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- serving (lmforge.serve): serve ------------------------------------------------------------------------------
+
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", required=True, metavar="M",
+                   help="HF folder, .gguf file or packaged name; repeatable (decoders generate, encoders embed); "
+                        "clients name it exactly so in the 'model' field")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "int8", "int4", "auto"], default="auto",
+                   help="weights, as for generate (auto: bfloat16 where the CPU or GPU has it, else float32)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (cache rows)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; then 429")
+    p.add_argument("--context", type=int, help="cache slots per sequence, prompt + max_tokens (default: the "
+                                               "model's context, at most 2048)")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds that requests in flight get to finish on SIGINT/SIGTERM")
+
+
+@command("serve", "Serve models over an OpenAI-compatible HTTP API (continuous batching).", _serve_arguments)
+def _serve(args: argparse.Namespace) -> int:
+    from lmforge.generation import preferred_dtype
+    from lmforge.serve import serve
+
+    if args.max_batch < 1 or args.max_queue < 0 or not 0 < args.port < 65536:
+        raise ValueError(f"--max-batch must be >= 1, --max-queue >= 0 and --port in 1..65535, got "
+                         f"{args.max_batch}, {args.max_queue} and {args.port}")
+    quantize = args.dtype if args.dtype in ("int8", "int4") else None
+    dtype = preferred_dtype() if args.dtype == "auto" or quantize else args.dtype
+    serve(args.model, host=args.host, port=args.port, dtype=dtype, quantize=quantize, api_key=args.api_key,
+          max_batch=args.max_batch, max_queue=args.max_queue, context=args.context,
+          shutdown_timeout=args.shutdown_timeout)
+    return 0
+
+
 # --- training (lmforge.training, lmforge.distill): train, finetune, evaluate, distill, plot ------------------------
 
 

@@ -89,21 +89,34 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
-        """Write k, v (b, Hkv, T, D) at slots input_pos (T,) of rows [0, b); return keys and values of slots
-        [0, kv_len) of those rows (b, Hkv, kv_len, D)."""
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int,
+               rows: slice | None = None) -> tuple[Tensor, Tensor]:
+        """Write k, v (b, Hkv, T, D) at slots input_pos of cache rows `rows` (default [0, b)); return keys and
+        values of slots [0, kv_len) of those rows (b, Hkv, kv_len, D).
+
+        input_pos: (T,) slots shared by every row, or (b, T) slots per row (rows at different positions, as a
+        continuously batched server decodes them).
+        """
         b = k.shape[0]
-        self.k[:b].index_copy_(2, input_pos, k)
-        self.v[:b].index_copy_(2, input_pos, v)
-        return self.k[:b, :, :kv_len], self.v[:b, :, :kv_len]
+        ck, cv = (self.k[:b], self.v[:b]) if rows is None else (self.k[rows], self.v[rows])  # views
+        if ck.shape[0] != b:
+            raise ValueError(f"cache rows {rows} hold {ck.shape[0]} rows, the input has {b}")
+        if input_pos.dim() == 1:
+            ck.index_copy_(2, input_pos, k)
+            cv.index_copy_(2, input_pos, v)
+        else:
+            r = torch.arange(b, device=k.device)[:, None]  # (b, 1) with input_pos (b, T): one slot per token
+            ck[r, :, input_pos] = k.transpose(1, 2)  # advanced indices first: (b, T, Hkv, D)
+            cv[r, :, input_pos] = v.transpose(1, 2)
+        return ck[:, :, :kv_len], cv[:, :, :kv_len]
 
 
 class Attention(nn.Module):
     """Multi-head / grouped-query attention through torch SDPA, with q, k and v as one fused projection.
 
     `qkv.weight` is (H*D + 2*Hkv*D, C): the query rows, then the key rows, then the value rows. With a
-    `kv_cache` and `input_pos`, the new keys and values are written into the cache and attention reads the
-    first `kv_len` slots.
+    `kv_cache` and `input_pos`, the new keys and values are written into the cache (rows `cache_rows`, default
+    the first B) and attention reads the first `kv_len` slots.
     """
 
     def __init__(self, config: ModelConfig):
@@ -115,7 +128,8 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool, rotary: tuple[Tensor, Tensor] | None,
-                input_pos: Tensor | None = None, kv_len: int | None = None) -> Tensor:
+                input_pos: Tensor | None = None, kv_len: int | None = None,
+                cache_rows: slice | None = None) -> Tensor:
         B, T, _ = x.shape
         cfg = self.config
         H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
@@ -128,7 +142,7 @@ class Attention(nn.Module):
         if input_pos is not None:
             if self.kv_cache is None:
                 raise ValueError("input_pos was given but the model has no KV cache; call setup_cache first")
-            k, v = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, Hkv, S, D)
+            k, v = self.kv_cache.update(input_pos, k, v, kv_len, cache_rows)  # (B, Hkv, S, D)
         p = cfg.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal,
                                            enable_gqa=Hkv != H)  # (B, H, T, D)
@@ -167,11 +181,13 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool, rotary: tuple[Tensor, Tensor] | None,
-                input_pos: Tensor | None = None, kv_len: int | None = None) -> Tensor:
+                input_pos: Tensor | None = None, kv_len: int | None = None,
+                cache_rows: slice | None = None) -> Tensor:
         if self.pre_norm:
-            x = x + self.dropout(self.attn(self.attn_norm(x), mask, is_causal, rotary, input_pos, kv_len))
+            x = x + self.dropout(self.attn(self.attn_norm(x), mask, is_causal, rotary, input_pos, kv_len,
+                                           cache_rows))
             return x + self.dropout(self.mlp(self.mlp_norm(x)))
-        x = self.attn_norm(x + self.dropout(self.attn(x, mask, is_causal, rotary, input_pos, kv_len)))
+        x = self.attn_norm(x + self.dropout(self.attn(x, mask, is_causal, rotary, input_pos, kv_len, cache_rows)))
         return self.mlp_norm(x + self.dropout(self.mlp(x)))
 
 

@@ -74,6 +74,14 @@ class Decoder(nn.Module):
             cache.k.copy_(cache.k.index_select(0, index))
             cache.v.copy_(cache.v.index_select(0, index))
 
+    def copy_cache_row(self, src: int, dst: int) -> None:
+        """Cache row `dst` becomes a copy of row `src` in every layer (a finished row's place taken by another
+        one, or one prompt's prefill shared by several sequences)."""
+        for layer in self.layers:
+            cache = layer.attn.kv_cache
+            cache.k[dst].copy_(cache.k[src])
+            cache.v[dst].copy_(cache.v[src])
+
     @property
     def cache_shape(self) -> tuple[int, int] | None:
         """(batch_size, max_len) of the current cache, None without one."""
@@ -82,17 +90,19 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 input_pos: Tensor | None = None, output_hidden_states: bool = False,
-                last_logits_only: bool = False) -> ModelOutput:
+                last_logits_only: bool = False, cache_rows: slice | None = None) -> ModelOutput:
         """Next-token logits (B, T, vocab) for input_ids (B, T): training, prompt prefill and one-token decode.
 
         input_pos: None for a plain forward over the whole sequence (no cache). Else a LongTensor (T,) of the
             cache slots the T new tokens occupy (`setup_cache` first): their keys and values are written there
-            and the queries attend to the cached slots before them.
+            and the queries attend to the cached slots before them. Or a LongTensor (B, T): slots per row, for
+            rows at different positions (each row attends to its own slots up to its query's).
         attention_mask: (B, S) with 1 for real tokens and 0 for padding, over every key slot the queries may see:
             S = T without a cache; with one, the first S slots of the cache (S > input_pos[-1]; slots after a
             query's own are masked as causal). Without it, a cached forward reads slots [0, input_pos[-1] + 1).
         position_ids: (B, T) positions for the position embeddings / rotary; default input_pos (or 0..T-1).
         last_logits_only: logits (B, 1, vocab) of the last position only (all a generation prefill needs).
+        cache_rows: the cache rows the B input rows use (a slice of B rows; default the first B).
         Raises ValueError for ids outside the vocabulary or positions beyond the model's context.
         """
         cfg = self.config
@@ -103,7 +113,7 @@ class Decoder(nn.Module):
             kv_len = T
             slots = torch.arange(T, device=input_ids.device)
         else:
-            kv_len = attention_mask.shape[-1] if attention_mask is not None else int(input_pos[-1]) + 1
+            kv_len = attention_mask.shape[-1] if attention_mask is not None else int(input_pos[..., -1].max()) + 1
             slots = input_pos
         if position_ids is None:
             position_ids = slots.expand(B, T)
@@ -121,7 +131,7 @@ class Decoder(nn.Module):
 
         hidden = [x] if output_hidden_states else None
         for layer in self.layers:
-            x = layer(x, mask, is_causal, rotary, input_pos, kv_len)
+            x = layer(x, mask, is_causal, rotary, input_pos, kv_len, cache_rows)
             if hidden is not None:
                 hidden.append(x)
         x = self.norm(x)
@@ -139,24 +149,24 @@ class Decoder(nn.Module):
 
 def padding_causal_mask(attention_mask: Tensor | None, q_pos: Tensor, S: int,
                         device: torch.device) -> tuple[Tensor | None, bool]:
-    """The SDPA mask for queries at slots q_pos (T,) over key slots [0, S).
+    """The SDPA mask for queries at slots q_pos (T,), or per row (B, T), over key slots [0, S).
 
     Returns (mask, is_causal): no mask and is_causal=True for a plain causal forward (q_pos = 0..S-1), no
     mask at all for one new token without padding, else a boolean (B or 1, 1, T, S) mask: causal, and padded
     keys hidden. A query always sees itself, so padded rows never attend to nothing (which would make NaNs
     that leak through the cache).
     """
-    T = q_pos.shape[0]
-    if attention_mask is None:
+    T = q_pos.shape[-1]
+    if attention_mask is None and q_pos.dim() == 1:
         if T == S:
             return None, T > 1
         if T == 1:
             return None, False
-    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
-    q = q_pos[:, None]  # (T, 1)
-    mask = (k_pos <= q)[None, None]  # (1, 1, T, S)
+    k_pos = torch.arange(S, device=device)  # (S,)
+    q = q_pos.view(-1, T)[:, None, :, None]  # (1 or B, 1, T, 1)
+    mask = k_pos <= q  # (1 or B, 1, T, S)
     if attention_mask is not None:
         if attention_mask.shape[-1] != S:
             raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {S}")
-        mask = (mask & attention_mask[:, None, None, :].bool()) | (k_pos == q)[None, None]
+        mask = (mask & attention_mask[:, None, None, :].bool()) | (k_pos == q)
     return mask, False
