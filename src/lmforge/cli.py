@@ -12,6 +12,57 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from lmforge.training import TrainConfig
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `lmforge COMMAND: error: ...` and exit code 2, no usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def writable_folder(path: str | Path, option: str) -> Path:
+    """Check, before any expensive work, that `path` is a folder that files can be written in, or a path that
+    can be created as one (its nearest existing ancestor is a writable folder). Creates nothing.
+
+    Raises ValueError naming the option, the path and the problem.
+    """
+    import tempfile
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {str(path)!r} exists and is not a folder")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{option} {str(path)!r} cannot be created: {str(existing)!r} is a file")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as err:
+        raise ValueError(f"{option} {str(path)!r} is not writable: a file cannot be created in "
+                         f"{str(existing)!r} ({err.strerror or err})") from None
+    return path
+
+
+def checked_device(text: str) -> str:
+    """A --device value that torch knows and this machine has (cpu, cuda, cuda:N), else ValueError."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device {text!r} is not a device; expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {text}: no such CUDA device here ({torch.cuda.device_count()} available)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {text!r}: lmforge runs on cpu or cuda")
+    return text
+
+
+def error_message(err: BaseException) -> str:
+    """One line for a command's error: OS errors as 'PATH: problem', others as their message."""
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.filename}: {err.strerror or err}"
+    return " ".join(str(err).split("\n"))
+
+
 # Each command: (help, add_arguments(parser), run(args) -> exit code). Sections below are grouped by library module.
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {}
@@ -81,6 +132,7 @@ def _convert(args: argparse.Namespace) -> int:
     from lmforge.tokenizer import Tokenizer
 
     src = resolve_source(args.src)
+    writable_folder(args.dst, "destination")
     model = load_model(src, dtype=args.dtype)
     files = save_model(model, args.dst, max_shard_size=args.max_shard_size)
     try:
@@ -105,15 +157,17 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="HF folder, .gguf file or packaged name (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "int8", "int4", "auto"], default="auto",
                    help="weights: float32, bfloat16, or int8 / int4 (weight-only quantization, activations in "
-                        "bfloat16 where the CPU has it); auto: bfloat16 on CUDA and on CPUs with native bf16, "
-                        "else float32")
+                        "bfloat16 where the CPU has it); auto (default): float32 on CPU, bfloat16 on CUDA "
+                        "(see benchmarks/dtype_perplexity.py)")
     p.add_argument("--keep-quantized", action="store_true",
                    help="GGUF files: compute with the file's Q4_0 / Q4_1 / Q8_0 blocks as they are (CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
-    p.add_argument("--max-length", type=int, help="prompt + new tokens, as in transformers (default 20)")
-    p.add_argument("--max-new-tokens", type=int, help="new tokens (instead of --max-length)")
+    p.add_argument("--max-length", type=int, help="prompt + new tokens, as in transformers")
+    p.add_argument("--max-new-tokens", type=int, help="new tokens (instead of --max-length; default: "
+                   "128, or what the model's context leaves)")
     p.add_argument("--min-new-tokens", type=int, help="no end-of-sequence before this many new tokens")
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam decoding")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam decoding (implied by "
+                   "--temperature, --top-k, --top-p and --min-p; --temperature 0 means greedy)")
     p.add_argument("--temperature", type=float, help="sampling temperature (0 means greedy; default 1)")
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default 50, 0 = off)")
     p.add_argument("--top-p", type=float, help="nucleus sampling: smallest set reaching this probability")
@@ -126,22 +180,31 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop when this text appears (repeatable)")
     p.add_argument("--seed", type=int, help="random seed for sampling (same seed, same output)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
-    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated: the same tokens as "
+                   "without --stream (one prompt's sequences in turn; not with --num-beams)")
+    p.add_argument("--json", action="store_true", help="print one JSON object: model, dtype and a list of "
+                   "{prompt_index, sequence, prompt, text}")
 
 
 @command("generate", "Generate text from prompts with a causal language model.", _generate_arguments)
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from lmforge.generation import generate, preferred_dtype, stream
+    from lmforge.generation import generate, preferred_dtype, stream_rows
     from lmforge.io import load_model
     from lmforge.tokenizer import Tokenizer
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else \
+        checked_device(args.device)
     quantize = args.dtype if args.dtype in ("int8", "int4") else None
     if args.keep_quantized and quantize:
         raise ValueError("--keep-quantized computes with the GGUF file's own blocks; it cannot be combined with "
                          f"--dtype {args.dtype}")
+    if args.stream and args.json:
+        raise ValueError("--json prints whole results; it cannot be combined with --stream")
+    if args.stream and (args.num_beams or 1) > 1:
+        raise ValueError("--stream cannot be combined with --num-beams (beam search's best hypothesis changes "
+                         "until the end)")
     dtype = preferred_dtype(device) if args.dtype == "auto" or quantize else args.dtype
     model = load_model(args.model, dtype=dtype, device=device, quantize=quantize,
                        keep_quantized=args.keep_quantized)
@@ -150,26 +213,58 @@ def _generate(args: argparse.Namespace) -> int:
              "repetition_penalty", "no_repeat_ngram_size", "num_beams", "num_return_sequences",
              "stop_strings")
     kwargs = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    kwargs["do_sample"] = args.do_sample
+    # A sampling option means sampling: never silently ignored (temperature 0 still means greedy).
+    kwargs["do_sample"] = args.do_sample or any(name in kwargs for name in ("temperature", "top_k", "top_p",
+                                                                            "min_p"))
     if args.seed is not None:
         kwargs["generator"] = torch.Generator(device=device).manual_seed(args.seed)
-    shown = (lambda prompt, text: text) if args.chat else (lambda prompt, text: prompt + text)
-    if not args.stream:
-        texts = generate(model, tokenizer, args.prompts, chat=args.chat, **kwargs)
-        per_prompt = len(texts) // len(args.prompts)
-        for i, text in enumerate(texts):
-            print(f"Generated {i + 1}: {shown(args.prompts[i // per_prompt], text)}")
+    n = kwargs.get("num_return_sequences", 1)
+
+    def label(row: int) -> str:
+        return f"Generated {row % n}" + (f" (prompt {row // n})" if len(args.prompts) > 1 else "") + ": "
+
+    def shown(row: int, text: str) -> str:
+        return text if args.chat else args.prompts[row // n] + text
+
+    if args.stream:
+        pieces = stream_rows(model, tokenizer, args.prompts, chat=args.chat, **kwargs)
+        _print_streamed(pieces, len(args.prompts) * n, lambda row: label(row) + shown(row, ""))
         return 0
-    n = kwargs.pop("num_return_sequences", 1)
-    i = 0
-    for prompt in args.prompts:
-        for _ in range(n):
-            i += 1
-            print(f"Generated {i}: {shown(prompt, '')}", end="", flush=True)
-            for piece in stream(model, tokenizer, prompt, chat=args.chat, **kwargs):
-                print(piece, end="", flush=True)
-            print()
+    texts = generate(model, tokenizer, args.prompts, chat=args.chat, **kwargs)
+    if args.json:
+        print(json.dumps({"model": args.model, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                          "outputs": [{"prompt_index": row // n, "sequence": row % n,
+                                       "prompt": args.prompts[row // n], "text": text}
+                                      for row, text in enumerate(texts)]}, ensure_ascii=False))
+        return 0
+    for row, text in enumerate(texts):
+        print(label(row) + shown(row, text))
     return 0
+
+
+def _print_streamed(pieces, rows: int, start: Callable[[int], str]) -> None:
+    """Print the `rows` rows of `stream_rows` in order, one line each beginning with `start(row)`: the current
+    row live, later rows' pieces held until it ends (rows decode together, so the random draws are those of
+    the call without streaming)."""
+    held: dict[int, list[str]] = {row: [] for row in range(rows)}
+    ended: set[int] = set()
+    current = 0
+    print(start(0), end="", flush=True)
+    for piece in pieces:
+        if piece.row != current:
+            held[piece.row].append(piece.text)
+            ended.update([piece.row] if piece.last else [])
+            continue
+        print(piece.text, end="", flush=True)
+        if not piece.last:
+            continue
+        ended.add(current)
+        while current in ended:
+            print()
+            current += 1
+            if current == rows:
+                return
+            print(start(current) + "".join(held.pop(current)), end="", flush=True)
 
 
 # --- training (lmforge.training, lmforge.distill): train, finetune, evaluate, distill, plot ------------------------
@@ -205,6 +300,8 @@ def loop_config(args: argparse.Namespace) -> TrainConfig:
 
     if args.resume and not Path(args.run_dir).is_dir():
         raise FileNotFoundError(f"--resume: run directory {args.run_dir!r} does not exist")
+    writable_folder(args.run_dir, "--run-dir")
+    checked_device(args.device)
     return TrainConfig(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                        max_steps=args.steps, schedule=args.schedule, batch_size=args.batch_size,
                        grad_accum=args.grad_accum, clip_norm=args.clip_norm or None, precision=args.precision,
@@ -434,7 +531,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from lmforge.tokenizer import Tokenizer
     from lmforge.training import evaluate
 
-    model = load_model(args.model, dtype="float32", device=args.device)
+    model = load_model(args.model, dtype="float32", device=checked_device(args.device))
     cfg = model.config
     objective = _fitting_objective(cfg, args.objective, "this model")
     tokenizer = Tokenizer.for_model(args.model)
@@ -469,6 +566,10 @@ def _plot_arguments(p: argparse.ArgumentParser) -> None:
 def _plot(args: argparse.Namespace) -> int:
     from lmforge.training import plot_run
 
+    if args.out is not None:
+        if Path(args.out).suffix.lower() != ".png":
+            raise ValueError(f"--out {args.out!r}: expected a .png path")
+        writable_folder(Path(args.out).parent, "--out folder")
     print(plot_run(args.run_dir, args.out))
     return 0
 
@@ -559,15 +660,18 @@ def _distill(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lmforge", description=__doc__)
+    from importlib.metadata import version
+
+    parser = _Parser(prog="lmforge", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"lmforge {version('lmforge')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_arguments, _) in COMMANDS.items():
         add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command][2](args)
-    except (ValueError, FileNotFoundError, TypeError, KeyError) as err:
-        print(f"lmforge {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError, TypeError, KeyError) as err:
+        print(f"lmforge {args.command}: error: {error_message(err)}", file=sys.stderr)
         return 2
 
 
