@@ -140,3 +140,53 @@ def test_python_m_lmforge_and_version(places):
                           places["corpus"], "--run-dir", str(Path(places["file"]) / "run")],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+
+
+def test_train_from_scratch_by_size_export_mid_run(cli_fixtures, run_cli, tmp_path):
+    """A GPT-2-shape model sized by options only, trained from scratch through the CLI; its mid-run checkpoint
+    is exported as an HF folder that transformers loads with the same logits, and every command reads it."""
+    import json
+
+    import torch
+    import transformers
+
+    from lmforge.io import load_model
+
+    run = tmp_path / "run"
+    code, out, err = run_cli("train", "--model", "distilgpt2", "--from-scratch", "--n-layer", 2, "--n-head", 2,
+                             "--d-model", 32, "--d-ff", 64, "--context", 32, "--data", cli_fixtures / "corpus",
+                             "--run-dir", run, "--steps", 4, "--save-every", 2, "--keep-last", 3, "--batch-size",
+                             2, "--block-size", 16)
+    assert code == 0, err
+    step2 = run / "checkpoints" / "step_00000002"
+    model = load_model(step2)
+    cfg = model.config
+    assert (cfg.family, cfg.n_layer, cfg.n_head, cfg.d_model, cfg.d_ff, cfg.max_seq_len, cfg.vocab_size) == \
+        ("gpt2", 2, 2, 32, 64, 32, 50257)
+    final = load_model(run / "model")
+    assert not torch.equal(model.lm_head.weight, final.lm_head.weight)  # step 2 is not the end of the run
+    code, out, err = run_cli("export", step2, tmp_path / "hf")
+    assert code == 0, err
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-4)
+    code, out, _ = run_cli("info", step2)
+    assert code == 0 and "lmforge-training-checkpoint" in out
+    code, out, _ = run_cli("evaluate", "--model", step2, "--data", cli_fixtures / "corpus", "--block-size", 16)
+    assert code == 0 and json.loads(out)["tokens"] > 0
+    code, out, _ = run_cli("generate", "the cat", "--model", step2, "--max-new-tokens", 3)
+    assert code == 0 and out.startswith("Generated 0: the cat")
+
+
+def test_from_scratch_option_errors(cli_fixtures, run_cli, tmp_path):
+    common = ("--data", cli_fixtures / "corpus", "--run-dir", tmp_path / "r")
+    cases = [(("--model", "gpt2", "--n-layer", 2), "add --from-scratch"),
+             (("--model", "gpt2", "--from-scratch", "--d-model", 30, "--n-head", 4), "divisible"),
+             (("--model", "gpt2", "--from-scratch", "--n-layer", 0), "--n-layer must be a positive"),
+             (("--model", "smollm2-135m", "--from-scratch", "--n-head", 6, "--n-kv-head", 4), "multiple"),
+             (("--model", "roberta-base", "--from-scratch", "--n-layer", 1), "--tokenizer"),
+             (("--model", "gpt2", "--from-scratch", "--config", tmp_path / "nope.json"), "nope.json")]
+    for argv, expected in cases:
+        code, _, err = run_cli("train", *argv, *common)
+        assert code == 2 and expected in err and err.count("\n") == 1, (argv, err)

@@ -118,7 +118,8 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _convert_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="GGUF file, HF folder or packaged name")
+    p.add_argument("src", help="GGUF file, HF folder, packaged name or training checkpoint "
+                   "(RUN_DIR/checkpoints/step_N)")
     p.add_argument("dst", help="output folder (Hugging Face layout: config.json + model.safetensors)")
     p.add_argument("--dtype", default=None, help="cast the weights, e.g. float32, bfloat16, float16 "
                    "(default: keep the stored dtype; GGUF weights are dequantized to float32)")
@@ -146,6 +147,11 @@ def _convert(args: argparse.Namespace) -> int:
     print(f"wrote {args.dst}: {', '.join(f.name for f in files)}"
           f"{' + tokenizer' if tokenizer is not None else ''} ({params:,} parameters, {dtype})")
     return 0
+
+
+COMMANDS["export"] = ("Export a training checkpoint (RUN_DIR/checkpoints/step_N, mid-run too) or any model as an "
+                      "HF safetensors folder (with its tokenizer); the same as convert.", _convert_arguments,
+                      _convert)
 
 
 # --- generation (lmforge.generation): generate -------------------------------------------------------------------
@@ -368,12 +374,85 @@ def _lm_data(args: argparse.Namespace, tokenizer, objective: str, block_size: in
     return dataset(train_rows), dataset(eval_rows)
 
 
+def record_run(run_dir: str, model_config, tokenizer) -> None:
+    """The run's config.json and tokenizer in its folder, before training: its checkpoints
+    (RUN_DIR/checkpoints/step_N) then load in every command and export while the run goes on."""
+    from lmforge.io.hf import write_config
+
+    write_config(model_config, Path(run_dir))
+    tokenizer.save(run_dir)
+
+
+_SIZES = {"n_layer": "--n-layer", "n_head": "--n-head", "n_kv_head": "--n-kv-head", "d_model": "--d-model",
+          "d_ff": "--d-ff", "context": "--context"}
+# The packaged tokenizer of each preset family (bert-base-uncased's vocabulary is all-MiniLM-L6-v2's).
+_PRESET_TOKENIZERS = {"gpt2": "gpt2", "llama": "smollm2-135m-instruct", "bert": "all-minilm-l6-v2",
+                      "distilbert": "all-minilm-l6-v2"}
+
+
+def _scratch_config(args: argparse.Namespace):
+    """--from-scratch: the architecture of --config, a preset or a model source, resized by the size options."""
+    from lmforge.config import PRESETS, ModelConfig
+    from lmforge.io import load_config
+    from lmforge.io.hf import config_from_hf
+
+    if args.config:
+        try:
+            cfg = config_from_hf(json.loads(Path(args.config).read_text(encoding="utf-8")), args.config)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"--config {args.config!r} is not a JSON config file: {err}") from None
+    elif args.model.lower() in PRESETS:
+        cfg = ModelConfig.from_name(args.model)
+    else:
+        cfg = load_config(args.model)
+    sizes = {name: getattr(args, name) for name in _SIZES if getattr(args, name) is not None}
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{_SIZES[name]} must be a positive integer, got {value}")
+    if "context" in sizes:
+        sizes["max_seq_len"] = sizes.pop("context") + cfg.position_offset
+    if "n_head" in sizes or "d_model" in sizes:
+        n_head, d_model = sizes.get("n_head", cfg.n_head), sizes.get("d_model", cfg.d_model)
+        if d_model % n_head:
+            raise ValueError(f"--d-model {d_model} must be divisible by --n-head {n_head}")
+        sizes.setdefault("n_kv_head", n_head if "n_head" in sizes else cfg.n_kv_head)
+        sizes["head_dim"] = None  # recomputed: d_model // n_head
+    n_head = sizes.get("n_head", cfg.n_head)
+    if n_head % sizes.get("n_kv_head", cfg.n_kv_head):
+        raise ValueError(f"--n-head {n_head} must be a multiple of --n-kv-head {sizes['n_kv_head']}")
+    return cfg.replace(**sizes, head="lm")
+
+
+def _scratch_tokenizer(args: argparse.Namespace, family: str):
+    """--tokenizer, else --model's own, else (a preset or --config) the packaged tokenizer of the family."""
+    from lmforge.config import PRESETS
+    from lmforge.tokenizer import Tokenizer
+
+    if args.tokenizer:
+        return Tokenizer.for_model(args.tokenizer)
+    if args.config or args.model.lower() in PRESETS:
+        if family not in _PRESET_TOKENIZERS:
+            raise ValueError(f"no packaged tokenizer for {args.config or args.model!r}: give --tokenizer (a model "
+                             f"folder, .gguf or one of gpt2, smollm2-135m-instruct, all-minilm-l6-v2)")
+        return Tokenizer.from_name(_PRESET_TOKENIZERS[family])
+    return Tokenizer.for_model(args.model)
+
+
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF folder, .gguf file or packaged name to start from")
     p.add_argument("--data", required=True, help="a text file, a folder of .txt files, or bbc-news")
     p.add_argument("--objective", choices=["clm", "mlm"], help="causal or masked LM (default: by the model)")
     p.add_argument("--from-scratch", action="store_true",
-                   help="pre-train: the model's architecture and tokenizer with fresh random weights")
+                   help="pre-train: fresh random weights of --model's architecture (a model source or a preset: "
+                        "gpt2, distilgpt2, smollm2-135m, bert-base-uncased, distilbert-base-uncased, "
+                        "roberta-base), of --config, resized by the size options")
+    p.add_argument("--config", help="--from-scratch: the architecture from this config.json instead")
+    p.add_argument("--tokenizer", help="--from-scratch: tokenizer source (default: --model's, or for a preset "
+                   "the packaged one of its family); the vocabulary size follows it")
+    for option, what in (("--n-layer", "layers"), ("--n-head", "attention heads"),
+                         ("--n-kv-head", "key/value heads (default: --n-head)"), ("--d-model", "width"),
+                         ("--d-ff", "feed-forward width"), ("--context", "context length in tokens")):
+        p.add_argument(option, type=int, help=f"--from-scratch: {what}")
     p.add_argument("--block-size", type=int, help="tokens per training sequence (default 128 or the context)")
     p.add_argument("--eval-fraction", type=float, default=0.05,
                    help="share of a corpus's blocks held out for evaluation (default 0.05; bbc-news uses its "
@@ -402,18 +481,21 @@ def _train(args: argparse.Namespace) -> int:
     from lmforge.training import train
 
     config = loop_config(args)
-    model_config = load_config(args.model)
+    if not args.from_scratch and (args.config or args.tokenizer or any(getattr(args, n) is not None for n in _SIZES)):
+        raise ValueError("--config, --tokenizer and the size options build a new model: add --from-scratch")
+    model_config = _scratch_config(args) if args.from_scratch else load_config(args.model)
     objective = args.objective or ("clm" if model_config.arch == "decoder" else "mlm")
     if (objective == "clm") != (model_config.arch == "decoder"):
         raise ValueError(f"objective {objective!r} does not fit a {model_config.arch} model; causal LM needs "
                          f"a decoder, masked LM an encoder")
     head = "lm" if model_config.arch == "encoder" else None
     if args.from_scratch:
+        tokenizer = _scratch_tokenizer(args, model_config.family)
         torch.manual_seed(args.seed)
-        model = build_model(model_config.replace(head="lm"))
+        model = build_model(model_config.replace(head="lm", vocab_size=tokenizer.vocab_size))
     else:
         model = load_model(args.model, dtype="float32", head=head)
-    tokenizer = Tokenizer.for_model(args.model)
+        tokenizer = Tokenizer.for_model(args.model)
     block_size = _fit_length(args.block_size, 128, model.config, "--block-size")
     vocab_size = model.config.vocab_size
     train_data, eval_data = _lm_data(args, tokenizer, objective, block_size, vocab_size=vocab_size)
@@ -423,11 +505,14 @@ def _train(args: argparse.Namespace) -> int:
 
         strategy = make_strategy(args.strategy, grad_accum=config.grad_accum, n_servers=args.ps_servers,
                                  mode=args.ps_mode, tau=args.ps_tau, timeout=args.timeout)
+        if strategy.is_main:
+            record_run(args.run_dir, model.config, tokenizer)
         result = run_training(model, loss, train_data, config, strategy, eval_data=eval_data,
                               resume=args.resume)
         if not strategy.is_main:  # other workers and parameter servers: rank 0 reports and saves
             return 0
     else:
+        record_run(args.run_dir, model.config, tokenizer)
         result = train(model, loss, train_data, config, eval_data=eval_data, resume=args.resume)
     out = _save_final(model, tokenizer, args.run_dir)
     print(json.dumps({"step": result.step, "train_loss": result.train_loss, "eval": result.eval_metrics,
@@ -496,6 +581,7 @@ def _finetune(args: argparse.Namespace) -> int:
     max_len = _fit_length(args.max_len, 256, model.config, "--max-len")
     encoded = {split: EncodedTexts(texts, tokenizer.encode, max_len, pad) for split, texts in splits.items()}
     objective = Classification(len(names))
+    record_run(args.run_dir, model.config, tokenizer)
     result = train(model, objective, encoded["train"], config, eval_data=encoded["validation"],
                    resume=args.resume)
     test = evaluate(model, objective, encoded["test"], batch_size=args.batch_size, precision=args.precision)
@@ -646,6 +732,7 @@ def _distill(args: argparse.Namespace) -> int:
     loss = DistillObjective(teacher, student, base, alpha_ce=args.alpha_ce, alpha_lm=args.alpha_lm,
                             alpha_cos=args.alpha_cos, alpha_mse=args.alpha_mse, temperature=args.temperature,
                             hidden_pairs=pairs)
+    record_run(args.run_dir, student.config, tokenizer)
     result = train(student, loss, train_data, config, eval_data=eval_data, resume=args.resume)
     report = {"step": result.step, "train_loss": result.train_loss, "layer_map": layer_map,
               "eval": result.eval_metrics}
