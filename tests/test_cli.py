@@ -190,3 +190,46 @@ def test_from_scratch_option_errors(cli_fixtures, run_cli, tmp_path):
     for argv, expected in cases:
         code, _, err = run_cli("train", *argv, *common)
         assert code == 2 and expected in err and err.count("\n") == 1, (argv, err)
+
+
+@pytest.mark.parametrize("stride", [7, 17])
+def test_evaluate_stride_equals_transformers_sliding_window(cli_fixtures, run_cli, stride):
+    """`evaluate --stride` against transformers' documented sliding-window loop (labels masked to -100 before
+    the window's new tokens) with its model on the same token stream; the last partial window is kept."""
+    import argparse
+    import json
+    import math
+
+    import torch
+    import transformers
+
+    from lmforge.cli import _evaluate_arguments, _lm_stream
+    from lmforge.tokenizer import Tokenizer
+
+    folder, corpus, window = cli_fixtures / "tiny-gpt2", cli_fixtures / "corpus", 17
+    code, out, err = run_cli("evaluate", "--model", folder, "--data", corpus, "--block-size", window,
+                             "--stride", stride)
+    assert code == 0, err
+    got = json.loads(out)
+    parser = argparse.ArgumentParser()
+    _evaluate_arguments(parser)
+    ids = _lm_stream(parser.parse_args(["--model", str(folder), "--data", str(corpus)]),
+                     Tokenizer.for_model(folder))
+    assert (len(ids) - window) % stride  # the last window is a partial one
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    nll, n, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + window, len(ids))
+        input_ids = ids[None, begin:end]
+        target = input_ids.clone()
+        target[:, :-(end - prev_end)] = -100
+        with torch.no_grad():
+            loss = hf(input_ids, labels=target).loss
+        scored = int((target[:, 1:] != -100).sum())  # the tokens the shifted loss averages over
+        nll, n, prev_end = nll + float(loss) * scored, n + scored, end
+        if end == len(ids):
+            break
+    windows = -(-(len(ids) - window) // stride) + 1
+    assert got["tokens"] == n == (len(ids) - 1 if stride < window else len(ids) - windows)  # stride = window:
+    # each window's first token has no context and is not scored, as in transformers' loop
+    assert got["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)

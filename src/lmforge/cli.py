@@ -438,6 +438,22 @@ def _scratch_tokenizer(args: argparse.Namespace, family: str):
     return Tokenizer.for_model(args.model)
 
 
+def _lm_stream(args: argparse.Namespace, tokenizer):
+    """The text of args.data (a bbc-news split, or a whole corpus) as one token stream (N,), each document
+    followed by the eos token (when the tokenizer has one)."""
+    import torch
+
+    from lmforge import data
+
+    if args.data == "bbc-news":
+        splits = data.bbc_news()
+        texts = [t for name, part in splits.items() if args.split in (name, "all") for t in part.texts]
+    else:
+        texts = data.read_corpus(args.data)
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    return torch.tensor([i for text in texts for i in tokenizer.encode(text, add_special_tokens=False) + eos])
+
+
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF folder, .gguf file or packaged name to start from")
     p.add_argument("--data", required=True, help="a text file, a folder of .txt files, or bbc-news")
@@ -600,6 +616,9 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", choices=["clm", "mlm", "classify"],
                    help="default: classify for classifiers, clm for decoders, mlm for encoders")
     p.add_argument("--block-size", type=int, help="tokens per LM sequence (default 128 or the context)")
+    p.add_argument("--stride", type=int, help="causal LM: sliding-window perplexity over the whole text as one "
+                   "stream, windows of --block-size tokens advancing by this many (transformers' method; "
+                   "the last partial window is kept; = --block-size: non-overlapping)")
     p.add_argument("--max-len", type=int, help="tokens per classified text (default 256 or the context)")
     p.add_argument("--batch-size", type=int, default=16, help="items per batch (default 16)")
     p.add_argument("--max-batches", type=int, help="evaluate the first N batches only (default: all)")
@@ -615,7 +634,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from lmforge.io import load_model
     from lmforge.objectives import CausalLM, Classification, MaskedLM
     from lmforge.tokenizer import Tokenizer
-    from lmforge.training import evaluate
+    from lmforge.training import evaluate, sliding_window_perplexity
 
     model = load_model(args.model, dtype="float32", device=checked_device(args.device))
     cfg = model.config
@@ -632,6 +651,16 @@ def _evaluate(args: argparse.Namespace) -> int:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         max_len = _fit_length(args.max_len, 256, cfg, "--max-len")
         data, obj = EncodedTexts(texts, tokenizer.encode, max_len, pad), Classification(cfg.n_labels)
+    elif args.stride is not None:
+        if objective != "clm":
+            raise ValueError(f"--stride applies to causal LM perplexity; this evaluation is {objective}")
+        block_size = _fit_length(args.block_size, 128, cfg, "--block-size")
+        metrics = sliding_window_perplexity(model, _lm_stream(args, tokenizer), block_size, args.stride,
+                                            precision=args.precision)
+        split = args.split if args.data == "bbc-news" else "all"
+        print(json.dumps({"model": args.model, "data": args.data, "split": split, "stride": args.stride,
+                          "window": block_size, **metrics}))
+        return 0
     else:
         block_size = _fit_length(args.block_size, 128, cfg, "--block-size")
         data = _lm_data(args, tokenizer, objective, block_size, split=args.split, vocab_size=cfg.vocab_size)

@@ -44,6 +44,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from tqdm.auto import tqdm
@@ -606,6 +607,40 @@ def evaluate(model: nn.Module, objective: Any, data: Any, batch_size: int = 16,
             totals[k] = totals.get(k, 0) + v.double() * weight
     totals = {k: strategy.all_reduce_sum(v) for k, v in sorted(totals.items())}
     return objective.summarize({k: v.cpu() for k, v in totals.items()})
+
+
+def sliding_window_perplexity(model: nn.Module, ids: Tensor, window: int, stride: int,
+                              precision: str = "fp32") -> dict[str, float]:
+    """Perplexity of a causal LM over one token stream ids (N,), scored in windows of `window` tokens that
+    advance by `stride` (transformers' documented sliding-window method): each window predicts only the tokens
+    the previous one did not (its last `end - previous end`), with the rest of the window as context. With
+    stride < window every token after the first is predicted exactly once; with stride = window (blocks) a
+    block's first token is not. The last, partial window is kept.
+
+    Returns {"loss", "perplexity", "tokens"} (mean negative log-likelihood per predicted token). Raises
+    ValueError for a stride outside [1, window] or a stream shorter than two tokens.
+    """
+    if not 1 <= stride <= window:
+        raise ValueError(f"stride must be in [1, {window}] (the window), got {stride}")
+    if ids.dim() != 1 or len(ids) < 2:
+        raise ValueError(f"need a 1-D stream of at least 2 tokens, got shape {tuple(ids.shape)}")
+    device = next(model.parameters()).device
+    model.eval()
+    nll, count, prev_end = 0.0, 0, 0
+    with torch.no_grad():
+        for begin in range(0, len(ids), stride):
+            end = min(begin + window, len(ids))
+            chunk = ids[begin:end][None].to(device)  # (1, T)
+            with _autocast(device, precision):
+                logits = model(chunk).logits[0, :-1].float()  # (T-1, V): predictions of tokens 1..T-1
+            losses = F.cross_entropy(logits, chunk[0, 1:], reduction="none")
+            new = end - max(prev_end, begin + 1)  # tokens this window scores: those after the previous end
+            nll += float(losses[-new:].double().sum())
+            count += new
+            prev_end = end
+            if end == len(ids):
+                break
+    return {"loss": nll / count, "perplexity": math.exp(nll / count), "tokens": count}
 
 
 # --- plots --------------------------------------------------------------------------------------------------
