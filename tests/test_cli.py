@@ -156,8 +156,8 @@ def test_train_from_scratch_by_size_export_mid_run(cli_fixtures, run_cli, tmp_pa
     code, out, err = run_cli("train", "--model", "distilgpt2", "--from-scratch", "--n-layer", 2, "--n-head", 2,
                              "--d-model", 32, "--d-ff", 64, "--context", 32, "--data", cli_fixtures / "corpus",
                              "--run-dir", run, "--steps", 4, "--save-every", 2, "--keep-last", 3, "--batch-size",
-                             2, "--block-size", 16)
-    assert code == 0, err
+                             2, "--block-size", 16, "--quiet")
+    assert code == 0 and "%|" not in err, err  # --quiet: no progress bar
     step2 = run / "checkpoints" / "step_00000002"
     model = load_model(step2)
     cfg = model.config

@@ -196,7 +196,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from lmforge.generation import generate, preferred_dtype, stream_rows
+    from lmforge.generation import default_dtype, generate, preferred_dtype, stream_rows
     from lmforge.io import load_model
     from lmforge.tokenizer import Tokenizer
 
@@ -211,7 +211,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.stream and (args.num_beams or 1) > 1:
         raise ValueError("--stream cannot be combined with --num-beams (beam search's best hypothesis changes "
                          "until the end)")
-    dtype = preferred_dtype(device) if args.dtype == "auto" or quantize else args.dtype
+    dtype = preferred_dtype(device) if quantize else default_dtype(device) if args.dtype == "auto" else args.dtype
     model = load_model(args.model, dtype=dtype, device=device, quantize=quantize,
                        keep_quantized=args.keep_quantized)
     tokenizer = Tokenizer.for_model(args.model)
@@ -298,6 +298,7 @@ def add_loop_arguments(p: argparse.ArgumentParser, steps: int, lr: float) -> Non
     p.add_argument("--log-every", type=int, default=10, help="log train metrics every N steps (default 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and masking")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (the result still prints)")
 
 
 def loop_config(args: argparse.Namespace) -> TrainConfig:
@@ -313,7 +314,7 @@ def loop_config(args: argparse.Namespace) -> TrainConfig:
                        grad_accum=args.grad_accum, clip_norm=args.clip_norm or None, precision=args.precision,
                        eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep_last,
                        log_every=args.log_every, seed=args.seed, run_dir=args.run_dir, device=args.device,
-                       eval_max_batches=args.eval_batches)
+                       eval_max_batches=args.eval_batches, progress=not args.quiet)
 
 
 def _fit_length(value: int | None, default: int, config, option: str) -> int:

@@ -664,13 +664,19 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     extra = sorted({k for r in eval_recs for k in r if k in ("accuracy", "macro_f1", "perplexity")})
     fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(11 if extra else 6, 4), squeeze=False)
     ax = axes[0][0]
+    distilled = any("loss_lm" in r or "loss_ce" in r for r in train_recs)  # a distillation run's records
     if train_recs:
-        ax.plot([r["step"] for r in train_recs], [r["loss"] for r in train_recs], label="train loss")
+        ax.plot([r["step"] for r in train_recs], [r["loss"] for r in train_recs],
+                label="train: total distillation loss (weighted sum of its terms)" if distilled else "train loss")
+    lm_recs = [r for r in train_recs if "loss_lm" in r]
+    if lm_recs:
+        ax.plot([r["step"] for r in lm_recs], [r["loss_lm"] for r in lm_recs],
+                label="train: student's own task loss (the loss_lm term)")
     if eval_recs and any("loss" in r for r in eval_recs):
         ax.plot([r["step"] for r in eval_recs if "loss" in r], [r["loss"] for r in eval_recs if "loss" in r],
-                "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+                "o-", label="eval: student's own task loss" if distilled else "eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean per target, nats)")
     ax.set_title(Path(run_dir).name)
     ax.legend()
     if extra:
@@ -678,8 +684,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         for key in extra:
             points = [(r["step"], r[key]) for r in eval_recs if key in r]
             ax2.plot([s for s, _ in points], [v for _, v in points], "o-", label=key)
-        ax2.set_xlabel("step")
-        ax2.set_title("evaluation")
+        ax2.set_xlabel("optimizer step")
+        ax2.set_ylabel(", ".join(extra))
+        ax2.set_title("evaluation metrics")
         ax2.legend()
     fig.tight_layout()
     out = Path(out) if out is not None else Path(run_dir) / "metrics.png"
