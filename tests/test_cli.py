@@ -32,6 +32,10 @@ BAD_INPUTS = [
     (["convert", "no-such-model", "{out}"], "unknown model"),
     (["convert", "{gpt2}", "{out}", "--dtype", "float7"], "float7"),
     (["convert", "{gpt2}", "{out}", "--max-shard-size", "lots"], "lots"),
+    # export (convert's code: a training checkpoint or any model)
+    (["export", "{empty}", "{out}"], "no config.json"),
+    (["export", "{gpt2}", "{file}"], "exists and is not a folder"),
+    (["export", "{missing}/checkpoints/step_00000002", "{out}"], "missing"),
     # generate
     (["generate", "hi", "--model", "no-such-model"], "unknown model"),
     (["generate", "hi", "--model", "{gpt2}", "--max-new-tokens", "0"], "max_new_tokens"),
