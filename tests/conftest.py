@@ -48,3 +48,52 @@ def bbc_dir() -> Path:
 @pytest.fixture(scope="session")
 def gpt2_tiktoken() -> Path:
     return packaged_path("gpt2-tiktoken")
+
+
+@pytest.fixture(scope="session")
+def cli_fixtures(tmp_path_factory):
+    """Tiny decoder and encoder folders (random weights, a letter-level WordPiece vocabulary), a corpus and a
+    labelled folder."""
+    import random
+    import string
+
+    from lmforge.config import ModelConfig
+    from lmforge.io import save_model
+    from lmforge.models import build_model
+
+    root = tmp_path_factory.mktemp("cli")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase,
+             *("##" + c for c in string.ascii_lowercase)]
+    for name in ("tiny-gpt2", "tiny-bert"):
+        torch.manual_seed(0)
+        save_model(build_model(ModelConfig.from_name(name)), root / name)
+        (root / name / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    rng = random.Random(0)
+    words = ["the", "cat", "sat", "on", "mat", "dog", "ran", "far", "away"]
+    (root / "corpus").mkdir()
+    for i in range(6):
+        (root / "corpus" / f"{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(80)))
+    for label, label_words in (("animals", ["cat", "dog", "cow"]), ("places", ["home", "park", "town"])):
+        (root / "labelled" / label).mkdir(parents=True)
+        (root / "other" / label.upper()).mkdir(parents=True)
+        for i in range(10):
+            text = " ".join(rng.choice(label_words) for _ in range(8))
+            (root / "labelled" / label / f"{i}.txt").write_text(text)
+            (root / "other" / label.upper() / f"{i}.txt").write_text("x")
+    return root
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """`run_cli(*argv)`: `lmforge ARGV...` in this process, returning (exit code, stdout, stderr)."""
+    from lmforge.cli import main
+
+    def run(*argv) -> tuple[int, str, str]:
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exit_:  # argparse: bad options, --help, --version
+            code = exit_.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -4,6 +4,7 @@ length and stop rules, streaming, the CLI, and a clear error for every bad input
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -18,12 +19,14 @@ import lmforge.generation.decode as decode
 from lmforge.cli import main
 from lmforge.config import ModelConfig
 from lmforge.generation import (
+    DEFAULT_MAX_NEW_TOKENS,
     generate,
     generate_ids,
     min_p_filter,
     process_logits,
     resolve_settings,
     stream,
+    stream_rows,
     top_k_filter,
     top_p_filter,
 )
@@ -309,7 +312,16 @@ def test_smollm2_chat_cli_and_stream(smollm2_pair, smollm2_tokenizer, capsys):
     streamed = "".join(stream(model, smollm2_tokenizer, "What is 2 + 2?", chat=True, max_new_tokens=12))
     assert streamed == text
     assert main(["generate", "What is 2 + 2?", "--chat", "--max-new-tokens", "12", "--dtype", "float32"]) == 0
-    assert capsys.readouterr().out == f"Generated 1: {text}\n"
+    assert capsys.readouterr().out == f"Generated 0: {text}\n"
+
+
+@pytest.mark.slow
+def test_smollm2_chat_default_length_answers(capsys):
+    """`lmforge generate "What is the capital of France?" --chat` with no other option: the default length
+    leaves room for the chat template and the answer, and the default dtype gives coherent text."""
+    assert main(["generate", "What is the capital of France?", "--chat"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Generated 0: ") and "Paris" in out
 
 
 # --- sampling -----------------------------------------------------------------------------------------------
@@ -491,13 +503,81 @@ def test_cli_generate(tiny_text_model, capsys):
     args = ["generate", "Men on the moon", "--model", str(folder), "--max-length", "12", "--dtype", "float32"]
     assert main(args) == 0
     plain = capsys.readouterr().out
-    assert plain.startswith("Generated 1: Men on the moon") and plain.count("\n") >= 1
+    assert plain.startswith("Generated 0: Men on the moon") and plain.count("\n") >= 1
     assert main(args + ["--stream"]) == 0
     assert capsys.readouterr().out == plain
     assert main(args + ["--do-sample", "--num-return-sequences", "3", "--seed", "1"]) == 0
     out = capsys.readouterr().out
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("Generated")] == \
-        ["Generated 1", "Generated 2", "Generated 3"]
+        ["Generated 0", "Generated 1", "Generated 2"]
+
+
+def _cli_lines(capsys, argv: list[str]) -> list[str]:
+    assert main(argv) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+@pytest.mark.parametrize("options", [[], ["--do-sample", "--num-return-sequences", "3", "--seed", "4"],
+                                     ["--temperature", "1.3", "--top-p", "0.9", "--seed", "2",
+                                      "--repetition-penalty", "1.2"]])
+def test_cli_stream_prints_what_generate_prints(tiny_text_model, capsys, options):
+    """Several prompts of different lengths, several sampled sequences: --stream prints the same lines."""
+    folder, _ = tiny_text_model
+    args = ["generate", "Men on the moon", "A longer prompt about the sea", "--model", str(folder),
+            "--max-new-tokens", "12", "--dtype", "float32", *options]
+    plain = _cli_lines(capsys, args)
+    n = 3 if "--num-return-sequences" in options else 1
+    assert [line.split(":")[0] for line in plain if line.startswith("Generated")] == \
+        [f"Generated {j} (prompt {i})" for i in range(2) for j in range(n)]  # texts may hold newlines
+    assert _cli_lines(capsys, args + ["--stream"]) == plain
+
+
+def test_stream_rows_equal_generate_sampled(tiny_text_model, smollm2_tokenizer):
+    _, model = tiny_text_model
+    prompts = ["Men on the moon", "A much longer prompt about the moon and the stars"]
+    kw = dict(max_new_tokens=16, do_sample=True, num_return_sequences=2, top_k=0, temperature=1.4)
+    texts = generate(model, smollm2_tokenizer, prompts, seed=7, **kw)
+    joined = [""] * len(texts)
+    lasts = []
+    for piece in stream_rows(model, smollm2_tokenizer, prompts, seed=7, **kw):
+        joined[piece.row] += piece.text
+        lasts += [piece.row] if piece.last else []
+    assert joined == texts and sorted(lasts) == [0, 1, 2, 3]
+    assert len(set(texts)) == 4  # the sequences are really sampled (otherwise the equality says little)
+
+
+def test_cli_sampling_options_enable_sampling(tiny_text_model, capsys):
+    """--temperature / --top-k without --do-sample sample (never silently ignored); temperature 0 is greedy."""
+    folder, _ = tiny_text_model
+    args = ["generate", "Men on the moon", "--model", str(folder), "--max-new-tokens", "12", "--dtype",
+            "float32", "--num-return-sequences", "4", "--seed", "3"]
+    implied = _cli_lines(capsys, args + ["--temperature", "1.5", "--top-k", "5"])
+    assert implied == _cli_lines(capsys, args + ["--temperature", "1.5", "--top-k", "5", "--do-sample"])
+    assert len(set(implied)) == 4
+    greedy = _cli_lines(capsys, args[:-4] + ["--temperature", "0"])
+    assert greedy == _cli_lines(capsys, args[:-4])
+
+
+def test_cli_json_and_default_length(tiny_text_model, smollm2_tokenizer, capsys):
+    folder, model = tiny_text_model
+    prompts = ["Men on the moon", "Stars"]
+    assert main(["generate", *prompts, "--model", str(folder), "--dtype", "float32", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    texts = generate(model, smollm2_tokenizer, prompts)
+    assert report["dtype"] == "float32"
+    assert report["outputs"] == [{"prompt_index": i, "sequence": 0, "prompt": p, "text": t}
+                                 for i, (p, t) in enumerate(zip(prompts, texts, strict=True))]
+    # No length given: DEFAULT_MAX_NEW_TOKENS new tokens whatever the prompt length (capped by the context).
+    ids = generate_ids(model, torch.tensor([smollm2_tokenizer.encode("Men on the moon")]), eos_token_id=[])
+    assert ids.shape[1] == 20  # the token-level call keeps transformers' max_length=20
+    long_prompt = "one two three " * 10
+    n_prompt = len(smollm2_tokenizer.encode(long_prompt))
+    expected = min(DEFAULT_MAX_NEW_TOKENS, model.config.max_seq_len - n_prompt)
+    text = generate(model, smollm2_tokenizer, long_prompt, eos_token_id=[])[0]
+    assert n_prompt > 20 and expected > 20  # more than transformers' max_length=20 would leave: none
+    assert text == generate(model, smollm2_tokenizer, long_prompt, eos_token_id=[], max_new_tokens=expected)[0]
+    assert text != generate(model, smollm2_tokenizer, long_prompt, eos_token_id=[],
+                            max_new_tokens=expected - 2)[0]
 
 
 # --- errors -------------------------------------------------------------------------------------------------
@@ -561,6 +641,9 @@ def test_bad_text_inputs(tiny_text_model, smollm2_tokenizer, capsys):
     assert "unknown model 'no-such-model'" in capsys.readouterr().err
     assert main(["generate", "hi", "--model", str(folder), "--temperature", "-1", "--do-sample"]) == 2
     assert "temperature" in capsys.readouterr().err
+    assert main(["generate", "hi", "--model", str(folder), "--stream", "--num-beams", "2"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "num-beams" in out.err  # refused before any output
 
 
 def test_settings_defaults_follow_transformers():

@@ -379,103 +379,65 @@ def test_sigkill_and_resume_bit_identical(tmp_path):
     assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 12
 
 
-# --- command line -------------------------------------------------------------------------------------------
+# --- command line (fixtures cli_fixtures and run_cli in conftest.py) -------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cli_fixtures(tmp_path_factory):
-    """Tiny decoder and encoder folders (random weights, a letter-level WordPiece vocabulary), a corpus and a
-    labelled folder."""
-    import random
-    import string
-
-    from lmforge.io import save_model
-
-    root = tmp_path_factory.mktemp("cli")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase,
-             *("##" + c for c in string.ascii_lowercase)]
-    for name in ("tiny-gpt2", "tiny-bert"):
-        save_model(tiny(name), root / name)
-        (root / name / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    rng = random.Random(0)
-    words = ["the", "cat", "sat", "on", "mat", "dog", "ran", "far", "away"]
-    (root / "corpus").mkdir()
-    for i in range(6):
-        (root / "corpus" / f"{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(80)))
-    for label, label_words in (("animals", ["cat", "dog", "cow"]), ("places", ["home", "park", "town"])):
-        (root / "labelled" / label).mkdir(parents=True)
-        (root / "other" / label.upper()).mkdir(parents=True)
-        for i in range(10):
-            text = " ".join(rng.choice(label_words) for _ in range(8))
-            (root / "labelled" / label / f"{i}.txt").write_text(text)
-            (root / "other" / label.upper() / f"{i}.txt").write_text("x")
-    return root
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    from lmforge.cli import main
-
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_cli_train_resume_evaluate_plot(cli_fixtures, tmp_path, capsys):
+def test_cli_train_resume_evaluate_plot(cli_fixtures, tmp_path, run_cli):
     root, run = cli_fixtures, tmp_path / "run"
     common = ("--model", root / "tiny-gpt2", "--data", root / "corpus", "--run-dir", run, "--batch-size", 2,
               "--block-size", 16, "--save-every", 2, "--log-every", 1, "--lr", 1e-2)
-    code, out, _ = run_cli(capsys, "train", *common, "--steps", 4)
+    code, out, _ = run_cli("train", *common, "--steps", 4)
     assert code == 0 and json.loads(out.splitlines()[-1])["step"] == 4
-    code, out, _ = run_cli(capsys, "train", *common, "--steps", 6, "--resume")  # continue to 6 steps
+    code, out, _ = run_cli("train", *common, "--steps", 6, "--resume")  # continue to 6 steps
     assert code == 0 and json.loads(out.splitlines()[-1])["step"] == 6
     assert [r["step"] for r in read_metrics(run) if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
-    code, out, _ = run_cli(capsys, "evaluate", "--model", run / "model", "--data", root / "corpus")
+    code, out, _ = run_cli("evaluate", "--model", run / "model", "--data", root / "corpus")
     metrics = json.loads(out)
     assert code == 0 and metrics["tokens"] > 0
     assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
-    code, out, _ = run_cli(capsys, "evaluate", "--model", run / "model", "--data", root / "corpus",
+    code, out, _ = run_cli("evaluate", "--model", run / "model", "--data", root / "corpus",
                            "--block-size", 16, "--batch-size", 2, "--max-batches", 1)
     assert code == 0 and json.loads(out)["tokens"] == 2 * 15
-    code, out, _ = run_cli(capsys, "plot", run)
+    code, out, _ = run_cli("plot", run)
     assert code == 0 and (run / "metrics.png").is_file()
 
 
-def test_cli_masked_lm_and_finetune(cli_fixtures, tmp_path, capsys):
+def test_cli_masked_lm_and_finetune(cli_fixtures, tmp_path, run_cli):
     root = cli_fixtures
-    code, out, _ = run_cli(capsys, "train", "--model", root / "tiny-bert", "--data", root / "corpus",
+    code, out, _ = run_cli("train", "--model", root / "tiny-bert", "--data", root / "corpus",
                            "--run-dir", tmp_path / "mlm", "--steps", 3, "--batch-size", 2, "--block-size", 16)
     assert code == 0 and "accuracy" in json.loads(out.splitlines()[-1])["eval"]
-    code, out, _ = run_cli(capsys, "finetune", "--model", root / "tiny-bert", "--data", root / "labelled",
+    code, out, _ = run_cli("finetune", "--model", root / "tiny-bert", "--data", root / "labelled",
                            "--run-dir", tmp_path / "ft", "--steps", 30, "--batch-size", 4, "--lr", 3e-3)
     result = json.loads(out.splitlines()[-1])
     assert code == 0 and result["test"]["accuracy"] == 1.0 and result["test"]["examples"] == 2
-    code, out, _ = run_cli(capsys, "evaluate", "--model", tmp_path / "ft" / "model", "--data",
+    code, out, _ = run_cli("evaluate", "--model", tmp_path / "ft" / "model", "--data",
                            root / "labelled", "--split", "all")
     assert code == 0 and json.loads(out)["examples"] == 20 and json.loads(out)["accuracy"] == 1.0
     # the saved classifier knows its labels: a folder with other label names is refused
-    code, _, err = run_cli(capsys, "evaluate", "--model", tmp_path / "ft" / "model", "--data", root / "other")
+    code, _, err = run_cli("evaluate", "--model", tmp_path / "ft" / "model", "--data", root / "other")
     assert code == 2 and "label-set mismatch" in err and "animals" in err
 
 
-def test_cli_errors(cli_fixtures, tmp_path, capsys):
+def test_cli_errors(cli_fixtures, tmp_path, run_cli):
     root = cli_fixtures
-    code, _, err = run_cli(capsys, "train", "--model", root / "tiny-gpt2", "--data", root / "corpus",
+    code, _, err = run_cli("train", "--model", root / "tiny-gpt2", "--data", root / "corpus",
                            "--run-dir", tmp_path / "nowhere", "--resume")
     assert code == 2 and "nowhere" in err and "does not exist" in err
-    code, _, err = run_cli(capsys, "train", "--model", root / "tiny-gpt2", "--data", tmp_path / "no-corpus",
+    code, _, err = run_cli("train", "--model", root / "tiny-gpt2", "--data", tmp_path / "no-corpus",
                            "--run-dir", tmp_path / "r")
     assert code == 2 and "no-corpus" in err and "does not exist" in err
     (tmp_path / "empty").mkdir()
-    code, _, err = run_cli(capsys, "train", "--model", root / "tiny-gpt2", "--data", tmp_path / "empty",
+    code, _, err = run_cli("train", "--model", root / "tiny-gpt2", "--data", tmp_path / "empty",
                            "--run-dir", tmp_path / "r")
     assert code == 2 and "no .txt files" in err
-    code, _, err = run_cli(capsys, "train", "--model", root / "tiny-gpt2", "--data", root / "corpus",
+    code, _, err = run_cli("train", "--model", root / "tiny-gpt2", "--data", root / "corpus",
                            "--objective", "mlm", "--run-dir", tmp_path / "r")
     assert code == 2 and "masked LM an encoder" in err
-    code, _, err = run_cli(capsys, "train", "--model", root / "tiny-gpt2", "--data", root / "corpus",
+    code, _, err = run_cli("train", "--model", root / "tiny-gpt2", "--data", root / "corpus",
                            "--block-size", 500, "--run-dir", tmp_path / "r")
     assert code == 2 and "--block-size 500" in err
-    code, _, err = run_cli(capsys, "plot", tmp_path / "nowhere")
+    code, _, err = run_cli("plot", tmp_path / "nowhere")
     assert code == 2 and "metrics.jsonl" in err
 
 

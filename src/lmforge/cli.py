@@ -13,6 +13,57 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from lmforge.training import TrainConfig
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `lmforge COMMAND: error: ...` and exit code 2, no usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def writable_folder(path: str | Path, option: str) -> Path:
+    """Check, before any expensive work, that `path` is a folder that files can be written in, or a path that
+    can be created as one (its nearest existing ancestor is a writable folder). Creates nothing.
+
+    Raises ValueError naming the option, the path and the problem.
+    """
+    import tempfile
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {str(path)!r} exists and is not a folder")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{option} {str(path)!r} cannot be created: {str(existing)!r} is a file")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as err:
+        raise ValueError(f"{option} {str(path)!r} is not writable: a file cannot be created in "
+                         f"{str(existing)!r} ({err.strerror or err})") from None
+    return path
+
+
+def checked_device(text: str) -> str:
+    """A --device value that torch knows and this machine has (cpu, cuda, cuda:N), else ValueError."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device {text!r} is not a device; expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {text}: no such CUDA device here ({torch.cuda.device_count()} available)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {text!r}: lmforge runs on cpu or cuda")
+    return text
+
+
+def error_message(err: BaseException) -> str:
+    """One line for a command's error: OS errors as 'PATH: problem', others as their message."""
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.filename}: {err.strerror or err}"
+    return " ".join(str(err).split("\n"))
+
+
 # Each command: (help, add_arguments(parser), run(args) -> exit code). Sections below are grouped by library module.
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {}
@@ -68,7 +119,8 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _convert_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="GGUF file, HF folder or packaged name")
+    p.add_argument("src", help="GGUF file, HF folder, packaged name or training checkpoint "
+                   "(RUN_DIR/checkpoints/step_N)")
     p.add_argument("dst", help="output folder (Hugging Face layout: config.json + model.safetensors)")
     p.add_argument("--dtype", default=None, help="cast the weights, e.g. float32, bfloat16, float16 "
                    "(default: keep the stored dtype; GGUF weights are dequantized to float32)")
@@ -83,6 +135,7 @@ def _convert(args: argparse.Namespace) -> int:
     from lmforge.tokenizer import Tokenizer
 
     src = resolve_source(args.src)
+    writable_folder(args.dst, "destination")
     model = load_model(src, dtype=args.dtype)
     files = save_model(model, args.dst, max_shard_size=args.max_shard_size)
     try:
@@ -100,6 +153,11 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS["export"] = ("Export a training checkpoint (RUN_DIR/checkpoints/step_N, mid-run too) or any model as an "
+                      "HF safetensors folder (with its tokenizer); the same as convert.", _convert_arguments,
+                      _convert)
+
+
 # --- generation (lmforge.generation): generate -------------------------------------------------------------------
 
 
@@ -109,15 +167,17 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="HF folder, .gguf file or packaged name (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "int8", "int4", "auto"], default="auto",
                    help="weights: float32, bfloat16, or int8 / int4 (weight-only quantization, activations in "
-                        "bfloat16 where the CPU has it); auto: bfloat16 on CUDA and on CPUs with native bf16, "
-                        "else float32")
+                        "bfloat16 where the CPU has it); auto (default): float32 on CPU, bfloat16 on CUDA "
+                        "(see benchmarks/dtype_perplexity.py)")
     p.add_argument("--keep-quantized", action="store_true",
                    help="GGUF files: compute with the file's Q4_0 / Q4_1 / Q8_0 blocks as they are (CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
-    p.add_argument("--max-length", type=int, help="prompt + new tokens, as in transformers (default 20)")
-    p.add_argument("--max-new-tokens", type=int, help="new tokens (instead of --max-length)")
+    p.add_argument("--max-length", type=int, help="prompt + new tokens, as in transformers")
+    p.add_argument("--max-new-tokens", type=int, help="new tokens (instead of --max-length; default: "
+                   "128, or what the model's context leaves)")
     p.add_argument("--min-new-tokens", type=int, help="no end-of-sequence before this many new tokens")
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam decoding")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam decoding (implied by "
+                   "--temperature, --top-k, --top-p and --min-p; --temperature 0 means greedy)")
     p.add_argument("--temperature", type=float, help="sampling temperature (0 means greedy; default 1)")
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default 50, 0 = off)")
     p.add_argument("--top-p", type=float, help="nucleus sampling: smallest set reaching this probability")
@@ -130,23 +190,32 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop when this text appears (repeatable)")
     p.add_argument("--seed", type=int, help="random seed for sampling (same seed, same output)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
-    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated: the same tokens as "
+                   "without --stream (one prompt's sequences in turn; not with --num-beams)")
+    p.add_argument("--json", action="store_true", help="print one JSON object: model, dtype and a list of "
+                   "{prompt_index, sequence, prompt, text}")
 
 
 @command("generate", "Generate text from prompts with a causal language model.", _generate_arguments)
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from lmforge.generation import generate, preferred_dtype, stream
+    from lmforge.generation import default_dtype, generate, preferred_dtype, stream_rows
     from lmforge.io import load_model
     from lmforge.tokenizer import Tokenizer
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else \
+        checked_device(args.device)
     quantize = args.dtype if args.dtype in ("int8", "int4") else None
     if args.keep_quantized and quantize:
         raise ValueError("--keep-quantized computes with the GGUF file's own blocks; it cannot be combined with "
                          f"--dtype {args.dtype}")
-    dtype = preferred_dtype(device) if args.dtype == "auto" or quantize else args.dtype
+    if args.stream and args.json:
+        raise ValueError("--json prints whole results; it cannot be combined with --stream")
+    if args.stream and (args.num_beams or 1) > 1:
+        raise ValueError("--stream cannot be combined with --num-beams (beam search's best hypothesis changes "
+                         "until the end)")
+    dtype = preferred_dtype(device) if quantize else default_dtype(device) if args.dtype == "auto" else args.dtype
     model = load_model(args.model, dtype=dtype, device=device, quantize=quantize,
                        keep_quantized=args.keep_quantized)
     tokenizer = Tokenizer.for_model(args.model)
@@ -154,26 +223,58 @@ def _generate(args: argparse.Namespace) -> int:
              "repetition_penalty", "no_repeat_ngram_size", "num_beams", "num_return_sequences",
              "stop_strings")
     kwargs = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    kwargs["do_sample"] = args.do_sample
+    # A sampling option means sampling: never silently ignored (temperature 0 still means greedy).
+    kwargs["do_sample"] = args.do_sample or any(name in kwargs for name in ("temperature", "top_k", "top_p",
+                                                                            "min_p"))
     if args.seed is not None:
         kwargs["generator"] = torch.Generator(device=device).manual_seed(args.seed)
-    shown = (lambda prompt, text: text) if args.chat else (lambda prompt, text: prompt + text)
-    if not args.stream:
-        texts = generate(model, tokenizer, args.prompts, chat=args.chat, **kwargs)
-        per_prompt = len(texts) // len(args.prompts)
-        for i, text in enumerate(texts):
-            print(f"Generated {i + 1}: {shown(args.prompts[i // per_prompt], text)}")
+    n = kwargs.get("num_return_sequences", 1)
+
+    def label(row: int) -> str:
+        return f"Generated {row % n}" + (f" (prompt {row // n})" if len(args.prompts) > 1 else "") + ": "
+
+    def shown(row: int, text: str) -> str:
+        return text if args.chat else args.prompts[row // n] + text
+
+    if args.stream:
+        pieces = stream_rows(model, tokenizer, args.prompts, chat=args.chat, **kwargs)
+        _print_streamed(pieces, len(args.prompts) * n, lambda row: label(row) + shown(row, ""))
         return 0
-    n = kwargs.pop("num_return_sequences", 1)
-    i = 0
-    for prompt in args.prompts:
-        for _ in range(n):
-            i += 1
-            print(f"Generated {i}: {shown(prompt, '')}", end="", flush=True)
-            for piece in stream(model, tokenizer, prompt, chat=args.chat, **kwargs):
-                print(piece, end="", flush=True)
-            print()
+    texts = generate(model, tokenizer, args.prompts, chat=args.chat, **kwargs)
+    if args.json:
+        print(json.dumps({"model": args.model, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                          "outputs": [{"prompt_index": row // n, "sequence": row % n,
+                                       "prompt": args.prompts[row // n], "text": text}
+                                      for row, text in enumerate(texts)]}, ensure_ascii=False))
+        return 0
+    for row, text in enumerate(texts):
+        print(label(row) + shown(row, text))
     return 0
+
+
+def _print_streamed(pieces, rows: int, start: Callable[[int], str]) -> None:
+    """Print the `rows` rows of `stream_rows` in order, one line each beginning with `start(row)`: the current
+    row live, later rows' pieces held until it ends (rows decode together, so the random draws are those of
+    the call without streaming)."""
+    held: dict[int, list[str]] = {row: [] for row in range(rows)}
+    ended: set[int] = set()
+    current = 0
+    print(start(0), end="", flush=True)
+    for piece in pieces:
+        if piece.row != current:
+            held[piece.row].append(piece.text)
+            ended.update([piece.row] if piece.last else [])
+            continue
+        print(piece.text, end="", flush=True)
+        if not piece.last:
+            continue
+        ended.add(current)
+        while current in ended:
+            print()
+            current += 1
+            if current == rows:
+                return
+            print(start(current) + "".join(held.pop(current)), end="", flush=True)
 
 
 # --- serving (lmforge.serve): serve ------------------------------------------------------------------------------
@@ -237,6 +338,7 @@ def add_loop_arguments(p: argparse.ArgumentParser, steps: int, lr: float) -> Non
     p.add_argument("--log-every", type=int, default=10, help="log train metrics every N steps (default 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and masking")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (the result still prints)")
 
 
 def loop_config(args: argparse.Namespace) -> TrainConfig:
@@ -245,12 +347,14 @@ def loop_config(args: argparse.Namespace) -> TrainConfig:
 
     if args.resume and not Path(args.run_dir).is_dir():
         raise FileNotFoundError(f"--resume: run directory {args.run_dir!r} does not exist")
+    writable_folder(args.run_dir, "--run-dir")
+    checked_device(args.device)
     return TrainConfig(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                        max_steps=args.steps, schedule=args.schedule, batch_size=args.batch_size,
                        grad_accum=args.grad_accum, clip_norm=args.clip_norm or None, precision=args.precision,
                        eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep_last,
                        log_every=args.log_every, seed=args.seed, run_dir=args.run_dir, device=args.device,
-                       eval_max_batches=args.eval_batches)
+                       eval_max_batches=args.eval_batches, progress=not args.quiet)
 
 
 def _fit_length(value: int | None, default: int, config, option: str) -> int:
@@ -311,12 +415,101 @@ def _lm_data(args: argparse.Namespace, tokenizer, objective: str, block_size: in
     return dataset(train_rows), dataset(eval_rows)
 
 
+def record_run(run_dir: str, model_config, tokenizer) -> None:
+    """The run's config.json and tokenizer in its folder, before training: its checkpoints
+    (RUN_DIR/checkpoints/step_N) then load in every command and export while the run goes on."""
+    from lmforge.io.hf import write_config
+
+    write_config(model_config, Path(run_dir))
+    tokenizer.save(run_dir)
+
+
+_SIZES = {"n_layer": "--n-layer", "n_head": "--n-head", "n_kv_head": "--n-kv-head", "d_model": "--d-model",
+          "d_ff": "--d-ff", "context": "--context"}
+# The packaged tokenizer of each preset family (bert-base-uncased's vocabulary is all-MiniLM-L6-v2's).
+_PRESET_TOKENIZERS = {"gpt2": "gpt2", "llama": "smollm2-135m-instruct", "bert": "all-minilm-l6-v2",
+                      "distilbert": "all-minilm-l6-v2"}
+
+
+def _scratch_config(args: argparse.Namespace):
+    """--from-scratch: the architecture of --config, a preset or a model source, resized by the size options."""
+    from lmforge.config import PRESETS, ModelConfig
+    from lmforge.io import load_config
+    from lmforge.io.hf import config_from_hf
+
+    if args.config:
+        try:
+            cfg = config_from_hf(json.loads(Path(args.config).read_text(encoding="utf-8")), args.config)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"--config {args.config!r} is not a JSON config file: {err}") from None
+    elif args.model.lower() in PRESETS:
+        cfg = ModelConfig.from_name(args.model)
+    else:
+        cfg = load_config(args.model)
+    sizes = {name: getattr(args, name) for name in _SIZES if getattr(args, name) is not None}
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{_SIZES[name]} must be a positive integer, got {value}")
+    if "context" in sizes:
+        sizes["max_seq_len"] = sizes.pop("context") + cfg.position_offset
+    if "n_head" in sizes or "d_model" in sizes:
+        n_head, d_model = sizes.get("n_head", cfg.n_head), sizes.get("d_model", cfg.d_model)
+        if d_model % n_head:
+            raise ValueError(f"--d-model {d_model} must be divisible by --n-head {n_head}")
+        sizes.setdefault("n_kv_head", n_head if "n_head" in sizes else cfg.n_kv_head)
+        sizes["head_dim"] = None  # recomputed: d_model // n_head
+    n_head = sizes.get("n_head", cfg.n_head)
+    if n_head % sizes.get("n_kv_head", cfg.n_kv_head):
+        raise ValueError(f"--n-head {n_head} must be a multiple of --n-kv-head {sizes['n_kv_head']}")
+    return cfg.replace(**sizes, head="lm")
+
+
+def _scratch_tokenizer(args: argparse.Namespace, family: str):
+    """--tokenizer, else --model's own, else (a preset or --config) the packaged tokenizer of the family."""
+    from lmforge.config import PRESETS
+    from lmforge.tokenizer import Tokenizer
+
+    if args.tokenizer:
+        return Tokenizer.for_model(args.tokenizer)
+    if args.config or args.model.lower() in PRESETS:
+        if family not in _PRESET_TOKENIZERS:
+            raise ValueError(f"no packaged tokenizer for {args.config or args.model!r}: give --tokenizer (a model "
+                             f"folder, .gguf or one of gpt2, smollm2-135m-instruct, all-minilm-l6-v2)")
+        return Tokenizer.from_name(_PRESET_TOKENIZERS[family])
+    return Tokenizer.for_model(args.model)
+
+
+def _lm_stream(args: argparse.Namespace, tokenizer):
+    """The text of args.data (a bbc-news split, or a whole corpus) as one token stream (N,), each document
+    followed by the eos token (when the tokenizer has one)."""
+    import torch
+
+    from lmforge import data
+
+    if args.data == "bbc-news":
+        splits = data.bbc_news()
+        texts = [t for name, part in splits.items() if args.split in (name, "all") for t in part.texts]
+    else:
+        texts = data.read_corpus(args.data)
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    return torch.tensor([i for text in texts for i in tokenizer.encode(text, add_special_tokens=False) + eos])
+
+
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF folder, .gguf file or packaged name to start from")
     p.add_argument("--data", required=True, help="a text file, a folder of .txt files, or bbc-news")
     p.add_argument("--objective", choices=["clm", "mlm"], help="causal or masked LM (default: by the model)")
     p.add_argument("--from-scratch", action="store_true",
-                   help="pre-train: the model's architecture and tokenizer with fresh random weights")
+                   help="pre-train: fresh random weights of --model's architecture (a model source or a preset: "
+                        "gpt2, distilgpt2, smollm2-135m, bert-base-uncased, distilbert-base-uncased, "
+                        "roberta-base), of --config, resized by the size options")
+    p.add_argument("--config", help="--from-scratch: the architecture from this config.json instead")
+    p.add_argument("--tokenizer", help="--from-scratch: tokenizer source (default: --model's, or for a preset "
+                   "the packaged one of its family); the vocabulary size follows it")
+    for option, what in (("--n-layer", "layers"), ("--n-head", "attention heads"),
+                         ("--n-kv-head", "key/value heads (default: --n-head)"), ("--d-model", "width"),
+                         ("--d-ff", "feed-forward width"), ("--context", "context length in tokens")):
+        p.add_argument(option, type=int, help=f"--from-scratch: {what}")
     p.add_argument("--block-size", type=int, help="tokens per training sequence (default 128 or the context)")
     p.add_argument("--eval-fraction", type=float, default=0.05,
                    help="share of a corpus's blocks held out for evaluation (default 0.05; bbc-news uses its "
@@ -345,18 +538,21 @@ def _train(args: argparse.Namespace) -> int:
     from lmforge.training import train
 
     config = loop_config(args)
-    model_config = load_config(args.model)
+    if not args.from_scratch and (args.config or args.tokenizer or any(getattr(args, n) is not None for n in _SIZES)):
+        raise ValueError("--config, --tokenizer and the size options build a new model: add --from-scratch")
+    model_config = _scratch_config(args) if args.from_scratch else load_config(args.model)
     objective = args.objective or ("clm" if model_config.arch == "decoder" else "mlm")
     if (objective == "clm") != (model_config.arch == "decoder"):
         raise ValueError(f"objective {objective!r} does not fit a {model_config.arch} model; causal LM needs "
                          f"a decoder, masked LM an encoder")
     head = "lm" if model_config.arch == "encoder" else None
     if args.from_scratch:
+        tokenizer = _scratch_tokenizer(args, model_config.family)
         torch.manual_seed(args.seed)
-        model = build_model(model_config.replace(head="lm"))
+        model = build_model(model_config.replace(head="lm", vocab_size=tokenizer.vocab_size))
     else:
         model = load_model(args.model, dtype="float32", head=head)
-    tokenizer = Tokenizer.for_model(args.model)
+        tokenizer = Tokenizer.for_model(args.model)
     block_size = _fit_length(args.block_size, 128, model.config, "--block-size")
     vocab_size = model.config.vocab_size
     train_data, eval_data = _lm_data(args, tokenizer, objective, block_size, vocab_size=vocab_size)
@@ -366,11 +562,14 @@ def _train(args: argparse.Namespace) -> int:
 
         strategy = make_strategy(args.strategy, grad_accum=config.grad_accum, n_servers=args.ps_servers,
                                  mode=args.ps_mode, tau=args.ps_tau, timeout=args.timeout)
+        if strategy.is_main:
+            record_run(args.run_dir, model.config, tokenizer)
         result = run_training(model, loss, train_data, config, strategy, eval_data=eval_data,
                               resume=args.resume)
         if not strategy.is_main:  # other workers and parameter servers: rank 0 reports and saves
             return 0
     else:
+        record_run(args.run_dir, model.config, tokenizer)
         result = train(model, loss, train_data, config, eval_data=eval_data, resume=args.resume)
     out = _save_final(model, tokenizer, args.run_dir)
     print(json.dumps({"step": result.step, "train_loss": result.train_loss, "eval": result.eval_metrics,
@@ -511,6 +710,7 @@ def _finetune(args: argparse.Namespace) -> int:
     max_len = _fit_length(args.max_len, 256, model.config, "--max-len")
     encoded = {split: encode_for(model, tokenizer, texts, max_len) for split, texts in splits.items()}
     objective = _task_objective(model.config)
+    record_run(args.run_dir, model.config, tokenizer)
     result = train(model, objective, encoded["train"], config, eval_data=encoded["validation"],
                    resume=args.resume)
     report = {"step": result.step, "validation": _with_metric(result.eval_metrics, args, regression)}
@@ -530,6 +730,9 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", choices=["clm", "mlm", "classify"],
                    help="default: classify for classifiers and regressors, clm for decoders, mlm for encoders")
     p.add_argument("--block-size", type=int, help="tokens per LM sequence (default 128 or the context)")
+    p.add_argument("--stride", type=int, help="causal LM: sliding-window perplexity over the whole text as one "
+                   "stream, windows of --block-size tokens advancing by this many (transformers' method; "
+                   "the last partial window is kept; = --block-size: non-overlapping)")
     p.add_argument("--max-len", type=int, help="tokens per classified text (default 256 or the context)")
     p.add_argument("--batch-size", type=int, default=16, help="items per batch (default 16)")
     p.add_argument("--max-batches", type=int, help="evaluate the first N batches only (default: all)")
@@ -546,9 +749,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from lmforge.objectives import CausalLM, MaskedLM
     from lmforge.predict import encode_for, is_regressor
     from lmforge.tokenizer import Tokenizer
-    from lmforge.training import evaluate
+    from lmforge.training import evaluate, sliding_window_perplexity
 
-    model = load_model(args.model, dtype="float32", device=args.device)
+    model = load_model(args.model, dtype="float32", device=checked_device(args.device))
     cfg = model.config
     objective = _fitting_objective(cfg, args.objective, "this model")
     tokenizer = Tokenizer.for_model(args.model)
@@ -567,6 +770,16 @@ def _evaluate(args: argparse.Namespace) -> int:
             texts = splits[split]
         max_len = _fit_length(args.max_len, 256, cfg, "--max-len")
         data, obj = encode_for(model, tokenizer, texts, max_len), _task_objective(cfg)
+    elif args.stride is not None:
+        if objective != "clm":
+            raise ValueError(f"--stride applies to causal LM perplexity; this evaluation is {objective}")
+        block_size = _fit_length(args.block_size, 128, cfg, "--block-size")
+        metrics = sliding_window_perplexity(model, _lm_stream(args, tokenizer), block_size, args.stride,
+                                            precision=args.precision)
+        split = args.split if args.data == "bbc-news" else "all"
+        print(json.dumps({"model": args.model, "data": args.data, "split": split, "stride": args.stride,
+                          "window": block_size, **metrics}))
+        return 0
     else:
         if args.data is None:
             raise ValueError("no data: give --data (a text file, a folder of .txt files or bbc-news)")
@@ -591,6 +804,10 @@ def _plot_arguments(p: argparse.ArgumentParser) -> None:
 def _plot(args: argparse.Namespace) -> int:
     from lmforge.training import plot_run
 
+    if args.out is not None:
+        if Path(args.out).suffix.lower() != ".png":
+            raise ValueError(f"--out {args.out!r}: expected a .png path")
+        writable_folder(Path(args.out).parent, "--out folder")
     print(plot_run(args.run_dir, args.out))
     return 0
 
@@ -670,6 +887,7 @@ def _distill(args: argparse.Namespace) -> int:
     loss = DistillObjective(teacher, student, base, alpha_ce=0.0 if regression else args.alpha_ce,
                             alpha_lm=args.alpha_lm, alpha_cos=args.alpha_cos, alpha_mse=alpha_mse,
                             temperature=args.temperature, hidden_pairs=pairs)
+    record_run(args.run_dir, student.config, tokenizer)
     result = train(student, loss, train_data, config, eval_data=eval_data, resume=args.resume)
     report = {"step": result.step, "train_loss": result.train_loss, "layer_map": layer_map,
               "eval": result.eval_metrics}
@@ -802,7 +1020,10 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lmforge", description=__doc__)
+    from importlib.metadata import version
+
+    parser = _Parser(prog="lmforge", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"lmforge {version('lmforge')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_arguments, _) in COMMANDS.items():
         add_arguments(sub.add_parser(name, help=help_text, description=help_text))
@@ -817,8 +1038,8 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("always", DataWarning)
             warnings.showwarning = show
             return COMMANDS[args.command][2](args)
-    except (ValueError, FileNotFoundError, TypeError, KeyError) as err:
-        print(f"lmforge {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError, TypeError, KeyError) as err:
+        print(f"lmforge {args.command}: error: {error_message(err)}", file=sys.stderr)
         return 2
 
 

@@ -328,7 +328,9 @@ class Tokenizer:
         text = os.fspath(source)
         path = Path(text).expanduser()
         if path.is_dir():
-            return cls.from_dir(path)
+            from lmforge.io.hf import training_run  # a training checkpoint: the run's tokenizer
+
+            return cls.from_dir(training_run(path) or path)
         if path.is_file():
             if path.suffix.lower() != ".gguf":
                 raise ValueError(f"{path}: expected a model folder or a .gguf file")

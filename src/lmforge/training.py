@@ -44,6 +44,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from tqdm.auto import tqdm
@@ -616,6 +617,40 @@ def evaluate(model: nn.Module, objective: Any, data: Any, batch_size: int = 16,
     return objective.summarize(totals)
 
 
+def sliding_window_perplexity(model: nn.Module, ids: Tensor, window: int, stride: int,
+                              precision: str = "fp32") -> dict[str, float]:
+    """Perplexity of a causal LM over one token stream ids (N,), scored in windows of `window` tokens that
+    advance by `stride` (transformers' documented sliding-window method): each window predicts only the tokens
+    the previous one did not (its last `end - previous end`), with the rest of the window as context. With
+    stride < window every token after the first is predicted exactly once; with stride = window (blocks) a
+    block's first token is not. The last, partial window is kept.
+
+    Returns {"loss", "perplexity", "tokens"} (mean negative log-likelihood per predicted token). Raises
+    ValueError for a stride outside [1, window] or a stream shorter than two tokens.
+    """
+    if not 1 <= stride <= window:
+        raise ValueError(f"stride must be in [1, {window}] (the window), got {stride}")
+    if ids.dim() != 1 or len(ids) < 2:
+        raise ValueError(f"need a 1-D stream of at least 2 tokens, got shape {tuple(ids.shape)}")
+    device = next(model.parameters()).device
+    model.eval()
+    nll, count, prev_end = 0.0, 0, 0
+    with torch.no_grad():
+        for begin in range(0, len(ids), stride):
+            end = min(begin + window, len(ids))
+            chunk = ids[begin:end][None].to(device)  # (1, T)
+            with _autocast(device, precision):
+                logits = model(chunk).logits[0, :-1].float()  # (T-1, V): predictions of tokens 1..T-1
+            losses = F.cross_entropy(logits, chunk[0, 1:], reduction="none")
+            new = end - max(prev_end, begin + 1)  # tokens this window scores: those after the previous end
+            nll += float(losses[-new:].double().sum())
+            count += new
+            prev_end = end
+            if end == len(ids):
+                break
+    return {"loss": nll / count, "perplexity": math.exp(nll / count), "tokens": count}
+
+
 # --- plots --------------------------------------------------------------------------------------------------
 
 
@@ -637,13 +672,19 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     extra = sorted({k for r in eval_recs for k in r if k in ("accuracy", "macro_f1", "perplexity")})
     fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(11 if extra else 6, 4), squeeze=False)
     ax = axes[0][0]
+    distilled = any("loss_lm" in r or "loss_ce" in r for r in train_recs)  # a distillation run's records
     if train_recs:
-        ax.plot([r["step"] for r in train_recs], [r["loss"] for r in train_recs], label="train loss")
+        ax.plot([r["step"] for r in train_recs], [r["loss"] for r in train_recs],
+                label="train: total distillation loss (weighted sum of its terms)" if distilled else "train loss")
+    lm_recs = [r for r in train_recs if "loss_lm" in r]
+    if lm_recs:
+        ax.plot([r["step"] for r in lm_recs], [r["loss_lm"] for r in lm_recs],
+                label="train: student's own task loss (the loss_lm term)")
     if eval_recs and any("loss" in r for r in eval_recs):
         ax.plot([r["step"] for r in eval_recs if "loss" in r], [r["loss"] for r in eval_recs if "loss" in r],
-                "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+                "o-", label="eval: student's own task loss" if distilled else "eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean per target, nats)")
     ax.set_title(Path(run_dir).name)
     ax.legend()
     if extra:
@@ -651,8 +692,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         for key in extra:
             points = [(r["step"], r[key]) for r in eval_recs if key in r]
             ax2.plot([s for s, _ in points], [v for _, v in points], "o-", label=key)
-        ax2.set_xlabel("step")
-        ax2.set_title("evaluation")
+        ax2.set_xlabel("optimizer step")
+        ax2.set_ylabel(", ".join(extra))
+        ax2.set_title("evaluation metrics")
         ax2.legend()
     fig.tight_layout()
     out = Path(out) if out is not None else Path(run_dir) / "metrics.png"

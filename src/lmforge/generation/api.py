@@ -1,11 +1,18 @@
-"""Text in, text out: `generate` and `stream` over a model object or a model name / path (loaded with
-`lmforge.io.load_model`), with the tokenizer, chat templates and stop strings."""
+"""Text in, text out: `generate`, `stream` and `stream_rows` over a model object or a model name / path (loaded
+with `lmforge.io.load_model`), with the tokenizer, chat templates and stop strings.
+
+Length default: when neither max_length nor max_new_tokens is given, text generation produces up to
+`DEFAULT_MAX_NEW_TOKENS` new tokens (capped by the model's context), whatever the prompt's length, so that a chat
+template's ~30 tokens never use up the budget. (`generate_ids`, the token-level call, keeps transformers' default
+of max_length=20.) Streaming runs the very decode loop `generate` runs, on the same batch, so that for the same
+arguments and seed it yields the same tokens (one random draw per step for the whole batch in both).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -14,7 +21,18 @@ from lmforge.io import load_model
 from lmforge.models.decoder import Decoder
 from lmforge.tokenizer import IncrementalDecoder, Tokenizer
 
-__all__ = ["generate", "stream"]
+__all__ = ["DEFAULT_MAX_NEW_TOKENS", "Piece", "generate", "stream", "stream_rows"]
+
+DEFAULT_MAX_NEW_TOKENS = 128  # text generation's budget when the caller gives no length
+
+
+class Piece(NamedTuple):
+    """Text that row `row` (prompt index * num_return_sequences + sequence index) produced at one step;
+    `last` is True on the row's final piece (after its eos, stop string or the length limit)."""
+
+    row: int
+    text: str
+    last: bool
 
 
 def _load(model: Decoder | str | Path, tokenizer: Tokenizer | None, dtype: str | torch.dtype | None):
@@ -57,9 +75,12 @@ def _encode_prompts(model: Decoder, tokenizer: Tokenizer, prompts: str | Sequenc
     return ids, mask
 
 
-def _text_kwargs(model: Decoder, tokenizer: Tokenizer, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Generation arguments for text: stop at the model's and the tokenizer's eos ids."""
+def _text_kwargs(model: Decoder, tokenizer: Tokenizer, kwargs: dict[str, Any], prompt_len: int) -> dict[str, Any]:
+    """Generation arguments for text: stop at the model's and the tokenizer's eos ids; without a length,
+    `DEFAULT_MAX_NEW_TOKENS` new tokens (at most what the context leaves after the prompt, at least 1)."""
     kwargs = dict(kwargs)
+    if kwargs.get("max_length") is None and kwargs.get("max_new_tokens") is None:
+        kwargs["max_new_tokens"] = max(1, min(DEFAULT_MAX_NEW_TOKENS, model.config.max_seq_len - prompt_len))
     if kwargs.get("eos_token_id") is None and tokenizer.eos_token_id is not None:
         kwargs["eos_token_id"] = sorted({*model.config.eos_ids, tokenizer.eos_token_id})
     if kwargs.get("stop_strings"):
@@ -86,7 +107,7 @@ def generate(model: Decoder | str | Path, tokenizer: Tokenizer | None = None,
     """
     model, tokenizer = _load(model, tokenizer, dtype)
     ids, mask = _encode_prompts(model, tokenizer, prompts, chat)
-    kw = _text_kwargs(model, tokenizer, kwargs)
+    kw = _text_kwargs(model, tokenizer, kwargs, ids.shape[1])
     out = generate_ids(model, ids, mask, **kw)
     eos = kw.get("eos_token_id")
     eos = set(model.config.eos_ids) if eos is None else {eos} if isinstance(eos, int) else set(eos)
@@ -98,34 +119,68 @@ def generate(model: Decoder | str | Path, tokenizer: Tokenizer | None = None,
     return texts
 
 
+def stream_rows(model: Decoder | str | Path, tokenizer: Tokenizer | None = None,
+                prompts: str | Sequence[str] = "", chat: bool = False, dtype: str | torch.dtype | None = None,
+                **kwargs: Any) -> Iterator[Piece]:
+    """Stream every row of a `generate` call: `Piece`s (row, text, last) as tokens arrive, whole characters
+    only. Rows are ordered as `generate` returns them, and each row's joined text equals its `generate` text
+    for the same arguments (the same batch through the same decode loop, so the same random draws).
+
+    The arguments are checked before this returns (nothing is yielded then raised for a bad setting); beam
+    search is refused (ValueError), since its best hypothesis changes until the end.
+    """
+    model, tokenizer = _load(model, tokenizer, dtype)
+    ids, mask = _encode_prompts(model, tokenizer, prompts, chat)
+    kw = _text_kwargs(model, tokenizer, kwargs, ids.shape[1])
+    s, generator, ids, mask, options = prepare(model, ids, mask, kw)
+    if s.num_beams > 1:
+        raise ValueError("beam search cannot stream (its best hypothesis changes until the end): use "
+                         "num_beams=1, or generate without streaming")
+    return _pieces(model, tokenizer, s, generator, ids, mask, options)
+
+
+def _pieces(model: Decoder, tokenizer: Tokenizer, s, generator, ids, mask, options) -> Iterator[Piece]:
+    """The decode loop of `generate_ids` on (B, P) prompts, as `Piece`s: each row's text up to its first eos,
+    cut right after its first stop string."""
+    rows = ids.shape[0]
+    decoders = [IncrementalDecoder(tokenizer, skip_special_tokens=True) for _ in range(rows)]
+    emitted = [""] * rows
+    done = [False] * rows
+
+    def add(row: int, piece: str, last: bool) -> Piece:
+        text = emitted[row] + piece
+        if s.stop_strings and any(stop in text for stop in s.stop_strings):
+            piece, last = _cut_at_stop(text, s.stop_strings)[len(emitted[row]):], True
+        emitted[row] += piece
+        done[row] = last
+        return Piece(row, piece, last)
+
+    with inference(model):
+        run = Decoding(model, ids, mask, s.max_new_tokens, options.get("compile"))
+        for token in token_loop(run, ids, s, generator, options.get("tokenizer")):
+            for row, t in enumerate(token.tolist()):
+                if done[row]:
+                    continue
+                piece = add(row, decoders[row].flush(), True) if t in s.eos_ids else \
+                    add(row, decoders[row].step(t), False)
+                if piece.text or piece.last:
+                    yield piece
+    for row in range(rows):
+        if not done[row]:
+            yield add(row, decoders[row].flush(), True)
+
+
 def stream(model: Decoder | str | Path, tokenizer: Tokenizer | None = None, prompt: str = "",
            chat: bool = False, dtype: str | torch.dtype | None = None, **kwargs: Any) -> Iterator[str]:
     """Yield the generated text of one prompt piece by piece as tokens arrive, whole characters only.
 
-    Joined, the pieces equal `generate(...)[0]` for the same arguments. Sampling and greedy only (beam search
-    cannot stream: its best hypothesis changes until the end).
+    Joined, the pieces equal `generate(...)[0]` for the same arguments. One sequence; beam search is refused
+    (see `stream_rows`, which streams several prompts and sequences).
     """
-    model, tokenizer = _load(model, tokenizer, dtype)
     if not isinstance(prompt, str):
         raise ValueError(f"stream takes one prompt string, got {type(prompt).__name__}")
-    ids, mask = _encode_prompts(model, tokenizer, prompt, chat)
-    kw = _text_kwargs(model, tokenizer, kwargs)
-    s, generator, ids, mask, options = prepare(model, ids, mask, kw)
-    if s.num_beams > 1 or s.num_return_sequences > 1:
-        raise ValueError("stream produces one sequence: num_beams and num_return_sequences must be 1")
-    decoder = IncrementalDecoder(tokenizer, skip_special_tokens=True)
-    emitted = ""
-    with inference(model):
-        run = Decoding(model, ids, mask, s.max_new_tokens, options.get("compile"))
-        for token in token_loop(run, ids, s, generator, options.get("tokenizer")):
-            if int(token[0]) in s.eos_ids:
-                break
-            piece = decoder.step(int(token[0]))
-            if piece and s.stop_strings:
-                piece = _cut_at_stop(emitted + piece, s.stop_strings)[len(emitted):]
-            if piece:
-                emitted += piece
-                yield piece
-    tail = decoder.flush()
-    if tail:
-        yield _cut_at_stop(emitted + tail, s.stop_strings)[len(emitted):] if s.stop_strings else tail
+    if (kwargs.get("num_return_sequences") or 1) > 1:
+        raise ValueError("stream produces one sequence: num_return_sequences must be 1 (stream_rows streams "
+                         "several)")
+    pieces = stream_rows(model, tokenizer, prompt, chat, dtype, **kwargs)
+    return (p.text for p in pieces if p.text)

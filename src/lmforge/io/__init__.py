@@ -217,6 +217,10 @@ def describe_checkpoint(source: str | os.PathLike[str]) -> dict[str, Any]:
     config: ModelConfig = model.config
     if path.suffix.lower() == ".gguf":
         fmt, files, stored = "gguf", [path], _gguf_types(path)
+    elif (run := hf.training_run(path)) is not None:
+        files = [run / hf.CONFIG_FILE, path / hf.TRAINING_WEIGHTS]
+        fmt = "lmforge-training-checkpoint"
+        stored = Counter(str(t.dtype).removeprefix("torch.") for t in model.state_dict().values())
     else:
         files = [path / hf.CONFIG_FILE, *hf.weight_files(path)]
         fmt = "hf-safetensors" if files[-1].suffix == ".safetensors" else "hf-pytorch-bin"

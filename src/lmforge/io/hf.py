@@ -594,11 +594,14 @@ def state_dict_to_hf(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[s
 
 
 def read_config(folder: Path) -> ModelConfig:
-    """The `ModelConfig` of a Hugging Face folder; CheckpointError for a missing or malformed config.json."""
+    """The `ModelConfig` of a Hugging Face folder or of a training checkpoint's run (see `training_run`);
+    CheckpointError for a missing or malformed config.json."""
+    folder = training_run(folder) or Path(folder)
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder}: no {CONFIG_FILE}; expected a Hugging Face model folder "
-                              f"({CONFIG_FILE} + {SAFETENSORS_FILE})")
+                              f"({CONFIG_FILE} + {SAFETENSORS_FILE}) or a training checkpoint of a run "
+                              f"folder with {CONFIG_FILE}")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -698,6 +701,19 @@ def stored_dtypes(folder: Path) -> Counter[str]:
     return counts
 
 
+TRAINING_WEIGHTS = "model.pt"  # a training checkpoint: RUN/checkpoints/step_N/{model.pt, trainer.pt}
+
+
+def training_run(folder: Path) -> Path | None:
+    """The run folder of a training checkpoint folder (RUN/checkpoints/step_N with model.pt and trainer.pt,
+    the run's config.json and tokenizer in RUN, as lmforge's training commands write them), else None."""
+    folder = Path(folder)
+    if (folder / TRAINING_WEIGHTS).is_file() and (folder / "trainer.pt").is_file() \
+            and not (folder / CONFIG_FILE).is_file():
+        return folder.parent.parent
+    return None
+
+
 def read_checkpoint(folder: Path, *, head: str | None = None,
                     n_labels: int | None = None) -> tuple[ModelConfig, dict[str, Tensor]]:
     """Config and lmforge-named tensors of a Hugging Face folder (`lmforge.io.load_model` builds the model).
@@ -708,7 +724,9 @@ def read_checkpoint(folder: Path, *, head: str | None = None,
     dense layer, as in transformers. Raises CheckpointError naming the file and tensor for any mismatch.
     """
     folder = Path(folder)
-    config = read_config(folder)
+    run = training_run(folder)
+    config = read_config(folder if run is None else run)
+    stored = config
     new_head = config.head if head is None else head
     if new_head not in ("lm", "classify", "none"):
         raise ValueError(f"head must be 'lm', 'classify' or 'none', got {head!r}")
@@ -723,12 +741,15 @@ def read_checkpoint(folder: Path, *, head: str | None = None,
         fresh = ("cls_head.out.",)
     if new_head != config.head or n_labels is not None:
         config = config.replace(head=new_head, n_labels=config.n_labels if n_labels is None else n_labels)
-    tensors = read_tensors(folder)
+    if run is None:
+        tensors, where = read_tensors(folder), str(weight_files(folder)[0])
+    else:  # lmforge names, saved by the training loop: through the HF names, so that heads can be swapped
+        where = str(folder / TRAINING_WEIGHTS)
+        tensors = state_dict_to_hf(stored, torch.load(where, map_location="cpu", weights_only=True))
     pooled = re.compile(r"((bert|roberta)\.)?pooler\.dense\.weight")
     if config.family in ("bert", "roberta") and new_head == "none" and any(pooled.fullmatch(n) for n in tensors):
         config = config.replace(pooler=True)  # a bare body keeps its pooler, so that convert loses nothing
     expected = {name: t.shape for name, t in build_empty_model(config).state_dict().items()}
-    where = str(weight_files(folder)[0])
     return config, state_dict_from_hf(config, tensors, expected, where, fresh, other_heads_ok=bool(fresh))
 
 
@@ -794,6 +815,16 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def write_config(config: ModelConfig, folder: Path) -> Path:
+    """Write config.json alone (a training run's, so that its checkpoints load before the run ends)."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    path = Path(folder) / CONFIG_FILE
+    tmp = path.with_name(f".{CONFIG_FILE}.tmp-{os.getpid()}")
+    _write_json(tmp, config_to_hf(config))
+    os.replace(tmp, path)
+    return path
 
 
 def _write_json(path: Path, value: Any) -> None:
