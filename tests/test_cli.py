@@ -36,6 +36,17 @@ BAD_INPUTS = [
     (["export", "{empty}", "{out}"], "no config.json"),
     (["export", "{gpt2}", "{file}"], "exists and is not a folder"),
     (["export", "{missing}/checkpoints/step_00000002", "{out}"], "missing"),
+    # predict, embed, serve
+    (["predict", "--model", "no-such-model", "hi"], "unknown model 'no-such-model'"),
+    (["predict", "--model", "{bert}", "--input", "{missing}.csv"], "does not exist"),
+    (["embed", "--model", "no-such-model", "hi"], "unknown model 'no-such-model'"),
+    (["embed", "--model", "{bert}", "--input", "{missing}.txt"], "does not exist"),
+    (["serve", "--model", "{gpt2}", "--port", "0"], "--port in 1..65535"),
+    (["serve", "--model", "{gpt2}", "--max-batch", "0"], "--max-batch must be >= 1"),
+    (["serve", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+    # data that does not decode: never read as latin-1 behind the user's back
+    (["train", "--model", "{gpt2}", "--data", "{utf16}", "--run-dir", "{out}"], "not valid utf-8: byte offset 0"),
+    (["train", "--model", "{gpt2}", "--data", "{binary}", "--run-dir", "{out}"], "not valid utf-8"),
     # generate
     (["generate", "hi", "--model", "no-such-model"], "unknown model"),
     (["generate", "hi", "--model", "{gpt2}", "--max-new-tokens", "0"], "max_new_tokens"),
@@ -112,7 +123,10 @@ def places(cli_fixtures, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("bad-inputs")
     (root / "file.txt").write_text("a text file, not a model or a folder\n")
     (root / "empty").mkdir()
-    return {"gpt2": str(cli_fixtures / "tiny-gpt2"), "bert": str(cli_fixtures / "tiny-bert"),
+    (root / "utf16.txt").write_bytes("text in UTF-16, not UTF-8\n".encode("utf-16"))
+    (root / "binary.txt").write_bytes(bytes(range(256)) * 4)
+    return {"utf16": str(root / "utf16.txt"), "binary": str(root / "binary.txt"),
+            "gpt2": str(cli_fixtures / "tiny-gpt2"), "bert": str(cli_fixtures / "tiny-bert"),
             "corpus": str(cli_fixtures / "corpus"), "labelled": str(cli_fixtures / "labelled"),
             "file": str(root / "file.txt"), "empty": str(root / "empty"), "missing": str(root / "missing")}
 
