@@ -11,7 +11,7 @@ of the bandwidth bound: a decode step reads every weight once, so tokens/s <= re
 bandwidth measured here by a streaming `sum`). References: transformers (the same weights, saved by lmforge as an
 HF folder and loaded by transformers, in the same dtype; int8 and Q4_1 against its float32) and, when
 llama-cpp-python is installed, llama.cpp on the same GGUF file (2 threads, greedy and 10 samples one after the
-other, as its Python API generates them). Peak resident memory (ru_maxrss) of `lmforge generate` and of the same
+other, as its Python API generates them). Peak resident memory (VmHWM) of `lmforge generate` and of the same
 generation with transformers, each in a fresh process.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -116,7 +115,9 @@ def rss_worker(side: str, dtype: str, folder: str) -> None:
         with torch.inference_mode():
             ids = tok(PROMPT, return_tensors="pt")
             print(tok.decode(model.generate(**ids, max_new_tokens=8, do_sample=False)[0]))
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    # VmHWM: this process image's peak (ru_maxrss would carry over the peak of the parent that forked it)
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(json.dumps({"peak_rss_mb": int(hwm.split()[1]) / 1024}))
 
 
 def cpu_cases(args: argparse.Namespace, folder: Path, ids: torch.Tensor, bandwidth: float) -> None:
@@ -178,6 +179,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--skip-rss", action="store_true", help="no peak-memory measurements")
+    parser.add_argument("--rss-only", action="store_true", help="only the peak-memory measurements")
     parser.add_argument("--rss-worker", nargs=3, metavar=("SIDE", "DTYPE", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_worker:
@@ -197,7 +199,8 @@ def main() -> None:
         if device.type == "cuda":
             cuda_cases(args, folder, ids, bandwidth)
             return None
-        cpu_cases(args, folder, ids, bandwidth)
+        if not args.rss_only:
+            cpu_cases(args, folder, ids, bandwidth)
         if not args.skip_rss:
             rss = {(side, dtype): peak_rss([side, dtype, str(folder)])
                    for side, dtypes in (("lmforge", ("float32", "bfloat16", "int8", "keep-quantized")),
