@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from common import cpu_model  # benchmarks/common.py
 
 import lmforge.parallel as hvd
 
@@ -147,17 +147,6 @@ def table(rows: list[dict]) -> str:
         )
     return "\n".join(lines)
 
-
-def cpu_model() -> str:
-    """The CPU's model name (benchmarks print where they ran)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -19,17 +19,23 @@ CPU = torch.device("cpu")
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512_fp16", "amx_bf16", "amx_int8")
 
 
-def host() -> str:
-    """CPU model, ISA flags that matter to the kernels, cores, torch version and threads."""
-    model, flags = platform.processor() or "unknown CPU", set()
+def _cpuinfo(field: str) -> str | None:
     try:
         text = open("/proc/cpuinfo").read()
-        if m := re.search(r"^model name\s*:\s*(.+)$", text, re.M):
-            model = m.group(1).strip()
-        if m := re.search(r"^flags\s*:\s*(.+)$", text, re.M):
-            flags = set(m.group(1).split())
     except OSError:
-        pass
+        return None
+    m = re.search(rf"^{field}\s*:\s*(.+)$", text, re.M)
+    return m.group(1).strip() if m else None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (benchmarks print where they ran)."""
+    return _cpuinfo("model name") or platform.processor() or "unknown CPU"
+
+
+def host() -> str:
+    """CPU model, ISA flags that matter to the kernels, cores, torch version and threads."""
+    model, flags = cpu_model(), set((_cpuinfo("flags") or "").split())
     isa = " ".join(f for f in ISA_FLAGS if f in flags) or "none of " + ", ".join(ISA_FLAGS)
     return (f"{model} | ISA: {isa} | torch {torch.__version__} "
             f"(CPU capability {torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads")

@@ -16,28 +16,16 @@ nearest article (cosine) has the headline's category.
 from __future__ import annotations
 
 import argparse
-import platform
 import random
 import re
 import statistics
 import time
 
 import torch
+from common import cpu_model  # benchmarks/common.py
 
 from lmforge.data import bbc_news
 from lmforge.embeddings import SentenceEncoder
-
-
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def bbc_sentences(n: int = 1000, seed: int = 0, long_every: int = 50) -> list[str]:
