@@ -22,7 +22,11 @@ import statistics
 import time
 
 import torch
-from common import cpu_model  # benchmarks/common.py
+
+try:
+    from common import cpu_model  # run as a script: benchmarks/ is on sys.path
+except ImportError:  # imported as benchmarks.embed (tests/test_embed.py)
+    from benchmarks.common import cpu_model
 
 from lmforge.data import bbc_news
 from lmforge.embeddings import SentenceEncoder
