@@ -537,6 +537,21 @@ def span_corrupt(ids: Tensor, mask: Tensor, first_sentinel: int, eos_id: int) ->
     return torch.tensor([*inputs, eos_id]), torch.tensor([*targets, eos_id])
 
 
+def t5_sentinels(token_to_id: Callable[[str], int | None], where: str = "the tokenizer") -> tuple[int, int]:
+    """(id of <extra_id_0>, how many sentinels follow T5's layout <extra_id_k> = that id - k).
+
+    token_to_id: e.g. `Tokenizer.token_to_id`. Raises ValueError naming `where` when there is no <extra_id_0>.
+    """
+    first = token_to_id("<extra_id_0>")
+    if first is None:
+        raise ValueError(f"span corruption needs T5's sentinel tokens <extra_id_0>, <extra_id_1>, ... counting down "
+                         f"from the top of the vocabulary; {where} has none")
+    n = 1
+    while first - n >= 0 and token_to_id(f"<extra_id_{n}>") == first - n:
+        n += 1
+    return first, n
+
+
 def _pad_seq2seq(items: list[dict[str, Tensor]], pad_id: int) -> dict[str, Tensor]:
     """Right-padded batch of (input_ids, labels) items: input_ids and attention_mask (B, S) (pad_id, 0 beyond
     each input), labels (B, T) (IGNORE_INDEX beyond each target)."""
