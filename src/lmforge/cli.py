@@ -1012,10 +1012,14 @@ def _student_layers(text: str | None) -> int | list[int] | None:
 def _distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True, help="HF folder, .gguf file or packaged name of the teacher")
     p.add_argument("--student-layers", help="N evenly spaced teacher layers, or a map 0,2,4 (one layer: 5,); "
-                   "default: every other layer")
+                   "default: every other layer (an encoder-decoder's decoder layers)")
+    p.add_argument("--student-encoder-layers", help="encoder-decoder teachers: the encoder layers, in the same "
+                   "form (default: all)")
     add_data_arguments(p, corpus=True)
-    p.add_argument("--objective", choices=["clm", "mlm", "classify"],
-                   help="default: classify for classifiers and regressors, clm for decoders, mlm for encoders")
+    p.add_argument("--objective", choices=["clm", "mlm", "classify", *SEQ2SEQ_OBJECTIVES],
+                   help="default: classify for classifiers and regressors, clm for decoders, mlm for encoders; "
+                        "encoder-decoders: seq2seq on (source, target) pairs, span-corruption on a corpus")
+    add_seq2seq_arguments(p, scoring=False)
     p.add_argument("--alpha-ce", type=float, default=5.0, help="weight of the soft-target KL (default 5)")
     p.add_argument("--alpha-lm", type=float, default=2.0,
                    help="weight of the LM / MLM / classification loss (default 2)")
@@ -1038,7 +1042,7 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
 @command("distill", "Distil a teacher into a student initialised from its layers (DistilBERT-style).",
          _distill_arguments)
 def _distill(args: argparse.Namespace) -> int:
-    from lmforge.distill import DistillObjective, aligned_hidden_pairs, init_student
+    from lmforge.distill import DistillObjective, aligned_hidden_pairs, init_student, n_output_layers
     from lmforge.io import load_model
     from lmforge.objectives import CausalLM, MaskedLM
     from lmforge.predict import encode_for, is_regressor
@@ -1049,8 +1053,9 @@ def _distill(args: argparse.Namespace) -> int:
     seed_everything(args.seed)  # a projection the objective may create is initialised from the seed
     teacher = load_model(args.teacher, dtype="float32", device=args.device)
     cfg = teacher.config
-    objective = _fitting_objective(cfg, args.objective, "the teacher")
-    student, layer_map = init_student(teacher, _student_layers(args.student_layers))
+    objective = _fitting_objective(cfg, args.objective, "the teacher", args)
+    student, layer_map = init_student(teacher, _student_layers(args.student_layers),
+                                      encoder_layers=_student_layers(args.student_encoder_layers))
     tokenizer = Tokenizer.for_model(args.teacher)
     test = None
     regression = objective == "classify" and is_regressor(cfg)
@@ -1060,6 +1065,9 @@ def _distill(args: argparse.Namespace) -> int:
         encoded = {split: encode_for(teacher, tokenizer, texts, max_len) for split, texts in splits.items()}
         train_data, eval_data, test = encoded["train"], encoded["validation"], encoded.get("test")
         base = _task_objective(cfg)
+    elif objective in SEQ2SEQ_OBJECTIVES:
+        train_data, eval_data = _seq2seq_data(args, tokenizer, cfg, objective)
+        base = seq2seq_objective(cfg)
     else:
         if args.data is None:
             raise ValueError("no data: give --data (a text file, a folder of .txt files or bbc-news)")
@@ -1067,7 +1075,7 @@ def _distill(args: argparse.Namespace) -> int:
         train_data, eval_data = _lm_data(args, tokenizer, objective, block_size)
         base = CausalLM() if objective == "clm" else MaskedLM()
     alpha_mse = args.alpha_mse if args.alpha_mse is not None else (args.alpha_ce if regression else 0.0)
-    pairs = aligned_hidden_pairs(layer_map, cfg.n_layer) if args.align == "layers" else None
+    pairs = aligned_hidden_pairs(layer_map, n_output_layers(cfg)) if args.align == "layers" else None
     loss = DistillObjective(teacher, student, base, alpha_ce=0.0 if regression else args.alpha_ce,
                             alpha_lm=args.alpha_lm, alpha_cos=args.alpha_cos, alpha_mse=alpha_mse,
                             temperature=args.temperature, hidden_pairs=pairs)
