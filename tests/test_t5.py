@@ -29,11 +29,12 @@ VERSIONS = {"v1.0": dict(_T5, feed_forward_proj="relu"),
             "v1.1": dict(_T5, feed_forward_proj="gated-gelu", tie_word_embeddings=False)}
 
 
-def make_reference(version: str, folder: Path, seed: int = 0, encoder_only: bool = False) -> torch.nn.Module:
+def make_reference(version: str, folder: Path, seed: int = 0, encoder_only: bool = False,
+                   **overrides) -> torch.nn.Module:
     """A seeded random transformers T5 of `version`, saved to `folder`. v1.1 gets its own LM head (transformers
     5 ties every T5 head to the embeddings unless the file holds a different lm_head.weight, as Flan-T5's do)."""
     torch.manual_seed(seed)
-    config = tf.T5Config(**VERSIONS[version])
+    config = tf.T5Config(**{**VERSIONS[version], **overrides})
     if encoder_only:
         model = tf.T5EncoderModel(config).eval()
     else:
@@ -194,3 +195,123 @@ def test_training_forward_has_gradients() -> None:
     assert model.encoder.layers[0].attn.qkv.weight.grad.abs().sum() > 0
     assert model.encoder.relative_bias.weight.grad.abs().sum() > 0
     assert model.decoder.layers[-1].cross.kv.weight.grad.abs().sum() > 0
+
+
+# --- generation ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=list(VERSIONS))
+def t5_pair(request, tmp_path_factory):
+    """(transformers T5, the same weights as an lmforge EncoderDecoder). As many decoder as encoder layers:
+    transformers 5.23's generate sizes its decoder cache by the encoder's layer count (IndexError otherwise)."""
+    folder = tmp_path_factory.mktemp(f"t5-{request.param}")
+    return make_reference(request.param, folder, num_decoder_layers=2), load_model(folder)
+
+
+def _sources(lengths: list[int], side: str = "right", seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random encoder inputs (B, max(lengths)) of ids in [2, VOCAB), padded with 0 on `side`, and the mask."""
+    g = torch.Generator().manual_seed(seed)
+    S = max(lengths)
+    ids = torch.zeros(len(lengths), S, dtype=torch.long)
+    mask = torch.zeros(len(lengths), S, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        span = slice(0, n) if side == "right" else slice(S - n, S)
+        ids[i, span] = torch.randint(2, VOCAB, (n,), generator=g)
+        mask[i, span] = 1
+    return ids, mask
+
+
+SEQ2SEQ_DECODING = [
+    dict(max_new_tokens=16),
+    dict(max_length=20, repetition_penalty=1.3, no_repeat_ngram_size=2),
+    dict(max_new_tokens=10, num_beams=4, num_return_sequences=2, length_penalty=0.5),
+    dict(max_new_tokens=10, num_beams=3, early_stopping=True),
+    dict(max_new_tokens=10, num_beams=3, early_stopping="never", length_penalty=2.0),
+]
+
+
+@pytest.mark.parametrize("kw", SEQ2SEQ_DECODING, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize("lengths", [[7], [9, 4, 6]], ids=["single", "padded-batch"])
+def test_generation_matches_transformers(t5_pair, kw, lengths, one_thread):
+    hf, model = t5_pair
+    ids, mask = _sources(lengths)
+    with torch.no_grad():
+        ref = hf.generate(ids, attention_mask=mask, do_sample=False, **kw)
+    out = model.generate(ids, mask, **kw)
+    assert torch.equal(out, ref), f"\n{out}\n{ref}"
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_eos_mid_generation_matches_transformers(t5_pair, num_beams, one_thread):
+    """An eos the first row reaches at step 5: rows finish at different steps, padded as transformers pads."""
+    hf, model = t5_pair
+    ids, mask = _sources([8, 5, 7], side="left")
+    kw = dict(max_new_tokens=12, no_repeat_ngram_size=1, num_beams=num_beams)  # no token twice: varied rows
+    if num_beams > 1:
+        kw["length_penalty"] = 0.0  # summed log-probabilities: a hypothesis that ends early wins
+    free = model.generate(ids, mask, eos_token_id=[], **kw)
+    eos = int(free[0, 1 + 5])
+    kw.update(eos_token_id=eos, min_new_tokens=2)
+    with torch.no_grad():
+        ref = hf.generate(ids, attention_mask=mask, do_sample=False, **kw)
+    out = model.generate(ids, mask, **kw)
+    assert torch.equal(out, ref), f"\n{out}\n{ref}"
+    assert (out[:, 1:] == eos).any(), "eos never occurred: the test would not test finishing"
+
+
+def test_padding_side_and_batch_do_not_change_a_row(t5_pair, one_thread):
+    _, model = t5_pair
+    right, rmask = _sources([9, 3, 6], side="right")
+    left, lmask = _sources([9, 3, 6], side="left")
+    kw = dict(max_new_tokens=12, num_beams=2)
+    a, b = model.generate(right, rmask, **kw), model.generate(left, lmask, **kw)
+    assert torch.equal(a, b)
+    for i, n in enumerate([9, 3, 6]):
+        alone = model.generate(right[i:i + 1, :n], **kw)
+        assert torch.equal(a[i, :alone.shape[1]], alone[0]) and (a[i, alone.shape[1]:] == 0).all()
+
+
+def test_decode_steps_equal_the_full_forward(t5_pair, one_thread):
+    """The cached path (remembered cross keys/values, one token per step) gives the teacher-forced logits."""
+    _, model = t5_pair
+    ids, mask = _sources([9, 5], side="left")
+    dec = torch.randint(2, VOCAB, (2, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, decoder_input_ids=dec).logits
+        model.setup_cache(2, 8)
+        model.remember(model.encode(ids, mask))
+        first = model.decode(dec[:, :3], memory_mask=mask, input_pos=torch.arange(3)).logits
+        steps = [model.decode(dec[:, t:t + 1], memory_mask=mask, input_pos=torch.tensor([t])).logits
+                 for t in range(3, 8)]
+    model.drop_cache()
+    torch.testing.assert_close(torch.cat([first, *steps], 1), full, atol=ATOL, rtol=0)
+
+
+def test_sampling(t5_pair, one_thread):
+    """Seeds repeat, top_k=1 is greedy, and one-step sample frequencies follow softmax(logits / T)."""
+    _, model = t5_pair
+    ids, mask = _sources([6, 4])
+    kw = dict(max_new_tokens=10, do_sample=True, num_return_sequences=3, temperature=1.3, top_p=0.9)
+    a, b = model.generate(ids, mask, seed=5, **kw), model.generate(ids, mask, seed=5, **kw)
+    assert torch.equal(a, b) and a.shape[0] == 6
+    assert not torch.equal(a, model.generate(ids, mask, seed=6, **kw))
+    greedy = model.generate(ids, mask, max_new_tokens=10)
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=10, do_sample=True, top_k=1, seed=1), greedy)
+    n, temperature = 4000, 2.0
+    out = model.generate(ids[:1, :6], max_new_tokens=1, do_sample=True, temperature=temperature, top_k=0,
+                         num_return_sequences=n, eos_token_id=[], seed=11)
+    with torch.no_grad():
+        logits = model(ids[:1, :6], decoder_input_ids=torch.zeros(1, 1, dtype=torch.long)).logits[0, -1]
+    probs = (logits / temperature).softmax(-1)
+    freq = torch.bincount(out[:, 1], minlength=VOCAB).double() / n
+    assert (freq - probs).abs().max() < 4 * (probs * (1 - probs) / n).sqrt().max()  # 4 standard errors
+
+
+def test_decoder_prompt_and_start_token(t5_pair, one_thread):
+    hf, model = t5_pair
+    ids, mask = _sources([7, 5])
+    prefix = torch.tensor([[0, 5, 9], [0, 7, 7]])
+    with torch.no_grad():
+        ref = hf.generate(ids, attention_mask=mask, decoder_input_ids=prefix, max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(ids, mask, decoder_input_ids=prefix, max_new_tokens=6), ref)
+    assert (model.generate(ids, mask, decoder_start_token_id=4, max_new_tokens=3)[:, 0] == 4).all()
