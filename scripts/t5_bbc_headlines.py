@@ -49,19 +49,26 @@ def train_t5_tokenizer(texts: list[str], vocab_size: int, out: Path) -> Path:
     return tokenizer.save(out)
 
 
-def run(argv: list[str], log: list[dict]) -> dict:
-    """Run `lmforge ARGV` as a subprocess; its last stdout line is its JSON report."""
-    command = ["lmforge", *argv]
-    print("$ " + shlex.join(command), flush=True)
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "lmforge", *argv], capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"failed ({proc.returncode}): {proc.stderr[-3000:]}")
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    log.append({"command": shlex.join(command), "seconds": round(seconds, 1), "report": report})
-    print(f"  {seconds:.0f} s: {json.dumps(report)[:400]}", flush=True)
-    return report
+def run(name: str, argv: list, out: Path, log: list[dict]) -> dict:
+    """Run `lmforge ARGV` as a subprocess (its last stdout line is its JSON report), kept in OUT/NAME.json; a
+    stage whose report exists is not run again (so an interrupted script continues where it stopped)."""
+    command = ["lmforge", *[str(a) for a in argv]]
+    saved = out / f"{name}.json"
+    if saved.exists():
+        entry = json.loads(saved.read_text())
+        print(f"{name}: done before ({entry['seconds']} s)", flush=True)
+    else:
+        print(f"{name}: $ {shlex.join(command)}", flush=True)
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "lmforge", *command[1:]], capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"{name} failed ({proc.returncode}): {proc.stderr[-3000:]}")
+        entry = {"command": shlex.join(command), "seconds": round(time.perf_counter() - start, 1),
+                 "load_after": os.getloadavg(), "report": json.loads(proc.stdout.strip().splitlines()[-1])}
+        saved.write_text(json.dumps(entry, indent=1))
+        print(f"  {entry['seconds']:.0f} s: {json.dumps(entry['report'])[:400]}", flush=True)
+    log.append({"stage": name, **entry})
+    return entry["report"]
 
 
 def main() -> None:
@@ -73,13 +80,13 @@ def main() -> None:
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--n-layer", type=int, default=2)
     p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--pretrain-steps", type=int, default=1000)
+    p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--pretrain-batch", type=int, default=32)
-    p.add_argument("--pretrain-lr", type=float, default=3e-3)
-    p.add_argument("--finetune-steps", type=int, default=500)
+    p.add_argument("--pretrain-lr", type=float, default=2e-3)
+    p.add_argument("--finetune-steps", type=int, default=300)
     p.add_argument("--finetune-batch", type=int, default=16)
     p.add_argument("--finetune-lr", type=float, default=1e-3)
-    p.add_argument("--max-source-len", type=int, default=192)
+    p.add_argument("--max-source-len", type=int, default=128)
     p.add_argument("--max-target-len", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -92,8 +99,11 @@ def main() -> None:
     log: list[dict] = []
     t0 = time.perf_counter()
     train_split = bbc_news("train")
-    tokenizer_dir = train_t5_tokenizer(train_split.texts, args.vocab_size, out / "tokenizer")
-    tokenizer_seconds = time.perf_counter() - t0
+    tokenizer_dir = out / "tokenizer"
+    if not (tokenizer_dir / "tokenizer.json").exists():
+        train_t5_tokenizer(train_split.texts, args.vocab_size, tokenizer_dir)
+        (out / "tokenizer_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
+    tokenizer_seconds = float((out / "tokenizer_seconds.txt").read_text())
     print(f"tokenizer: {tokenizer_dir} in {tokenizer_seconds:.0f} s", flush=True)
 
     size = ["--n-layer", args.n_layer, "--d-model", args.d_model, "--d-ff", args.d_ff, "--n-head", args.n_head]
@@ -102,23 +112,23 @@ def main() -> None:
     seq2seq = ["--objective", "seq2seq", "--data", "bbc-headlines", "--max-source-len", args.max_source_len,
                "--max-target-len", args.max_target_len, "--steps", args.finetune_steps, "--batch-size",
                args.finetune_batch, "--lr", args.finetune_lr, "--warmup-steps", args.finetune_steps // 20, *common]
-    strs = lambda xs: [str(x) for x in xs]  # noqa: E731
 
-    run(strs(["train", *scratch, "--objective", "span-corruption", "--data", "bbc-news", "--block-size",
-              args.block_size, "--steps", args.pretrain_steps, "--batch-size", args.pretrain_batch, "--lr",
-              args.pretrain_lr, "--warmup-steps", args.pretrain_steps // 20, "--eval-batches", 10, *common,
-              "--run-dir", out / "pretrain"]), log)
-    run(strs(["train", "--model", out / "pretrain" / "model", *seq2seq, "--run-dir", out / "finetune"]), log)
-    run(strs(["train", *scratch, *seq2seq, "--run-dir", out / "no-pretrain"]), log)
+    run("pretrain", ["train", *scratch, "--objective", "span-corruption", "--data", "bbc-news", "--block-size",
+                     args.block_size, "--steps", args.pretrain_steps, "--batch-size", args.pretrain_batch, "--lr",
+                     args.pretrain_lr, "--warmup-steps", args.pretrain_steps // 20, "--eval-batches", 10, *common,
+                     "--run-dir", out / "pretrain"], out, log)
+    run("finetune", ["train", "--model", out / "pretrain" / "model", *seq2seq, "--run-dir", out / "finetune"], out,
+        log)
+    run("no-pretrain", ["train", *scratch, *seq2seq, "--run-dir", out / "no-pretrain"], out, log)
     scores = {}
     for name in ("finetune", "no-pretrain"):
-        scores[name] = run(strs(["evaluate", "--model", out / name / "model", "--data", "bbc-headlines", "--split",
-                                 "test", "--max-source-len", args.max_source_len, "--max-target-len",
-                                 args.max_target_len, "--batch-size", 32]), log)
+        scores[name] = run(f"score-{name}", ["evaluate", "--model", out / name / "model", "--data", "bbc-headlines",
+                                             "--split", "test", "--max-source-len", args.max_source_len,
+                                             "--max-target-len", args.max_target_len, "--batch-size", 32], out, log)
     test = bbc_headlines("test")
     lead = [" ".join(s[len(BBC_HEADLINE_PREFIX):].split()[:10]) for s in test.sources]
     scores["first-10-words"] = corpus_rouge(lead, test.targets)
-    total = time.perf_counter() - t0
+    total = tokenizer_seconds + sum(entry["seconds"] for entry in log)  # the stages' own times, over restarts
     summary = {"arguments": {k: str(v) for k, v in vars(args).items()}, "tokenizer_seconds": tokenizer_seconds,
                "total_seconds": total, "steps": log, "test": scores, "load": os.getloadavg(),
                "torch_threads": os.environ.get("OMP_NUM_THREADS")}

@@ -32,9 +32,10 @@ from torch import Tensor, nn
 
 from lmforge.data import IGNORE_INDEX, DataWarning
 from lmforge.metrics import classification_metrics, confusion_matrix, macro_f1, regression_metrics
+from lmforge.models.seq2seq import shift_right
 
 __all__ = ["CausalLM", "Classification", "MaskedLM", "Regression", "Seq2SeqLM", "confusion_matrix", "macro_f1",
-           "model_inputs", "shift_right"]
+           "model_inputs"]
 
 Batch = dict[str, Tensor]
 
@@ -230,18 +231,6 @@ class Regression:
         n = pairs.shape[0]
         return {"loss": float(stats["loss_sum"]) / max(n, 1), **regression_metrics(pairs[:, 0], pairs[:, 1]),
                 "examples": n}
-
-
-def shift_right(labels: Tensor, decoder_start_id: int, pad_id: int) -> Tensor:
-    """Teacher-forcing decoder inputs (B, T) for target ids `labels` (B, T): the start id, then labels[:, :-1],
-    with IGNORE_INDEX (padding after a target's end) replaced by `pad_id` (T5: start = pad = 0)."""
-    if labels.dim() != 2:
-        raise ValueError(f"sequence-to-sequence labels must be (batch, target length), got shape "
-                         f"{tuple(labels.shape)}")
-    decoder_inputs = labels.new_full(labels.shape, pad_id)
-    decoder_inputs[:, 0] = decoder_start_id
-    decoder_inputs[:, 1:] = labels[:, :-1]
-    return decoder_inputs.masked_fill_(decoder_inputs == IGNORE_INDEX, pad_id)
 
 
 class Seq2SeqLM:
