@@ -814,9 +814,10 @@ def _seq2seq_report(args: argparse.Namespace, model, tokenizer, objective, pairs
     from lmforge.predict import seq2seq_rouge
     from lmforge.training import evaluate
 
-    metrics = evaluate(model, objective, data, batch_size=args.batch_size, precision=args.precision)
+    metrics = evaluate(model, objective, data, batch_size=args.batch_size, precision=args.precision,
+                       progress=not args.quiet)
     rouge = seq2seq_rouge(model, tokenizer, pairs, batch_size=args.batch_size, max_source_len=args.max_source_len,
-                          max_new_tokens=args.max_target_len, num_beams=args.num_beams)
+                          max_new_tokens=args.max_target_len, num_beams=args.num_beams, progress=not args.quiet)
     return {**metrics, **rouge}
 
 
