@@ -19,6 +19,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -40,6 +41,7 @@ from lmforge import registry
 # The special-token roles a Tokenizer knows, as named in tokenizer_config.json (`bos_token`, ...).
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk", "cls", "sep", "mask")
 GPT2_EOT = "<|endoftext|>"
+SENTINEL = re.compile(r"<extra_id_(\d+)>")  # T5's span-corruption sentinels
 GPT2_NAMES = ("gpt2", "distilgpt2")
 # Registry fixtures that carry a tokenizer (the others are data or the raw GPT-2 ranks).
 PACKAGED_TOKENIZERS = ("smollm2-135m-instruct", "all-minilm-l6-v2")
@@ -524,6 +526,9 @@ class Tokenizer:
         config: dict[str, Any] = {f"{role}_token": t for role, t in self.special_tokens.items() if t}
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
+        sentinels = [self.backend.id_to_token(i) for i in self.sentinel_ids]
+        if sentinels:  # T5: transformers adds 100 <extra_id_N> of its own unless told they exist
+            config.update(extra_ids=len(sentinels), extra_special_tokens=sentinels)
         _write_atomic(folder / "tokenizer.json", self.backend.to_str())
         _write_atomic(folder / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
         return folder
@@ -561,6 +566,20 @@ class Tokenizer:
     pad_token_id = property(lambda self: self.special_token_id("pad"), doc="Id of pad_token, or None.")
     unk_token_id = property(lambda self: self.special_token_id("unk"), doc="Id of unk_token, or None.")
     mask_token_id = property(lambda self: self.special_token_id("mask"), doc="Id of mask_token, or None.")
+
+    @cached_property
+    def sentinel_ids(self) -> list[int]:
+        """Ids of T5's sentinel tokens <extra_id_0>, <extra_id_1>, ... in that order (span corruption marks the
+        n-th dropped span with <extra_id_n>); empty for a vocabulary without them."""
+        found = {}
+        for i, token in self.backend.get_added_tokens_decoder().items():
+            match = SENTINEL.fullmatch(token.content)
+            if match:
+                found[int(match.group(1))] = i
+        if sorted(found) != list(range(len(found))):
+            raise ValueError(f"{self.source or 'tokenizer'}: sentinel tokens <extra_id_N> are not numbered "
+                             f"0..{len(found) - 1}")
+        return [found[n] for n in range(len(found))]
 
     @property
     def all_special_ids(self) -> list[int]:
