@@ -432,3 +432,34 @@ def test_options_that_do_not_fit_the_model_kind(t5_cli_folder, run_cli, tmp_path
             gpt2.generate(ids, **{option: value})
     with pytest.raises(ValueError, match="head='classify'"):
         load_model(folder, head="classify")
+
+
+def test_spiece_model_reads_without_sentencepiece(tmp_path: Path) -> None:
+    """A SentencePiece Unigram model (trained here by the sentencepiece package, a test-only dependency) read by
+    lmforge's own protobuf reader gives the ids of transformers' T5 tokenizer (sentinels in T5's order: the
+    highest id is <extra_id_0>) and, without sentinels, those of sentencepiece itself."""
+    import sentencepiece
+
+    from lmforge.tokenizer import Tokenizer
+
+    folder = tmp_path / "spm"
+    folder.mkdir()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXTS * 30), model_prefix=str(folder / "spiece"), vocab_size=50,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    (folder / "spiece.vocab").unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps({"extra_ids": 5}))
+    reference = tf.T5Tokenizer.from_pretrained(folder)
+    tok = Tokenizer.for_model(folder)
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
+    for text in [*TEXTS, "The lazy  fox <extra_id_0> sat.", "<extra_id_4>x<extra_id_1> y", "unseen ÿ zq"]:
+        ids = reference(text).input_ids
+        assert tok.encode(text) == ids, text
+        assert tok.decode(ids) == reference.decode(ids)
+        if "<extra_id" not in text:
+            assert ids == [*spm.encode(text), 1]
+    assert tok.sentinel_ids == reference.convert_tokens_to_ids([f"<extra_id_{i}>" for i in range(5)])
+    assert tok.sentinel_ids[0] == tok.vocab_size - 1 == len(reference) - 1
+    (folder / "spiece.model").write_bytes(b"\x0a\x05abc")  # a piece field cut short
+    with pytest.raises(ValueError, match="spiece.model"):
+        Tokenizer.for_model(folder)
