@@ -178,6 +178,8 @@ def test_bad_t5_configs(tmp_path: Path) -> None:
         load_model(tmp_path)
     with pytest.raises(ValueError, match="n_decoder_layer applies to encoder-decoder"):
         ModelConfig.from_name("tiny-gpt2", n_decoder_layer=2)
+    with pytest.raises(ValueError, match="relative_max_distance above half"):
+        ModelConfig.from_name("tiny-t5", relative_buckets=32, relative_max_distance=16)
     with pytest.raises(ValueError, match="position='relative'"):
         ModelConfig.from_name("tiny-t5", position="learned")
     with pytest.raises(ValueError, match="head 'lm'.*or 'none'"):
