@@ -178,6 +178,8 @@ def test_bad_t5_configs(tmp_path: Path) -> None:
         load_model(tmp_path)
     with pytest.raises(ValueError, match="n_decoder_layer applies to encoder-decoder"):
         ModelConfig.from_name("tiny-gpt2", n_decoder_layer=2)
+    with pytest.raises(ValueError, match="relative_max_distance above half"):
+        ModelConfig.from_name("tiny-t5", relative_buckets=32, relative_max_distance=16)
     with pytest.raises(ValueError, match="position='relative'"):
         ModelConfig.from_name("tiny-t5", position="learned")
     with pytest.raises(ValueError, match="head 'lm'.*or 'none'"):
@@ -315,3 +317,151 @@ def test_decoder_prompt_and_start_token(t5_pair, one_thread):
         ref = hf.generate(ids, attention_mask=mask, decoder_input_ids=prefix, max_new_tokens=6, do_sample=False)
     assert torch.equal(model.generate(ids, mask, decoder_input_ids=prefix, max_new_tokens=6), ref)
     assert (model.generate(ids, mask, decoder_start_token_id=4, max_new_tokens=3)[:, 0] == 4).all()
+
+
+# --- tokenizer, command line, bad input ---------------------------------------------------------------------
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "summarize: the cat sat on the mat, twice!",
+         "Numbers 12 345 and ünïcödé too.", "A  double   space and a tab\there."]
+
+
+def t5_tokenizer_folder(folder: Path, extra_ids: int = 10) -> tf.PreTrainedTokenizerBase:
+    """A SentencePiece-style Unigram vocabulary trained with `tokenizers` on TEXTS, wrapped in transformers'
+    T5 tokenizer (Metaspace pre-tokenizer, '</s>' appended, <extra_id_N> sentinels) and saved to `folder`."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers, trainers
+
+    backend = tokenizers.Tokenizer(models.Unigram())
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(vocab_size=120, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
+    backend.train_from_iterator(TEXTS * 10, trainer)
+    vocab = [tuple(piece) for piece in json.loads(backend.to_str())["model"]["vocab"]]
+    reference = tf.T5Tokenizer(vocab=vocab, extra_ids=extra_ids)
+    reference.save_pretrained(folder)
+    return reference
+
+
+def test_tokenizer_ids_match_transformers(tmp_path: Path) -> None:
+    from lmforge.tokenizer import Tokenizer
+
+    reference = t5_tokenizer_folder(tmp_path / "tok")
+    tok = Tokenizer.for_model(tmp_path / "tok")
+    texts = [*TEXTS, "summarize: <extra_id_0> cat <extra_id_9> mat", "unseen zqx words ÿ"]
+    for text in texts:
+        ids = reference(text).input_ids
+        assert tok.encode(text) == ids, text
+        assert tok.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
+    assert ids[-1] == tok.eos_token_id == reference.eos_token_id
+    assert (tok.pad_token_id, tok.unk_token_id, tok.vocab_size) == (reference.pad_token_id, reference.unk_token_id,
+                                                                     len(reference))
+    assert tok.sentinel_ids == reference.convert_tokens_to_ids([f"<extra_id_{i}>" for i in range(10)])
+    batch = tok.encode_batch(texts, padding_side="right")
+    want = reference(texts, padding=True).input_ids
+    assert batch.input_ids.tolist() == want
+    tok.save(tmp_path / "saved")  # what lmforge convert writes: transformers reads the same vocabulary back
+    again = tf.AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert len(again) == len(reference) and again(texts[-2]).input_ids == reference(texts[-2]).input_ids
+
+
+@pytest.fixture(scope="module")
+def t5_cli_folder(tmp_path_factory) -> tuple[Path, torch.nn.Module, tf.PreTrainedTokenizerBase]:
+    """A tiny random v1.1 T5 over the test tokenizer's vocabulary, with the tokenizer: (folder, hf model, hf tok)."""
+    folder = tmp_path_factory.mktemp("t5-cli")
+    reference_tok = t5_tokenizer_folder(folder)
+    torch.manual_seed(0)
+    config = tf.T5Config(**{**VERSIONS["v1.1"], "vocab_size": len(reference_tok), "num_decoder_layers": 2})
+    hf = tf.T5ForConditionalGeneration(config).eval()
+    hf.save_pretrained(folder)
+    return folder, hf, reference_tok
+
+
+def test_cli_generate_matches_transformers(t5_cli_folder, run_cli, one_thread) -> None:
+    folder, hf, reference_tok = t5_cli_folder
+    prompts = ["summarize: the cat sat on the mat", "translate: lazy dog"]
+    for options in ([], ["--num-beams", "3", "--num-return-sequences", "2"]):
+        code, out, err = run_cli("generate", "--model", folder, *prompts, "--max-new-tokens", "8",
+                                 "--json", *options)
+        assert code == 0, err
+        texts = [o["text"] for o in json.loads(out)["outputs"]]
+        batch = reference_tok(prompts, return_tensors="pt", padding=True)
+        kw = dict(num_beams=3, num_return_sequences=2) if options else {}
+        with torch.no_grad():
+            ref = hf.generate(**batch, max_new_tokens=8, do_sample=False, **kw)
+        assert texts == reference_tok.batch_decode(ref, skip_special_tokens=True)
+        assert any(texts), "every text is empty: the comparison would be vacuous"
+    code, plain, _ = run_cli("generate", "--model", folder, prompts[0], "--max-new-tokens", "8", "--seed", "3",
+                             "--do-sample")
+    code2, streamed, _ = run_cli("generate", "--model", folder, prompts[0], "--max-new-tokens", "8", "--seed",
+                                 "3", "--do-sample", "--stream")
+    assert code == code2 == 0 and plain == streamed and not plain.startswith("Generated 0: summarize")
+
+
+def test_cli_info_and_convert(t5_cli_folder, run_cli, tmp_path: Path, one_thread) -> None:
+    folder, hf, reference_tok = t5_cli_folder
+    code, out, _ = run_cli("info", folder)
+    assert code == 0 and "T5ForConditionalGeneration (t5 encoder-decoder, head lm)" in out
+    assert "2 encoder + 2 decoder layers" in out
+    code, out, err = run_cli("convert", folder, tmp_path / "out", "--dtype", "bfloat16")
+    assert code == 0, err
+    converted = tf.T5ForConditionalGeneration.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    for name, t in hf.state_dict().items():
+        torch.testing.assert_close(converted.state_dict()[name], t.to(torch.bfloat16).float(), atol=0, rtol=0)
+    tok = tf.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert len(tok) == len(reference_tok) and tok(TEXTS[1]).input_ids == reference_tok(TEXTS[1]).input_ids
+
+
+def test_options_that_do_not_fit_the_model_kind(t5_cli_folder, run_cli, tmp_path: Path) -> None:
+    """Decoder-only options on a T5 and T5-only options on a decoder fail naming the option."""
+    folder, _, _ = t5_cli_folder
+    code, _, err = run_cli("generate", "--model", folder, "hi", "--chat")
+    assert code == 2 and "--chat" in err and "encoder-decoder" in err
+    code, _, err = run_cli("serve", "--model", folder)
+    assert code == 2 and f"--model {folder}" in err and "encoder-decoder" in err
+    t5 = load_model(folder)
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(ValueError, match="compile=True"):
+        t5.generate(ids, compile=True)
+    with pytest.raises(ValueError, match="decoder_start_token_id must be"):
+        t5.generate(ids, decoder_start_token_id=10**6)
+    with pytest.raises(ValueError, match="decoder_input_ids is required"):
+        t5(ids)
+    torch.manual_seed(0)
+    save_model(build_model(ModelConfig.from_name("tiny-gpt2")), tmp_path / "gpt2")
+    gpt2 = load_model(tmp_path / "gpt2")
+    for option in ("decoder_input_ids", "decoder_start_token_id"):
+        value = ids if option == "decoder_input_ids" else 0
+        with pytest.raises(ValueError, match=f"{option} applies to encoder-decoder models"):
+            gpt2.generate(ids, **{option: value})
+    with pytest.raises(ValueError, match="head='classify'"):
+        load_model(folder, head="classify")
+
+
+def test_spiece_model_reads_without_sentencepiece(tmp_path: Path) -> None:
+    """A SentencePiece Unigram model (trained here by the sentencepiece package, a test-only dependency) read by
+    lmforge's own protobuf reader gives the ids of transformers' T5 tokenizer (sentinels in T5's order: the
+    highest id is <extra_id_0>) and, without sentinels, those of sentencepiece itself."""
+    import sentencepiece
+
+    from lmforge.tokenizer import Tokenizer
+
+    folder = tmp_path / "spm"
+    folder.mkdir()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXTS * 30), model_prefix=str(folder / "spiece"), vocab_size=50,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    (folder / "spiece.vocab").unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps({"extra_ids": 5}))
+    reference = tf.T5Tokenizer.from_pretrained(folder)
+    tok = Tokenizer.for_model(folder)
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
+    for text in [*TEXTS, "The lazy  fox <extra_id_0> sat.", "<extra_id_4>x<extra_id_1> y", "unseen ÿ zq"]:
+        ids = reference(text).input_ids
+        assert tok.encode(text) == ids, text
+        assert tok.decode(ids) == reference.decode(ids)
+        if "<extra_id" not in text:
+            assert ids == [*spm.encode(text), 1]
+    assert tok.sentinel_ids == reference.convert_tokens_to_ids([f"<extra_id_{i}>" for i in range(5)])
+    assert tok.sentinel_ids[0] == tok.vocab_size - 1 == len(reference) - 1
+    (folder / "spiece.model").write_bytes(b"\x0a\x05abc")  # a piece field cut short
+    with pytest.raises(ValueError, match="spiece.model"):
+        Tokenizer.for_model(folder)

@@ -102,6 +102,9 @@ def _info(args: argparse.Namespace) -> int:
     d = describe_checkpoint(args.model)
     stored = ", ".join(f"{name} x{count}" for name, count in sorted(d["stored_dtypes"].items()))
     heads = f"{d['n_head']} heads"
+    layers = f"{d['n_layer']} layers"
+    if d["n_decoder_layer"] is not None:
+        layers = f"{d['n_layer']} encoder + {d['n_decoder_layer']} decoder layers"
     if d["n_kv_head"] != d["n_head"]:
         heads += f" ({d['n_kv_head']} key/value)"
     rows = [("source", d["source"]), ("format", d["format"]),
@@ -109,7 +112,7 @@ def _info(args: argparse.Namespace) -> int:
             ("parameters", f"{d['parameters']:,} ({d['parameters'] / 1e6:.1f}M)"),
             ("dtype", f"{d['dtype']} when loaded; stored tensors: {stored}"),
             ("context length", f"{d['context_length']:,} tokens"),
-            ("shape", f"{d['n_layer']} layers, width {d['d_model']}, {heads}, "
+            ("shape", f"{layers}, width {d['d_model']}, {heads}, "
                       f"vocabulary {d['vocab_size']:,}")]
     rows += [("file" if i == 0 else "", f"{Path(f).name}  {_size(n)}") for i, (f, n) in enumerate(d["files"])]
     rows.append(("total size", _size(sum(n for _, n in d["files"]))))
@@ -196,12 +199,13 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                    "{prompt_index, sequence, prompt, text}")
 
 
-@command("generate", "Generate text from prompts with a causal language model.", _generate_arguments)
+@command("generate", "Generate text from prompts with a causal language model or a T5 (text-to-text).",
+         _generate_arguments)
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from lmforge.generation import default_dtype, generate, preferred_dtype, stream_rows
-    from lmforge.io import load_model
+    from lmforge.io import load_config, load_model
     from lmforge.tokenizer import Tokenizer
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else \
@@ -215,6 +219,10 @@ def _generate(args: argparse.Namespace) -> int:
     if args.stream and (args.num_beams or 1) > 1:
         raise ValueError("--stream cannot be combined with --num-beams (beam search's best hypothesis changes "
                          "until the end)")
+    seq2seq = load_config(args.model).arch == "encoder-decoder"
+    if seq2seq and args.chat:
+        raise ValueError("--chat wraps prompts in a decoder chat model's template; an encoder-decoder (T5) takes "
+                         "the task in plain text, e.g. 'summarize: ...'")
     dtype = preferred_dtype(device) if quantize else default_dtype(device) if args.dtype == "auto" else args.dtype
     model = load_model(args.model, dtype=dtype, device=device, quantize=quantize,
                        keep_quantized=args.keep_quantized)
@@ -233,8 +241,8 @@ def _generate(args: argparse.Namespace) -> int:
     def label(row: int) -> str:
         return f"Generated {row % n}" + (f" (prompt {row // n})" if len(args.prompts) > 1 else "") + ": "
 
-    def shown(row: int, text: str) -> str:
-        return text if args.chat else args.prompts[row // n] + text
+    def shown(row: int, text: str) -> str:  # a decoder continues its prompt, a T5 answers it
+        return text if args.chat or seq2seq else args.prompts[row // n] + text
 
     if args.stream:
         pieces = stream_rows(model, tokenizer, args.prompts, chat=args.chat, **kwargs)

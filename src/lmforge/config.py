@@ -88,6 +88,10 @@ class ModelConfig:
             if not isinstance(self.n_decoder_layer, int) or self.n_decoder_layer < 1:
                 raise ValueError(f"ModelConfig.n_decoder_layer must be a positive integer, got "
                                  f"{self.n_decoder_layer!r}")
+        if self.position == "relative" and not (
+                self.relative_buckets >= 4 and self.relative_max_distance > self.relative_buckets // 2):
+            raise ValueError(f"ModelConfig.relative_buckets must be >= 4 and relative_max_distance above half of "
+                             f"them, got {self.relative_buckets} and {self.relative_max_distance}")
         if (self.position == "relative") != (self.arch == "encoder-decoder"):
             raise ValueError(f"ModelConfig.position='relative' goes with arch='encoder-decoder' (T5) and only "
                              f"there; got position={self.position!r}, arch={self.arch!r}")

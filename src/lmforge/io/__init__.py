@@ -235,6 +235,7 @@ def describe_checkpoint(source: str | os.PathLike[str]) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "stored_dtypes": dict(stored),
         "context_length": config.max_seq_len - config.position_offset, "n_layer": config.n_layer,
+        "n_decoder_layer": config.n_decoder_layers if config.arch == "encoder-decoder" else None,
         "d_model": config.d_model, "n_head": config.n_head, "n_kv_head": config.n_kv_head,
         "vocab_size": config.vocab_size, "files": [(str(f), f.stat().st_size) for f in files],
     }
