@@ -135,6 +135,11 @@ def test_stand_in_learns_the_pairs_through_the_loop():
 # --- span corruption ------------------------------------------------------------------------------------------
 
 
+def sentinels(top: int, n: int = 100) -> list[int]:
+    """T5's sentinel ids: <extra_id_k> = top - k."""
+    return [top - k for k in range(n)]
+
+
 def test_random_segmentation_sums_and_is_positive():
     gen = torch.Generator().manual_seed(0)
     for n_items, n_segments in ((10, 1), (10, 10), (57, 6), (2, 2)):
@@ -165,14 +170,14 @@ def test_span_noise_mask_closed_form_counts(length):
 def test_span_corrupt_reconstructs_the_original_and_numbers_sentinels_down():
     ids = torch.tensor([10, 11, 12, 13, 14, 15])
     mask = torch.tensor([0, 1, 1, 0, 0, 1], dtype=torch.bool)
-    inputs, targets = span_corrupt(ids, mask, first_sentinel=99, eos_id=1)
+    inputs, targets = span_corrupt(ids, mask, sentinels(99), eos_id=1)
     assert inputs.tolist() == [10, 99, 13, 14, 98, 1]
     assert targets.tolist() == [99, 11, 12, 98, 15, 1]
     # a random block: the sentinels in the inputs, replaced by their spans from the targets, give the block back
     gen = torch.Generator().manual_seed(3)
     block = torch.randint(2, 90, (200,), generator=gen)
     mask = span_noise_mask(200, gen)
-    inputs, targets = span_corrupt(block, mask, first_sentinel=99, eos_id=1)
+    inputs, targets = span_corrupt(block, mask, sentinels(99), eos_id=1)
     n_noise, n_spans = span_counts(200)
     assert len(inputs) == 200 - n_noise + n_spans + 1 and len(targets) == n_noise + n_spans + 1
     spans: dict[int, list[int]] = {}
@@ -188,12 +193,12 @@ def test_span_corrupt_reconstructs_the_original_and_numbers_sentinels_down():
 
 def test_span_corrupted_blocks_seeded_per_item_and_epoch():
     blocks = torch.randint(2, 90, (6, 40), generator=torch.Generator().manual_seed(0))
-    ds = SpanCorruptedBlocks(blocks, first_sentinel=99, eos_id=1, pad_id=0, seed=7)
+    ds = SpanCorruptedBlocks(blocks, sentinels(99), eos_id=1, pad_id=0, seed=7)
     first = [ds[i] for i in range(6)]
-    again = SpanCorruptedBlocks(blocks, first_sentinel=99, eos_id=1, pad_id=0, seed=7)
+    again = SpanCorruptedBlocks(blocks, sentinels(99), eos_id=1, pad_id=0, seed=7)
     assert all(torch.equal(a["labels"], b["labels"]) for a, b in zip(first, [again[i] for i in range(6)], strict=True))
     assert torch.equal(again[4]["input_ids"], first[4]["input_ids"])  # read out of order: the same item
-    other_seed = SpanCorruptedBlocks(blocks, first_sentinel=99, eos_id=1, pad_id=0, seed=8)
+    other_seed = SpanCorruptedBlocks(blocks, sentinels(99), eos_id=1, pad_id=0, seed=8)
     assert any(not torch.equal(first[i]["labels"], other_seed[i]["labels"]) for i in range(6))
     ds.set_epoch(1)
     assert any(not torch.equal(first[i]["labels"], ds[i]["labels"]) for i in range(6))  # new noise each epoch
@@ -201,15 +206,15 @@ def test_span_corrupted_blocks_seeded_per_item_and_epoch():
     n_noise, n_spans = span_counts(40)
     assert batch["input_ids"].shape == (2, 40 - n_noise + n_spans + 1)
     assert batch["labels"].shape == (2, n_noise + n_spans + 1) and batch["attention_mask"].all()
-    with pytest.raises(ValueError, match="sentinels"):
-        SpanCorruptedBlocks(blocks, first_sentinel=99, eos_id=1, pad_id=0, n_sentinels=1)
+    with pytest.raises(ValueError, match="make 2 noise spans but there are 1 sentinel tokens"):
+        SpanCorruptedBlocks(blocks, [99], eos_id=1, pad_id=0)
 
 
 def test_span_corruption_trains_and_resumes_exactly(tmp_path):
     """The loop with span-corrupted data stopped after 3 of 6 steps and resumed ends where 6 steps in a row
     end (the data position and the per-(epoch, item) noise are restored)."""
     blocks = torch.randint(2, 40, (8, 24), generator=torch.Generator().manual_seed(0))
-    data = SpanCorruptedBlocks(blocks, first_sentinel=V - 1, eos_id=1, pad_id=0)
+    data = SpanCorruptedBlocks(blocks, sentinels(V - 1, 10), eos_id=1, pad_id=0)
     states = []
     for name, stops in (("straight", [6]), ("resumed", [3, 6])):
         torch.manual_seed(0)
@@ -349,7 +354,7 @@ def test_t5_learns_pairs_and_span_corruption_through_the_loop():
     after = train(model, Seq2SeqLM(), data, cfg, eval_data=data).eval_metrics
     assert after["loss"] < 0.3 * before, (before, after)
     blocks = torch.randint(2, 60, (8, 32), generator=torch.Generator().manual_seed(0))
-    corrupted = SpanCorruptedBlocks(blocks, first_sentinel=127, eos_id=1, pad_id=0)
+    corrupted = SpanCorruptedBlocks(blocks, sentinels(127), eos_id=1, pad_id=0)
     model = tiny_t5()
     before = evaluate(model, Seq2SeqLM(), corrupted, batch_size=4)["loss"]
     after = train(model, Seq2SeqLM(), corrupted, cfg, eval_data=corrupted).eval_metrics
@@ -533,6 +538,7 @@ def t5_cli(tmp_path_factory):
     backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    backend.add_special_tokens([f"<extra_id_{k}>" for k in range(100)])  # as T5's: added, at their vocab ids
     save_model(tiny_t5(), root / "t5")
     Tokenizer(backend, {"pad": "<pad>", "eos": "</s>", "unk": "<unk>"}).save(root / "t5")
     rng = random.Random(0)

@@ -408,11 +408,11 @@ def _lm_data(args: argparse.Namespace, tokenizer, objective: str, block_size: in
         if objective == "clm":
             return data.TokenBlocks(rows)
         if objective == "span-corruption":
-            first, n_sentinels = data.t5_sentinels(tokenizer.token_to_id, str(tokenizer))
-            if tokenizer.eos_token_id is None:
-                raise ValueError(f"span corruption needs an end-of-sequence token; {tokenizer} has none")
-            return data.SpanCorruptedBlocks(rows, first, tokenizer.eos_token_id, pad_id, seed=args.seed,
-                                            n_sentinels=n_sentinels)
+            if not tokenizer.sentinel_ids or tokenizer.eos_token_id is None:
+                raise ValueError(f"span corruption needs T5's sentinel tokens <extra_id_0>, <extra_id_1>, ... and "
+                                 f"an end-of-sequence token; {tokenizer} lacks them")
+            return data.SpanCorruptedBlocks(rows, tokenizer.sentinel_ids, tokenizer.eos_token_id, pad_id,
+                                            seed=args.seed)
         vocab = min(tokenizer.vocab_size, vocab_size or tokenizer.vocab_size)
         return data.MaskedBlocks(rows, tokenizer.mask_token_id, vocab, tokenizer.all_special_ids,
                                  pad_id=tokenizer.pad_token_id, seed=args.seed)

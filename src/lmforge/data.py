@@ -513,12 +513,13 @@ def span_noise_mask(length: int, generator: torch.Generator, noise_density: floa
     return mask
 
 
-def span_corrupt(ids: Tensor, mask: Tensor, first_sentinel: int, eos_id: int) -> tuple[Tensor, Tensor]:
+def span_corrupt(ids: Tensor, mask: Tensor, sentinel_ids: Sequence[int], eos_id: int) -> tuple[Tensor, Tensor]:
     """T5's (inputs, targets) of a token sequence ids (L,) and a noise mask (L,) (see `span_noise_mask`).
 
-    Noise span k (0-based) becomes the sentinel `first_sentinel - k` in the inputs (T5's <extra_id_k>, counted
-    down from the top of the vocabulary); the targets are each sentinel followed by its span's tokens. Both end
-    with `eos_id`. E.g. ids a b c d e f, mask 0 1 1 0 0 1 -> inputs a <0> d e <1> eos, targets <0> b c <1> f eos.
+    Noise span k (0-based) becomes the sentinel `sentinel_ids[k]` in the inputs (T5's <extra_id_k>, whose ids
+    count down from the top of the vocabulary: `Tokenizer.sentinel_ids`); the targets are each sentinel followed
+    by its span's tokens. Both end with `eos_id`. E.g. ids a b c d e f, mask 0 1 1 0 0 1 -> inputs
+    a <0> d e <1> eos, targets <0> b c <1> f eos. Raises ValueError when there are more spans than sentinels.
     """
     if ids.shape != mask.shape or ids.dim() != 1:
         raise ValueError(f"ids {tuple(ids.shape)} and mask {tuple(mask.shape)} must be one sequence each")
@@ -531,27 +532,12 @@ def span_corrupt(ids: Tensor, mask: Tensor, first_sentinel: int, eos_id: int) ->
             continue
         if t == 0 or not mask[t - 1]:
             k += 1
-            if first_sentinel - k < 0:
-                raise ValueError(f"span {k} has no sentinel below id {first_sentinel}")
-            inputs.append(first_sentinel - k)
-            targets.append(first_sentinel - k)
+            if k >= len(sentinel_ids):
+                raise ValueError(f"noise span {k} has no sentinel: only {len(sentinel_ids)} are given")
+            inputs.append(sentinel_ids[k])
+            targets.append(sentinel_ids[k])
         targets.append(token)
     return torch.tensor([*inputs, eos_id]), torch.tensor([*targets, eos_id])
-
-
-def t5_sentinels(token_to_id: Callable[[str], int | None], where: str = "the tokenizer") -> tuple[int, int]:
-    """(id of <extra_id_0>, how many sentinels follow T5's layout <extra_id_k> = that id - k).
-
-    token_to_id: e.g. `Tokenizer.token_to_id`. Raises ValueError naming `where` when there is no <extra_id_0>.
-    """
-    first = token_to_id("<extra_id_0>")
-    if first is None:
-        raise ValueError(f"span corruption needs T5's sentinel tokens <extra_id_0>, <extra_id_1>, ... counting down "
-                         f"from the top of the vocabulary; {where} has none")
-    n = 1
-    while first - n >= 0 and token_to_id(f"<extra_id_{n}>") == first - n:
-        n += 1
-    return first, n
 
 
 def _pad_seq2seq(items: list[dict[str, Tensor]], pad_id: int) -> dict[str, Tensor]:
@@ -575,19 +561,19 @@ class SpanCorruptedBlocks:
 
     The noise mask of block i in epoch e is drawn from a generator seeded by (seed, e, i) (as `MaskedBlocks`),
     so it is reproducible and independent of rank and resumption. Blocks of L tokens give inputs of
-    L - noise + spans + 1 and targets of noise + spans + 1 tokens (`span_counts`). `first_sentinel`: the id of
-    <extra_id_0>; spans k = 0, 1, ... use first_sentinel - k.
+    L - noise + spans + 1 and targets of noise + spans + 1 tokens (`span_counts`). `sentinel_ids`: the ids of
+    <extra_id_0>, <extra_id_1>, ... (`Tokenizer.sentinel_ids`); span k of a block is replaced by the k-th.
     """
 
-    def __init__(self, blocks: Tensor, first_sentinel: int, eos_id: int, pad_id: int,
-                 noise_density: float = 0.15, mean_span: float = 3.0, seed: int = 0, n_sentinels: int = 100):
+    def __init__(self, blocks: Tensor, sentinel_ids: Sequence[int], eos_id: int, pad_id: int,
+                 noise_density: float = 0.15, mean_span: float = 3.0, seed: int = 0):
         if blocks.dim() != 2 or blocks.shape[0] == 0:
             raise ValueError(f"blocks must be a non-empty (N, L) tensor, got shape {tuple(blocks.shape)}")
         _, n_spans = span_counts(blocks.shape[1], noise_density, mean_span)
-        if n_spans > n_sentinels:
-            raise ValueError(f"blocks of {blocks.shape[1]} tokens make {n_spans} noise spans but the vocabulary "
-                             f"has {n_sentinels} sentinels; use shorter blocks")
-        self.blocks, self.first_sentinel, self.eos_id, self.pad_id = blocks, first_sentinel, eos_id, pad_id
+        if n_spans > len(sentinel_ids):
+            raise ValueError(f"blocks of {blocks.shape[1]} tokens make {n_spans} noise spans but there are "
+                             f"{len(sentinel_ids)} sentinel tokens; use shorter blocks")
+        self.blocks, self.sentinel_ids, self.eos_id, self.pad_id = blocks, list(sentinel_ids), eos_id, pad_id
         self.noise_density, self.mean_span, self.seed = noise_density, mean_span, seed
         self.epoch = 0
 
@@ -601,7 +587,7 @@ class SpanCorruptedBlocks:
         ids = self.blocks[index]
         gen = torch.Generator().manual_seed(_mix(self.seed, self.epoch, index))
         mask = span_noise_mask(len(ids), gen, self.noise_density, self.mean_span)
-        inputs, targets = span_corrupt(ids, mask, self.first_sentinel, self.eos_id)
+        inputs, targets = span_corrupt(ids, mask, self.sentinel_ids, self.eos_id)
         return {"input_ids": inputs, "labels": targets}
 
     def collate(self, items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
