@@ -12,8 +12,9 @@
 - strategy: how the run is spread over processes (see `Strategy`); None is one process on `config.device`.
 
 One optimizer step = `grad_accum` micro-batches of `batch_size` items per rank, each micro-batch's loss
-weighted by its share of the step's loss terms. AdamW has two parameter groups: tensors with 2 or more
-dimensions (linear weights and embeddings) get weight decay; biases and norm weights (1-dimensional) do not.
+weighted by its share of the step's loss terms on every rank (`Strategy.step_targets`). AdamW has two parameter
+groups: tensors with 2 or more dimensions (linear weights and embeddings) get weight decay; biases and norm
+weights (1-dimensional) do not.
 The learning rate warms up linearly over `warmup_steps`, then decays (linear or cosine) to `min_lr_ratio * lr`
 at `max_steps`.
 
