@@ -89,6 +89,10 @@ BAD_INPUTS = [
      "invalid choice"),
     (["train", "--model", "{bert}", "--data", "{corpus}", "--run-dir", "{out}", "--objective", "clm",
       "--from-scratch"], "causal LM needs a decoder"),
+    (["train", "--model", "{gpt2}", "--data", "bbc-headlines", "--run-dir", "{out}", "--objective", "seq2seq"],
+     "--objective seq2seq needs an encoder-decoder model (T5)"),
+    (["train", "--model", "{bert}", "--data", "{corpus}", "--run-dir", "{out}", "--objective", "span-corruption"],
+     "--objective span-corruption needs an encoder-decoder model (T5)"),
     # finetune
     (["finetune", "--model", "{bert}", "--data", "{labelled}", "--run-dir", "{file}"], "not a folder"),
     (["finetune", "--model", "{bert}", "--data", "{labelled}", "--run-dir", READ_ONLY], "not writable"),
@@ -100,6 +104,8 @@ BAD_INPUTS = [
     (["evaluate", "--model", "no-such-model", "--data", "{corpus}"], "no-such-model"),
     (["evaluate", "--model", "{gpt2}", "--data", "{missing}"], "missing"),
     (["evaluate", "--model", "{gpt2}", "--data", "{corpus}", "--objective", "mlm"], "does not fit"),
+    (["evaluate", "--model", "{gpt2}", "--data", "bbc-headlines", "--objective", "seq2seq"],
+     "needs an encoder-decoder model"),
     (["evaluate", "--model", "{gpt2}", "--data", "{corpus}", "--block-size", "1000"], "--block-size 1000"),
     (["evaluate", "--model", "{gpt2}", "--data", "{corpus}", "--device", "cuda:5"], "cuda:5"),
     # distill

@@ -12,8 +12,9 @@
 - strategy: how the run is spread over processes (see `Strategy`); None is one process on `config.device`.
 
 One optimizer step = `grad_accum` micro-batches of `batch_size` items per rank, each micro-batch's loss
-weighted by its share of the step's loss terms. AdamW has two parameter groups: tensors with 2 or more
-dimensions (linear weights and embeddings) get weight decay; biases and norm weights (1-dimensional) do not.
+weighted by its share of the step's loss terms on every rank (`Strategy.step_targets`). AdamW has two parameter
+groups: tensors with 2 or more dimensions (linear weights and embeddings) get weight decay; biases and norm
+weights (1-dimensional) do not.
 The learning rate warms up linearly over `warmup_steps`, then decays (linear or cosine) to `min_lr_ratio * lr`
 at `max_steps`.
 
@@ -133,6 +134,10 @@ class Strategy(Protocol):
         last micro-batch of a step (DDP's no_sync), so gradients are reduced once per step.
     clip_grad_norm(parameters, max_norm): clip and return the total gradient norm (over all shards).
     all_reduce_sum(tensor): the sum of a tensor over ranks (metrics, evaluation statistics).
+    step_targets(n): how many loss terms one rank's gradient stands for, given this rank's n for the step: the
+        loop weights each micro-batch by its terms over this number. Ranks whose gradients are averaged return
+        (terms on every rank) / (number of ranks), so that the average is the mean over every term of the step
+        even when ranks hold different numbers (targets of different lengths); one process returns n.
     barrier(): wait for every rank (around checkpoint writes).
     gather_object(obj): every training rank's `obj`, in rank order (each rank's RNG state for checkpoints).
     """
@@ -151,6 +156,8 @@ class Strategy(Protocol):
     def clip_grad_norm(self, parameters: list[Tensor], max_norm: float) -> Tensor: ...
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor: ...
+
+    def step_targets(self, n: int) -> float: ...
 
     def barrier(self) -> None: ...
 
@@ -183,6 +190,9 @@ class SingleProcess:
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         return tensor
+
+    def step_targets(self, n: int) -> float:
+        return float(n)
 
     def barrier(self) -> None:
         return None
@@ -502,13 +512,13 @@ def train(model: nn.Module, objective: Any, train_data: Any, config: TrainConfig
         micro = [next(batches) for _ in range(config.grad_accum)]
         position += config.grad_accum
         counts = [objective.n_targets(b) for b in micro]
-        total = max(1, sum(counts))
+        total = strategy.step_targets(sum(counts))  # over every rank: ranks may hold different numbers
         tokens += sum(_n_tokens(b) for b in micro) * strategy.world_size
         lr = scheduler.get_last_lr()[0]
         step_loss: Tensor | float = 0.0
         step_metrics: dict[str, Tensor | float] = {}
         for i, batch in enumerate(micro):
-            weight = counts[i] / total
+            weight = counts[i] / total if total else 0.0
             with strategy.sync(run_model, i == len(micro) - 1):
                 with _autocast(device, config.precision):
                     loss, metrics = objective(forward_model, _to_device(batch, device))

@@ -70,6 +70,13 @@ class Distributed(SingleProcess):
         dist.all_reduce(out, group=self.group)
         return out
 
+    def step_targets(self, n: int) -> float:
+        """The mean over ranks of the step's loss terms (gradients are averaged over ranks); reduced with
+        lmforge's collectives, so that a dead peer ends in a `CollectiveError` naming it."""
+        total = hvd.allreduce(torch.tensor([float(n)], dtype=torch.float64, device=self.device), op=hvd.Sum,
+                              name="lmforge.step_targets")
+        return float(total) / self.world_size
+
     def barrier(self) -> None:
         dist.barrier(group=self.group)
 
@@ -194,6 +201,14 @@ class PSStrategy(Distributed):
         self.world_size = world - n_servers
         self.is_main = self.rank == 0
         self.worker: PSWorker | None = None
+
+    def step_targets(self, n: int) -> float:
+        """sync: the workers' mean, as allreduce (the servers average the workers' gradients); async and
+        bounded: this worker's own n (its gradient is applied alone, and a collective would make workers wait
+        for each other)."""
+        if self.mode != "sync":
+            return float(n)
+        return float(self.all_reduce_sum(torch.tensor([float(n)], dtype=torch.float64))) / self.world_size
 
     def prepare(self, model: nn.Module, optimizer: Optimizer) -> tuple[nn.Module, Any]:
         if self.is_server:
