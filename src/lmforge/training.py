@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -135,6 +136,11 @@ class Strategy(Protocol):
     all_reduce_sum(tensor): the sum of a tensor over ranks (metrics, evaluation statistics).
     barrier(): wait for every rank (around checkpoint writes).
     gather_object(obj): every training rank's `obj`, in rank order (each rank's RNG state for checkpoints).
+    forward_backward(model, objective, batch, weight, autocast, scaler): one micro-batch's forward (under
+        `autocast()`) and backward of `loss * weight`; returns the detached loss and the objective's metrics
+        (a pipeline runs its schedule here, and only its last stage has the loss).
+    checkpoint_state(model, optimizer): called by every rank; the model's and optimizer's state dicts in the
+        single-process format on the main rank (gathered from every rank when the model is split), else None.
     """
 
     rank: int
@@ -155,6 +161,12 @@ class Strategy(Protocol):
     def barrier(self) -> None: ...
 
     def gather_object(self, obj: Any) -> list[Any]: ...
+
+    def forward_backward(self, model: nn.Module, objective: Any, batch: dict[str, Tensor], weight: float,
+                         autocast: Callable[[], contextlib.AbstractContextManager],
+                         scaler: torch.amp.GradScaler) -> tuple[Tensor, dict[str, Any]]: ...
+
+    def checkpoint_state(self, model: nn.Module, optimizer: Optimizer) -> tuple[dict | None, dict | None]: ...
 
 
 class SingleProcess:
@@ -189,6 +201,19 @@ class SingleProcess:
 
     def gather_object(self, obj: Any) -> list[Any]:
         return [obj]
+
+    def forward_backward(self, model: nn.Module, objective: Any, batch: dict[str, Tensor], weight: float,
+                         autocast: Callable[[], contextlib.AbstractContextManager],
+                         scaler: torch.amp.GradScaler) -> tuple[Tensor, dict[str, Any]]:
+        with autocast():
+            loss, metrics = objective(model, batch)
+        scaler.scale(loss * weight).backward()
+        return loss.detach(), metrics
+
+    def checkpoint_state(self, model: nn.Module, optimizer: Optimizer) -> tuple[dict | None, dict | None]:
+        if not self.is_main:
+            return None, None
+        return self.unwrap(model).state_dict(), optimizer.state_dict()
 
 
 # --- optimizer and schedule ---------------------------------------------------------------------------------
@@ -498,6 +523,7 @@ def train(model: nn.Module, objective: Any, train_data: Any, config: TrainConfig
     bar = tqdm(total=config.max_steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not (strategy.is_main and config.progress))
     tokens, t0 = 0, time.perf_counter()
+    autocast = functools.partial(_autocast, device, config.precision)
     while step < config.max_steps:
         micro = [next(batches) for _ in range(config.grad_accum)]
         position += config.grad_accum
@@ -510,10 +536,9 @@ def train(model: nn.Module, objective: Any, train_data: Any, config: TrainConfig
         for i, batch in enumerate(micro):
             weight = counts[i] / total
             with strategy.sync(run_model, i == len(micro) - 1):
-                with _autocast(device, config.precision):
-                    loss, metrics = objective(forward_model, _to_device(batch, device))
-                scaler.scale(loss * weight).backward()
-            step_loss = step_loss + loss.detach() * weight
+                loss, metrics = strategy.forward_backward(forward_model, objective, _to_device(batch, device),
+                                                          weight, autocast, scaler)
+            step_loss = step_loss + loss * weight
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics.get(k, 0.0) + v * weight
         grad_norm = None
@@ -558,14 +583,14 @@ def train(model: nn.Module, objective: Any, train_data: Any, config: TrainConfig
             history.append(eval_record)
         if run_dir is not None and ((config.save_every and step % config.save_every == 0) or at_end):
             rng = strategy.gather_object(rng_state())  # every rank's streams, restored per rank
+            model_state, optimizer_state = strategy.checkpoint_state(run_model, optimizer)
             if strategy.is_main:
-                trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                trainer_state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                                  "scaler": scaler.state_dict(), "rng": rng, "step": step,
                                  "data_position": position, "config": config.to_dict()}
                 if trained_objective is not None:
                     trainer_state["objective"] = trained_objective.state_dict()
-                saved = save_checkpoint(run_dir, step, strategy.unwrap(run_model).state_dict(), trainer_state,
-                                        config.keep_last)
+                saved = save_checkpoint(run_dir, step, model_state, trainer_state, config.keep_last)
             strategy.barrier()
     bar.close()
     return TrainResult(step=step, train_loss=last_loss, eval_metrics=eval_metrics, checkpoint=saved,

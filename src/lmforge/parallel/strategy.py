@@ -78,6 +78,9 @@ class Distributed(SingleProcess):
         dist.all_gather_object(gathered, obj, group=self.group)
         return gathered
 
+    def check_run(self, config: TrainConfig, has_eval: bool) -> None:
+        """Called by `run_training` before the loop: refuse settings this strategy cannot run."""
+
     def finish(self) -> None:
         """Called once by `run_training` after the loop returns."""
 
@@ -232,6 +235,7 @@ def run_training(model: nn.Module, objective: Any, train_data: Any, config: Trai
     Parameter-server ranks serve instead of training (their optimizer, with the checkpoint's state when
     resuming, built as the loop builds it) and return their `ServerLog`; workers return the `TrainResult`.
     """
+    strategy.check_run(config, eval_data is not None)
     if config.run_dir and restart_count() > 0 and latest_checkpoint(config.run_dir) is not None:
         resume = True
     if isinstance(strategy, AllreduceStrategy):
