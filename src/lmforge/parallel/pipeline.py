@@ -12,11 +12,11 @@ the model is moved to the meta device on that rank (freed), and torch's `Pipelin
 per optimizer step, `checkpoint_state` gathers the stages into the single-process checkpoint format (so a run
 saved under a pipeline resumes in any layout), and `finish` puts the whole trained model back on every rank.
 
-Ranks form a (dp, pp) DeviceMesh: rank = dp_index * pp + stage. Gradients are averaged over "dp"; a head tied
-to the embedding is held by the first and the last stage, whose gradients of it are summed, so both copies take
-the same optimizer steps. The loss is computed on the last stage with the objective's own loss, each schedule
-micro-batch weighted by its share of the step's loss terms (scale_grads=False), so PP gives the gradient of
-single-process training on the same global batch.
+Ranks form the (dp, pp, tp=1) DeviceMesh of `lmforge.parallel.mesh.Layout`: rank = dp_index * pp + stage.
+Gradients are averaged over "dp"; a head tied to the embedding is held by the first and the last stage, whose
+gradients of it are summed, so both copies take the same optimizer steps. The loss is computed on the last stage
+with the objective's own loss, each schedule micro-batch weighted by its share of the step's loss terms
+(scale_grads=False), so PP gives the gradient of single-process training on the same global batch.
 
 What torch does not provide and is written here: the stage module over lmforge's decoder, the balanced split,
 the tied-weight and data-parallel gradient reductions (torch's schedules leave them to the user) and the
@@ -35,11 +35,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 from torch.optim import Optimizer
 
 from lmforge.models.blocks import ModelOutput, check_input_ids, rotary_cos_sin
+from lmforge.parallel import mesh as meshes
 from lmforge.parallel.strategy import Distributed
 from lmforge.training import TrainConfig
 
@@ -183,18 +183,16 @@ class PipelineStrategy(Distributed):
         if microbatches < 1:
             raise ValueError(f"microbatches must be >= 1, got {microbatches}")
         super().__init__(timeout, backend)
-        world = dist.get_world_size()
-        dp = dp if dp is not None else world // max(pp, 1)
-        if pp < 1 or dp < 1 or pp * dp != world:
-            raise ValueError(f"pipeline degree pp={pp} times data-parallel degree dp={dp} must equal the world "
-                             f"size {world}")
-        self.pp, self.dp, self.schedule_name, self.microbatches, self.split = pp, dp, schedule, microbatches, split
-        self.mesh = init_device_mesh(self.device.type, (dp, pp), mesh_dim_names=("dp", "pp"))
-        self.pp_group, self.dp_group = self.mesh.get_group("pp"), self.mesh.get_group("dp")
-        self.stage_index = self.mesh.get_local_rank("pp")
-        self.rank, self.world_size = self.mesh.get_local_rank("dp"), dp
+        self.layout = meshes.Layout.parse(dp=dp, pp=pp, tp=1)
+        self.pp, self.dp = self.layout.pp, self.layout.dp
+        self.schedule_name, self.microbatches, self.split = schedule, microbatches, split
+        self.mesh = self.layout.build(self.device.type)
+        self.pp_group, self.dp_group = meshes.group(self.mesh, "pp"), meshes.group(self.mesh, "dp")
+        self.stage_index = meshes.coordinate(self.mesh, "pp")
+        self.rank, self.world_size = meshes.coordinate(self.mesh, "dp"), self.dp
         self.is_first, self.is_last = self.stage_index == 0, self.stage_index == pp - 1
-        replicas = [[d * pp, d * pp + pp - 1] for d in range(dp)]  # first and last stage of each replica
+        pp = self.pp
+        replicas = [[d * pp, d * pp + pp - 1] for d in range(self.dp)]  # first and last stage of each replica
         tied_groups = [dist.new_group(ranks) for ranks in replicas] if pp > 1 else []  # every rank creates all
         self.tied_group = tied_groups[self.rank] if tied_groups else None
         self.stage: DecoderStage | None = None
