@@ -184,3 +184,11 @@ def test_bad_splits_and_models_are_refused_with_clear_errors():
         stage_layers(model, 5)
     with pytest.raises(ValueError, match="Encoder has none"):
         stage_layers(Encoder(ModelConfig.from_name("tiny-bert")), 2)
+
+
+@pytest.mark.parametrize(("kw", "match"), [({"schedule": "zb"}, "unknown pipeline schedule 'zb'"),
+                                           ({"microbatches": 0}, "microbatches must be >= 1"),
+                                           ({"microbatches": 1}, "1f1b schedule needs at least as many")])
+def test_bad_schedules_are_refused_before_joining_a_group(kw, match):
+    with pytest.raises(ValueError, match=match):
+        PipelineStrategy(**{"pp": 2, "schedule": "1f1b", "microbatches": 4, **kw})

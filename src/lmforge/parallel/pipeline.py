@@ -182,6 +182,9 @@ class PipelineStrategy(Distributed):
             raise ValueError(f"unknown pipeline schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
         if microbatches < 1:
             raise ValueError(f"microbatches must be >= 1, got {microbatches}")
+        if schedule == "1f1b" and microbatches < pp:
+            raise ValueError(f"the 1f1b schedule needs at least as many micro-batches as stages: "
+                             f"microbatches={microbatches} < pp={pp} (use gpipe, or more micro-batches)")
         super().__init__(timeout, backend)
         self.layout = meshes.Layout.parse(dp=dp, pp=pp, tp=1)
         self.pp, self.dp = self.layout.pp, self.layout.dp
