@@ -42,19 +42,24 @@ def _data() -> TokenBlocks:
 def _config(batch_size: int, **kw) -> TrainConfig:
     kw = {"max_steps": STEPS, "clip_norm": 0.5, **kw}
     return TrainConfig(lr=3e-3, batch_size=batch_size, warmup_steps=1, schedule="linear", progress=False,
-                       log_every=1, **kw)
+                       log_every=1, eval_batch_size=3, **kw)
 
 
-def _reference(name: str, batch_size: int, **kw) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """One process, one thread (as the ranks), on the global batch."""
+def _eval_data() -> TokenBlocks:
+    gen = torch.Generator().manual_seed(2)
+    return TokenBlocks(torch.randint(0, 128, (7, 16), generator=gen))  # batches of 3: the last one shorter
+
+
+def _reference(name: str, batch_size: int, **kw) -> tuple[list[float], dict[str, torch.Tensor], dict]:
+    """One process, one thread (as the ranks), on the global batch; its losses, weights and evaluation."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         model = _model(name)
-        result = train(model, CausalLM(), _data(), _config(batch_size, **kw))
+        result = train(model, CausalLM(), _data(), _config(batch_size, **kw), eval_data=_eval_data())
     finally:
         torch.set_num_threads(threads)
-    return [r["loss"] for r in result.history], model.state_dict()
+    return [r["loss"] for r in result.history if r["split"] == "train"], model.state_dict(), result.eval_metrics
 
 
 def _assert_same(actual: dict[str, np.ndarray], expected: dict[str, torch.Tensor], what: str) -> None:
@@ -80,19 +85,24 @@ def pipeline_rank(runs: list[tuple[str, str, dict]], pp: int) -> dict[str, dict]
             if step == STEPS:
                 own.update({k: v.detach().numpy().copy() for k, v in strategy.stage.state_dict().items()})
 
-        result = run_training(model, CausalLM(), _data(), _config(BATCH, **kw), strategy, on_step=on_step)
+        result = run_training(model, CausalLM(), _data(), _config(BATCH, **kw), strategy, on_step=on_step,
+                              eval_data=_eval_data())
         out[f"{name}/{schedule}"] = {
-            "losses": [r["loss"] for r in result.history], "own": own,
+            "losses": [r["loss"] for r in result.history if r["split"] == "train"], "own": own,
+            "eval": result.eval_metrics,
             "model": {k: v.detach().numpy().copy() for k, v in model.state_dict().items()},
             "stage": strategy.stage_index, "dp": strategy.rank}
     return out
 
 
-def _check(results: list[dict], key: str, losses: list[float], state: dict[str, torch.Tensor]) -> None:
-    """Every rank: the whole model after finish and its own stage's parameters equal the reference; rank 0
-    logged the reference's losses."""
+def _check(results: list[dict], key: str, reference: tuple) -> None:
+    """Every rank: the whole model after finish and its own stage's parameters equal the reference's, and so
+    does the final evaluation (the stages run in turn); rank 0 logged the reference's losses."""
+    losses, state, eval_metrics = reference
     np.testing.assert_allclose(results[0][key]["losses"], losses, rtol=0, atol=1e-5, err_msg=key)
     for r, res in enumerate(results):
+        assert res[key]["eval"]["tokens"] == eval_metrics["tokens"] == 7 * 15, key
+        assert res[key]["eval"]["loss"] == pytest.approx(eval_metrics["loss"], abs=1e-5), key
         _assert_same(res[key]["model"], state, f"{key} rank {r}")
         own = res[key]["own"]  # this stage's blocks only; a tied head's copy is checked on both stages
         assert own and len(own) < len(state), key
@@ -111,8 +121,7 @@ def test_pipeline_pp2_gpipe_and_1f1b_equal_single_process():
     results = run(pipeline_rank, 2, runs, 2, timeout=180)
     assert [results[r]["tiny-gpt2/gpipe"]["stage"] for r in range(2)] == [0, 1]
     for name, schedule, kw in runs:
-        losses, state = _reference(name, BATCH, **kw)
-        _check(results, f"{name}/{schedule}", losses, state)
+        _check(results, f"{name}/{schedule}", _reference(name, BATCH, **kw))
 
 
 def test_dp_x_pp_2x2_equals_single_process_on_the_global_batch():
@@ -121,8 +130,7 @@ def test_dp_x_pp_2x2_equals_single_process_on_the_global_batch():
     assert [(results[r]["tiny-gpt2/1f1b"]["dp"], results[r]["tiny-gpt2/1f1b"]["stage"]) for r in range(4)] == \
         [(0, 0), (0, 1), (1, 0), (1, 1)]
     for name, schedule, kw in runs:
-        losses, state = _reference(name, 2 * BATCH, **kw)
-        _check(results, f"{name}/{schedule}", losses, state)
+        _check(results, f"{name}/{schedule}", _reference(name, 2 * BATCH, **kw))
 
 
 def checkpoint_rank(run_dir: str, precision: str) -> list[float]:
@@ -143,14 +151,14 @@ def test_a_pipeline_checkpoint_resumes_in_one_process_on_the_same_curve(tmp_path
     torch.set_num_threads(1)
     model = _model("tiny-gpt2")
     result = train(model, CausalLM(), _data(), _config(BATCH, run_dir=str(tmp_path / "run")), resume=True)
-    losses, state = _reference("tiny-gpt2", BATCH)
+    losses, state, _ = _reference("tiny-gpt2", BATCH)
     np.testing.assert_allclose([r["loss"] for r in result.history], losses[3:], rtol=0, atol=1e-5)
     _assert_same({k: v.numpy() for k, v in model.state_dict().items()}, state, "resumed")
 
 
 def test_pipeline_bf16_autocast_follows_single_process_bf16(tmp_path):
     losses = run(checkpoint_rank, 2, str(tmp_path / "run"), "bf16", timeout=120)[0]
-    expected, _ = _reference("tiny-gpt2", BATCH, max_steps=3, precision="bf16")
+    expected = _reference("tiny-gpt2", BATCH, max_steps=3, precision="bf16")[0]
     # bf16 rounding of activations sent between stages matches the single process's (same ops, same casts);
     # what remains is the order of bf16 accumulation across micro-batches.
     np.testing.assert_allclose(losses, expected, rtol=0, atol=5e-4)  # measured: 8.3e-5

@@ -139,6 +139,8 @@ class Strategy(Protocol):
     forward_backward(model, objective, batch, weight, autocast, scaler): one micro-batch's forward (under
         `autocast()`) and backward of `loss * weight`; returns the detached loss and the objective's metrics
         (a pipeline runs its schedule here, and only its last stage has the loss).
+    eval_stats(model, objective, batch): `objective.eval_stats` of one evaluation batch (a pipeline runs its
+        stages in turn; the statistics come from the last stage, zeros of the same shapes elsewhere).
     checkpoint_state(model, optimizer): called by every rank; the model's and optimizer's state dicts in the
         single-process format on the main rank (gathered from every rank when the model is split), else None.
     """
@@ -165,6 +167,8 @@ class Strategy(Protocol):
     def forward_backward(self, model: nn.Module, objective: Any, batch: dict[str, Tensor], weight: float,
                          autocast: Callable[[], contextlib.AbstractContextManager],
                          scaler: torch.amp.GradScaler) -> tuple[Tensor, dict[str, Any]]: ...
+
+    def eval_stats(self, model: nn.Module, objective: Any, batch: dict[str, Tensor]) -> dict[str, Tensor]: ...
 
     def checkpoint_state(self, model: nn.Module, optimizer: Optimizer) -> tuple[dict | None, dict | None]: ...
 
@@ -209,6 +213,9 @@ class SingleProcess:
             loss, metrics = objective(model, batch)
         scaler.scale(loss * weight).backward()
         return loss.detach(), metrics
+
+    def eval_stats(self, model: nn.Module, objective: Any, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return objective.eval_stats(model, batch)
 
     def checkpoint_state(self, model: nn.Module, optimizer: Optimizer) -> tuple[dict | None, dict | None]:
         if not self.is_main:
@@ -629,7 +636,7 @@ def evaluate(model: nn.Module, objective: Any, data: Any, batch_size: int = 16,
     for b, weight in [(b, 1.0) for b in mine] or [(0, 0.0)]:
         items = [data[i] for i in range(b * batch_size, min(len(data), (b + 1) * batch_size))]
         with _autocast(strategy.device, precision):
-            stats = objective.eval_stats(model, _to_device(data.collate(items), strategy.device))
+            stats = strategy.eval_stats(model, objective, _to_device(data.collate(items), strategy.device))
         for k, v in stats.items():
             if k in concat:
                 if weight:

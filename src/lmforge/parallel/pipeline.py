@@ -22,8 +22,11 @@ What torch does not provide and is written here: the stage module over lmforge's
 the tied-weight and data-parallel gradient reductions (torch's schedules leave them to the user) and the
 gathering of stage states into one checkpoint.
 
-Limits: decoders only (encoders are refused); batches without padding masks (packed LM blocks); evaluation
-during training is refused (evaluate the saved model); torch.compile is refused for the stage.
+Evaluation (`eval_stats`) runs the stages one after another on whole batches (plain send / recv), the last
+stage computing the objective's statistics.
+
+Limits: decoders only (encoders are refused); batches without padding masks (packed LM blocks); no
+torch.compile of the stage; one stage per rank (no interleaved schedules).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from lmforge.training import TrainConfig
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 _BATCH_KEYS = ("input_ids", "labels")  # what a pipelined batch may hold (no padding masks)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activations sent between stages when evaluating
 
 
 def parse_split(text: str) -> list[int]:
@@ -211,9 +215,6 @@ class PipelineStrategy(Distributed):
                              f"{self.microbatches} micro-batches")
         if config.compile:
             raise ValueError("torch.compile is not supported with pipeline parallelism")
-        if has_eval:
-            raise ValueError("evaluation during pipeline-parallel training is not supported; evaluate the saved "
-                             "model (lmforge evaluate) instead")
 
     def prepare(self, model: nn.Module, optimizer: Optimizer) -> tuple[nn.Module, Optimizer]:
         """Cut `model` into this rank's stage, free the other stages' parameters (meta device), keep only this
@@ -256,10 +257,7 @@ class PipelineStrategy(Distributed):
                          scaler: torch.amp.GradScaler) -> tuple[Tensor, dict[str, Any]]:
         """Run the schedule over one loop micro-batch; the loss and metrics are the last stage's (zeros on the
         other stages, so that the loop's sum over ranks divided by dp is the mean over replicas)."""
-        extra = sorted(set(batch) - set(_BATCH_KEYS))
-        if extra:
-            raise ValueError(f"pipeline parallelism trains on packed blocks; the batch has {extra} (padding "
-                             f"masks and token types are not supported)")
+        self._check_batch(batch)
         rows = batch["input_ids"].shape[0]
         if rows % self.microbatches:
             raise ValueError(f"a batch of {rows} rows does not split into {self.microbatches} micro-batches")
@@ -280,14 +278,56 @@ class PipelineStrategy(Distributed):
                    for k in names}
         return loss, metrics
 
+    @staticmethod
+    def _check_batch(batch: dict[str, Tensor]) -> None:
+        extra = sorted(set(batch) - set(_BATCH_KEYS))
+        if extra:
+            raise ValueError(f"pipeline parallelism runs on packed blocks; the batch has {extra} (padding masks "
+                             f"and token types are not supported)")
+
     def _names(self) -> list[str]:
         """The objective's metric names, sent once from the last stage to the others (the loop reduces them)."""
         if self._metric_names is None:
             names = [sorted(self._step.records[-1][1]) if self.is_last else None]
-            last = dist.get_global_rank(self.pp_group, self.pp - 1)
-            dist.broadcast_object_list(names, src=last, group=self.pp_group)
+            dist.broadcast_object_list(names, src=self._global(self.pp - 1), group=self.pp_group)
             self._metric_names = names[0]
         return self._metric_names
+
+    def eval_stats(self, model: nn.Module, objective: Any, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The objective's statistics of one evaluation batch, the stages run one after another (no
+        micro-batches: any batch size); zeros of the same shapes on all but the last stage, so that the sum over
+        ranks counts each replica's batch once."""
+        self._check_batch(batch)
+        x = batch["input_ids"]
+        if not self.is_first:
+            x = self._recv(self.stage_index - 1)
+        out = self.stage(x)  # under the loop's autocast
+        if not self.is_last:
+            self._send(out, self.stage_index + 1)
+            stats = None
+        else:
+            stats = objective.eval_stats(lambda *a, **k: ModelOutput(logits=out, last_hidden_state=None), batch)
+        holder = [{k: (v.shape, v.dtype) for k, v in stats.items()} if stats is not None else None]
+        dist.broadcast_object_list(holder, src=self._global(self.pp - 1), group=self.pp_group)
+        if stats is not None:
+            return stats
+        return {k: torch.zeros(shape, dtype=dtype, device=self.device) for k, (shape, dtype) in holder[0].items()}
+
+    def _global(self, stage: int) -> int:
+        return dist.get_global_rank(self.pp_group, stage)
+
+    def _send(self, x: Tensor, stage: int) -> None:
+        header = torch.tensor([*x.shape, _DTYPES.index(x.dtype)], dtype=torch.int64)
+        dist.send(header.to(self.device), self._global(stage), group=self.pp_group)
+        dist.send(x.contiguous(), self._global(stage), group=self.pp_group)
+
+    def _recv(self, stage: int) -> Tensor:
+        header = torch.empty(4, dtype=torch.int64, device=self.device)  # (B, T, C, dtype index)
+        dist.recv(header, self._global(stage), group=self.pp_group)
+        *shape, dtype = header.tolist()
+        x = torch.empty(shape, dtype=_DTYPES[dtype], device=self.device)
+        dist.recv(x, self._global(stage), group=self.pp_group)
+        return x
 
     def sync(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
         return self._reduce_after() if sync else contextlib.nullcontext()
