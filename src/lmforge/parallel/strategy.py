@@ -242,6 +242,7 @@ class MeshStrategy(Distributed):
             raise ValueError("--strategy fsdp with --tp > 1 (2-D FSDP x TP) is not supported yet; DP x TP "
                              "replicates over dp: use --strategy ddp with --tp")
         self.data_parallel = data_parallel
+        self.timeout = timeout
         self.sequence_parallel = sequence_parallel
         self.activation_checkpointing = activation_checkpointing
         self.mesh = self.layout.build(self.device.type)
@@ -365,8 +366,26 @@ def run_training(model: nn.Module, objective: Any, train_data: Any, config: Trai
                 trained_objective.load_state_dict(state["objective"])
             optimizer.load_state_dict(state["optimizer"])
         return strategy.serve(optimizer)
-    result = train(model, objective, train_data, config, eval_data=eval_data, strategy=strategy,
-                   resume=resume, on_step=on_step)
+    try:
+        result = train(model, objective, train_data, config, eval_data=eval_data, strategy=strategy,
+                       resume=resume, on_step=on_step)
+    except RuntimeError as err:
+        if isinstance(strategy, MeshStrategy) and _is_peer_failure(err):
+            last = latest_checkpoint(config.run_dir) if config.run_dir else None
+            where = f"its last checkpoint is {str(last)!r}" if last else "it has no checkpoint yet"
+            raise hvd.CollectiveError(
+                f"rank {strategy.global_rank} of layout {strategy.layout.describe()}: a collective failed because "
+                f"a peer rank died or stopped answering within {strategy.timeout:g} s ({str(err).splitlines()[0]}); "
+                f"the job stops here; {where}: run the same command with --resume to continue") from err
+        raise
     strategy.finish()
     return result
+
+
+def _is_peer_failure(err: RuntimeError) -> bool:
+    """Whether an error raised inside a collective means that another rank died or hung."""
+    text = str(err)
+    return isinstance(err, dist.DistError) or any(
+        s in text for s in ("Connection reset", "Connection closed", "Connection refused", "timed out",
+                            "Timeout", "Broken pipe", "gloo/transport"))
 
