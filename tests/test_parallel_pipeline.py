@@ -74,7 +74,7 @@ def _assert_same(actual: dict[str, np.ndarray], expected: dict[str, torch.Tensor
 
 def pipeline_rank(runs: list[tuple[str, str, dict]], pp: int) -> dict[str, dict]:
     """Train each (model, schedule, config overrides) under PipelineStrategy; return each run's losses, the
-    whole model after `finish`, and this rank's own stage parameters after the last step."""
+    whole model (`full_model`), and this rank's own stage parameters after the last step."""
     out = {}
     for name, schedule, kw in runs:
         strategy = PipelineStrategy(pp=pp, schedule=schedule, microbatches=MICRO)
@@ -90,13 +90,13 @@ def pipeline_rank(runs: list[tuple[str, str, dict]], pp: int) -> dict[str, dict]
         out[f"{name}/{schedule}"] = {
             "losses": [r["loss"] for r in result.history if r["split"] == "train"], "own": own,
             "eval": result.eval_metrics,
-            "model": {k: v.detach().numpy().copy() for k, v in model.state_dict().items()},
+            "model": {k: v.detach().numpy().copy() for k, v in strategy.full_model(model).state_dict().items()},
             "stage": strategy.stage_index, "dp": strategy.rank}
     return out
 
 
 def _check(results: list[dict], key: str, reference: tuple) -> None:
-    """Every rank: the whole model after finish and its own stage's parameters equal the reference's, and so
+    """Every rank: the whole model (gathered) and its own stage's parameters equal the reference's, and so
     does the final evaluation (the stages run in turn); rank 0 logged the reference's losses."""
     losses, state, eval_metrics = reference
     np.testing.assert_allclose(results[0][key]["losses"], losses, rtol=0, atol=1e-5, err_msg=key)

@@ -9,8 +9,8 @@ modules for one stage (the embeddings on the first, the final norm and the LM he
 the model is moved to the meta device on that rank (freed), and torch's `PipelineStage` + `ScheduleGPipe` /
 `Schedule1F1B` run the micro-batches. The loop's own data sharding, logging and checkpoints stay the loop's:
 `PipelineStrategy.forward_backward` runs one schedule step per loop micro-batch, `sync` reduces gradients once
-per optimizer step, `checkpoint_state` gathers the stages into the single-process checkpoint format (so a run
-saved under a pipeline resumes in any layout), and `finish` puts the whole trained model back on every rank.
+per optimizer step, `save_checkpoint` gathers the stages into the single-process checkpoint format (so a run
+saved under a pipeline resumes in any layout), and `full_model` returns the whole trained model on every rank.
 
 Ranks form the (dp, pp, tp=1) DeviceMesh of `lmforge.parallel.mesh.Layout`: rank = dp_index * pp + stage.
 Gradients are averaged over "dp"; a head tied to the embedding is held by the first and the last stage, whose
@@ -44,7 +44,7 @@ from torch.optim import Optimizer
 from lmforge.models.blocks import ModelOutput, check_input_ids, rotary_cos_sin
 from lmforge.parallel import mesh as meshes
 from lmforge.parallel.strategy import Distributed
-from lmforge.training import TrainConfig
+from lmforge.training import TrainConfig, save_checkpoint
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 _BATCH_KEYS = ("input_ids", "labels")  # what a pipelined batch may hold (no padding masks)
@@ -382,31 +382,35 @@ class PipelineStrategy(Distributed):
         dist.all_gather_object(gathered, {"model": cpu, "optimizer": state}, group=self.pp_group)
         return gathered
 
-    def checkpoint_state(self, model: nn.Module, optimizer: Optimizer) -> tuple[dict | None, dict | None]:
-        """The whole model's state dict and the optimizer's in the single-process format, on the main rank."""
+    def save_checkpoint(self, run_dir: Any, step: int, model: nn.Module, optimizer: Optimizer,
+                        trainer_state: dict[str, Any], keep_last: int) -> Any:
+        """The loop's checkpoint in the single-process format (the whole model's state dict and the optimizer's,
+        gathered from the stages; every rank calls it, the main rank writes), so any layout resumes it."""
         stages = self._gather_stages(optimizer)
         if not self.is_main:
-            return None, None
+            return None
         model_state = {k: v for s in stages for k, v in s["model"].items()}
         by_name = {k: v for s in stages for k, v in s["optimizer"].items()}
-        ordered = {k: model_state[k] for k in self.model.state_dict()}  # the model's own key order
         state, groups, index = {}, [], 0
-        for names, group in zip(self.order, optimizer.param_groups, strict=True):
+        for names, param_group in zip(self.order, optimizer.param_groups, strict=True):
             ids = []
             for name in names:
                 if name in by_name:
                     state[index] = by_name[name]
                 ids.append(index)
                 index += 1
-            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
-        return ordered, {"state": state, "param_groups": groups}
+            groups.append({**{k: v for k, v in param_group.items() if k != "params"}, "params": ids})
+        ordered = {k: model_state[k] for k in self.model.state_dict()}  # the model's own key order
+        return save_checkpoint(run_dir, step, ordered, {**trainer_state, "optimizer": {"state": state,
+                                                                                         "param_groups": groups}},
+                               keep_last)
 
-    def finish(self) -> None:
-        """Put the whole trained model back into the model given to `prepare`, on every rank."""
-        if self.stage is None:
-            return
+    def full_model(self, model: nn.Module) -> nn.Module:
+        """The whole trained model as an ordinary module on every rank (a collective over each replica's
+        stages); the model given to `prepare` keeps only this rank's stage (the rest is on the meta device)."""
+        from lmforge.models import build_model
+
         stages = self._gather_stages(None)
-        full = {k: v for s in stages for k, v in s["model"].items()}
-        keep = {id(p) for p in self.stage.parameters()}
-        _replace_parameters(self.model, keep, lambda p: torch.empty_like(p, device=self.device))
-        self.model.load_state_dict(full)
+        plain = build_model(self.model.config)
+        plain.load_state_dict({k: v for s in stages for k, v in s["model"].items()})
+        return plain
