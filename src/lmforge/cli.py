@@ -515,9 +515,19 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of a corpus's blocks held out for evaluation (default 0.05; bbc-news uses its "
                         "validation split)")
     add_loop_arguments(p, steps=200, lr=3e-4)
-    p.add_argument("--strategy", choices=["allreduce", "ddp", "ps"],
+    p.add_argument("--strategy", choices=["allreduce", "ddp", "ps", "fsdp"],
                    help="data parallelism under torchrun --nproc-per-node N (default: one process); "
-                        "--batch-size is per rank")
+                        "--batch-size is per data-parallel rank; fsdp: sharded (FSDP2, ZeRO-3)")
+    p.add_argument("--dp", type=int, help="data-parallel degree (default: what --tp and --pp leave of the ranks)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree (default 1)")
+    p.add_argument("--pp-schedule", choices=["gpipe", "1f1b", "interleaved-1f1b"],
+                   help="--pp > 1: the pipeline schedule (default 1f1b; --schedule is the learning-rate one)")
+    p.add_argument("--microbatches", type=int, help="--pp > 1: micro-batches per batch (default: --pp)")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="--tp > 1: norms and dropout on sequence shards (--block-size divisible by --tp)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's activations in backward instead of storing them (any layout)")
     p.add_argument("--ps-servers", type=int, default=1, help="ps: server ranks, the first ones (default 1)")
     p.add_argument("--ps-mode", choices=["sync", "async", "bounded"], default="sync",
                    help="ps: consistency (default sync)")
@@ -538,6 +548,7 @@ def _train(args: argparse.Namespace) -> int:
     from lmforge.training import train
 
     config = loop_config(args)
+    _check_layout(args)
     if not args.from_scratch and (args.config or args.tokenizer or any(getattr(args, n) is not None for n in _SIZES)):
         raise ValueError("--config, --tokenizer and the size options build a new model: add --from-scratch")
     model_config = _scratch_config(args) if args.from_scratch else load_config(args.model)
@@ -561,11 +572,14 @@ def _train(args: argparse.Namespace) -> int:
         from lmforge.parallel.strategy import make_strategy, run_training
 
         strategy = make_strategy(args.strategy, grad_accum=config.grad_accum, n_servers=args.ps_servers,
-                                 mode=args.ps_mode, tau=args.ps_tau, timeout=args.timeout)
+                                 mode=args.ps_mode, tau=args.ps_tau, timeout=args.timeout, dp=args.dp,
+                                 tp=args.tp, pp=args.pp, sequence_parallel=args.sequence_parallel,
+                                 activation_checkpointing=args.activation_checkpointing)
         if strategy.is_main:
             record_run(args.run_dir, model.config, tokenizer)
         result = run_training(model, loss, train_data, config, strategy, eval_data=eval_data,
                               resume=args.resume)
+        model = strategy.full_model(model)  # a sharded model is gathered (every rank takes part)
         if not strategy.is_main:  # other workers and parameter servers: rank 0 reports and saves
             return 0
     else:
@@ -575,6 +589,32 @@ def _train(args: argparse.Namespace) -> int:
     print(json.dumps({"step": result.step, "train_loss": result.train_loss, "eval": result.eval_metrics,
                       "model": str(out)}))
     return 0
+
+
+def _check_layout(args: argparse.Namespace) -> None:
+    """Validate the model-parallel options before any work: degrees against torchrun's world size, pipeline
+    options only with --pp > 1, a layout only with a strategy that takes one."""
+    import os
+
+    from lmforge.parallel.mesh import Layout
+    from lmforge.parallel.strategy import PIPELINE_PENDING
+
+    layout_given = args.dp is not None or args.tp != 1 or args.pp != 1
+    if (args.sequence_parallel or args.activation_checkpointing or layout_given) and not args.strategy:
+        raise ValueError("--dp/--tp/--pp, --sequence-parallel and --activation-checkpointing need --strategy "
+                         "(fsdp, ddp or allreduce) under torchrun")
+    if args.strategy == "ps" and (layout_given or args.sequence_parallel or args.activation_checkpointing):
+        raise ValueError("--strategy ps takes no --dp/--tp/--pp layout nor activation checkpointing")
+    if args.pp == 1 and (args.pp_schedule or args.microbatches is not None):
+        raise ValueError("--pp-schedule and --microbatches are pipeline options: they need --pp > 1")
+    if args.microbatches is not None and args.microbatches < 1:
+        raise ValueError(f"--microbatches must be a positive integer, got {args.microbatches}")
+    if args.sequence_parallel and args.tp == 1:
+        raise ValueError("--sequence-parallel shards the sequence over tensor-parallel ranks: it needs --tp > 1")
+    if args.strategy:
+        Layout.parse(dp=args.dp, pp=args.pp, tp=args.tp, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    if args.pp > 1:
+        raise ValueError(PIPELINE_PENDING)
 
 
 def _fitting_objective(cfg, requested: str | None, who: str) -> str:
