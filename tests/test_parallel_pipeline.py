@@ -88,6 +88,10 @@ def pipeline_rank(runs: list[tuple[str, str, dict]], pp: int) -> dict[str, dict]
 
         result = run_training(model, CausalLM(), _data(), _config(BATCH, **kw), strategy, on_step=on_step,
                               eval_data=_eval_data())
+        # The rank holds only its stage: every other parameter of the model was moved to the meta device.
+        held = sum(p.numel() for p in model.parameters() if p.device.type != "meta")
+        assert held == sum(p.numel() for p in strategy.stage.parameters()) < sum(p.numel() for p in
+                                                                                  model.parameters())
         out[f"{name}/{schedule}"] = {
             "losses": [r["loss"] for r in result.history if r["split"] == "train"], "own": own,
             "eval": result.eval_metrics,
