@@ -84,7 +84,8 @@ def pipeline_rank(runs: list[tuple[str, str, dict]], pp: int) -> dict[str, dict]
 
         def on_step(step: int, record: dict, strategy=strategy, own=own) -> None:
             if step == STEPS:
-                own.update({k: v.detach().numpy().copy() for k, v in strategy.stage.state_dict().items()})
+                own.update({k: v.detach().numpy().copy() for stage in strategy.stages
+                            for k, v in stage.state_dict().items()})
 
         result = run_training(model, CausalLM(), _data(), _config(BATCH, **kw), strategy, on_step=on_step,
                               eval_data=_eval_data())
@@ -119,10 +120,12 @@ def _check(results: list[dict], key: str, reference: tuple) -> None:
 # --- tests ----------------------------------------------------------------------------------------------
 
 
-def test_pipeline_pp2_gpipe_and_1f1b_equal_single_process():
-    """GPT-2 (tied head) and Llama (untied), both schedules; gradient accumulation in one of them."""
+def test_pipeline_pp2_gpipe_1f1b_and_interleaved_equal_single_process():
+    """GPT-2 (tied head) and Llama (untied), every schedule (interleaved: 4 stages, 2 per rank); gradient
+    accumulation in some."""
     runs = [("tiny-gpt2", "gpipe", {}), ("tiny-gpt2", "1f1b", {"grad_accum": 2}),
-            ("tiny-llama", "gpipe", {"grad_accum": 2}), ("tiny-llama", "1f1b", {})]
+            ("tiny-llama", "gpipe", {"grad_accum": 2}), ("tiny-llama", "1f1b", {}),
+            ("tiny-gpt2", "interleaved-1f1b", {})]
     results = run(pipeline_rank, 2, runs, 2, timeout=180)
     assert [results[r]["tiny-gpt2/gpipe"]["stage"] for r in range(2)] == [0, 1]
     for name, schedule, kw in runs:
@@ -130,7 +133,7 @@ def test_pipeline_pp2_gpipe_and_1f1b_equal_single_process():
 
 
 def test_dp_x_pp_2x2_equals_single_process_on_the_global_batch():
-    runs = [("tiny-gpt2", "1f1b", {}), ("tiny-llama", "gpipe", {})]
+    runs = [("tiny-gpt2", "1f1b", {}), ("tiny-llama", "gpipe", {}), ("tiny-llama", "interleaved-1f1b", {})]
     results = run(pipeline_rank, 4, runs, 2, timeout=180)
     assert [(results[r]["tiny-gpt2/1f1b"]["dp"], results[r]["tiny-gpt2/1f1b"]["stage"]) for r in range(4)] == \
         [(0, 0), (0, 1), (1, 0), (1, 1)]
@@ -239,7 +242,11 @@ def test_bad_splits_and_models_are_refused_with_clear_errors():
 
 @pytest.mark.parametrize(("kw", "match"), [({"schedule": "zb"}, "unknown pipeline schedule 'zb'"),
                                            ({"microbatches": 0}, "microbatches must be >= 1"),
-                                           ({"microbatches": 1}, "1f1b schedule needs at least as many")])
+                                           ({"microbatches": 1}, "1f1b schedule needs at least as many"),
+                                           ({"schedule": "interleaved-1f1b", "microbatches": 5},
+                                            "a multiple of max"),
+                                           ({"schedule": "interleaved-1f1b", "stages_per_rank": 1},
+                                            "stages_per_rank >= 2")])
 def test_bad_schedules_are_refused_before_joining_a_group(kw, match):
     with pytest.raises(ValueError, match=match):
         PipelineStrategy(**{"pp": 2, "schedule": "1f1b", "microbatches": 4, **kw})

@@ -521,11 +521,13 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp", type=int, help="data-parallel degree (default: what --tp and --pp leave of the ranks)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree (default 1)")
-    p.add_argument("--pp-schedule", choices=["gpipe", "1f1b"],
-                   help="--pp > 1: the pipeline schedule (default 1f1b; --schedule is the learning-rate one)")
+    p.add_argument("--pp-schedule", choices=["gpipe", "1f1b", "interleaved-1f1b"],
+                   help="--pp > 1: the pipeline schedule (default 1f1b; interleaved-1f1b: 2 stages per rank; "
+                        "--schedule is the learning-rate one)")
     p.add_argument("--microbatches", type=int, help="--pp > 1: micro-batches per batch (default: --pp); "
                    "--batch-size must be a multiple")
-    p.add_argument("--pp-split", help="--pp > 1: layers per stage, e.g. 3,5 (default: balanced by parameters)")
+    p.add_argument("--pp-split", help="--pp > 1: layers per stage, e.g. 3,5 (default: balanced by parameters; "
+                   "interleaved-1f1b has 2 x --pp stages)")
     p.add_argument("--sequence-parallel", action="store_true",
                    help="--tp > 1: norms and dropout on sequence shards (--block-size divisible by --tp)")
     p.add_argument("--activation-checkpointing", action="store_true",
@@ -622,6 +624,9 @@ def _check_layout(args: argparse.Namespace) -> None:
         micro = args.microbatches or args.pp
         if (args.pp_schedule or "1f1b") == "1f1b" and micro < args.pp:
             raise ValueError(f"the 1f1b schedule needs --microbatches >= --pp ({args.pp}), got {micro}")
+        if args.pp_schedule == "interleaved-1f1b" and micro % max(1, micro // args.pp):
+            raise ValueError(f"the interleaved-1f1b schedule needs --microbatches a multiple of "
+                             f"max(1, microbatches // pp) = {max(1, micro // args.pp)}, got {micro}")
         if args.batch_size % micro:
             raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {micro} pipeline "
                              f"micro-batches (--microbatches)")
@@ -639,8 +644,10 @@ def _pp_split(args: argparse.Namespace, n_layer: int | None) -> list[int] | None
     from lmforge.parallel.pipeline import parse_split
 
     split = parse_split(args.pp_split)
-    if len(split) != args.pp:
-        raise ValueError(f"--pp-split {args.pp_split} gives {len(split)} stages, --pp is {args.pp}")
+    stages = args.pp * (2 if args.pp_schedule == "interleaved-1f1b" else 1)
+    if len(split) != stages:
+        raise ValueError(f"--pp-split {args.pp_split} gives {len(split)} stages, the pipeline has {stages} "
+                         f"(--pp {args.pp}, schedule {args.pp_schedule or '1f1b'})")
     if n_layer is not None and sum(split) != n_layer:
         raise ValueError(f"--pp-split {args.pp_split} covers {sum(split)} layers; the model has {n_layer}")
     return split

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.optim import Optimizer
 
 from lmforge.models.blocks import ModelOutput, check_input_ids, rotary_cos_sin
@@ -46,7 +46,7 @@ from lmforge.parallel import mesh as meshes
 from lmforge.parallel.strategy import Distributed
 from lmforge.training import TrainConfig, save_checkpoint
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B}
 _BATCH_KEYS = ("input_ids", "labels")  # what a pipelined batch may hold (no padding masks)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activations sent between stages when evaluating
 
@@ -176,12 +176,15 @@ class PipelineStrategy(Distributed):
 
     rank / world_size are the data-parallel index and degree (the loop shards data over replicas); every stage
     of a replica gets the same batch (only the first stage reads its input_ids, only the last its targets).
-    schedule: "gpipe" or "1f1b"; microbatches: schedule micro-batches per loop micro-batch (the loop's
-    batch_size must be a multiple); split: layers per stage (default: balanced by parameter count).
+    schedule: "gpipe", "1f1b" or "interleaved-1f1b" (Megatron's: `stages_per_rank` stages per rank, rank r
+    holding stages r, r + pp, ...; a smaller bubble for the same micro-batches); microbatches: schedule
+    micro-batches per loop micro-batch (the loop's batch_size must be a multiple); split: layers per stage
+    (pp x stages_per_rank counts; default: balanced by parameter count).
     """
 
     def __init__(self, pp: int, dp: int | None = None, schedule: str = "1f1b", microbatches: int = 4,
-                 split: list[int] | None = None, timeout: float = 60.0, backend: str | None = None):
+                 split: list[int] | None = None, timeout: float = 60.0, backend: str | None = None,
+                 stages_per_rank: int = 2):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown pipeline schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
         if microbatches < 1:
@@ -189,10 +192,16 @@ class PipelineStrategy(Distributed):
         if schedule == "1f1b" and microbatches < pp:
             raise ValueError(f"the 1f1b schedule needs at least as many micro-batches as stages: "
                              f"microbatches={microbatches} < pp={pp} (use gpipe, or more micro-batches)")
+        rounds = max(1, microbatches // max(pp, 1))
+        if schedule == "interleaved-1f1b" and (microbatches % rounds or stages_per_rank < 2):
+            raise ValueError(f"the interleaved-1f1b schedule needs stages_per_rank >= 2 (got {stages_per_rank}) "
+                             f"and microbatches a multiple of max(1, microbatches // pp) = {rounds} (got "
+                             f"{microbatches})")
         super().__init__(timeout, backend)
         self.layout = meshes.Layout.parse(dp=dp, pp=pp, tp=1)
         self.pp, self.dp = self.layout.pp, self.layout.dp
         self.schedule_name, self.microbatches, self.split = schedule, microbatches, split
+        self.virtual = stages_per_rank if schedule == "interleaved-1f1b" else 1
         self.mesh = self.layout.build(self.device.type)
         self.pp_group, self.dp_group = meshes.group(self.mesh, "pp"), meshes.group(self.mesh, "dp")
         self.stage_index = meshes.coordinate(self.mesh, "pp")
@@ -202,7 +211,7 @@ class PipelineStrategy(Distributed):
         replicas = [[d * pp, d * pp + pp - 1] for d in range(self.dp)]  # first and last stage of each replica
         tied_groups = [dist.new_group(ranks) for ranks in replicas] if pp > 1 else []  # every rank creates all
         self.tied_group = tied_groups[self.rank] if tied_groups else None
-        self.stage: DecoderStage | None = None
+        self.stage: nn.ModuleList | None = None  # this rank's DecoderStages
         self._step: _Step | None = None
         self._metric_names: list[str] | None = None
 
@@ -217,13 +226,16 @@ class PipelineStrategy(Distributed):
             raise ValueError("torch.compile is not supported with pipeline parallelism")
 
     def prepare(self, model: nn.Module, optimizer: Optimizer) -> tuple[nn.Module, Optimizer]:
-        """Cut `model` into this rank's stage, free the other stages' parameters (meta device), keep only this
-        stage's parameters (and their state) in `optimizer`, in place, and build the schedule."""
-        ranges = stage_layers(model, self.pp, self.split)
+        """Cut `model` into this rank's stages, free the other stages' parameters (meta device), keep only
+        these stages' parameters (and their state) in `optimizer`, in place, and build the schedule."""
+        n_stages = self.pp * self.virtual
+        ranges = stage_layers(model, n_stages, self.split)
         names = {id(p): n for n, p in model.named_parameters()}  # the first name of a tied tensor
         self.model = model
         self.order = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
-        self.stage = DecoderStage(model, ranges[self.stage_index], self.is_first, self.is_last)
+        self.indices = [self.stage_index + k * self.pp for k in range(self.virtual)]  # stages held here
+        self.stages = [DecoderStage(model, ranges[i], i == 0, i == n_stages - 1) for i in self.indices]
+        self.stage = nn.ModuleList(self.stages)
         keep = {id(p) for p in self.stage.parameters()}
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) in keep]
@@ -232,11 +244,12 @@ class PipelineStrategy(Distributed):
         _replace_parameters(model, keep, lambda p: torch.empty_like(p, device="meta"))
         self.names = {id(p): names[id(p)] for p in self.stage.parameters()}
         tied = getattr(model.config, "tie_embeddings", False) and self.pp > 1
-        self.tied = (self.stage.embed_tokens.weight if self.is_first else self.stage.lm_head.weight) \
+        self.tied = (self.stages[0].embed_tokens.weight if self.is_first else self.stages[-1].lm_head.weight) \
             if tied and (self.is_first or self.is_last) else None
-        stage = PipelineStage(self.stage, self.stage_index, self.pp, self.device, group=self.pp_group)
-        self.schedule = SCHEDULES[self.schedule_name](stage, self.microbatches, loss_fn=self._loss,
-                                                      scale_grads=False)
+        pipe = [PipelineStage(st, i, n_stages, self.device, group=self.pp_group)
+                for st, i in zip(self.stages, self.indices, strict=True)]
+        self.schedule = SCHEDULES[self.schedule_name](pipe if self.virtual > 1 else pipe[0], self.microbatches,
+                                                      loss_fn=self._loss, scale_grads=False)
         return self.stage, optimizer
 
     # --- one step -------------------------------------------------------------------------------------------
@@ -245,7 +258,7 @@ class PipelineStrategy(Distributed):
         """One schedule micro-batch's share of the loop micro-batch's weighted loss (last stage only)."""
         step = self._step
         batch = dict(zip(step.keys, target.unbind(1), strict=True))  # target: (b, n_keys, T)
-        with self.stage.autocast():
+        with self.stages[-1].autocast():
             loss, metrics = step.objective(lambda *a, **k: ModelOutput(logits=logits, last_hidden_state=None),
                                            batch)
         n = step.objective.n_targets(batch)
@@ -262,7 +275,8 @@ class PipelineStrategy(Distributed):
         if rows % self.microbatches:
             raise ValueError(f"a batch of {rows} rows does not split into {self.microbatches} micro-batches")
         keys = [k for k in _BATCH_KEYS if k in batch]
-        self.stage.autocast = autocast
+        for stage in self.stages:
+            stage.autocast = autocast
         self._step = _Step(objective, keys, objective.n_targets(batch), weight, scaler)
         target = torch.stack([batch[k] for k in keys], dim=1) if self.is_last else None  # (B, n_keys, T)
         args = (batch["input_ids"],) if self.is_first else ()
@@ -298,15 +312,15 @@ class PipelineStrategy(Distributed):
         micro-batches: any batch size); zeros of the same shapes on all but the last stage, so that the sum over
         ranks counts each replica's batch once."""
         self._check_batch(batch)
-        x = batch["input_ids"]
-        if not self.is_first:
-            x = self._recv(self.stage_index - 1)
-        out = self.stage(x)  # under the loop's autocast
-        if not self.is_last:
-            self._send(out, self.stage_index + 1)
-            stats = None
-        else:
-            stats = objective.eval_stats(lambda *a, **k: ModelOutput(logits=out, last_hidden_state=None), batch)
+        x, stats, last = batch["input_ids"], None, self.pp * self.virtual - 1
+        for index, stage in zip(self.indices, self.stages, strict=True):
+            if index > 0:
+                x = self._recv(index - 1)
+            x = stage(x)  # under the loop's autocast
+            if index < last:
+                self._send(x, index + 1)
+        if self.is_last:  # x: the last stage's logits
+            stats = objective.eval_stats(lambda *a, **k: ModelOutput(logits=x, last_hidden_state=None), batch)
         holder = [{k: (v.shape, v.dtype) for k, v in stats.items()} if stats is not None else None]
         dist.broadcast_object_list(holder, src=self._global(self.pp - 1), group=self.pp_group)
         if stats is not None:
@@ -314,7 +328,8 @@ class PipelineStrategy(Distributed):
         return {k: torch.zeros(shape, dtype=dtype, device=self.device) for k, (shape, dtype) in holder[0].items()}
 
     def _global(self, stage: int) -> int:
-        return dist.get_global_rank(self.pp_group, stage)
+        """The global rank that holds pipeline stage `stage`."""
+        return dist.get_global_rank(self.pp_group, stage % self.pp)
 
     def _send(self, x: Tensor, stage: int) -> None:
         header = torch.tensor([*x.shape, _DTYPES.index(x.dtype)], dtype=torch.int64)
@@ -371,7 +386,7 @@ class PipelineStrategy(Distributed):
 
     def _gather_stages(self, optimizer: Optimizer | None) -> list[dict[str, Any]]:
         """Every stage's parameters (and optimizer state) by model name, on CPU, from this rank's replica."""
-        cpu = {k: v.detach().cpu() for k, v in self.stage.state_dict().items()}
+        cpu = {k: v.detach().cpu() for stage in self.stages for k, v in stage.state_dict().items()}
         if self.tied is not None and self.is_last:
             cpu["embed_tokens.weight"] = cpu["lm_head.weight"]
         state = {}
