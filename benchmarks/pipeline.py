@@ -1,6 +1,6 @@
 """Pipeline parallelism on CPU (gloo): bubble fraction, bytes sent per rank, step time against data parallelism.
 
-    python benchmarks/pipeline.py                      # m in 1,2,4,8; gpipe and 1f1b; pp2 vs dp2 vs one process
+    python benchmarks/pipeline.py          # m in 1,2,4,8; gpipe, 1f1b, interleaved-1f1b; pp2 vs dp2 vs one process
     python benchmarks/pipeline.py --micro 1,8 --schedules 1f1b --steps 2      # quicker
 
 The model is a GPT-2-shape decoder made compute-heavy and balanced between 2 stages: 4 layers, d 256, d_ff 1024,
@@ -11,13 +11,15 @@ rows x 128 x 256 x 4 B = 0.5 MB; its forward + backward on one stage is ~0.1 s o
 
 Bubble: every stage times each of its forward and backward chunk computations (PipelineStage.forward_one_chunk
 / backward_one_chunk, wrapped with perf_counter; the waits for messages happen outside them) and the wall time
-of the step (between barriers). Measured bubble = 1 - busy / wall per stage (median over measured steps); the
+of the step (between barriers). Measured bubble = 1 - busy / wall per rank (median over measured steps); the
 ideal fill-drain bubble with p equal stages and m micro-batches is (p - 1) / (m + p - 1). Both GPipe and 1F1B
-have that bubble (1F1B differs in memory: at most p micro-batches' activations live at once).
+have that bubble (1F1B differs in memory: at most p micro-batches' activations live at once); interleaved 1F1B
+with v stages per rank has (p - 1) / (v m + p - 1) (here v = 2, one layer per stage).
 
 Bytes: /proc/self/io wchar per rank per step (gloo writes its socket messages with writev, which wchar counts).
-Formula for p = 2: the first stage sends m activations, the second m activation gradients, each rows x T x C x 4 B;
-the clip-norm reduction adds a few bytes. Data parallelism (ddp, 2 ranks): ring allreduce 2(N-1)/N x S per rank.
+Formula for p = 2: the first stage sends m activations, the second m activation gradients, each rows x T x C x 4 B
+(interleaved, v = 2: each rank sends 3 m: the 2 v - 1 forward hops and as many backward hops, halved); the
+clip-norm reduction adds a few bytes. Data parallelism (ddp, 2 ranks): ring allreduce 2(N-1)/N x S per rank.
 
 Step time: the same global batch (m x rows sequences) on pp2 (1F1B, m micro-batches), on ddp with 2 ranks
 (m x rows / 2 sequences each) and on one process; ratios of the medians. Processes run one thread each on a
@@ -94,9 +96,10 @@ def worker(args: argparse.Namespace) -> None:
     model, optimizer = strategy.prepare(model, optimizer)
     spans: list[float] = []
     if args.layout == "pp2":
-        stage = strategy.schedule._stage
-        stage.forward_one_chunk = _timed(stage.forward_one_chunk, spans)
-        stage.backward_one_chunk = _timed(stage.backward_one_chunk, spans)
+        schedule = strategy.schedule
+        for stage in getattr(schedule, "_stages", None) or [schedule._stage]:
+            stage.forward_one_chunk = _timed(stage.forward_one_chunk, spans)
+            stage.backward_one_chunk = _timed(stage.backward_one_chunk, spans)
     gen = torch.Generator().manual_seed(1 + strategy.rank)
     batch = {"input_ids": torch.randint(0, 256, (rows, SEQ), generator=gen)}
     objective, scaler = CausalLM(), torch.amp.GradScaler("cpu", enabled=False)
@@ -144,7 +147,7 @@ def launch(args: argparse.Namespace, layout: str, m: int, schedule: str = "1f1b"
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--micro", default="1,2,4,8", help="micro-batch counts m (default 1,2,4,8)")
-    p.add_argument("--schedules", default="gpipe,1f1b", help="comma-separated (default gpipe,1f1b)")
+    p.add_argument("--schedules", default="gpipe,1f1b,interleaved-1f1b", help="comma-separated (default: all 3)")
     p.add_argument("--rows", type=int, default=4, help="sequences per micro-batch (default 4)")
     p.add_argument("--steps", type=int, default=3, help="measured steps (default 3)")
     p.add_argument("--warmup", type=int, default=2, help="steps before measuring (default 2)")
@@ -168,22 +171,23 @@ def main() -> None:
           f"{args.warmup} warm-up + {args.steps} measured steps\n")
     act = args.rows * SEQ * D_MODEL * 4  # one micro-batch's activation (or its gradient) in bytes
     pp = 2
-    print("bubble fraction (1 - busy/wall per stage, median over steps) and bytes sent per rank per step")
-    print(f"{'schedule':<8} {'m':>2} {'theory':>7} {'stage0':>7} {'stage1':>7} {'step s':>7} "
+    print("bubble fraction (1 - busy/wall per rank, median over steps) and bytes sent per rank per step")
+    print(f"{'schedule':<16} {'m':>2} {'theory':>7} {'rank0':>7} {'rank1':>7} {'step s':>7} "
           f"{'sent0 MB':>9} {'sent1 MB':>9} {'formula MB':>10}")
     pp_rows = {}
     for schedule in args.schedules.split(","):
         for m in [int(x) for x in args.micro.split(",")]:
             if schedule == "1f1b" and m < pp:
-                print(f"{schedule:<8} {m:>2}  (1F1B needs m >= p)")
+                print(f"{schedule:<16} {m:>2}  (1F1B needs m >= p)")
                 continue
             ranks = launch(args, "pp2", m, schedule)
             pp_rows[(schedule, m)] = ranks
-            theory = (pp - 1) / (m + pp - 1)
+            v = 2 if schedule == "interleaved-1f1b" else 1
+            theory = (pp - 1) / (v * m + pp - 1)
             step = max(r["step_s"] for r in ranks)
-            print(f"{schedule:<8} {m:>2} {theory:7.3f} {ranks[0]['bubble']:7.3f} {ranks[1]['bubble']:7.3f} "
+            print(f"{schedule:<16} {m:>2} {theory:7.3f} {ranks[0]['bubble']:7.3f} {ranks[1]['bubble']:7.3f} "
                   f"{step:7.3f} {ranks[0]['wchar_per_step'] / 1e6:9.2f} {ranks[1]['wchar_per_step'] / 1e6:9.2f} "
-                  f"{m * act / 1e6:10.2f}", flush=True)
+                  f"{(2 * v - 1) * m * act / 1e6:10.2f}", flush=True)
     m = args.compare_m
     key = ("1f1b", m) if ("1f1b", m) in pp_rows else next(iter(pp_rows))
     pp_step = max(r["step_s"] for r in pp_rows[key])
