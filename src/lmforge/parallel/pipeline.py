@@ -4,13 +4,14 @@
     result = run_training(model, CausalLM(), data, config, strategy)       # lmforge.parallel.strategy
 
 The decoder's layer stack is cut into `pp` contiguous stages (`stage_layers`: balanced by parameter count, or a
-given number of layers per stage), applied from outside the model: `DecoderStage` holds the model's own
-modules for one stage (the embeddings on the first, the final norm and the LM head on the last), the rest of
-the model is moved to the meta device on that rank (freed), and torch's `PipelineStage` + `ScheduleGPipe` /
-`Schedule1F1B` run the micro-batches. The loop's own data sharding, logging and checkpoints stay the loop's:
-`PipelineStrategy.forward_backward` runs one schedule step per loop micro-batch, `sync` reduces gradients once
-per optimizer step, `save_checkpoint` gathers the stages into the single-process checkpoint format (so a run
-saved under a pipeline resumes in any layout), and `full_model` returns the whole trained model on every rank.
+given number of layers per stage), applied from outside the model: `DecoderStage` holds the model's own modules
+for one stage (the embeddings on the first, the final norm and the LM head on the last), the rest of the model is
+moved to the meta device on that rank (freed), and torch's `PipelineStage` + `ScheduleGPipe` / `Schedule1F1B` run
+the micro-batches (or `ScheduleInterleaved1F1B` over several stages per rank). The loop's own data sharding,
+logging and checkpoints stay the loop's: `PipelineStrategy.forward_backward` runs one schedule step per loop
+micro-batch, `sync` reduces gradients once per optimizer step, `save_checkpoint` gathers the stages into the
+single-process checkpoint format (so a run saved under a pipeline resumes in any layout), and `full_model` returns
+the whole trained model on every rank.
 
 Ranks form the (dp, pp, tp=1) DeviceMesh of `lmforge.parallel.mesh.Layout`: rank = dp_index * pp + stage.
 Gradients are averaged over "dp"; a head tied to the embedding is held by the first and the last stage, whose
@@ -26,7 +27,7 @@ Evaluation (`eval_stats`) runs the stages one after another on whole batches (pl
 stage computing the objective's statistics.
 
 Limits: decoders only (encoders are refused); batches without padding masks (packed LM blocks); no
-torch.compile of the stage; one stage per rank (no interleaved schedules).
+torch.compile of the stages; no PP x TP or PP x FSDP.
 """
 
 from __future__ import annotations
