@@ -597,6 +597,7 @@ def _check_layout(args: argparse.Namespace) -> None:
     import os
 
     from lmforge.parallel.mesh import Layout
+    from lmforge.parallel.plans import check_plan
     from lmforge.parallel.strategy import PIPELINE_PENDING
 
     layout_given = args.dp is not None or args.tp != 1 or args.pp != 1
@@ -609,10 +610,10 @@ def _check_layout(args: argparse.Namespace) -> None:
         raise ValueError("--pp-schedule and --microbatches are pipeline options: they need --pp > 1")
     if args.microbatches is not None and args.microbatches < 1:
         raise ValueError(f"--microbatches must be a positive integer, got {args.microbatches}")
-    if args.sequence_parallel and args.tp == 1:
-        raise ValueError("--sequence-parallel shards the sequence over tensor-parallel ranks: it needs --tp > 1")
     if args.strategy:
-        Layout.parse(dp=args.dp, pp=args.pp, tp=args.tp, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        layout = Layout.parse(dp=args.dp, pp=args.pp, tp=args.tp, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        if args.strategy != "ps":
+            check_plan(layout.dp, layout.tp, "fsdp" if args.strategy == "fsdp" else "ddp", args.sequence_parallel)
     if args.pp > 1:
         raise ValueError(PIPELINE_PENDING)
 
