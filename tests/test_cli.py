@@ -84,7 +84,7 @@ BAD_INPUTS = [
     (["train", "--model", "{gpt2}", "--data", "{corpus}", "--run-dir", "{out}", "--strategy", "ddp",
       "--microbatches", "4"], "they need --pp > 1"),
     (["train", "--model", "{gpt2}", "--data", "{corpus}", "--run-dir", "{out}", "--strategy", "ddp",
-      "--sequence-parallel"], "needs --tp > 1"),
+      "--sequence-parallel"], "it needs --tp > 1"),
     (["train", "--model", "{gpt2}", "--data", "{corpus}", "--run-dir", "{out}", "--strategy", "ddp", "--pp", "1",
       "--dp", "1", "--pp-schedule", "gpipe"], "pipeline options"),
     (["train", "--model", "{gpt2}", "--data", "{corpus}", "--run-dir", "{out}", "--strategy", "ddp",

@@ -168,7 +168,7 @@ class _Stop(Exception):
     """Raised from on_step on every rank to end a run after its step-2 checkpoint (a planned interruption)."""
 
 
-def resume_rank(run_dir: str, first: tuple[str, int, int], second: tuple[str, int, int]) -> dict:
+def resume_rank(run_dir: str, first: tuple[str, int, int], second: tuple[str, int, int] | None) -> dict:
     """Train in layout `first` until its step-2 checkpoint, then resume the run in layout `second`."""
     from lmforge.parallel.strategy import make_strategy, run_training
 
@@ -181,6 +181,8 @@ def resume_rank(run_dir: str, first: tuple[str, int, int], second: tuple[str, in
     with pytest.raises(_Stop):
         run_training(_model("tiny-gpt2"), CausalLM(), _data(),
                      _config(GLOBAL_BATCH // 2 // dp, run_dir=run_dir, save_every=2), strategy, on_step=stop)
+    if second is None:
+        return {}
     name, dp, tp = second
     strategy = make_strategy(name, dp=dp, tp=tp)
     model = _model("tiny-gpt2")
@@ -231,3 +233,36 @@ def test_a_killed_rank_ends_the_job_with_a_clear_error_and_resume_continues(tmp_
     for res in resumed:
         assert res["first_step"] == 3
         _assert_same(res["losses"], res["state"], want_losses[2:], want_state)
+
+
+def test_a_sharded_checkpoint_resumes_in_one_process_and_loads_as_a_model(tmp_path):
+    """dp1 x tp2 stops after its step-2 checkpoint; one process (no process group) resumes it to step 5 with
+    one process's loss curve and weights; `load_model` (what `lmforge export` uses) reads a sharded checkpoint."""
+    from lmforge.io import load_model
+    from lmforge.io.hf import write_config
+    from lmforge.training import latest_checkpoint, read_metrics
+
+    run(resume_rank, 2, str(tmp_path), ("ddp", 1, 2), None, timeout=240)
+    step2 = latest_checkpoint(tmp_path)
+    assert step2.name == "step_00000002" and (step2 / ".metadata").is_file()
+    write_config(_model("tiny-gpt2").config, tmp_path)  # as `lmforge train` records its run
+    exported = _plain(load_model(str(step2)).state_dict())
+    model = _model("tiny-gpt2")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = train(model, CausalLM(), _data(), _config(GLOBAL_BATCH // 2, run_dir=str(tmp_path), save_every=2),
+                       resume=True)
+        want_losses, want_state = _reference("tiny-gpt2")
+        want_step2 = _model("tiny-gpt2")
+        train(want_step2, CausalLM(), _data(), _config(GLOBAL_BATCH // 2, max_steps=2))
+    finally:
+        torch.set_num_threads(threads)
+    assert result.history[0]["step"] == 3
+    losses = [r["loss"] for r in read_metrics(tmp_path) if r["split"] == "train"]
+    _assert_same(losses, _plain(model.state_dict()), want_losses, want_state)
+    # the step-2 weights read back from the sharded files: a 2-step run's (its learning rates are the 5-step
+    # run's for those steps: warm-up, then the first decayed step at factor 1)
+    assert exported.keys() == want_step2.state_dict().keys()
+    for k, want in want_step2.state_dict().items():
+        torch.testing.assert_close(torch.from_numpy(exported[k]), want, rtol=0, atol=1e-5)

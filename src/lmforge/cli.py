@@ -604,6 +604,7 @@ def _check_layout(args: argparse.Namespace) -> None:
     import os
 
     from lmforge.parallel.mesh import Layout
+    from lmforge.parallel.plans import check_plan
 
     layout_given = args.dp is not None or args.tp != 1 or args.pp != 1
     if (args.sequence_parallel or args.activation_checkpointing or layout_given) and not args.strategy:
@@ -634,7 +635,9 @@ def _check_layout(args: argparse.Namespace) -> None:
     if args.sequence_parallel and args.tp == 1:
         raise ValueError("--sequence-parallel shards the sequence over tensor-parallel ranks: it needs --tp > 1")
     if args.strategy:
-        Layout.parse(dp=args.dp, pp=args.pp, tp=args.tp, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        layout = Layout.parse(dp=args.dp, pp=args.pp, tp=args.tp, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        if args.strategy != "ps" and layout.pp == 1:  # a pipeline is checked above
+            check_plan(layout.dp, layout.tp, "fsdp" if args.strategy == "fsdp" else "ddp", args.sequence_parallel)
 
 
 def _pp_split(args: argparse.Namespace, n_layer: int | None) -> list[int] | None:

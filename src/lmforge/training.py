@@ -243,6 +243,10 @@ class SingleProcess:
         return save_checkpoint(run_dir, step, self.unwrap(model).state_dict(), state, keep_last)
 
     def load_checkpoint(self, path: Path, model: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
+        from lmforge.parallel import sharded_checkpoint  # parallel builds on this module
+
+        if sharded_checkpoint.is_sharded_checkpoint(path):  # a model-parallel run, continued in one process
+            return sharded_checkpoint.load(path, model, optimizer)
         model_state, state = load_checkpoint(path)
         model.load_state_dict(model_state)
         optimizer.load_state_dict(state["optimizer"])

@@ -48,6 +48,17 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
     return model
 
 
+def check_plan(dp: int, tp: int, data_parallel: str, sequence_parallel: bool) -> None:
+    """Raise ValueError for a combination `parallelize_model` does not apply (before any work is done)."""
+    if data_parallel not in ("ddp", "fsdp"):
+        raise ValueError(f"data_parallel must be 'ddp' or 'fsdp', got {data_parallel!r}")
+    if data_parallel == "fsdp" and tp > 1 and dp > 1:
+        raise ValueError("FSDP with tensor parallelism (2-D FSDP x TP) is not supported yet; DP x TP replicates "
+                         "over dp: use --strategy ddp (or allreduce) with --tp")
+    if sequence_parallel and tp == 1:
+        raise ValueError("sequence parallelism shards the sequence over tensor-parallel ranks: it needs --tp > 1")
+
+
 def parallelize_model(model: nn.Module, mesh: DeviceMesh, data_parallel: DataParallel = "ddp",
                       sequence_parallel: bool = False, activation_checkpointing: bool = False,
                       loss_parallel: bool = True) -> nn.Module:
@@ -59,15 +70,9 @@ def parallelize_model(model: nn.Module, mesh: DeviceMesh, data_parallel: DataPar
     Raises ValueError for FSDP combined with tensor parallelism.
     """
     tp, dp = mesh["tp"].size(), mesh["dp"].size()
-    if data_parallel not in ("ddp", "fsdp"):
-        raise ValueError(f"data_parallel must be 'ddp' or 'fsdp', got {data_parallel!r}")
-    if data_parallel == "fsdp" and tp > 1 and dp > 1:
-        raise ValueError("FSDP with tensor parallelism (2-D FSDP x TP) is not supported yet; DP x TP replicates "
-                         "over dp: use --strategy ddp (or allreduce) with --tp")
+    check_plan(dp, tp, data_parallel, sequence_parallel)
     if tp > 1:
         parallelize(model, sub_mesh(mesh, "tp"), sequence_parallel=sequence_parallel, loss_parallel=loss_parallel)
-    elif sequence_parallel:
-        raise ValueError("sequence parallelism shards the sequence over tensor-parallel ranks: it needs --tp > 1")
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if data_parallel == "fsdp" and dp > 1:

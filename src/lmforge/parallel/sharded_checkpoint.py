@@ -136,6 +136,17 @@ def load(path: str | Path, model: nn.Module, optimizer: Optimizer) -> dict[str, 
 
 
 @torch.no_grad()
+def load_model_weights(path: str | Path, model: nn.Module) -> nn.Module:
+    """Fill an ordinary (unsharded) model with the weights of sharded checkpoint `path`, in one process (no
+    process group needed): what `lmforge export` and `load_model` do with a model-parallel run's checkpoint."""
+    if not is_sharded_checkpoint(path):
+        raise FileNotFoundError(f"{str(path)!r} is not a sharded checkpoint (expected DCP's {DCP_METADATA} and "
+                                f"{TRAINER_FILE})")
+    dcp.load({"model": _split_fused(model.state_dict(), fused_rows(model), [])}, checkpoint_id=Path(path))
+    return model
+
+
+@torch.no_grad()
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The whole model's state dict as ordinary tensors in the model's own layout, on every rank (a collective
     when the model is sharded): what `io.save_model` writes as an HF folder."""

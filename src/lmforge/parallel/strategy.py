@@ -38,7 +38,7 @@ import lmforge.parallel as hvd
 from lmforge.parallel import sharded_checkpoint
 from lmforge.parallel.mesh import Layout, coordinate
 from lmforge.parallel.mesh import group as mesh_group
-from lmforge.parallel.plans import DataParallel, clip_grad_norm, parallelize_model
+from lmforge.parallel.plans import DataParallel, check_plan, clip_grad_norm, parallelize_model
 from lmforge.parallel.ps import Mode, ParameterServer, PSWorker, ServerLog, check_mode, is_server
 from lmforge.training import (
     SingleProcess,
@@ -242,9 +242,7 @@ class MeshStrategy(Distributed):
         self.layout = Layout.parse(dp=dp, pp=pp, tp=tp, world_size=dist.get_world_size())
         if self.layout.pp > 1:
             raise ValueError(PIPELINE_PENDING)
-        if data_parallel == "fsdp" and self.layout.tp > 1 and self.layout.dp > 1:
-            raise ValueError("--strategy fsdp with --tp > 1 (2-D FSDP x TP) is not supported yet; DP x TP "
-                             "replicates over dp: use --strategy ddp with --tp")
+        check_plan(self.layout.dp, self.layout.tp, data_parallel, sequence_parallel)
         self.data_parallel = data_parallel
         self.timeout = timeout
         self.sequence_parallel = sequence_parallel

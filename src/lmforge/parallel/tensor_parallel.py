@@ -137,10 +137,13 @@ def parallelize(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool =
         "mlp.up": ColwiseParallel(input_layouts=residual),
         "mlp.down": RowwiseParallel(output_layouts=residual),
     }
-    if sp:  # attention reads its input's sequence length: it gets the whole sequence (one all-gather)
+    if sp:
+        # Attention reads its input's sequence length: it gets the whole sequence (one all-gather), as a
+        # DTensor, so that qkv's column-parallel backward hands a partial gradient straight back to this
+        # redistribution, which reduce-scatters it (an ordinary tensor here would cost a full all-reduce).
         rest = (None,) * 6  # mask, is_causal, rotary, input_pos, kv_len, cache_rows
         block_plan["attn"] = PrepareModuleInput(input_layouts=(Shard(1), *rest),
-                                                desired_input_layouts=(Replicate(), *rest), use_local_output=True)
+                                                desired_input_layouts=(Replicate(), *rest))
         block_plan["attn_norm"] = SequenceParallel(use_local_output=True)
         block_plan["mlp_norm"] = SequenceParallel(use_local_output=True)
     for layer in model.layers:
