@@ -33,22 +33,13 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import cpu_model, run_ranks, sent_bytes  # benchmarks/common.py
 
-ROOT = Path(__file__).resolve().parents[1]
 SEQ, D_MODEL = 128, 256
-
-
-def _sent_bytes() -> int:
-    with open("/proc/self/io") as f:
-        fields = dict(line.split(": ") for line in f.read().splitlines())
-    return int(fields["wchar"])
 
 
 def _model():
@@ -109,7 +100,7 @@ def worker(args: argparse.Namespace) -> None:
         if dist.is_initialized():
             dist.barrier()
         if step == args.warmup:
-            sent = _sent_bytes()
+            sent = sent_bytes()
         spans.clear()
         t0 = time.perf_counter()
         with strategy.sync(model, True):
@@ -121,7 +112,7 @@ def worker(args: argparse.Namespace) -> None:
         busys.append(sum(spans))
     if dist.is_initialized():
         dist.barrier()
-    sent = _sent_bytes() - sent
+    sent = sent_bytes() - sent
     w, b = walls[args.warmup:], busys[args.warmup:]
     rank = int(os.environ.get("RANK", "0"))
     result = {"rank": rank, "step_s": statistics.median(w), "gradient_bytes": size,
@@ -131,17 +122,10 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def launch(args: argparse.Namespace, layout: str, m: int, schedule: str = "1f1b") -> list[dict]:
-    with tempfile.TemporaryDirectory() as out:
-        own = [str(Path(__file__).resolve()), "--worker", "--layout", layout, "--n-micro", str(m), "--schedule",
-               schedule, "--rows", str(args.rows), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--out", out]
-        cmd = [sys.executable, *own] if layout == "single" else \
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *own]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{layout} m={m} run failed:\n{proc.stderr[-4000:]}")
-        return [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
+    """Every rank's record of one configuration, run in fresh processes."""
+    argv = [str(Path(__file__).resolve()), "--worker", "--layout", layout, "--n-micro", str(m), "--schedule",
+            schedule, "--rows", str(args.rows), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    return run_ranks(argv, None if layout == "single" else 2, f"{layout} {schedule} m={m}")
 
 
 def main() -> None:
@@ -161,9 +145,6 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import cpu_model
-
     load = os.getloadavg()
     print(f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread per process; load "
           f"average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at start")
