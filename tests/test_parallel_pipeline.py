@@ -240,6 +240,15 @@ def test_bad_splits_and_models_are_refused_with_clear_errors():
         stage_layers(Encoder(ModelConfig.from_name("tiny-bert")), 2)
 
 
+def test_check_run_refuses_what_the_pipeline_cannot_run():
+    strategy = PipelineStrategy.__new__(PipelineStrategy)  # check_run reads only the micro-batch count
+    strategy.microbatches = 4
+    for kw, match in [({"batch_size": 6}, "batch_size 6 must be a multiple of the pipeline's 4"),
+                      ({"compile": True}, "torch.compile"), ({"precision": "fp16"}, "use bf16")]:
+        with pytest.raises(ValueError, match=match):
+            strategy.check_run(_config(**{"batch_size": 4, **kw}), has_eval=False)
+
+
 @pytest.mark.parametrize(("kw", "match"), [({"schedule": "zb"}, "unknown pipeline schedule 'zb'"),
                                            ({"microbatches": 0}, "microbatches must be >= 1"),
                                            ({"microbatches": 1}, "1f1b schedule needs at least as many"),

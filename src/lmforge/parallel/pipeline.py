@@ -27,7 +27,7 @@ Evaluation (`eval_stats`) runs the stages one after another on whole batches (pl
 stage computing the objective's statistics.
 
 Limits: decoders only (encoders are refused); batches without padding masks (packed LM blocks); no
-torch.compile of the stages; no PP x TP or PP x FSDP.
+torch.compile of the stages; no fp16 gradient scaler (bf16 autocast works); no PP x TP or PP x FSDP.
 """
 
 from __future__ import annotations
@@ -225,6 +225,9 @@ class PipelineStrategy(Distributed):
                              f"{self.microbatches} micro-batches")
         if config.compile:
             raise ValueError("torch.compile is not supported with pipeline parallelism")
+        if config.precision == "fp16":
+            raise ValueError("precision fp16 (a gradient scaler) is not supported with pipeline parallelism: each "
+                             "stage would decide alone to skip a step on overflow; use bf16")
 
     def prepare(self, model: nn.Module, optimizer: Optimizer) -> tuple[nn.Module, Optimizer]:
         """Cut `model` into this rank's stages, free the other stages' parameters (meta device), keep only
