@@ -206,16 +206,21 @@ def test_a_tensor_parallel_run_resumes_as_fsdp_on_the_same_loss_curve(tmp_path):
 
 
 def killed_rank(run_dir: str, kill_at: int | None, resume: bool) -> dict:
-    """tp2 training; rank 1 SIGKILLs itself at step `kill_at` (after the step-2 checkpoint)."""
+    """tp2 training; rank 1 SIGKILLs itself in the middle of step `kill_at`'s forward (between its blocks)."""
     from lmforge.parallel.strategy import make_strategy, run_training
 
     strategy = make_strategy("ddp", tp=2, timeout=10.0)
+    done = [0]
 
     def on_step(step: int, record: dict) -> None:
-        if strategy.global_rank == 1 and step == kill_at:
+        done[0] = step
+
+    def die(module, inputs) -> None:
+        if strategy.global_rank == 1 and done[0] + 1 == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
     model = _model("tiny-gpt2")
+    model.layers[1].register_forward_pre_hook(die)
     result = run_training(model, CausalLM(), _data(), _config(GLOBAL_BATCH // 2, run_dir=run_dir, save_every=2),
                           strategy, resume=resume, on_step=on_step)
     return {"first_step": result.history[0]["step"], "losses": [r["loss"] for r in result.history],
@@ -266,3 +271,42 @@ def test_a_sharded_checkpoint_resumes_in_one_process_and_loads_as_a_model(tmp_pa
     assert exported.keys() == want_step2.state_dict().keys()
     for k, want in want_step2.state_dict().items():
         torch.testing.assert_close(torch.from_numpy(exported[k]), want, rtol=0, atol=1e-5)
+
+
+def test_a_kill_while_writing_a_sharded_checkpoint_keeps_the_previous_one(tmp_path):
+    """Rank 0 dies after every rank wrote its shards of step 4 and before the folder is renamed: step 2 stays the
+    last checkpoint, the half-written one is not taken for one, and --resume continues from step 2."""
+    from lmforge.training import KILL_IN_CHECKPOINT_ENV, checkpoint_dirs
+
+    results = spawn(killed_rank, 2, str(tmp_path), None, False, timeout=90,
+                    env=lambda rank: {KILL_IN_CHECKPOINT_ENV: "4"} if rank == 0 else {})
+    assert "exited with code -9" in results[0].error and results[1].error is not None
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_00000002"]
+    assert list((tmp_path / "checkpoints").glob(".tmp-step_00000004-*"))  # the unfinished write, left aside
+    resumed = run(killed_rank, 2, str(tmp_path), None, True, timeout=120)
+    want_losses, want_state = _reference("tiny-gpt2")
+    for res in resumed:
+        assert res["first_step"] == 3
+        _assert_same(res["losses"], res["state"], want_losses[2:], want_state)
+
+
+def evaluate_rank(name: str, dp: int, tp: int) -> dict[str, float]:
+    from lmforge.parallel.strategy import make_strategy
+    from lmforge.training import evaluate
+
+    strategy = make_strategy("ddp", dp=dp, tp=tp)
+    model = strategy.shard(_model(name))
+    return evaluate(model, _objective(name), _data(name), batch_size=4, strategy=strategy, max_batches=5)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bert"])
+def test_evaluation_under_tensor_parallelism_equals_one_process(name):
+    """Loss and perplexity (and masked-LM accuracy) from vocabulary-sharded logits, batches split over dp."""
+    from lmforge.training import evaluate
+
+    want = evaluate(_model(name), _objective(name), _data(name), batch_size=4, max_batches=5)
+    for dp, tp in ((1, 2), (2, 1)):
+        for got in run(evaluate_rank, 2, name, dp, tp, timeout=120):
+            assert got.keys() == want.keys()
+            for k in want:
+                assert got[k] == pytest.approx(want[k], rel=1e-6, abs=1e-6), (dp, tp, k)

@@ -1,6 +1,7 @@
 """Distributed strategies for the training loop (`lmforge.training.train(..., strategy=...)`).
 
-    strategy = make_strategy("allreduce" | "ddp" | "ps")      # under torchrun --nproc-per-node N
+    strategy = make_strategy("allreduce" | "ddp" | "ps" | "fsdp")   # under torchrun --nproc-per-node N
+    strategy = make_strategy("ddp", tp=2, dp=2)                      # a model-parallel layout (MeshStrategy)
     result = run_training(model, objective, data, config, strategy=strategy, resume=resume)
 
 Every strategy joins the process group torchrun describes (`lmforge.parallel.init`, which keys its store by
@@ -12,6 +13,9 @@ torchrun's restart attempt); the loop then shards the data by `strategy.rank` / 
 - "ddp": torch's `DistributedDataParallel`, the reference.
 - "ps": the parameter server (`lmforge.parallel.ps`): the first `n_servers` ranks hold the parameters and the
   optimizer state, the other ranks train as workers. `run_training` runs the server loop on server ranks.
+- "fsdp", or any layout (dp/tp/pp, sequence parallelism, activation checkpointing): `MeshStrategy`, the model
+  split over a DeviceMesh by `lmforge.parallel.plans` (tensor parallel, FSDP2), sharded checkpoints that any
+  layout resumes (`lmforge.parallel.sharded_checkpoint`).
 
 Gradient clipping clips the averaged gradient for allreduce and ddp, each worker's own gradient for ps.
 With `torchrun --max-restarts`, `run_training` resumes from the run's last checkpoint when torchrun restarts
