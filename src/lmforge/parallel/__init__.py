@@ -4,7 +4,8 @@
 collectives, the collective check and join; `process_sets` the process sets; `adasum` Horovod's adaptive
 summation; `optimizer` the DistributedOptimizer and the broadcast helpers; `ps` and `strategy` the parameter
 server and the training-loop strategies; `mesh` (dp x pp x tp layouts on a DeviceMesh), `tensor_parallel`,
-`plans` (TP -> activation checkpointing -> FSDP) and `sharded_checkpoint` the model parallelism.
+`plans` (TP -> activation checkpointing -> FSDP), `sharded_checkpoint` and `pipeline` (stages, schedules,
+`PipelineStrategy`) the model parallelism.
 docs/distributed.md lists every Horovod name and how it maps.
 """
 

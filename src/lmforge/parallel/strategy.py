@@ -13,9 +13,11 @@ torchrun's restart attempt); the loop then shards the data by `strategy.rank` / 
 - "ddp": torch's `DistributedDataParallel`, the reference.
 - "ps": the parameter server (`lmforge.parallel.ps`): the first `n_servers` ranks hold the parameters and the
   optimizer state, the other ranks train as workers. `run_training` runs the server loop on server ranks.
-- "fsdp", or any layout (dp/tp/pp, sequence parallelism, activation checkpointing): `MeshStrategy`, the model
+- "fsdp", or any layout (dp/tp, sequence parallelism, activation checkpointing): `MeshStrategy`, the model
   split over a DeviceMesh by `lmforge.parallel.plans` (tensor parallel, FSDP2), sharded checkpoints that any
   layout resumes (`lmforge.parallel.sharded_checkpoint`).
+- pp > 1 (with "ddp" or "allreduce"): `lmforge.parallel.pipeline.PipelineStrategy`, the layer stack in stages
+  with GPipe, 1F1B or interleaved 1F1B micro-batches, DP x PP over the rest of the ranks.
 
 Gradient clipping clips the averaged gradient for allreduce and ddp, each worker's own gradient for ps.
 With `torchrun --max-restarts`, `run_training` resumes from the run's last checkpoint when torchrun restarts
