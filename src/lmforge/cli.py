@@ -606,9 +606,23 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                         "validation split)")
     add_seq2seq_arguments(p, scoring=False)
     add_loop_arguments(p, steps=200, lr=3e-4)
-    p.add_argument("--strategy", choices=["allreduce", "ddp", "ps"],
+    p.add_argument("--strategy", choices=["allreduce", "ddp", "ps", "fsdp"],
                    help="data parallelism under torchrun --nproc-per-node N (default: one process); "
-                        "--batch-size is per rank")
+                        "--batch-size is per data-parallel rank; fsdp: sharded (FSDP2, ZeRO-3)")
+    p.add_argument("--dp", type=int, help="data-parallel degree (default: what --tp and --pp leave of the ranks)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree (default 1)")
+    p.add_argument("--pp-schedule", choices=["gpipe", "1f1b", "interleaved-1f1b"],
+                   help="--pp > 1: the pipeline schedule (default 1f1b; interleaved-1f1b: 2 stages per rank; "
+                        "--schedule is the learning-rate one)")
+    p.add_argument("--microbatches", type=int, help="--pp > 1: micro-batches per batch (default: --pp); "
+                   "--batch-size must be a multiple")
+    p.add_argument("--pp-split", help="--pp > 1: layers per stage, e.g. 3,5 (default: balanced by parameters; "
+                   "interleaved-1f1b has 2 x --pp stages)")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="--tp > 1: norms and dropout on sequence shards (--block-size divisible by --tp)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's activations in backward instead of storing them (any layout)")
     p.add_argument("--ps-servers", type=int, default=1, help="ps: server ranks, the first ones (default 1)")
     p.add_argument("--ps-mode", choices=["sync", "async", "bounded"], default="sync",
                    help="ps: consistency (default sync)")
@@ -629,9 +643,11 @@ def _train(args: argparse.Namespace) -> int:
     from lmforge.training import train
 
     config = loop_config(args)
+    _check_layout(args)
     if not args.from_scratch and (args.config or args.tokenizer or any(getattr(args, n) is not None for n in _SIZES)):
         raise ValueError("--config, --tokenizer and the size options build a new model: add --from-scratch")
     model_config = _scratch_config(args) if args.from_scratch else load_config(args.model)
+    pp_split = _pp_split(args, model_config.n_layer)
     if model_config.arch == "encoder-decoder" or args.objective in SEQ2SEQ_OBJECTIVES:
         checked = model_config.replace(head="lm") if args.from_scratch else model_config
         objective = _fitting_objective(checked, args.objective, f"--model {args.model}", args)
@@ -660,11 +676,16 @@ def _train(args: argparse.Namespace) -> int:
         from lmforge.parallel.strategy import make_strategy, run_training
 
         strategy = make_strategy(args.strategy, grad_accum=config.grad_accum, n_servers=args.ps_servers,
-                                 mode=args.ps_mode, tau=args.ps_tau, timeout=args.timeout)
+                                 mode=args.ps_mode, tau=args.ps_tau, timeout=args.timeout, dp=args.dp,
+                                 tp=args.tp, pp=args.pp, sequence_parallel=args.sequence_parallel,
+                                 activation_checkpointing=args.activation_checkpointing,
+                                 schedule=args.pp_schedule or "1f1b", microbatches=args.microbatches or args.pp,
+                                 pp_split=pp_split)
         if strategy.is_main:
             record_run(args.run_dir, model.config, tokenizer)
         result = run_training(model, loss, train_data, config, strategy, eval_data=eval_data,
                               resume=args.resume)
+        model = strategy.full_model(model)  # a sharded model is gathered (every rank takes part)
         if not strategy.is_main:  # other workers and parameter servers: rank 0 reports and saves
             return 0
     else:
@@ -685,6 +706,64 @@ def _pairs_data(args: argparse.Namespace) -> bool:
     data = getattr(args, "data", None)
     return getattr(args, "train", None) is not None or data == "bbc-headlines" or (
         data is not None and Path(data).suffix.lower() in (".csv", ".tsv", ".jsonl", ".json"))
+
+
+def _check_layout(args: argparse.Namespace) -> None:
+    """Validate the model-parallel options before any work: degrees against torchrun's world size, pipeline
+    options only with --pp > 1, a layout only with a strategy that takes one."""
+    import os
+
+    from lmforge.parallel.mesh import Layout
+    from lmforge.parallel.plans import check_plan
+
+    layout_given = args.dp is not None or args.tp != 1 or args.pp != 1
+    if (args.sequence_parallel or args.activation_checkpointing or layout_given) and not args.strategy:
+        raise ValueError("--dp/--tp/--pp, --sequence-parallel and --activation-checkpointing need --strategy "
+                         "(fsdp, ddp or allreduce) under torchrun")
+    if args.strategy == "ps" and (layout_given or args.sequence_parallel or args.activation_checkpointing):
+        raise ValueError("--strategy ps takes no --dp/--tp/--pp layout nor activation checkpointing")
+    if args.pp == 1 and (args.pp_schedule or args.microbatches is not None or args.pp_split):
+        raise ValueError("--pp-schedule, --microbatches and --pp-split are pipeline options: they need --pp > 1")
+    if args.microbatches is not None and args.microbatches < 1:
+        raise ValueError(f"--microbatches must be a positive integer, got {args.microbatches}")
+    if args.pp > 1:
+        if args.strategy not in ("ddp", "allreduce") or args.tp != 1 or args.sequence_parallel \
+                or args.activation_checkpointing:
+            raise ValueError(f"--pp {args.pp} runs with --strategy ddp or allreduce, without --tp, "
+                             f"--sequence-parallel or --activation-checkpointing (pipeline x tensor parallelism "
+                             f"and pipeline x FSDP are not supported yet)")
+        micro = args.microbatches or args.pp
+        if (args.pp_schedule or "1f1b") == "1f1b" and micro < args.pp:
+            raise ValueError(f"the 1f1b schedule needs --microbatches >= --pp ({args.pp}), got {micro}")
+        if args.pp_schedule == "interleaved-1f1b" and micro % max(1, micro // args.pp):
+            raise ValueError(f"the interleaved-1f1b schedule needs --microbatches a multiple of "
+                             f"max(1, microbatches // pp) = {max(1, micro // args.pp)}, got {micro}")
+        if args.batch_size % micro:
+            raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {micro} pipeline "
+                             f"micro-batches (--microbatches)")
+        _pp_split(args, None)
+    if args.sequence_parallel and args.tp == 1:
+        raise ValueError("--sequence-parallel shards the sequence over tensor-parallel ranks: it needs --tp > 1")
+    if args.strategy:
+        layout = Layout.parse(dp=args.dp, pp=args.pp, tp=args.tp, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        if args.strategy != "ps" and layout.pp == 1:  # a pipeline is checked above
+            check_plan(layout.dp, layout.tp, "fsdp" if args.strategy == "fsdp" else "ddp", args.sequence_parallel)
+
+
+def _pp_split(args: argparse.Namespace, n_layer: int | None) -> list[int] | None:
+    """--pp-split as layer counts, checked against --pp and (when given) the model's layers."""
+    if not args.pp_split:
+        return None
+    from lmforge.parallel.pipeline import parse_split
+
+    split = parse_split(args.pp_split)
+    stages = args.pp * (2 if args.pp_schedule == "interleaved-1f1b" else 1)
+    if len(split) != stages:
+        raise ValueError(f"--pp-split {args.pp_split} gives {len(split)} stages, the pipeline has {stages} "
+                         f"(--pp {args.pp}, schedule {args.pp_schedule or '1f1b'})")
+    if n_layer is not None and sum(split) != n_layer:
+        raise ValueError(f"--pp-split {args.pp_split} covers {sum(split)} layers; the model has {n_layer}")
+    return split
 
 
 def _fitting_objective(cfg, requested: str | None, who: str, args: argparse.Namespace | None = None) -> str:

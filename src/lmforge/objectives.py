@@ -29,6 +29,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from lmforge.data import IGNORE_INDEX, DataWarning
 from lmforge.metrics import classification_metrics, confusion_matrix, macro_f1, regression_metrics
@@ -141,7 +142,10 @@ def _token_stats(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor
     loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum")
     valid = labels.ne(IGNORE_INDEX)
-    correct = (logits.argmax(-1).eq(labels) & valid).sum()
+    predicted = logits.argmax(-1)
+    if isinstance(predicted, DTensor):  # vocabulary-parallel logits (tensor parallelism): every rank's ids
+        predicted = predicted.full_tensor()
+    correct = (predicted.eq(labels) & valid).sum()
     return loss_sum, valid.sum(), correct
 
 

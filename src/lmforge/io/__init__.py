@@ -221,7 +221,8 @@ def describe_checkpoint(source: str | os.PathLike[str]) -> dict[str, Any]:
     if path.suffix.lower() == ".gguf":
         fmt, files, stored = "gguf", [path], _gguf_types(path)
     elif (run := hf.training_run(path)) is not None:
-        files = [run / hf.CONFIG_FILE, path / hf.TRAINING_WEIGHTS]
+        files = [run / hf.CONFIG_FILE, *((path / hf.TRAINING_WEIGHTS,) if (path / hf.TRAINING_WEIGHTS).is_file()
+                                         else sorted(p for p in path.iterdir() if p.name != "trainer.pt"))]
         fmt = "lmforge-training-checkpoint"
         stored = Counter(str(t.dtype).removeprefix("torch.") for t in model.state_dict().values())
     else:

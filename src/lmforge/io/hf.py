@@ -781,14 +781,15 @@ def stored_dtypes(folder: Path) -> Counter[str]:
 
 
 TRAINING_WEIGHTS = "model.pt"  # a training checkpoint: RUN/checkpoints/step_N/{model.pt, trainer.pt}
+SHARDED_WEIGHTS = ".metadata"  # a model-parallel run's: torch.distributed.checkpoint files + trainer.pt
 
 
 def training_run(folder: Path) -> Path | None:
     """The run folder of a training checkpoint folder (RUN/checkpoints/step_N with model.pt and trainer.pt,
     the run's config.json and tokenizer in RUN, as lmforge's training commands write them), else None."""
     folder = Path(folder)
-    if (folder / TRAINING_WEIGHTS).is_file() and (folder / "trainer.pt").is_file() \
-            and not (folder / CONFIG_FILE).is_file():
+    weights = (folder / TRAINING_WEIGHTS).is_file() or (folder / SHARDED_WEIGHTS).is_file()
+    if weights and (folder / "trainer.pt").is_file() and not (folder / CONFIG_FILE).is_file():
         return folder.parent.parent
     return None
 
@@ -827,6 +828,12 @@ def read_checkpoint(folder: Path, *, head: str | None = None,
         config = config.replace(head=new_head, n_labels=config.n_labels if n_labels is None else n_labels)
     if run is None:
         tensors, where = read_tensors(folder), str(weight_files(folder)[0])
+    elif (folder / SHARDED_WEIGHTS).is_file():  # a model-parallel run's sharded checkpoint, gathered here
+        from lmforge.models import build_model
+        from lmforge.parallel.sharded_checkpoint import load_model_weights
+
+        where = str(folder)
+        tensors = state_dict_to_hf(stored, load_model_weights(folder, build_model(stored)).state_dict())
     else:  # lmforge names, saved by the training loop: through the HF names, so that heads can be swapped
         where = str(folder / TRAINING_WEIGHTS)
         tensors = state_dict_to_hf(stored, torch.load(where, map_location="cpu", weights_only=True))
