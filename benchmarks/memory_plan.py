@@ -1,0 +1,201 @@
+"""The memory planner's predictions against measured peaks of real lmforge training steps on CPU.
+
+    python benchmarks/memory_plan.py            # the validation table (about a minute)
+    python benchmarks/memory_plan.py --bert     # the planner's answer for BERT-base/large on 16 GB devices
+
+Measurement: `lmforge.training.train` runs two optimizer steps (forward, backward, clipping, AdamW step,
+zero_grad: the second step is the steady state, with the optimizer state already allocated) under
+`torch.profiler.profile(profile_memory=True)`. The profiler records every allocation and free of torch's CPU
+allocator, with sizes, including the ones inside kernels; the measured peak is the model's parameter bytes
+(allocated before profiling starts) plus the maximum of the running sum of those records. This is what torch
+allocates, not the process RSS (which adds the C allocator's caches, libraries and the data set).
+Activation checkpointing wraps each block's forward in `torch.utils.checkpoint` (non-reentrant), as
+`--activation-checkpointing` does. SGD runs swap the loop's AdamW for `torch.optim.SGD(momentum=0.9)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+from unittest import mock
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from lmforge import training
+from lmforge.config import ModelConfig
+from lmforge.data import MaskedBlocks, TokenBlocks
+from lmforge.models import build_model
+from lmforge.objectives import CausalLM, MaskedLM
+from lmforge.parallel.planner import Estimate, GiB, Hardware, Layout, Workload, estimate, max_batch
+
+try:
+    from common import cpu_model  # run as a script: benchmarks/ is on sys.path
+except ImportError:  # imported as benchmarks.memory_plan (tests/test_planner.py)
+    from benchmarks.common import cpu_model
+
+
+@dataclass(frozen=True)
+class Case:
+    """One single-process training configuration: a preset resized by `sizes`."""
+
+    preset: str
+    batch: int
+    seq: int
+    precision: str = "fp32"
+    optimizer: str = "adam"
+    checkpointing: bool = False
+    grad_accum: int = 1
+    sizes: tuple[tuple[str, Any], ...] = ()
+
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_name(self.preset).replace(**dict(self.sizes))
+
+    @property
+    def name(self) -> str:
+        c = self.config()
+        return (f"{self.preset} L{c.n_layer} d{c.d_model} V{c.vocab_size} B{self.batch} T{self.seq} "
+                f"{self.precision} {self.optimizer}{' +ac' if self.checkpointing else ''}"
+                + (f" accum{self.grad_accum}" if self.grad_accum > 1 else "")
+                + (f" dropout{c.dropout}" if c.dropout else ""))
+
+
+_MID = (("n_layer", 4), ("d_model", 256), ("n_head", 8), ("d_ff", 1024), ("vocab_size", 4000),
+        ("max_seq_len", 256))  # a large vocabulary: the loss's (N, V) tensors set the peak
+_DEEP = (("n_layer", 6), ("d_model", 256), ("n_head", 8), ("d_ff", 1024), ("vocab_size", 512),
+         ("max_seq_len", 256))  # a small one: the blocks' activations do
+_WIDE = (("n_layer", 8), ("d_model", 512), ("n_head", 8), ("d_ff", 2048), ("vocab_size", 2000))  # the optimizer
+CASES = [
+    Case("tiny-gpt2", 8, 128, sizes=_MID),
+    Case("tiny-gpt2", 8, 128, "bf16", sizes=_MID),
+    Case("tiny-gpt2", 8, 128, checkpointing=True, sizes=_MID),
+    Case("tiny-gpt2", 4, 128, grad_accum=2, sizes=_MID),
+    Case("tiny-gpt2", 4, 256, sizes=_DEEP),
+    Case("tiny-gpt2", 2, 64, sizes=_WIDE),
+    Case("tiny-llama", 4, 256, sizes=(*_DEEP, ("n_kv_head", 2))),
+    Case("tiny-llama", 4, 256, "bf16", checkpointing=True, sizes=(*_DEEP, ("n_kv_head", 2))),
+    Case("tiny-bert", 8, 128, sizes=_MID),
+    Case("tiny-bert", 4, 128, "bf16", sizes=_DEEP),
+    Case("tiny-bert", 4, 128, sizes=(*_DEEP, ("dropout", 0.1))),
+    Case("tiny-bert", 16, 64, optimizer="sgd", sizes=_MID),
+    Case("tiny-roberta", 4, 128, "bf16", checkpointing=True,
+         sizes=(("n_layer", 6), ("d_model", 384), ("n_head", 6), ("d_ff", 1536), ("vocab_size", 8000),
+                ("max_seq_len", 130))),
+]
+
+
+def _checkpoint_blocks(model: torch.nn.Module) -> None:
+    """Per-block non-reentrant activation checkpointing, on the block instances."""
+    for block in model.layers:
+        block.forward = (lambda *args, _f=block.forward, **kw: checkpoint(_f, *args, use_reentrant=False, **kw))
+
+
+def _sgd(model: torch.nn.Module, config: training.TrainConfig, extra: Any = None) -> torch.optim.SGD:
+    return torch.optim.SGD(training.param_groups(model, config.weight_decay, extra), lr=config.lr, momentum=0.9)
+
+
+def measure(case: Case, steps: int = 2) -> int:
+    """Peak bytes torch's CPU allocator holds during `steps` steps of `lmforge.training.train` on `case`
+    (see the module docstring)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = case.config()
+    torch.manual_seed(0)
+    model = build_model(cfg.replace(head="lm"))
+    if case.checkpointing:
+        _checkpoint_blocks(model)
+    ids = torch.randint(5, cfg.vocab_size, (case.batch * case.grad_accum * steps, case.seq))
+    if cfg.arch == "decoder":
+        data, objective = TokenBlocks(ids), CausalLM()
+    else:
+        data, objective = MaskedBlocks(ids, mask_id=4, vocab_size=cfg.vocab_size, special_ids=[0, 1, 2, 3, 4]), \
+            MaskedLM()
+    config = training.TrainConfig(max_steps=steps, batch_size=case.batch, precision=case.precision,
+                                  grad_accum=case.grad_accum,
+                                  progress=False, log_every=steps)
+    params = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    sgd = mock.patch.object(training, "make_optimizer", _sgd) if case.optimizer == "sgd" else nullcontext()
+    with sgd:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            training.train(model, objective, data, config)
+    sizes: list[tuple[int, int]] = []
+
+    def walk(events: list) -> None:
+        for e in events:
+            if e.tag == _EventType.Allocation and str(e.extra_fields.device) == "cpu":
+                sizes.append((e.start_time_ns, e.extra_fields.alloc_size))
+            walk(e.children)
+
+    walk(prof.profiler.kineto_results.experimental_event_tree())
+    sizes.sort()
+    return params + max(itertools.accumulate(size for _, size in sizes))
+
+
+def predict(case: Case) -> Estimate:
+    """The planner's estimate for `case` on this CPU (one process)."""
+    workload = Workload(case.config().replace(head="lm"), case.batch * case.grad_accum, case.seq, case.precision,
+                        case.optimizer, case.grad_accum)
+    return estimate(workload, Layout(activation_checkpointing=case.checkpointing), Hardware(device="cpu"))
+
+
+def validate(cases: list[Case]) -> list[dict[str, Any]]:
+    rows = []
+    for case in cases:
+        t0 = time.perf_counter()
+        measured = measure(case)
+        predicted = predict(case)
+        rows.append({"case": case.name, "predicted_mib": predicted.peak / 2**20, "measured_mib": measured / 2**20,
+                     "ratio": predicted.peak / measured, "peak_at": predicted.phase,
+                     "seconds": time.perf_counter() - t0})
+    return rows
+
+
+def bert_answer(memory: int = 16 * GiB) -> list[dict[str, Any]]:
+    """The largest batch per device that fits BERT-base and BERT-large MLM pre-training at seq 512 with Adam
+    on `memory`-byte GPUs: fp32, AMP (bf16), with activation checkpointing, with FSDP over 4 devices."""
+    hw = Hardware(memory=memory)
+    rows = []
+    for name in ("bert-base-uncased", "bert-large-uncased"):
+        cfg = ModelConfig.from_name(name)
+        for precision, layout in itertools.product(
+                ("fp32", "bf16"),
+                (Layout(), Layout(activation_checkpointing=True), Layout(dp=4, strategy="fsdp"),
+                 Layout(dp=4, strategy="fsdp", activation_checkpointing=True), Layout(dp=4, strategy="allreduce"))):
+            best = max_batch(Workload(cfg, 1 * layout.dp, 512, precision), layout, hw)
+            rows.append({"model": name, "precision": precision, "layout": layout.name, "max_batch_per_device": best})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bert", action="store_true", help="print the BERT 16 GB answer instead")
+    parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.bert:
+        rows = bert_answer()
+        for r in rows:
+            print(json.dumps(r) if args.json else
+                  f"{r['model']:20s} {r['precision']:5s} {r['layout']:22s} batch/device <= {r['max_batch_per_device']}")
+        return 0
+    print(f"CPU: {cpu_model()} | torch {torch.__version__} | 1 thread")
+    print(f"{'configuration':64s} {'predicted MiB':>13s} {'measured MiB':>12s} {'ratio':>6s}  predicted peak at")
+    worst = 0.0
+    for r in validate(CASES):
+        worst = max(worst, abs(r["ratio"] - 1))
+        print(json.dumps(r) if args.json else
+              f"{r['case']:64s} {r['predicted_mib']:13.1f} {r['measured_mib']:12.1f} {r['ratio']:6.3f}  "
+              f"{r['peak_at']}")
+    print(f"largest deviation: {worst:.1%} over {len(CASES)} configurations")
+    return 0 if worst <= 0.15 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
