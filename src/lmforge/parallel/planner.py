@@ -74,19 +74,33 @@ def parse_bytes(text: str) -> int:
 @dataclass(frozen=True)
 class Hardware:
     """One device and its links. Defaults: a 16 GB accelerator of 100 TFLOP/s (low precision; float32 a
-    quarter of it) with 50 GB/s links per device."""
+    quarter of it) with 50 GB/s links per device.
+
+    headroom: the share of `memory` a layout must leave free. The planner predicts what torch allocates
+    (`torch.cuda.max_memory_allocated`); a CUDA device also holds the CUDA context and the caching allocator's
+    fragmentation, hence 10% by default there (0 on CPU).
+    """
 
     memory: int = 16 * GiB
     device: Literal["cuda", "cpu"] = "cuda"
     tflops: float = 100.0  # peak dense matmul TFLOP/s in bf16/fp16
     fp32_tflops: float | None = None  # None: tflops / 4
     link_gbs: float = 50.0  # GB/s each device sends and receives
+    headroom: float | None = None  # None: 0.1 on cuda, 0 on cpu
 
     def __post_init__(self) -> None:
         if self.memory <= 0 or self.tflops <= 0 or self.link_gbs <= 0:
             raise ValueError("Hardware memory, tflops and link_gbs must be positive")
         if self.device not in ("cuda", "cpu"):
             raise ValueError(f"Hardware.device must be 'cuda' or 'cpu', got {self.device!r}")
+        if self.headroom is not None and not 0 <= self.headroom < 1:
+            raise ValueError(f"Hardware.headroom must be in [0, 1), got {self.headroom}")
+
+    @property
+    def usable(self) -> int:
+        """Bytes a layout may allocate: memory less the headroom."""
+        headroom = self.headroom if self.headroom is not None else (0.1 if self.device == "cuda" else 0.0)
+        return int(self.memory * (1 - headroom))
 
     def flops(self, precision: str) -> float:
         """Peak FLOP/s for matmuls in `precision`."""
@@ -475,7 +489,7 @@ def estimate(workload: Workload, layout: Layout, hardware: Hardware = Hardware()
     est = Estimate(lay, *top[1:], phase=top[0], stage=stage)
     est.compute_time, est.comm_time, est.bubble = step_time(w, lay, hardware, counts)
     est.step_time = est.compute_time / (1 - est.bubble) + est.comm_time
-    est.fits = est.peak <= hardware.memory
+    est.fits = est.peak <= hardware.usable
     return est
 
 
@@ -542,7 +556,7 @@ def _divisors(n: int) -> list[int]:
 
 def layouts(workload: Workload, devices: int, checkpointing: bool | None = None) -> list[Layout]:
     """Every layout of exactly `devices` ranks the workload allows: dp x tp x pp factorizations, allreduce or
-    FSDP on dp, GPipe or 1F1B with m in {p, 2p, 4p, 8p} on pp, with and without activation checkpointing
+    FSDP (not with tp) on dp, GPipe or 1F1B with m in {p, 2p, 4p, 8p} on pp, with and without activation checkpointing
     (only with when `checkpointing` is True, only without when False)."""
     if devices < 1:
         raise ValueError(f"devices must be >= 1, got {devices}")
@@ -552,7 +566,8 @@ def layouts(workload: Workload, devices: int, checkpointing: bool | None = None)
         if devices % (dp * tp):
             continue
         pp = devices // (dp * tp)
-        strategies = ["single"] if dp == 1 else ["allreduce", "fsdp"]
+        # FSDP shards over dp without tensor parallelism (lmforge.parallel.plans refuses FSDP x TP)
+        strategies = ["single"] if dp == 1 else ["allreduce"] + (["fsdp"] if tp == 1 else [])
         pipes = [("1f1b", 1)] if pp == 1 else [(s, m * pp) for s in SCHEDULES for m in (1, 2, 4, 8)]
         for strategy, (schedule, m), ac in itertools.product(strategies, pipes, acs):
             lay = Layout(dp, tp, pp, strategy, schedule, m, ac)
@@ -566,13 +581,14 @@ def layouts(workload: Workload, devices: int, checkpointing: bool | None = None)
 
 def plan(workload: Workload, hardware: Hardware, devices: int, checkpointing: bool | None = None,
          model: str = "MODEL", data: str = "DATA") -> list[Estimate]:
-    """Estimates of every layout (see `layouts`), those that fit first, each group by predicted step time;
-    each with the command that runs it (`model` and `data` go into the command)."""
+    """Estimates of every layout (see `layouts`): those that fit first, by predicted step time (equal times:
+    less memory first), then the others by peak; each with the command that runs it (`model` and `data` go
+    into the command)."""
     counts = count_parameters(workload.config)
     estimates = [estimate(workload, lay, hardware, counts) for lay in layouts(workload, devices, checkpointing)]
     for est in estimates:
         est.command = train_command(workload, est.layout, model, data)
-    return sorted(estimates, key=lambda e: (not e.fits, e.step_time if e.fits else e.peak))
+    return sorted(estimates, key=lambda e: (not e.fits, e.step_time if e.fits else e.peak, e.peak))
 
 
 def train_command(w: Workload, lay: Layout, model: str = "MODEL", data: str = "DATA",
@@ -663,7 +679,7 @@ def generation_plan(config: ModelConfig, batch: int, seq: int, dtype: str, hardw
                      * config.head_dim) // tp
         transient = n * (config.d_model * 3 + widest * 2) * e + batch * config.vocab_size * 4
         est = GenerationEstimate(tp, pp, weights, kv, transient)
-        est.fits = est.peak <= hardware.memory
+        est.fits = est.peak <= hardware.usable
         out.append(est)
     return sorted(out, key=lambda g: (not g.fits, g.peak))
 
@@ -687,7 +703,18 @@ def format_table(estimates: list[Estimate], limit: int | None = None) -> str:
     return "\n".join(rows)
 
 
-__all__ = ["GiB", "Estimate", "GenerationEstimate", "Hardware", "Layout", "ParameterCounts", "Workload",
-           "count_parameters", "estimate", "format_table", "generation_plan", "layer_activations", "layouts",
-           "max_batch", "parse_bytes", "plan", "step_flops", "step_time", "train_command"]
+def format_generation_table(estimates: list[GenerationEstimate]) -> str:
+    """A text table of generation layouts: weights, KV cache, transients and peak per rank (GiB)."""
+    rows = [f"{'layout':12s} {'peak':>6s} {'weights':>7s} {'kv':>6s} {'other':>6s}  fits"]
+    for est in estimates:
+        name = " x ".join(p for p in (f"tp{est.tp}" if est.tp > 1 else "", f"pp{est.pp}" if est.pp > 1 else "")
+                          if p) or "single"
+        rows.append(f"{name:12s} {_gib(est.peak)} {_gib(est.weights):>7s} {_gib(est.kv_cache)} "
+                    f"{_gib(est.transient)}  {'yes' if est.fits else 'no'}")
+    return "\n".join(rows)
 
+
+__all__ = ["GiB", "Estimate", "GenerationEstimate", "Hardware", "Layout", "ParameterCounts", "Workload",
+           "count_parameters", "estimate", "format_generation_table", "format_table", "generation_plan",
+           "layer_activations", "layouts", "max_batch", "parse_bytes", "plan", "step_flops", "step_time",
+           "train_command"]
