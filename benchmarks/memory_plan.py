@@ -1,6 +1,6 @@
 """The memory planner's predictions against measured peaks of real lmforge training steps on CPU.
 
-    python benchmarks/memory_plan.py            # the validation table (about a minute)
+    python benchmarks/memory_plan.py            # the validation table (about two minutes)
     python benchmarks/memory_plan.py --bert     # the planner's answer for BERT-base/large on 16 GB devices
 
 Measurement: `lmforge.training.train` runs two optimizer steps (forward, backward, clipping, AdamW step,
@@ -11,6 +11,11 @@ allocator, with sizes, including the ones inside kernels; the measured peak is t
 allocates, not the process RSS (which adds the C allocator's caches, libraries and the data set).
 Activation checkpointing wraps each block's forward in `torch.utils.checkpoint` (non-reentrant), as
 `--activation-checkpointing` does. SGD runs swap the loop's AdamW for `torch.optim.SGD(momentum=0.9)`.
+
+Two-rank runs (gloo, launched with torchrun): the same measurement on every rank, the busiest rank's peak
+against the planner's; "allreduce" is lmforge's `AllreduceStrategy` (DistributedOptimizer), "fsdp" torch's
+`fully_shard` on every block and on the root (as `lmforge.parallel.plans.apply_fsdp` does), applied before
+the loop builds its optimizer, without gradient clipping.
 """
 
 from __future__ import annotations
@@ -18,10 +23,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -90,6 +99,16 @@ CASES = [
 ]
 
 
+# (strategy, case with the batch of one rank): two-rank runs
+DISTRIBUTED_CASES = [
+    ("allreduce", Case("tiny-gpt2", 8, 128, sizes=_MID)),
+    ("allreduce", Case("tiny-gpt2", 2, 64, sizes=_WIDE)),
+    ("fsdp", Case("tiny-gpt2", 8, 128, sizes=_MID)),
+    ("fsdp", Case("tiny-gpt2", 2, 64, sizes=_WIDE)),
+    ("fsdp", Case("tiny-bert", 4, 128, "bf16", sizes=_DEEP)),
+]
+
+
 def _checkpoint_blocks(model: torch.nn.Module) -> None:
     """Per-block non-reentrant activation checkpointing, on the block instances."""
     for block in model.layers:
@@ -100,9 +119,9 @@ def _sgd(model: torch.nn.Module, config: training.TrainConfig, extra: Any = None
     return torch.optim.SGD(training.param_groups(model, config.weight_decay, extra), lr=config.lr, momentum=0.9)
 
 
-def measure(case: Case, steps: int = 2) -> int:
+def measure(case: Case, steps: int = 2, strategy: str | None = None) -> int:
     """Peak bytes torch's CPU allocator holds during `steps` steps of `lmforge.training.train` on `case`
-    (see the module docstring)."""
+    (see the module docstring); `strategy` "allreduce" or "fsdp" inside a torchrun-launched process."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
@@ -111,20 +130,38 @@ def measure(case: Case, steps: int = 2) -> int:
     model = build_model(cfg.replace(head="lm"))
     if case.checkpointing:
         _checkpoint_blocks(model)
-    ids = torch.randint(5, cfg.vocab_size, (case.batch * case.grad_accum * steps, case.seq))
+    runner = None
+    if strategy == "allreduce":
+        from lmforge.parallel.strategy import AllreduceStrategy
+
+        runner = AllreduceStrategy(grad_accum=case.grad_accum)
+    elif strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from lmforge.parallel.strategy import Distributed
+
+        runner = Distributed()
+        mesh = init_device_mesh("cpu", (runner.world_size,))
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    world = runner.world_size if runner is not None else 1
+    ids = torch.randint(5, cfg.vocab_size, (case.batch * case.grad_accum * steps * world, case.seq))
     if cfg.arch == "decoder":
         data, objective = TokenBlocks(ids), CausalLM()
     else:
         data, objective = MaskedBlocks(ids, mask_id=4, vocab_size=cfg.vocab_size, special_ids=[0, 1, 2, 3, 4]), \
             MaskedLM()
     config = training.TrainConfig(max_steps=steps, batch_size=case.batch, precision=case.precision,
-                                  grad_accum=case.grad_accum,
+                                  grad_accum=case.grad_accum, clip_norm=None if strategy == "fsdp" else 1.0,
                                   progress=False, log_every=steps)
-    params = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    local = [getattr(p, "_local_tensor", p) for p in {id(p): p for p in model.parameters()}.values()]
+    params = sum(p.numel() * p.element_size() for p in local)
     sgd = mock.patch.object(training, "make_optimizer", _sgd) if case.optimizer == "sgd" else nullcontext()
     with sgd:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            training.train(model, objective, data, config)
+            training.train(model, objective, data, config, strategy=runner)
     sizes: list[tuple[int, int]] = []
 
     def walk(events: list) -> None:
@@ -138,20 +175,44 @@ def measure(case: Case, steps: int = 2) -> int:
     return params + max(itertools.accumulate(size for _, size in sizes))
 
 
-def predict(case: Case) -> Estimate:
-    """The planner's estimate for `case` on this CPU (one process)."""
-    workload = Workload(case.config().replace(head="lm"), case.batch * case.grad_accum, case.seq, case.precision,
-                        case.optimizer, case.grad_accum)
-    return estimate(workload, Layout(activation_checkpointing=case.checkpointing), Hardware(device="cpu"))
+def predict(case: Case, strategy: str = "single", ranks: int = 1) -> Estimate:
+    """The planner's estimate for `case` on this CPU (`ranks` processes, each with the case's batch)."""
+    workload = Workload(case.config().replace(head="lm"), case.batch * case.grad_accum * ranks, case.seq,
+                        case.precision, case.optimizer, case.grad_accum)
+    layout = Layout(dp=ranks, strategy=strategy, activation_checkpointing=case.checkpointing)
+    return estimate(workload, layout, Hardware(device="cpu"))
 
 
-def validate(cases: list[Case]) -> list[dict[str, Any]]:
+def measure_distributed(strategy: str, case_index: int, ranks: int = 2, timeout: float = 300) -> int:
+    """The busiest rank's peak over a `ranks`-process torchrun run of DISTRIBUTED_CASES[case_index]."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
+               str(port), __file__, "--worker", str(case_index), "--out", out]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        peaks = [json.loads(f.read_text())["peak"] for f in Path(out).glob("rank*.json")]
+    if done.returncode or len(peaks) != ranks:
+        raise RuntimeError(f"{strategy} run failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    return max(peaks)
+
+
+def validate(cases: list[Case], distributed: bool = True) -> list[dict[str, Any]]:
+    """Predicted and measured peaks of every case (one process) and of DISTRIBUTED_CASES (two ranks)."""
+    runs = [("single", 1, case, None) for case in cases]
+    if distributed:
+        runs += [(strategy, 2, case, i) for i, (strategy, case) in enumerate(DISTRIBUTED_CASES)]
     rows = []
-    for case in cases:
+    for strategy, ranks, case, index in runs:
         t0 = time.perf_counter()
-        measured = measure(case)
-        predicted = predict(case)
-        rows.append({"case": case.name, "predicted_mib": predicted.peak / 2**20, "measured_mib": measured / 2**20,
+        measured = measure(case) if index is None else measure_distributed(strategy, index, ranks)
+        predicted = predict(case, strategy, ranks)
+        name = case.name if ranks == 1 else f"{case.name} x{ranks} {strategy}"
+        rows.append({"case": name, "predicted_mib": predicted.peak / 2**20, "measured_mib": measured / 2**20,
                      "ratio": predicted.peak / measured, "peak_at": predicted.phase,
                      "seconds": time.perf_counter() - t0})
     return rows
@@ -177,8 +238,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bert", action="store_true", help="print the BERT 16 GB answer instead")
     parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    parser.add_argument("--single", action="store_true", help="one-process cases only (no torchrun runs)")
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # a torchrun rank of a distributed case
+    parser.add_argument("--out", help=argparse.SUPPRESS)  # where a worker writes rank<R>.json
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.worker is not None:
+        strategy, case = DISTRIBUTED_CASES[args.worker]
+        peak = measure(case, strategy=strategy)
+        Path(args.out, f"rank{os.environ['RANK']}.json").write_text(json.dumps({"peak": peak}))
+        return 0
     if args.bert:
         rows = bert_answer()
         for r in rows:
@@ -186,14 +255,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['model']:20s} {r['precision']:5s} {r['layout']:22s} batch/device <= {r['max_batch_per_device']}")
         return 0
     print(f"CPU: {cpu_model()} | torch {torch.__version__} | 1 thread")
-    print(f"{'configuration':64s} {'predicted MiB':>13s} {'measured MiB':>12s} {'ratio':>6s}  predicted peak at")
+    print(f"{'configuration':74s} {'predicted MiB':>13s} {'measured MiB':>12s} {'ratio':>6s}  predicted peak at")
     worst = 0.0
-    for r in validate(CASES):
+    rows = validate(CASES, distributed=not args.single)
+    for r in rows:
         worst = max(worst, abs(r["ratio"] - 1))
         print(json.dumps(r) if args.json else
-              f"{r['case']:64s} {r['predicted_mib']:13.1f} {r['measured_mib']:12.1f} {r['ratio']:6.3f}  "
+              f"{r['case']:74s} {r['predicted_mib']:13.1f} {r['measured_mib']:12.1f} {r['ratio']:6.3f}  "
               f"{r['peak_at']}")
-    print(f"largest deviation: {worst:.1%} over {len(CASES)} configurations")
+    print(f"largest deviation: {worst:.1%} over {len(rows)} configurations")
     return 0 if worst <= 0.15 else 1
 
 

@@ -29,13 +29,11 @@ from lmforge.parallel.planner import (
 
 
 @pytest.mark.parametrize("name, changes", [("tiny-gpt2", {}), ("tiny-llama", {}), ("tiny-bert", {}),
-                                           ("tiny-roberta", {}), ("tiny-gpt2", {"tie_embeddings": False}),
-                                           ("bert-large-uncased", {})])
+                                           ("tiny-roberta", {}), ("tiny-gpt2", {"tie_embeddings": False})])
 def test_parameter_counts_match_the_built_model(name, changes):
     cfg = ModelConfig.from_name(name, **changes)
     counts = count_parameters(cfg)
-    with torch.device("meta"):
-        model = build_model(cfg)
+    model = build_model(cfg)
     unique = {id(p): p for p in model.parameters()}.values()
     assert counts.total == sum(p.numel() for p in unique)
     assert counts.layer == sum(p.numel() for p in model.layers[0].parameters())
@@ -179,3 +177,4 @@ def test_cli_plan_table_json_and_nothing_fits(run_cli):
                            "--dtype", "bf16", "--json")
     kv = json.loads(out)["layouts"][0]["kv_cache"]
     assert code == 0 and kv == 2 * 30 * 4 * 3 * 2048 * 64 * 2  # layers x batch x kv heads x slots x head size
+

@@ -450,8 +450,15 @@ def estimate(workload: Workload, layout: Layout, hardware: Hardware = Hardware()
         grads = params * 4 // shard
         opt_state = params * state_bytes // shard
         dp_buffers = params * 4 if lay.strategy in ("allreduce", "ddp") else 0  # flat gradient buckets
-        fsdp_root = root * 4 * (d - 1) // d if lay.strategy == "fsdp" else 0  # the root, all-gathered
-        fsdp_block = block_params * 4 * (d - 1) // d if lay.strategy == "fsdp" else 0  # one block gathered
+        fsdp = lay.strategy == "fsdp"
+        fsdp_root = root * 4 if fsdp else 0  # the root's parameters, all-gathered, beside its shard
+        # FSDP's gathered blocks: forward holds the running block and the prefetched next one; backward the
+        # running block, the prefetched one, the running block's gradients and the previous block's
+        # reduce-scatter input. gloo (CPU) adds a copy of each all-gather's output and keeps clones of the
+        # reduce-scatter inputs until their work objects go (3 to 4 outstanding, measured on 2 ranks).
+        gloo_extra = 4 if hardware.device == "cpu" else 0
+        fsdp_forward = (2 + gloo_extra // 4) * block_params * 4 if fsdp else 0
+        fsdp_backward = (4 + gloo_extra) * block_params * 4 if fsdp else 0
         buffers = dp_buffers + fsdp_root + n * 8 * (3 if mask else 1) * in_flight  # + the batches
         emb = _embed_activations(cfg, mb, w.seq, w.precision, mask) if first else n * cfg.d_model * 4
         head = _head_activations(cfg, mb, w.seq, w.precision, t) if last else 0
@@ -465,9 +472,9 @@ def estimate(workload: Workload, layout: Layout, hardware: Hardware = Hardware()
         activations = waiting + emb + per_layer * n_layers + head
         points = [  # (moment, parameters, gradients, optimizer, activations, buffers)
             ("forward (loss)", weights, grads_before, opt_state, activations + copies_all + loss_saved + logits,
-             buffers + 2 * fsdp_block),
+             buffers + fsdp_forward),
             ("backward (loss)", weights, grads_before, opt_state, activations + copies_kept + loss_peak,
-             buffers + 2 * fsdp_block),
+             buffers + fsdp_forward),
         ]
         head_grads = root * 4 if last else 0  # the head's (and a tied table's) gradients, unsharded until
         if last and first and cfg.tie_embeddings:  # the end of backward under FSDP as well
@@ -477,7 +484,7 @@ def estimate(workload: Workload, layout: Layout, hardware: Hardware = Hardware()
             copies = copies_layer * (1 if ac else k)
             done = head_grads + block_params * 4 * (n_layers - k + 1) // shard
             points.append((f"backward (block {k - 1})", weights, max(grads_before, done), opt_state,
-                           kept + copies, buffers + 2 * fsdp_block))
+                           kept + copies, buffers + fsdp_backward))
         tied_grad = counts.vocab_table // t * 4 if first and cfg.tie_embeddings else 0  # summed into the tie
         points.append(("backward (embeddings)", weights, grads, opt_state, waiting + tied_grad, buffers))
         cpu_adam = hardware.device == "cpu" and w.optimizer == "adam"  # single-tensor AdamW's temporaries
