@@ -328,8 +328,6 @@ def layer_activations(config: ModelConfig, batch: int, seq: int, precision: str,
         probs = batch * h * seq * seq * e
         saved["attention (math path)"] = n * h * d * e + probs * 2 + _dropout_bytes(probs // e, e, c.dropout,
                                                                                      device)
-    if amp and not fused:
-        saved["attention output (out input)"] = n * h * d * e
     saved["residual 1"] = n * c.d_model * 4 + n * stats * 4 + norm_extra
     saved["mlp norm out (up input)"] = n * c.d_model * e
     if c.gated_mlp:
@@ -340,7 +338,7 @@ def layer_activations(config: ModelConfig, batch: int, seq: int, precision: str,
         saved["activation (down input)"] = n * f * e
     if c.norm_position == "post":
         saved["residual 2"] = n * c.d_model * 4 + n * stats * 4
-    drops = _dropout_bytes(n * c.d_model, 4, c.dropout, device) * 2
+    drops = _dropout_bytes(n * c.d_model, e, c.dropout, device) * 2  # on the attention and MLP outputs
     if drops:
         saved["dropout masks"] = drops
     return saved
@@ -357,7 +355,7 @@ def _layer_transient(config: ModelConfig, batch: int, seq: int, precision: str, 
     return n * config.d_model * 4 + n * widest * e
 
 
-def _embed_activations(config: ModelConfig, batch: int, seq: int, precision: str, mask: bool) -> int:
+def _embed_activations(config: ModelConfig, batch: int, seq: int, mask: bool, device: str) -> int:
     """The embeddings' saved tensors: indices, the embedding norm's input and statistics, mask, rotary tables."""
     n = batch * seq
     total = n * 8 * (2 if config.type_vocab_size else 1)
@@ -367,11 +365,11 @@ def _embed_activations(config: ModelConfig, batch: int, seq: int, precision: str
         total += n  # (B, 1, 1, T) booleans
     if config.position == "rotary":
         total += 2 * n * config.head_dim * 4  # cos and sin tables (B, 1, T, D), float32 stream
-    total += _dropout_bytes(n * config.d_model, 4, config.dropout, "cpu")
+    total += _dropout_bytes(n * config.d_model, 4, config.dropout, device)
     return total
 
 
-def _head_activations(config: ModelConfig, batch: int, seq: int, precision: str, tp: int) -> int:
+def _head_activations(config: ModelConfig, batch: int, seq: int, precision: str) -> int:
     """Saved tensors of the head before the loss: the final norm (decoders) or the MLM head's dense, act and
     norm, and the output projection's input."""
     n = batch * seq
@@ -381,7 +379,7 @@ def _head_activations(config: ModelConfig, batch: int, seq: int, precision: str,
     return n * config.d_model * e * 4 + n * 2 * 4  # dense input, act input, norm input, decoder input
 
 
-def _loss_bytes(config: ModelConfig, batch: int, seq: int, precision: str, tp: int) -> tuple[int, int]:
+def _loss_bytes(config: ModelConfig, batch: int, seq: int, tp: int) -> tuple[int, int]:
     """(saved, peak extra) of the loss: cross-entropy saves the float32 log-softmax (N, V); its backward holds
     log-softmax, its gradient and the logits' gradient at once (plus the low-precision logits' gradient under
     autocast right after)."""
@@ -460,9 +458,9 @@ def estimate(workload: Workload, layout: Layout, hardware: Hardware = Hardware()
         fsdp_forward = (2 + gloo_extra // 4) * block_params * 4 if fsdp else 0
         fsdp_backward = (4 + gloo_extra) * block_params * 4 if fsdp else 0
         buffers = dp_buffers + fsdp_root + n * 8 * (3 if mask else 1) * in_flight  # + the batches
-        emb = _embed_activations(cfg, mb, w.seq, w.precision, mask) if first else n * cfg.d_model * 4
-        head = _head_activations(cfg, mb, w.seq, w.precision, t) if last else 0
-        loss_saved, loss_peak = _loss_bytes(cfg, mb, w.seq, w.precision, t) if last else (0, 0)
+        emb = _embed_activations(cfg, mb, w.seq, mask, hardware.device) if first else n * cfg.d_model * 4
+        head = _head_activations(cfg, mb, w.seq, w.precision) if last else 0
+        loss_saved, loss_peak = _loss_bytes(cfg, mb, w.seq, t) if last else (0, 0)
         logits = n * cfg.vocab_size // t * (6 if amp else 4) if last else 0  # (+ their float32 copy)
         copies_head = counts.head_linear // t * 2 if amp and last else 0
         copies_all = copies_layer * n_layers + copies_head  # autocast's cache, until the forward ends
