@@ -139,8 +139,9 @@ def test_train_command_has_the_layout_flags():
     cmd = train_command(_bert("bf16"), Layout(dp=2, pp=2, strategy="fsdp", schedule="gpipe", microbatches=4,
                                               activation_checkpointing=True), "bert-base-uncased", "corpus")
     assert cmd == ("torchrun --nproc-per-node 4 -m lmforge train --model bert-base-uncased --from-scratch --data "
-                   "corpus --run-dir runs/planned --block-size 512 --batch-size 8 --precision bf16 --dp 2 --tp 1 "
-                   "--pp 2 --strategy fsdp --schedule gpipe --microbatches 4 --activation-checkpointing")
+                   "corpus --run-dir runs/planned --block-size 512 --batch-size 8 --precision bf16 --strategy fsdp "
+                   "--dp 2 --tp 1 --pp 2 --pp-schedule gpipe --microbatches 4 --activation-checkpointing")
+    assert "--strategy allreduce --dp 1 --tp 2 --pp 1" in train_command(_bert(), Layout(tp=2))
     assert train_command(_bert(), Layout(), "m").startswith("lmforge train --model m --data")
 
 

@@ -598,7 +598,9 @@ def plan(workload: Workload, hardware: Hardware, devices: int, checkpointing: bo
 
 def train_command(w: Workload, lay: Layout, model: str = "MODEL", data: str = "DATA",
                   run_dir: str = "runs/planned") -> str:
-    """The `lmforge train` command line of a layout (under torchrun when it spans several devices)."""
+    """The `lmforge train` command line of a layout (under torchrun when it spans several devices), with the
+    layout options of `lmforge train`: --strategy, --dp/--tp/--pp, --pp-schedule, --microbatches (per
+    data-parallel rank's --batch-size), --activation-checkpointing."""
     from lmforge.config import PRESETS
 
     args = ["lmforge", "train", "--model", model]
@@ -610,12 +612,11 @@ def train_command(w: Workload, lay: Layout, model: str = "MODEL", data: str = "D
         args += ["--grad-accum", str(w.grad_accum)]
     if w.precision != "fp32":
         args += ["--precision", w.precision]
-    if lay.devices > 1:
-        args += ["--dp", str(lay.dp), "--tp", str(lay.tp), "--pp", str(lay.pp)]
-    if lay.dp > 1:
-        args += ["--strategy", lay.strategy]
-    if lay.pp > 1:
-        args += ["--schedule", lay.schedule, "--microbatches", str(lay.microbatches)]
+    if lay.devices > 1:  # a layout goes with a strategy, allreduce on a data-parallel dimension of 1
+        args += ["--strategy", lay.strategy if lay.dp > 1 else "allreduce",
+                 "--dp", str(lay.dp), "--tp", str(lay.tp), "--pp", str(lay.pp)]
+    if lay.pp > 1:  # (--schedule is the learning rate's)
+        args += ["--pp-schedule", lay.schedule, "--microbatches", str(lay.microbatches)]
     if lay.activation_checkpointing:
         args.append("--activation-checkpointing")
     if lay.devices > 1:
