@@ -612,7 +612,7 @@ def _plan_arguments(p: argparse.ArgumentParser) -> None:
 @command("plan", "Predict the peak memory per device of each parallel layout (dp, fsdp, tp, pp), which fit, "
          "their step time, and the command that runs the best; exit 1 when none fits.", _plan_arguments)
 def _plan(args: argparse.Namespace) -> int:
-    from lmforge.config import PRESETS, ModelConfig
+    from lmforge.config import ModelConfig
     from lmforge.io import load_config
     from lmforge.parallel import planner
 
@@ -624,7 +624,7 @@ def _plan(args: argparse.Namespace) -> int:
     if args.headroom is not None and not 0 <= args.headroom < 1:
         raise ValueError(f"--headroom must be in [0, 1), got {args.headroom}")
     memory = planner.parse_bytes(args.device_memory)
-    cfg = ModelConfig.from_name(args.model) if args.model.lower() in PRESETS else load_config(args.model)
+    cfg = ModelConfig.from_name(args.model) if planner.is_preset_only(args.model) else load_config(args.model)
     hardware = planner.Hardware(memory=memory, device=args.device_type, tflops=args.tflops,
                                 link_gbs=args.link_gbs, headroom=args.headroom)
     if args.generate:

@@ -596,16 +596,23 @@ def plan(workload: Workload, hardware: Hardware, devices: int, checkpointing: bo
     return sorted(estimates, key=lambda e: (not e.fits, e.step_time if e.fits else e.peak, e.peak))
 
 
+def is_preset_only(name: str) -> bool:
+    """True for an architecture preset name (`ModelConfig.from_name`) that is not also a packaged model."""
+    from lmforge.config import PRESETS
+    from lmforge.registry import ALIASES, PACKAGED
+
+    key = name.lower()
+    return key in PRESETS and ALIASES.get(key, key) not in PACKAGED
+
+
 def train_command(w: Workload, lay: Layout, model: str = "MODEL", data: str = "DATA",
                   run_dir: str = "runs/planned") -> str:
     """The `lmforge train` command line of a layout (under torchrun when it spans several devices), with the
     layout options of `lmforge train`: --strategy, --dp/--tp/--pp, --pp-schedule, --microbatches (per
     data-parallel rank's --batch-size), --activation-checkpointing."""
-    from lmforge.config import PRESETS
-
     args = ["lmforge", "train", "--model", model]
-    if model.lower() in PRESETS:
-        args.append("--from-scratch")
+    if is_preset_only(model):
+        args.append("--from-scratch")  # an architecture preset; a packaged model trains on from its weights
     args += ["--data", data, "--run-dir", run_dir, "--block-size", str(w.seq),
              "--batch-size", str(w.batch // (lay.dp * w.grad_accum))]
     if w.grad_accum > 1:
@@ -722,5 +729,5 @@ def format_generation_table(estimates: list[GenerationEstimate]) -> str:
 
 __all__ = ["GiB", "Estimate", "GenerationEstimate", "Hardware", "Layout", "ParameterCounts", "Workload",
            "count_parameters", "estimate", "format_generation_table", "format_table", "generation_plan",
-           "layer_activations", "layouts", "max_batch", "parse_bytes", "plan", "step_flops", "step_time",
-           "train_command"]
+           "is_preset_only", "layer_activations", "layouts", "max_batch", "parse_bytes", "plan", "step_flops",
+           "step_time", "train_command"]
