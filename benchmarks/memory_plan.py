@@ -12,6 +12,9 @@ allocates, not the process RSS (which adds the C allocator's caches, libraries a
 Activation checkpointing wraps each block's forward in `torch.utils.checkpoint` (non-reentrant), as
 `--activation-checkpointing` does. SGD runs swap the loop's AdamW for `torch.optim.SGD(momentum=0.9)`.
 
+Generation: `Decoder.generate` (greedy) measured the same way, against `generation_plan` (weights, the KV cache
+of prompt + new slots, the prefill's transients).
+
 Two-rank runs (gloo, launched with torchrun): the same measurement on every rank, the busiest rank's peak
 against the planner's; "allreduce" is lmforge's `AllreduceStrategy` (DistributedOptimizer), "fsdp" torch's
 `fully_shard` on every block and on the root (as `lmforge.parallel.plans.apply_fsdp` does), applied before
@@ -30,6 +33,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -42,7 +46,16 @@ from lmforge.config import ModelConfig
 from lmforge.data import MaskedBlocks, TokenBlocks
 from lmforge.models import build_model
 from lmforge.objectives import CausalLM, MaskedLM
-from lmforge.parallel.planner import Estimate, GiB, Hardware, Layout, Workload, estimate, max_batch
+from lmforge.parallel.planner import (
+    Estimate,
+    GiB,
+    Hardware,
+    Layout,
+    Workload,
+    estimate,
+    generation_plan,
+    max_batch,
+)
 
 try:
     from common import cpu_model  # run as a script: benchmarks/ is on sys.path
@@ -122,9 +135,6 @@ def _sgd(model: torch.nn.Module, config: training.TrainConfig, extra: Any = None
 def measure(case: Case, steps: int = 2, strategy: str | None = None) -> int:
     """Peak bytes torch's CPU allocator holds during `steps` steps of `lmforge.training.train` on `case`
     (see the module docstring); `strategy` "allreduce" or "fsdp" inside a torchrun-launched process."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
     cfg = case.config()
     torch.manual_seed(0)
     model = build_model(cfg.replace(head="lm"))
@@ -160,8 +170,17 @@ def measure(case: Case, steps: int = 2, strategy: str | None = None) -> int:
     params = sum(p.numel() * p.element_size() for p in local)
     sgd = mock.patch.object(training, "make_optimizer", _sgd) if case.optimizer == "sgd" else nullcontext()
     with sgd:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            training.train(model, objective, data, config, strategy=runner)
+        return params + peak_allocated(partial(training.train, model, objective, data, config, strategy=runner))
+
+
+def peak_allocated(run: Any) -> int:
+    """The most bytes torch's CPU allocator held at once during `run()` beyond what was held before it: the
+    maximum running sum of the allocation and free records of `torch.profiler` (profile_memory=True)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
     sizes: list[tuple[int, int]] = []
 
     def walk(events: list) -> None:
@@ -172,7 +191,38 @@ def measure(case: Case, steps: int = 2, strategy: str | None = None) -> int:
 
     walk(prof.profiler.kineto_results.experimental_event_tree())
     sizes.sort()
-    return params + max(itertools.accumulate(size for _, size in sizes))
+    return max(0, *itertools.accumulate(size for _, size in sizes))
+
+
+# (preset, sizes, batch, prompt tokens, new tokens): greedy generation, float32
+GENERATION_CASES = [
+    ("tiny-llama", (("n_layer", 6), ("d_model", 256), ("n_head", 8), ("n_kv_head", 2), ("d_ff", 1024),
+                    ("vocab_size", 4000), ("max_seq_len", 1024)), 4, 240, 16),
+    ("tiny-gpt2", (("n_layer", 4), ("d_model", 256), ("n_head", 8), ("d_ff", 1024), ("vocab_size", 4000),
+                   ("max_seq_len", 512)), 8, 112, 16),
+]
+
+
+def validate_generation() -> list[dict[str, Any]]:
+    """`Decoder.generate` (greedy, KV cache of prompt + new slots) measured as training is, against
+    `generation_plan` for prompt + new tokens."""
+    rows = []
+    for preset, sizes, batch, prompt, new in GENERATION_CASES:
+        t0 = time.perf_counter()
+        cfg = ModelConfig.from_name(preset).replace(**dict(sizes))
+        torch.manual_seed(0)
+        model = build_model(cfg).eval()
+        ids = torch.randint(5, cfg.vocab_size, (batch, prompt))
+        params = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+        with torch.no_grad():
+            run = partial(model.generate, ids, max_new_tokens=new, do_sample=False)
+            measured = params + peak_allocated(run)
+        predicted = generation_plan(cfg, batch, prompt + new, "fp32", Hardware(device="cpu"), 1)[0].peak
+        rows.append({"case": f"generate {preset} L{cfg.n_layer} d{cfg.d_model} V{cfg.vocab_size} B{batch} "
+                             f"prompt {prompt} + {new}", "predicted_mib": predicted / 2**20,
+                     "measured_mib": measured / 2**20, "ratio": predicted / measured, "peak_at": "prefill",
+                     "seconds": time.perf_counter() - t0})
+    return rows
 
 
 def predict(case: Case, strategy: str = "single", ranks: int = 1) -> Estimate:
@@ -260,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {cpu_model()} | torch {torch.__version__} | 1 thread")
     print(f"{'configuration':74s} {'predicted MiB':>13s} {'measured MiB':>12s} {'ratio':>6s}  predicted peak at")
     worst = 0.0
-    rows = validate(CASES, distributed=not args.single)
+    rows = validate(CASES, distributed=not args.single) + validate_generation()
     for r in rows:
         worst = max(worst, abs(r["ratio"] - 1))
         print(json.dumps(r) if args.json else
