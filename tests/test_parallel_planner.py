@@ -179,3 +179,18 @@ def test_cli_plan_table_json_and_nothing_fits(run_cli):
     kv = json.loads(out)["layouts"][0]["kv_cache"]
     assert code == 0 and kv == 2 * 30 * 4 * 3 * 2048 * 64 * 2  # layers x batch x kv heads x slots x head size
 
+
+
+def test_generation_peak_within_15_percent_of_measured(one_thread):
+    from benchmarks.memory_plan import peak_allocated
+    from lmforge.parallel.planner import generation_plan
+
+    cfg = ModelConfig.from_name("tiny-llama", vocab_size=2000, d_model=128, d_ff=512, max_seq_len=256)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    ids = torch.randint(5, cfg.vocab_size, (4, 120))
+    with torch.no_grad():
+        measured = sum(p.numel() * 4 for p in model.parameters()) + peak_allocated(
+            lambda: model.generate(ids, max_new_tokens=2, do_sample=False))
+    predicted = generation_plan(cfg, 4, 122, "fp32", Hardware(device="cpu"), 1)[0].peak
+    assert predicted == pytest.approx(measured, rel=0.15), (predicted, measured)
