@@ -148,6 +148,12 @@ BAD_INPUTS = [
     (["distill", "--teacher", "no-such-model", "--data", "{corpus}", "--run-dir", "{out}"], "no-such-model"),
     (["distill", "--teacher", "{gpt2}", "--data", "{corpus}", "--run-dir", "{out}", "--student-layers", "0,9"],
      "9"),
+    # plan
+    (["plan", "--model", "no-such-model", "--batch", "8", "--seq", "128"], "no-such-model"),
+    (["plan", "--model", "gpt2", "--batch", "8", "--seq", "128", "--device-memory", "lots"], "lots"),
+    (["plan", "--model", "gpt2", "--batch", "0", "--seq", "128"], "--batch"),
+    (["plan", "--model", "gpt2", "--batch", "8", "--seq", "4096"], "exceeds the model context"),
+    (["plan", "--model", "{bert}", "--batch", "8", "--seq", "16", "--generate"], "needs a decoder"),
     # plot
     (["plot", "{missing}"], "metrics.jsonl"),
     (["plot", "{empty}"], "metrics.jsonl"),

@@ -766,6 +766,91 @@ def _pp_split(args: argparse.Namespace, n_layer: int | None) -> list[int] | None
     return split
 
 
+# --- planning (lmforge.parallel.planner): plan ------------------------------------------------------------------
+
+
+def _plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a preset (gpt2, bert-base-uncased, bert-large-uncased, ...), "
+                   "an HF folder or a .gguf file: its config only, no weights are read")
+    p.add_argument("--batch", type=int, required=True, help="sequences per optimizer step, all devices together "
+                   "(with --generate: sequences generated at once)")
+    p.add_argument("--seq", type=int, required=True, help="tokens per sequence (with --generate: prompt + new)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="training: fp32, or autocast in bf16 / fp16 on float32 weights (lmforge's --precision); "
+                        "generation: the weights' and cache's dtype (default fp32)")
+    p.add_argument("--devices", type=int, default=1, help="devices to spread over (default 1)")
+    p.add_argument("--device-memory", default="16GB", help="memory of one device, e.g. 16GB, 80GB (default 16GB)")
+    p.add_argument("--device-type", choices=["cuda", "cpu"], default="cuda",
+                   help="kernels to plan for: cuda (fused AdamW, fused dropout) or cpu (default cuda)")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                   help="adam: two float32 moments (lmforge train's AdamW); sgd: one momentum buffer")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step on a data-parallel rank")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="only layouts with per-block activation checkpointing (default: with and without)")
+    p.add_argument("--generate", action="store_true", help="plan generation (weights + KV cache) instead")
+    p.add_argument("--tflops", type=float, default=100.0,
+                   help="peak dense TFLOP/s of one device in bf16/fp16; fp32 is a quarter (default 100)")
+    p.add_argument("--link-gbs", type=float, default=50.0, help="GB/s between devices, each way (default 50)")
+    p.add_argument("--headroom", type=float, help="share of --device-memory left free for the CUDA context and "
+                   "allocator fragmentation (default 0.1 on cuda, 0 on cpu)")
+    p.add_argument("--data", default="DATA", help="the corpus to put into the printed train command")
+    p.add_argument("--top", type=int, default=15, help="table rows to print (default 15; --json has all)")
+    p.add_argument("--json", action="store_true", help="one JSON object with every layout")
+
+
+@command("plan", "Predict the peak memory per device of each parallel layout (dp, fsdp, tp, pp), which fit, "
+         "their step time, and the command that runs the best; exit 1 when none fits.", _plan_arguments)
+def _plan(args: argparse.Namespace) -> int:
+    from lmforge.config import ModelConfig
+    from lmforge.io import load_config
+    from lmforge.parallel import planner
+
+    for option in ("batch", "seq", "devices", "grad_accum", "top"):
+        if getattr(args, option) < 1:
+            raise ValueError(f"--{option.replace('_', '-')} must be a positive integer, got {getattr(args, option)}")
+    if args.tflops <= 0 or args.link_gbs <= 0:
+        raise ValueError("--tflops and --link-gbs must be positive")
+    if args.headroom is not None and not 0 <= args.headroom < 1:
+        raise ValueError(f"--headroom must be in [0, 1), got {args.headroom}")
+    memory = planner.parse_bytes(args.device_memory)
+    cfg = ModelConfig.from_name(args.model) if planner.is_preset_only(args.model) else load_config(args.model)
+    hardware = planner.Hardware(memory=memory, device=args.device_type, tflops=args.tflops,
+                                link_gbs=args.link_gbs, headroom=args.headroom)
+    if args.generate:
+        rows = planner.generation_plan(cfg, args.batch, args.seq, args.dtype, hardware, args.devices)
+        if args.json:
+            print(json.dumps({"device_memory": memory, "usable": hardware.usable,
+                              "layouts": [r.to_dict() for r in rows]}))
+        else:
+            print(planner.format_generation_table(rows))
+        return 0 if any(r.fits for r in rows) else 1
+    workload = planner.Workload(cfg.replace(head="lm"), args.batch, args.seq, args.dtype, args.optimizer,
+                                args.grad_accum)
+    ac = True if args.activation_checkpointing else None
+    rows = planner.plan(workload, hardware, args.devices, ac, model=args.model, data=args.data)
+    if not rows:
+        raise ValueError(f"no layout of {args.devices} devices divides batch {args.batch} x grad-accum "
+                         f"{args.grad_accum}; give a batch that is a multiple of the data-parallel degree")
+    best = rows[0] if rows[0].fits else None
+    if args.json:
+        print(json.dumps({"device_memory": memory, "usable": hardware.usable, "best": best.to_dict() if best else None,
+                          "layouts": [r.to_dict() for r in rows]}))
+        return 0 if best else 1
+    print(f"{args.model}: {planner.count_parameters(cfg.replace(head='lm')).total / 1e6:.1f}M parameters, batch "
+          f"{args.batch} x {args.seq} tokens, {args.dtype}, {args.optimizer}, {args.devices} device(s) of "
+          f"{memory / planner.GiB:.1f} GiB ({hardware.usable / planner.GiB:.1f} usable); peak per rank in GiB, "
+          "step time in seconds (predicted)")
+    print(planner.format_table(rows, args.top))
+    fitting = sum(r.fits for r in rows)
+    print(f"{fitting} of {len(rows)} layouts fit")
+    if best is None:
+        print(f"none fits: the smallest peak is {rows[0].peak / planner.GiB:.2f} GiB ({rows[0].layout.name}); "
+              "try more devices, a smaller batch with --grad-accum, bf16 or activation checkpointing")
+        return 1
+    print(f"best: {best.layout.name}\n{best.command}")
+    return 0
+
+
 def _fitting_objective(cfg, requested: str | None, who: str, args: argparse.Namespace | None = None) -> str:
     """The objective a model's head supports (clm, mlm or classify; seq2seq or span-corruption for an
     encoder-decoder, by default seq2seq for (source, target) data and span-corruption for a corpus); an error

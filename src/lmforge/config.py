@@ -163,6 +163,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                          max_seq_len=8192, norm_eps=1e-5, rope_theta=100000.0, tie_embeddings=True,
                          bos_token_id=1, eos_token_id=2, pad_token_id=2),
     "bert-base-uncased": dict(_BERT),
+    "bert-large-uncased": dict(_BERT, n_layer=24, n_head=16, d_model=1024, d_ff=4096),
     "distilbert-base-uncased": dict(_BERT, family="distilbert", n_layer=6, type_vocab_size=0, cls_activation="relu"),
     "roberta-base": dict(_BERT, family="roberta", vocab_size=50265, max_seq_len=514, norm_eps=1e-5, type_vocab_size=1,
                          position_offset=2, pad_token_id=1, bos_token_id=0, eos_token_id=2),
