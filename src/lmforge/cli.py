@@ -689,6 +689,10 @@ def _train(args: argparse.Namespace) -> int:
         if not strategy.is_main:  # other workers and parameter servers: rank 0 reports and saves
             return 0
     else:
+        if args.activation_checkpointing:
+            from lmforge.parallel.plans import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model)
         record_run(args.run_dir, model.config, tokenizer)
         result = train(model, loss, train_data, config, eval_data=eval_data, resume=args.resume)
     out = _save_final(model, tokenizer, args.run_dir)
@@ -717,9 +721,9 @@ def _check_layout(args: argparse.Namespace) -> None:
     from lmforge.parallel.plans import check_plan
 
     layout_given = args.dp is not None or args.tp != 1 or args.pp != 1
-    if (args.sequence_parallel or args.activation_checkpointing or layout_given) and not args.strategy:
-        raise ValueError("--dp/--tp/--pp, --sequence-parallel and --activation-checkpointing need --strategy "
-                         "(fsdp, ddp or allreduce) under torchrun")
+    if (args.sequence_parallel or layout_given) and not args.strategy:
+        raise ValueError("--dp/--tp/--pp and --sequence-parallel need --strategy (fsdp, ddp or allreduce) under "
+                         "torchrun")
     if args.strategy == "ps" and (layout_given or args.sequence_parallel or args.activation_checkpointing):
         raise ValueError("--strategy ps takes no --dp/--tp/--pp layout nor activation checkpointing")
     if args.pp == 1 and (args.pp_schedule or args.microbatches is not None or args.pp_split):
