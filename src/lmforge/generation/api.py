@@ -153,10 +153,11 @@ def stream_rows(model: Decoder | EncoderDecoder | str | Path, tokenizer: Tokeniz
     return _pieces(model, tokenizer, s, generator, ids, mask, options)
 
 
-def _pieces(model: Decoder | EncoderDecoder, tokenizer: Tokenizer, s, generator, ids, mask, options) -> Iterator[Piece]:
-    """The decode loop of `generate_ids` on (B, P) prompts, as `Piece`s: each row's text up to its first eos,
-    cut right after its first stop string."""
-    rows = ids.shape[0]
+def _pieces(model: Decoder | EncoderDecoder, tokenizer: Tokenizer, s, generator, ids, mask,
+            options) -> Iterator[Piece]:
+    """The decode loop of `generate_ids` on (B, P) prompts, as `Piece`s (B * num_return_sequences rows): each
+    row's text up to its first eos, cut right after its first stop string."""
+    rows = ids.shape[0] * s.num_return_sequences
     decoders = [IncrementalDecoder(tokenizer, skip_special_tokens=True) for _ in range(rows)]
     emitted = [""] * rows
     done = [False] * rows
