@@ -261,9 +261,12 @@ class _Exchange:
     def __init__(self, call: _Call, group: _Group, joined_at: int = -1, speculated: bool = False):
         st = _require()
         self.call, self.group, self.joined_at, self.speculated = call, group, joined_at, speculated
-        mine = torch.tensor(call.header(joined_at) + [int(speculated)], dtype=torch.int64, device=st.device)
-        self.table = torch.empty(group.size * _HEADER_LEN, dtype=torch.int64, device=st.device)
-        self.work = _guarded(call, lambda: _all_gather_single(self.table, mine, group=group.pg, async_op=True))
+        # An all-gather as a sum of rows that are zero but this rank's: gloo starts an all-reduce in the
+        # background at once, where its all-gather holds the caller for the whole exchange.
+        self.table = torch.zeros(group.size, _HEADER_LEN, dtype=torch.int64)
+        self.table[group.index] = torch.tensor(call.header(joined_at) + [int(speculated)])
+        self.table = self.table.to(st.device)
+        self.work = _guarded(call, lambda: dist.all_reduce(self.table, group=group.pg, async_op=True))
         self.data_work: Any = None  # this rank's speculative data collective, posted before the table arrived
         self.peers: _Peers | None = None
         self.error: Exception | None = None
@@ -278,7 +281,7 @@ class _Exchange:
             st.pending = None
         _guarded(call, self.work.wait)
         st.calls += 1
-        rows = self.table.view(group.size, _HEADER_LEN).cpu().tolist()
+        rows = self.table.cpu().tolist()
         peers = _Peers(rows)
         agree = len({(rows[r][0], rows[r][7]) for r in peers.active}) <= 1
         if group.is_global:  # the history speculation predicts from (every rank sees the same table)
@@ -466,11 +469,16 @@ class Handle:
         return self._done or all(w.is_completed() for w in self._works)
 
     def wait(self) -> Any:
-        """Block until done and return the result (the same object on later calls)."""
+        """Block until done and return the result (the same object on later calls). Its name, if it had one,
+        is free again once this returns or raises."""
         if not self._done:
-            for work in self._works:
-                _guarded(self._call, work.wait)
-            self._result = self._finish()
+            try:
+                for work in self._works:
+                    _guarded(self._call, work.wait)
+                self._result = self._finish()
+            finally:
+                for name in [k for k, v in _in_flight.items() if v is self]:
+                    del _in_flight[name]
             self._done = True
             self._works = []
         return self._result
