@@ -242,6 +242,16 @@ def test_from_scratch_option_errors(cli_fixtures, run_cli, tmp_path):
         assert code == 2 and expected in err and err.count("\n") == 1, (argv, err)
 
 
+def test_evaluate_shows_progress_unless_quiet(cli_fixtures, run_cli):
+    """Tokenising and evaluating draw progress bars on stderr; --quiet leaves stderr empty, stdout unchanged."""
+    base = ("evaluate", "--model", cli_fixtures / "tiny-gpt2", "--data", cli_fixtures / "corpus", "--block-size", 16)
+    for extra, bars in ((), ("tokenising", "evaluating")), (("--stride", 8), ("tokenising", "perplexity")):
+        code, out, err = run_cli(*base, *extra)
+        assert code == 0 and all(bar in err for bar in bars), err
+        code, quiet_out, quiet_err = run_cli(*base, *extra, "--quiet")
+        assert code == 0 and quiet_err == "" and quiet_out == out
+
+
 @pytest.mark.parametrize("stride", [7, 17])
 def test_evaluate_stride_equals_transformers_sliding_window(cli_fixtures, run_cli, stride):
     """`evaluate --stride` against transformers' documented sliding-window loop (labels masked to -100 before

@@ -20,6 +20,7 @@ import torch
 from parallel_helpers import Phase, assert_check_passed, run, run_checks, spawn
 
 import lmforge.parallel as hvd
+from lmforge.parallel import collectives
 
 WORLD_SIZES = [2, 3, 4]
 LOCAL_SIZE = {2: 2, 3: 3, 4: 2}  # world size 4 runs as 2 "nodes" x 2 processes
@@ -291,8 +292,48 @@ def check_mismatch_name(n: int, r: int) -> None:
               f"rank {n - 1} called allreduce(name='b'", "allreduce(name='a'")
 
 
+def check_mismatch_speculated(n: int, r: int) -> None:
+    """An allreduce that repeats the previous verified call sends its data before the signatures arrive; when
+    another rank calls something else meanwhile, every rank still raises and the group stays usable."""
+    last = r == n - 1
+    taken: list[bool] = []
+    speculative = collectives._speculative
+
+    def spy(call: object, group: object) -> object:
+        exchange = speculative(call, group)
+        taken.append(exchange is not None)
+        return exchange
+
+    collectives._speculative = spy
+    try:
+        hvd.barrier()  # a call no allreduce repeats
+        for i in range(3):  # repeated calls take the speculative path; results stay exact
+            y = hvd.synchronize(hvd.allreduce_async(torch.full((3, 4), float(r + i)), name="rep", op=hvd.Sum))
+            _close(y, torch.full((3, 4), float(n * i + n * (n - 1) // 2)), torch.float32)
+        assert taken == [False, True, True], taken
+        taken.clear()
+        hvd.barrier()
+        for _ in range(3):  # a repeating sequence (a step's gradient buckets) is predicted from its 2nd round
+            handles = [hvd.allreduce_async(torch.full((k,), float(r)), name=f"bucket{k}", op=hvd.Sum)
+                       for k in (2, 3)]
+            for k, handle in zip((2, 3), handles, strict=True):
+                _close(hvd.synchronize(handle), torch.full((k,), float(n * (n - 1) // 2)), torch.float32)
+        assert taken == [False, False, False, True, True, True], taken
+    finally:
+        collectives._speculative = speculative
+    _mismatch(n, r, lambda: hvd.allreduce(torch.ones((4, 3) if last else (3, 4)), name="rep", op=hvd.Sum),
+              f"rank {n - 1} called allreduce(name='rep', shape=(4, 3)", "shape=(3, 4)")
+    hvd.allreduce(torch.ones(5), name="rep2", op=hvd.Sum)
+    hvd.allreduce(torch.ones(5), name="rep2", op=hvd.Sum)
+    _mismatch(n, r, lambda: hvd.allreduce(torch.ones(6 if last else 5), name="rep2", op=hvd.Sum),
+              "shape=(6,)", "shape=(5,)")
+    hvd.allreduce(torch.ones(5), name="rep3")
+    _mismatch(n, r, lambda: hvd.broadcast(torch.ones(5), 0, name="rep3") if last else
+              hvd.allreduce(torch.ones(5), name="rep3"), "called broadcast(name='rep3'", "called allreduce")
+
+
 MISMATCH_CHECKS = [check_mismatch_kind, check_mismatch_shape, check_mismatch_dtype, check_mismatch_op,
-                   check_mismatch_root, check_mismatch_name]
+                   check_mismatch_root, check_mismatch_name, check_mismatch_speculated]
 
 
 def check_unchecked(n: int, r: int) -> None:

@@ -310,3 +310,27 @@ def test_evaluation_under_tensor_parallelism_equals_one_process(name):
             assert got.keys() == want.keys()
             for k in want:
                 assert got[k] == pytest.approx(want[k], rel=1e-6, abs=1e-6), (dp, tp, k)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-bert"])
+def test_activation_checkpointing_keeps_names_and_gradients_and_recomputes(name):
+    """One process: the same state-dict names, the same loss and gradients, and each block's forward run twice
+    (once more during backward)."""
+    from lmforge.parallel.plans import apply_activation_checkpointing
+
+    plain, checkpointed = _model(name), _model(name)
+    calls = [0]
+    for layer in checkpointed.layers:  # count the blocks' own forward runs, below the checkpoint
+        def counted(*args, _forward=layer.forward, **kwargs):
+            calls[0] += 1
+            return _forward(*args, **kwargs)
+        layer.forward = counted
+    apply_activation_checkpointing(checkpointed)
+    assert list(plain.state_dict()) == list(checkpointed.state_dict())
+    batch = _data(name).collate([_data(name)[i] for i in range(4)])
+    for model in (plain, checkpointed):
+        loss, _ = _objective(name)(model, batch)
+        loss.backward()
+    assert calls[0] == 2 * len(checkpointed.layers)
+    for (k, p), q in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-6, msg=k)

@@ -384,7 +384,7 @@ def _lm_data(args: argparse.Namespace, tokenizer, objective: str, block_size: in
     from lmforge import data
 
     def encode(texts: list[str]) -> list[list[int]]:
-        return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        return tokenizer.encode_many(texts, add_special_tokens=False, progress=not args.quiet)
 
     def blocks(texts: list[str]):
         if objective == "clm":
@@ -492,7 +492,8 @@ def _lm_stream(args: argparse.Namespace, tokenizer):
     else:
         texts = data.read_corpus(args.data)
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    return torch.tensor([i for text in texts for i in tokenizer.encode(text, add_special_tokens=False) + eos])
+    encoded = tokenizer.encode_many(texts, add_special_tokens=False, progress=not args.quiet)
+    return torch.tensor([i for ids in encoded for i in ids + eos])
 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
@@ -590,6 +591,10 @@ def _train(args: argparse.Namespace) -> int:
         if not strategy.is_main:  # other workers and parameter servers: rank 0 reports and saves
             return 0
     else:
+        if args.activation_checkpointing:
+            from lmforge.parallel.plans import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model)
         record_run(args.run_dir, model.config, tokenizer)
         result = train(model, loss, train_data, config, eval_data=eval_data, resume=args.resume)
     out = _save_final(model, tokenizer, args.run_dir)
@@ -607,9 +612,9 @@ def _check_layout(args: argparse.Namespace) -> None:
     from lmforge.parallel.plans import check_plan
 
     layout_given = args.dp is not None or args.tp != 1 or args.pp != 1
-    if (args.sequence_parallel or args.activation_checkpointing or layout_given) and not args.strategy:
-        raise ValueError("--dp/--tp/--pp, --sequence-parallel and --activation-checkpointing need --strategy "
-                         "(fsdp, ddp or allreduce) under torchrun")
+    if (args.sequence_parallel or layout_given) and not args.strategy:
+        raise ValueError("--dp/--tp/--pp and --sequence-parallel need --strategy (fsdp, ddp or allreduce) under "
+                         "torchrun")
     if args.strategy == "ps" and (layout_given or args.sequence_parallel or args.activation_checkpointing):
         raise ValueError("--strategy ps takes no --dp/--tp/--pp layout nor activation checkpointing")
     if args.pp == 1 and (args.pp_schedule or args.microbatches is not None or args.pp_split):
@@ -787,14 +792,16 @@ def _finetune(args: argparse.Namespace) -> int:
                                   label2id={name: i for i, name in enumerate(names)})
     tokenizer = Tokenizer.for_model(args.model)
     max_len = _fit_length(args.max_len, 256, model.config, "--max-len")
-    encoded = {split: encode_for(model, tokenizer, texts, max_len) for split, texts in splits.items()}
+    encoded = {split: encode_for(model, tokenizer, texts, max_len, progress=not args.quiet)
+               for split, texts in splits.items()}
     objective = _task_objective(model.config)
     record_run(args.run_dir, model.config, tokenizer)
     result = train(model, objective, encoded["train"], config, eval_data=encoded["validation"],
                    resume=args.resume)
     report = {"step": result.step, "validation": _with_metric(result.eval_metrics, args, regression)}
     if "test" in encoded:
-        test = evaluate(model, objective, encoded["test"], batch_size=args.batch_size, precision=args.precision)
+        test = evaluate(model, objective, encoded["test"], batch_size=args.batch_size, precision=args.precision,
+                        progress=not args.quiet)
         report["test"] = _with_metric(test, args, regression)
     report["model"] = str(_save_final(model, tokenizer, args.run_dir))
     print(json.dumps(report))
@@ -818,6 +825,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the MLM masking (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (the result still prints)")
 
 
 @command("evaluate", "Evaluate a model: perplexity (LM), GLUE's classification metrics (accuracy, F1, Matthews) "
@@ -848,13 +856,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         else:
             texts = splits[split]
         max_len = _fit_length(args.max_len, 256, cfg, "--max-len")
-        data, obj = encode_for(model, tokenizer, texts, max_len), _task_objective(cfg)
+        data, obj = encode_for(model, tokenizer, texts, max_len, progress=not args.quiet), _task_objective(cfg)
     elif args.stride is not None:
         if objective != "clm":
             raise ValueError(f"--stride applies to causal LM perplexity; this evaluation is {objective}")
         block_size = _fit_length(args.block_size, 128, cfg, "--block-size")
         metrics = sliding_window_perplexity(model, _lm_stream(args, tokenizer), block_size, args.stride,
-                                            precision=args.precision)
+                                            precision=args.precision, progress=not args.quiet)
         split = args.split if args.data == "bbc-news" else "all"
         print(json.dumps({"model": args.model, "data": args.data, "split": split, "stride": args.stride,
                           "window": block_size, **metrics}))
@@ -866,7 +874,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         data = _lm_data(args, tokenizer, objective, block_size, split=split, vocab_size=cfg.vocab_size)
         obj = CausalLM() if objective == "clm" else MaskedLM()
     metrics = evaluate(model, obj, data, batch_size=args.batch_size, precision=args.precision,
-                       max_batches=args.max_batches)
+                       max_batches=args.max_batches, progress=not args.quiet)
     if objective == "classify":
         metrics = _with_metric(metrics, args, is_regressor(cfg))
     split = split if args.data == "bbc-news" or objective == "classify" else "all"
@@ -952,7 +960,8 @@ def _distill(args: argparse.Namespace) -> int:
     if objective == "classify":
         splits = _model_splits(cfg, args, "teacher")
         max_len = _fit_length(args.max_len, 256, cfg, "--max-len")
-        encoded = {split: encode_for(teacher, tokenizer, texts, max_len) for split, texts in splits.items()}
+        encoded = {split: encode_for(teacher, tokenizer, texts, max_len, progress=not args.quiet)
+                   for split, texts in splits.items()}
         train_data, eval_data, test = encoded["train"], encoded["validation"], encoded.get("test")
         base = _task_objective(cfg)
     else:

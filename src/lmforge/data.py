@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from lmforge.registry import packaged_path
 
@@ -418,7 +419,7 @@ class EncodedTexts:
     """
 
     def __init__(self, data: LabelledTexts, encode: Encode, max_len: int, pad_id: int,
-                 encode_pair: EncodePair | None = None, token_types: bool = False):
+                 encode_pair: EncodePair | None = None, token_types: bool = False, progress: bool = False):
         if max_len < 2:
             raise ValueError(f"max_len must be at least 2, got {max_len}")
         if data.text_pairs is not None and encode_pair is None:
@@ -427,7 +428,8 @@ class EncodedTexts:
         self.pad_id = pad_id
         self.ids: list[Tensor] = []
         self.types: list[Tensor] | None = [] if token_types else None
-        for i, text in enumerate(data.texts):
+        texts = tqdm(data.texts, unit="text", desc="tokenising", disable=not progress, leave=False)
+        for i, text in enumerate(texts):
             if data.text_pairs is not None:
                 ids, types = encode_pair(text, data.text_pairs[i], max_len)
             else:

@@ -34,12 +34,13 @@ def label_names(config) -> list[str]:
     return [str(stored.get(i, f"LABEL_{i}")) for i in range(config.n_labels)]
 
 
-def encode_for(model: nn.Module, tokenizer: Tokenizer, data: LabelledTexts, max_len: int) -> EncodedTexts:
+def encode_for(model: nn.Module, tokenizer: Tokenizer, data: LabelledTexts, max_len: int,
+               progress: bool = False) -> EncodedTexts:
     """`data` tokenised for `model`: pairs in the tokenizer's pair format, token types when the model has
-    segment embeddings (BERT), padding with the tokenizer's pad token."""
+    segment embeddings (BERT), padding with the tokenizer's pad token; a progress bar when `progress`."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return EncodedTexts(data, tokenizer.encode, max_len, pad, encode_pair=tokenizer.encode_pair,
-                        token_types=model.config.type_vocab_size > 1)
+                        token_types=model.config.type_vocab_size > 1, progress=progress)
 
 
 @torch.no_grad()

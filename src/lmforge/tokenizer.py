@@ -34,6 +34,7 @@ from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+from tqdm.auto import tqdm
 
 from lmforge import registry
 
@@ -581,6 +582,20 @@ class Tokenizer:
         for BERT, nothing for GPT-2 / SmolLM2). Raises ValueError for empty text, TypeError for non-text."""
         self._check_text(text, "encode(text)")
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_many(self, texts: Sequence[str], add_special_tokens: bool = True,
+                    progress: bool = False) -> list[list[int]]:
+        """`encode` of every text, in batches the `tokenizers` library runs on all cores, with a progress bar
+        (stderr) when `progress`. Raises as `encode` does, naming the text's index."""
+        for i, text in enumerate(texts):
+            self._check_text(text, f"encode_many(texts[{i}])")
+        out: list[list[int]] = []
+        with tqdm(total=len(texts), unit="text", desc="tokenising", disable=not progress, leave=False) as bar:
+            for start in range(0, len(texts), 256):
+                chunk = list(texts[start:start + 256])
+                out += [e.ids for e in self.backend.encode_batch(chunk, add_special_tokens=add_special_tokens)]
+                bar.update(len(chunk))
+        return out
 
     def encode_pair(self, text: str, pair: str, max_length: int | None = None) -> tuple[list[int], list[int]]:
         """(ids, token type ids) of a sentence pair in the model's pair format: [CLS] A [SEP] B [SEP] with

@@ -672,8 +672,9 @@ def _check_resumable(state: dict[str, Any], config: TrainConfig, world_size: int
 @torch.no_grad()
 def evaluate(model: nn.Module, objective: Any, data: Any, batch_size: int = 16,
              strategy: Strategy | None = None, precision: str = "fp32", max_batches: int | None = None,
-             device: str | torch.device | None = None) -> dict[str, float]:
-    """Metrics of `objective` over `data` in order (every item once; ranks take interleaved batches).
+             device: str | torch.device | None = None, progress: bool = False) -> dict[str, float]:
+    """Metrics of `objective` over `data` in order (every item once; ranks take interleaved batches); a
+    progress bar on the main rank when `progress`.
 
     The model is put in eval mode. Statistics from `objective.eval_stats` are summed over batches and ranks,
     then `objective.summarize` turns them into metrics (e.g. perplexity, accuracy, macro-F1).
@@ -689,7 +690,9 @@ def evaluate(model: nn.Module, objective: Any, data: Any, batch_size: int = 16,
     totals: dict[str, Tensor] = {}
     parts: dict[str, list[Tensor]] = {k: [] for k in concat}
     # A rank without a batch of its own runs one weighted by 0, so that every rank reduces the same keys.
-    for b, weight in [(b, 1.0) for b in mine] or [(0, 0.0)]:
+    batches = [(b, 1.0) for b in mine] or [(0, 0.0)]
+    for b, weight in tqdm(batches, unit="batch", desc="evaluating", leave=False,
+                          disable=not (progress and strategy.is_main)):
         items = [data[i] for i in range(b * batch_size, min(len(data), (b + 1) * batch_size))]
         with _autocast(strategy.device, precision), strategy.loss_parallel():
             stats = strategy.eval_stats(model, objective, _to_device(data.collate(items), strategy.device))
@@ -706,7 +709,7 @@ def evaluate(model: nn.Module, objective: Any, data: Any, batch_size: int = 16,
 
 
 def sliding_window_perplexity(model: nn.Module, ids: Tensor, window: int, stride: int,
-                              precision: str = "fp32") -> dict[str, float]:
+                              precision: str = "fp32", progress: bool = False) -> dict[str, float]:
     """Perplexity of a causal LM over one token stream ids (N,), scored in windows of `window` tokens that
     advance by `stride` (transformers' documented sliding-window method): each window predicts only the tokens
     the previous one did not (its last `end - previous end`), with the rest of the window as context. With
@@ -723,8 +726,9 @@ def sliding_window_perplexity(model: nn.Module, ids: Tensor, window: int, stride
     device = next(model.parameters()).device
     model.eval()
     nll, count, prev_end = 0.0, 0, 0
+    starts = range(0, max(len(ids) - window, 0) + stride, stride)  # the last one reaches the end
     with torch.no_grad():
-        for begin in range(0, len(ids), stride):
+        for begin in tqdm(starts, unit="window", desc="perplexity", disable=not progress, leave=False):
             end = min(begin + window, len(ids))
             chunk = ids[begin:end][None].to(device)  # (1, T)
             with _autocast(device, precision):

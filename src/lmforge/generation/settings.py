@@ -256,7 +256,8 @@ def default_dtype(device: torch.device | str = "cpu") -> torch.dtype:
     On this project's CPU (AVX512-BF16), bfloat16 keeps SmolLM2-135M's held-out perplexity within 1% of float32
     (x1.0007 in one forward per block, x0.997 teacher-forced through the decode path; benchmarks/
     dtype_perplexity.py), yet its greedy continuations drift into garbled text where float32 stays coherent
-    (README), so CPUs get float32 even with native bf16; pass --dtype bfloat16 for speed.
+    (README; transformers in bf16 writes the same tokens), so CPUs get float32 even with native bf16; pass
+    --dtype bfloat16 for speed.
     """
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 

@@ -15,6 +15,14 @@ element count, row size, op, root and a CRC of the whole call, name and shape in
   rank has joined; allgather, broadcast, alltoall and reducescatter raise on the other ranks meanwhile.
 With the check off (`uneven_inputs=True` keeps the exchange for join), `join()` is a barrier.
 
+What the check costs: one all-gather round trip per call, except where it is hidden. An allreduce whose
+signature is the one every rank predicts from the calls they all verified so far (the call that followed the
+previous call last time, as a training step's gradient buckets repeat; else the previous call again) sends
+its data at once and checks the signatures while the data moves: if every rank's call matches the
+prediction, their tensors agree in size, dtype and op; a rank whose call differs does not speculate, sees
+the mismatch in the table, and joins the others' allreduce with zeros (discarded) before every rank raises,
+so the group stays usable. An in-place tensor (`allreduce_`) holds undefined values after such a mismatch.
+
 dtypes the backend lacks (int16 on gloo and NCCL) travel promoted (reductions: int32) or reinterpreted
 (data movement: the bits of a 16-bit float) and come back in their own dtype. Integer tensors accept
 prescale/postscale factors, applied in float64 and truncated, as Horovod does.
@@ -167,7 +175,9 @@ _DTYPES = [
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
     torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128,
 ]
-_HEADER_LEN = 8  # kind, joined_at, wire dtype, numel, row_numel, op, root, signature
+_HEADER_LEN = 9  # kind, joined_at, wire dtype, numel, row_numel, op, root, signature, speculated
+_SPECULATE_ON = 8  # the fields an allreduce's header must share with the predicted call to speculate
+_HISTORY_LIMIT = 4096  # distinct calls remembered for prediction
 
 
 @dataclass
@@ -210,7 +220,8 @@ class _Call:
 
 @dataclass
 class _Peers:
-    """The signature exchange's answer: per rank (kind, joined_at, dtype, numel, row_numel, op, root, sig)."""
+    """The signature exchange's answer: per rank (kind, joined_at, dtype, numel, row_numel, op, root, sig,
+    speculated)."""
 
     rows: list[list[int]]
 
@@ -243,19 +254,118 @@ def _guarded(call: _Call, fn: Callable[[], Any]) -> Any:
         ) from err
 
 
+class _Exchange:
+    """One posted signature exchange (an all-gather of every rank's header); `settle()` waits for it once,
+    checks the table and raises CollectiveMismatchError on every rank if the active ranks disagree."""
+
+    def __init__(self, call: _Call, group: _Group, joined_at: int = -1, speculated: bool = False):
+        st = _require()
+        self.call, self.group, self.joined_at, self.speculated = call, group, joined_at, speculated
+        # An all-gather as a sum of rows that are zero but this rank's: gloo starts an all-reduce in the
+        # background at once, where its all-gather holds the caller for the whole exchange.
+        self.table = torch.zeros(group.size, _HEADER_LEN, dtype=torch.int64)
+        self.table[group.index] = torch.tensor(call.header(joined_at) + [int(speculated)])
+        self.table = self.table.to(st.device)
+        self.work = _guarded(call, lambda: dist.all_reduce(self.table, group=group.pg, async_op=True))
+        self.data_work: Any = None  # this rank's speculative data collective, posted before the table arrived
+        self.peers: _Peers | None = None
+        self.error: Exception | None = None
+
+    def settle(self) -> _Peers:
+        if self.error is not None:
+            raise self.error
+        if self.peers is not None:
+            return self.peers
+        st, call, group = _require(), self.call, self.group
+        if st.pending is self:
+            st.pending = None
+        _guarded(call, self.work.wait)
+        st.calls += 1
+        rows = self.table.cpu().tolist()
+        peers = _Peers(rows)
+        agree = len({(rows[r][0], rows[r][7]) for r in peers.active}) <= 1
+        if group.is_global:  # the history speculation predicts from (every rank sees the same table)
+            _remember(rows)
+        if not agree:
+            try:
+                self._drain(rows)
+                _raise_mismatch(call, group, self.joined_at,
+                                "the ranks called different collectives or passed different tensors")
+            except Exception as err:
+                self.error = err
+                raise
+        self.peers = peers
+        return peers
+
+    def _drain(self, rows: list[list[int]]) -> None:
+        """After a mismatch, complete the speculating ranks' allreduce (with zeros from the others, the result
+        is discarded) so the process group stays in step and usable."""
+        speculating = [r for r, row in enumerate(rows) if row[_HEADER_LEN - 1]]
+        if speculating and not self.speculated:
+            _, _, dtype_code, numel, _, op_code, _, _, _ = rows[speculating[0]]
+            buf = torch.zeros(numel, dtype=_DTYPES[dtype_code], device=_require().device)
+            backend_op = _BACKEND_OPS[_OP_CODES[op_code]]
+            _guarded(self.call, lambda: dist.all_reduce(buf, op=backend_op, group=self.group.pg))
+        if self.data_work is not None:
+            _guarded(self.call, self.data_work.wait)
+
+
+def _remember(rows: list[list[int]]) -> None:
+    """Extend the verified history with a global call every rank agreed on; a mismatch or a joined rank ends it.
+
+    The history is common knowledge (every rank settles the same tables in the same order), so the prediction
+    `_predicted()` made from it is the same on every rank.
+    """
+    st = _require()
+    headers = {tuple(row[:_SPECULATE_ON]) for row in rows}
+    if len(headers) != 1:  # a mismatch, or some rank has joined
+        st.last = None
+        return
+    (header,) = headers
+    if st.last is not None:
+        if len(st.successor) >= _HISTORY_LIMIT and st.last not in st.successor:
+            st.successor.clear()
+        st.successor[st.last] = header
+    st.last = header
+
+
+def _predicted() -> tuple[int, ...] | None:
+    """The next global call as the verified history predicts it: what followed the last call the previous
+    time it was made (a training step's bucket sequence repeats), else the last call again."""
+    st = _require()
+    return None if st.last is None else st.successor.get(st.last, st.last)
+
+
+def _settle_pending() -> None:
+    """Check the last speculative exchange before anything else is posted: every rank then decides on the
+    next speculation from the same verified call."""
+    pending = _require().pending
+    if pending is not None:
+        pending.settle()
+
+
 def _exchange(call: _Call, group: _Group, joined_at: int = -1) -> _Peers:
     """All-gather every rank's signature for this call; raise if the active ranks disagree."""
+    _settle_pending()
+    return _Exchange(call, group, joined_at).settle()
+
+
+def _speculative(call: _Call, group: _Group) -> _Exchange | None:
+    """Post this allreduce's exchange without waiting for it, when the data may be sent at once.
+
+    Safe when this call's header equals the prediction every rank made from the same verified history
+    (`_predicted`): the ranks that speculate all send the same tensor size, dtype and op; a rank whose call
+    differs waits for the table as usual, sees the mismatch, and drains the others' allreduce before every
+    rank raises.
+    """
     st = _require()
-    mine = torch.tensor(call.header(joined_at), dtype=torch.int64, device=st.device)
-    table = torch.empty(group.size * _HEADER_LEN, dtype=torch.int64, device=st.device)
-    _guarded(call, lambda: _all_gather_single(table, mine, group=group.pg))
-    st.calls += 1
-    peers = _Peers(table.view(group.size, _HEADER_LEN).cpu().tolist())
-    active = peers.active
-    if len({(peers.rows[r][0], peers.rows[r][7]) for r in active}) > 1:
-        _raise_mismatch(call, group, joined_at,
-                        "the ranks called different collectives or passed different tensors")
-    return peers
+    if not (st.coordinate and group.is_global and group.size > 1 and call.op != ReduceOp.ADASUM):
+        return None
+    _settle_pending()
+    if tuple(call.header(-1)[:_SPECULATE_ON]) != _predicted():
+        return None
+    st.pending = _Exchange(call, group, speculated=True)
+    return st.pending
 
 
 def _raise_mismatch(call: _Call, group: _Group, joined_at: int, reason: str) -> None:
@@ -304,7 +414,7 @@ def _identity(op: ReduceOp, dtype: torch.dtype) -> float | int | bool:
 def _answer(peers: _Peers) -> None:
     """A joined rank takes part in the active ranks' allreduce or barrier; anything else they refuse."""
     st = _require()
-    kind, _, dtype_code, numel, _, op_code, _, _ = peers.rows[peers.active[0]]
+    kind, _, dtype_code, numel, _, op_code, _, _, _ = peers.rows[peers.active[0]]
     call = _Call("join", name="join")
     if kind == _KINDS.index("allreduce") and _OP_CODES[op_code] != ReduceOp.ADASUM:
         op, dtype = _OP_CODES[op_code], _DTYPES[dtype_code]
@@ -359,11 +469,16 @@ class Handle:
         return self._done or all(w.is_completed() for w in self._works)
 
     def wait(self) -> Any:
-        """Block until done and return the result (the same object on later calls)."""
+        """Block until done and return the result (the same object on later calls). Its name, if it had one,
+        is free again once this returns or raises."""
         if not self._done:
-            for work in self._works:
-                _guarded(self._call, work.wait)
-            self._result = self._finish()
+            try:
+                for work in self._works:
+                    _guarded(self._call, work.wait)
+                self._result = self._finish()
+            finally:
+                for name in [k for k, v in _in_flight.items() if v is self]:
+                    del _in_flight[name]
             self._done = True
             self._works = []
         return self._result
@@ -488,7 +603,9 @@ def _allreduce_flat(
     promoted = _REDUCE_AS.get(wire.dtype)
     if promoted is not None:
         call.wire = promoted
-    _begin(call, group)
+    exchange = _speculative(call, group)
+    if exchange is None:
+        _begin(call, group)
     sent = wire if promoted is None else wire.to(promoted)
     if op == ReduceOp.ADASUM:  # blocking, so overlapping async calls never interleave its messages
         _guarded(call, lambda: adasum_(sent, _require().rank, group.size))
@@ -496,8 +613,12 @@ def _allreduce_flat(
     else:
         works = [_guarded(call, lambda: dist.all_reduce(sent, op=_BACKEND_OPS[op], group=group.pg,
                                                        async_op=True))]
+    if exchange is not None:
+        exchange.data_work = works[0]
 
     def finish() -> Tensor:
+        if exchange is not None:
+            exchange.settle()  # raises CollectiveMismatchError if another rank called something else
         result = compression.decompress(sent if promoted is None else wire.copy_(sent), ctx)
         scale = postscale / group.size if op == ReduceOp.AVERAGE else postscale
         _scale_(result, scale)  # `result` is a buffer of ours, never the caller's input

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,6 +47,9 @@ class _State:
     coordinate: bool  # header exchange before every collective (the check + uneven inputs)
     owns_group: bool  # init() created the process group, so shutdown() destroys it
     calls: int = 0  # coordinated calls on the global set so far; identical on every rank
+    last: tuple[int, ...] | None = None  # the last global call's header, if every rank agreed on it
+    successor: dict[tuple[int, ...], tuple[int, ...]] = field(default_factory=dict)  # header -> next header
+    pending: Any = None  # a speculative allreduce's exchange not yet checked (collectives._Exchange)
 
 
 _state: _State | None = None
