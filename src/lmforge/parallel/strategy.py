@@ -85,11 +85,13 @@ class Distributed(SingleProcess):
         return out
 
     def step_targets(self, n: int) -> float:
-        """The mean over ranks of the step's loss terms (gradients are averaged over ranks); reduced with
-        lmforge's collectives, so that a dead peer ends in a `CollectiveError` naming it."""
+        """The mean over data ranks of the step's loss terms (gradients are averaged over them); reduced with
+        lmforge's collectives, so that a dead peer ends in a `CollectiveError` naming it. Every process
+        counts: the tensor- and pipeline-parallel ranks of a data rank hold its batch, so the mean over all
+        processes is the mean over data ranks."""
         total = hvd.allreduce(torch.tensor([float(n)], dtype=torch.float64, device=self.device), op=hvd.Sum,
                               name="lmforge.step_targets")
-        return float(total) / self.world_size
+        return float(total) / hvd.size()
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)
