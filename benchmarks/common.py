@@ -7,15 +7,22 @@ each per round, and `ratio_summary` reports the median of the per-round ratios w
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import re
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
 CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[1]
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512_fp16", "amx_bf16", "amx_int8")
 
 
@@ -80,3 +87,25 @@ def read_bandwidth(device: torch.device = CPU) -> float:
     x = torch.ones(128 * 2**20, device=device)
     x.sum()
     return x.numel() * 4 / statistics.median(timed(lambda: x.sum(), device) for _ in range(5))
+
+
+def sent_bytes() -> int:
+    """Bytes this process has written through write-family system calls (gloo writes its socket messages with
+    writev, which /proc/self/io's wchar counts)."""
+    with open("/proc/self/io") as f:
+        return int(dict(line.split(": ") for line in f.read().splitlines())["wchar"])
+
+
+def run_ranks(argv: list[str], nproc: int | None, what: str) -> list[dict]:
+    """Run `python *argv --out DIR` in one process (nproc None) or under `torchrun --standalone` with `nproc`
+    processes, one thread each, src/ on PYTHONPATH; return the rank*.json records they wrote into DIR, in rank
+    order. Raises RuntimeError with the tail of stderr, naming `what`, when the run fails."""
+    with tempfile.TemporaryDirectory() as out:
+        own = [*argv, "--out", out]
+        cmd = [sys.executable, *own] if nproc is None else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *own]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{what} run failed:\n{proc.stderr[-4000:]}")
+        return [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"), key=lambda p: int(p.stem[4:]))]

@@ -26,22 +26,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _sent_bytes() -> int:
-    """Bytes this process has written through write-family system calls (gloo's socket writes included)."""
-    with open("/proc/self/io") as f:
-        fields = dict(line.split(": ") for line in f.read().splitlines())
-    return int(fields["wchar"])
+from common import run_ranks, sent_bytes  # benchmarks/common.py
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -65,7 +54,7 @@ def worker(args: argparse.Namespace) -> None:
     size = 4 * sum(p.numel() for p in model.parameters())  # S: fp32 gradient bytes
     result: dict = {"rank": rank, "strategy": args.strategy, "gradient_bytes": size}
     if getattr(strategy, "is_server", False):
-        before = _sent_bytes()
+        before = sent_bytes()
         log = strategy.serve(optimizer)
         from lmforge.parallel.ps import shard_ranges
 
@@ -73,7 +62,7 @@ def worker(args: argparse.Namespace) -> None:
         initial = 4 * (hi - lo) * strategy.world_size  # the version-0 parameters sent to every worker
         result.update(role="server", steps=log.traffic.steps, counted_sent=log.traffic.bytes_sent,
                       initial_sent=initial,
-                      counted_received=log.traffic.bytes_received, wchar=_sent_bytes() - before)
+                      counted_received=log.traffic.bytes_received, wchar=sent_bytes() - before)
     else:
         model, optimizer = strategy.prepare(model, optimizer)
         objective = CausalLM()
@@ -83,7 +72,7 @@ def worker(args: argparse.Namespace) -> None:
         traffic0 = None
         for step in range(args.warmup + args.steps):
             if step == args.warmup:
-                sent = _sent_bytes()
+                sent = sent_bytes()
                 traffic0 = _ps_traffic(strategy)
             t0 = time.perf_counter()
             loss, _ = objective(model, batch)
@@ -91,7 +80,7 @@ def worker(args: argparse.Namespace) -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - t0)
-        sent = _sent_bytes() - sent
+        sent = sent_bytes() - sent
         result.update(role="worker", step_s=statistics.median(times[args.warmup:]),
                       tokens_per_step=args.batch * args.seq, wchar_per_step=sent / args.steps)
         traffic1 = _ps_traffic(strategy)
@@ -115,20 +104,10 @@ def _ps_traffic(strategy) -> tuple[int, int] | None:
 
 def launch(args: argparse.Namespace, strategy: str, nproc: int) -> list[dict]:
     """Run one configuration in fresh processes; return every rank's record."""
-    with tempfile.TemporaryDirectory() as out:
-        own = [str(Path(__file__).resolve()), "--worker", "--strategy", strategy, "--out", out,
-               "--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--ps-servers", str(args.ps_servers)]
-        if strategy == "single":
-            cmd = [sys.executable, *own]
-        else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                   str(nproc), *own]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{strategy} run failed:\n{proc.stderr[-4000:]}")
-        return [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
+    argv = [str(Path(__file__).resolve()), "--worker", "--strategy", strategy, "--model", args.model,
+            "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--warmup",
+            str(args.warmup), "--ps-servers", str(args.ps_servers)]
+    return run_ranks(argv, None if strategy == "single" else nproc, strategy)
 
 
 def main() -> None:

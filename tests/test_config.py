@@ -9,7 +9,16 @@ def test_every_preset_builds_and_round_trips_through_a_dict():
     for name in PRESETS:
         cfg = ModelConfig.from_name(name)
         assert ModelConfig.from_dict(cfg.to_dict()) == cfg
-        assert cfg.head_dim * cfg.n_head == cfg.d_model
+        assert cfg.head_dim * cfg.n_head == cfg.d_model or name == "flan-t5-small"  # T5's d_kv is its own
+
+
+def test_t5_presets_have_the_published_shapes():
+    small, flan = ModelConfig.from_name("t5-small"), ModelConfig.from_name("flan-t5-small")
+    assert (small.n_layer, small.n_decoder_layers, small.d_model, small.n_head, small.head_dim, small.d_ff,
+            small.vocab_size) == (6, 6, 512, 8, 64, 2048, 32128)
+    assert small.tie_embeddings and small.scaled_head and small.activation == "relu" and not small.gated_mlp
+    assert (flan.n_layer, flan.n_decoder_layers, flan.n_head, flan.head_dim, flan.d_ff) == (8, 8, 6, 64, 1024)
+    assert not flan.tie_embeddings and not flan.scaled_head and flan.gated_mlp and flan.activation == "gelu_tanh"
 
 
 def test_smollm2_preset_matches_the_published_shape():

@@ -298,7 +298,7 @@ def _edit_config(folder: Path, **changes) -> None:
 
 @pytest.mark.parametrize("changes, message", [
     (dict(architectures=["T5Model"]), r"unsupported architecture 'T5Model'"),
-    (dict(architectures=None, model_type="t5"), r"unknown model_type 't5'"),
+    (dict(architectures=None, model_type="bart"), r"unknown model_type 'bart'"),
     (dict(model_type="llama"), r"model_type 'llama' does not match architecture 'GPT2LMHeadModel'"),
     (dict(n_embd="wide"), r"field 'n_embd' must be int, got 'wide'"),
     (dict(n_layer=None), r"required field 'n_layer' is missing"),

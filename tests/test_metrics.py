@@ -1,4 +1,5 @@
-"""GLUE's metrics against scikit-learn and scipy on fixed inputs, degenerate ones included."""
+"""GLUE's metrics against scikit-learn and scipy on fixed inputs, degenerate ones included; ROUGE against the
+`rouge-score` package."""
 
 from __future__ import annotations
 
@@ -17,11 +18,14 @@ from lmforge.metrics import (
     binary_f1,
     classification_metrics,
     confusion_matrix,
+    corpus_rouge,
+    lcs_length,
     macro_f1,
     matthews_corrcoef,
     pearson,
     ranks,
     regression_metrics,
+    rouge_scores,
     spearman,
 )
 from lmforge.objectives import Classification, Regression
@@ -106,3 +110,60 @@ def test_objectives_summaries() -> None:
     out = Regression().summarize({"loss_sum": torch.tensor(float(((x - y) ** 2).sum())), "pairs": pairs})
     assert out["loss"] == pytest.approx(out["mse"]) and out["examples"] == 30
     assert out["spearman"] == pytest.approx(stats.spearmanr(x, y).statistic)
+
+
+# --- ROUGE ----------------------------------------------------------------------------------------------------
+
+ROUGE_CASES = [
+    ("the cat sat on the mat", "the cat sat on the mat"),
+    ("the cat sat on the mat", "a cat was sitting on a mat"),
+    ("Blair 'to stand down' in 2007?", "Blair set to stand down, says aide"),
+    ("the the the the", "the cat the"),  # clipped counts
+    ("", "an empty prediction"),
+    ("an empty reference", ""),
+    ("...!!!", "no tokens in the prediction"),
+    ("UK's £5bn deal - Café owners cheer", "uk s 5bn deal cafe owners cheer"),  # non-ASCII letters drop out
+    ("A B C D E F", "F E D C B A"),  # one-token LCS, no bigram
+    ("x1 y2 z3 x1 y2", "y2 x1 y2 z3"),
+    ("Numbers 2004 and 2005 rise", "2005 numbers rise and 2004"),
+]
+
+
+@pytest.fixture(scope="module")
+def rouge_reference():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+
+
+@pytest.mark.parametrize("prediction, reference", ROUGE_CASES)
+def test_rouge_matches_the_rouge_score_package(prediction, reference, rouge_reference):
+    expected = rouge_reference.score(reference, prediction)  # (target, prediction)
+    got = rouge_scores(prediction, reference)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        assert got[key] == pytest.approx(expected[key].fmeasure, abs=1e-12), key
+
+
+def test_rouge_on_random_word_strings_matches_the_package(rouge_reference):
+    rng = np.random.default_rng(1)
+    words = ["bank", "rates", "rise", "uk", "shares", "fall", "Blair", "2005", "net", "sales", "a", "the"]
+    preds, refs = [], []
+    for _ in range(200):
+        preds.append(" ".join(rng.choice(words, rng.integers(0, 12))))
+        refs.append(" ".join(rng.choice(words, rng.integers(1, 12))))
+    got = corpus_rouge(preds, refs)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        expected = np.mean([rouge_reference.score(r, p)[key].fmeasure for p, r in zip(preds, refs, strict=True)])
+        assert got[key] == pytest.approx(expected, abs=1e-12), key
+    with pytest.raises(ValueError, match="as many predictions as references"):
+        corpus_rouge(["a"], ["a", "b"])
+
+
+def test_rouge_closed_form():
+    # prediction 4 tokens, reference 6; unigram overlap 3 -> P 3/4, R 3/6, F 0.6; bigrams: "b c" only of 3 / 5
+    got = rouge_scores("a b c z", "a q b c r s")
+    assert got["rouge1"] == pytest.approx(0.6)
+    assert got["rouge2"] == pytest.approx(2 * (1 / 3) * (1 / 5) / (1 / 3 + 1 / 5))
+    assert got["rougeL"] == pytest.approx(0.6)  # LCS a b c
+    assert lcs_length(list("ABCBDAB"), list("BDCABA")) == 4  # the textbook example
+    assert rouge_scores("same words", "SAME, words!") == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}

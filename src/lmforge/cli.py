@@ -102,6 +102,9 @@ def _info(args: argparse.Namespace) -> int:
     d = describe_checkpoint(args.model)
     stored = ", ".join(f"{name} x{count}" for name, count in sorted(d["stored_dtypes"].items()))
     heads = f"{d['n_head']} heads"
+    layers = f"{d['n_layer']} layers"
+    if d["n_decoder_layer"] is not None:
+        layers = f"{d['n_layer']} encoder + {d['n_decoder_layer']} decoder layers"
     if d["n_kv_head"] != d["n_head"]:
         heads += f" ({d['n_kv_head']} key/value)"
     rows = [("source", d["source"]), ("format", d["format"]),
@@ -109,7 +112,7 @@ def _info(args: argparse.Namespace) -> int:
             ("parameters", f"{d['parameters']:,} ({d['parameters'] / 1e6:.1f}M)"),
             ("dtype", f"{d['dtype']} when loaded; stored tensors: {stored}"),
             ("context length", f"{d['context_length']:,} tokens"),
-            ("shape", f"{d['n_layer']} layers, width {d['d_model']}, {heads}, "
+            ("shape", f"{layers}, width {d['d_model']}, {heads}, "
                       f"vocabulary {d['vocab_size']:,}")]
     rows += [("file" if i == 0 else "", f"{Path(f).name}  {_size(n)}") for i, (f, n) in enumerate(d["files"])]
     rows.append(("total size", _size(sum(n for _, n in d["files"]))))
@@ -196,12 +199,13 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                    "{prompt_index, sequence, prompt, text}")
 
 
-@command("generate", "Generate text from prompts with a causal language model.", _generate_arguments)
+@command("generate", "Generate text from prompts with a causal language model or a T5 (text-to-text).",
+         _generate_arguments)
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from lmforge.generation import default_dtype, generate, preferred_dtype, stream_rows
-    from lmforge.io import load_model
+    from lmforge.io import load_config, load_model
     from lmforge.tokenizer import Tokenizer
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else \
@@ -215,6 +219,10 @@ def _generate(args: argparse.Namespace) -> int:
     if args.stream and (args.num_beams or 1) > 1:
         raise ValueError("--stream cannot be combined with --num-beams (beam search's best hypothesis changes "
                          "until the end)")
+    seq2seq = load_config(args.model).arch == "encoder-decoder"
+    if seq2seq and args.chat:
+        raise ValueError("--chat wraps prompts in a decoder chat model's template; an encoder-decoder (T5) takes "
+                         "the task in plain text, e.g. 'summarize: ...'")
     dtype = preferred_dtype(device) if quantize else default_dtype(device) if args.dtype == "auto" else args.dtype
     model = load_model(args.model, dtype=dtype, device=device, quantize=quantize,
                        keep_quantized=args.keep_quantized)
@@ -233,8 +241,8 @@ def _generate(args: argparse.Namespace) -> int:
     def label(row: int) -> str:
         return f"Generated {row % n}" + (f" (prompt {row // n})" if len(args.prompts) > 1 else "") + ": "
 
-    def shown(row: int, text: str) -> str:
-        return text if args.chat else args.prompts[row // n] + text
+    def shown(row: int, text: str) -> str:  # a decoder continues its prompt, a T5 answers it
+        return text if args.chat or seq2seq else args.prompts[row // n] + text
 
     if args.stream:
         pieces = stream_rows(model, tokenizer, args.prompts, chat=args.chat, **kwargs)
@@ -377,17 +385,18 @@ def _save_final(model, tokenizer, run_dir: str) -> Path:
 
 
 def _lm_data(args: argparse.Namespace, tokenizer, objective: str, block_size: int, split: str | None = None,
-             vocab_size: int | None = None):
-    """Causal- or masked-LM datasets of args.data: (train, eval) without `split`, else one dataset: a bbc-news
-    split ("all" for the three together), or a whole corpus. MLM's random replacement tokens are drawn below
-    `vocab_size` (default: the tokenizer's)."""
+             vocab_size: int | None = None, pad_id: int = 0):
+    """Causal-LM, masked-LM or span-corruption datasets of args.data: (train, eval) without `split`, else one
+    dataset: a bbc-news split ("all" for the three together), or a whole corpus. MLM's random replacement tokens
+    are drawn below `vocab_size` (default: the tokenizer's). Span corruption (T5) cuts the corpus into blocks of
+    `block_size` tokens before corruption and pads with `pad_id`."""
     from lmforge import data
 
     def encode(texts: list[str]) -> list[list[int]]:
         return tokenizer.encode_many(texts, add_special_tokens=False, progress=not args.quiet)
 
     def blocks(texts: list[str]):
-        if objective == "clm":
+        if objective in ("clm", "span-corruption"):
             return data.pack_tokens(encode(texts), block_size, separator=tokenizer.eos_token_id)
         cls_id, sep_id = tokenizer.special_token_id("cls"), tokenizer.special_token_id("sep")
         if cls_id is None or sep_id is None or tokenizer.mask_token_id is None:
@@ -398,6 +407,12 @@ def _lm_data(args: argparse.Namespace, tokenizer, objective: str, block_size: in
     def dataset(rows):
         if objective == "clm":
             return data.TokenBlocks(rows)
+        if objective == "span-corruption":
+            if not tokenizer.sentinel_ids or tokenizer.eos_token_id is None:
+                raise ValueError(f"span corruption needs T5's sentinel tokens <extra_id_0>, <extra_id_1>, ... and "
+                                 f"an end-of-sequence token; {tokenizer} lacks them")
+            return data.SpanCorruptedBlocks(rows, tokenizer.sentinel_ids, tokenizer.eos_token_id, pad_id,
+                                            seed=args.seed)
         vocab = min(tokenizer.vocab_size, vocab_size or tokenizer.vocab_size)
         return data.MaskedBlocks(rows, tokenizer.mask_token_id, vocab, tokenizer.all_special_ids,
                                  pad_id=tokenizer.pad_token_id, seed=args.seed)
@@ -424,8 +439,8 @@ def record_run(run_dir: str, model_config, tokenizer) -> None:
     tokenizer.save(run_dir)
 
 
-_SIZES = {"n_layer": "--n-layer", "n_head": "--n-head", "n_kv_head": "--n-kv-head", "d_model": "--d-model",
-          "d_ff": "--d-ff", "context": "--context"}
+_SIZES = {"n_layer": "--n-layer", "n_decoder_layer": "--n-decoder-layer", "n_head": "--n-head",
+          "n_kv_head": "--n-kv-head", "d_model": "--d-model", "d_ff": "--d-ff", "context": "--context"}
 # The packaged tokenizer of each preset family (bert-base-uncased's vocabulary is all-MiniLM-L6-v2's).
 _PRESET_TOKENIZERS = {"gpt2": "gpt2", "llama": "smollm2-135m-instruct", "bert": "all-minilm-l6-v2",
                       "distilbert": "all-minilm-l6-v2"}
@@ -496,10 +511,81 @@ def _lm_stream(args: argparse.Namespace, tokenizer):
     return torch.tensor([i for ids in encoded for i in ids + eos])
 
 
+def add_seq2seq_arguments(p: argparse.ArgumentParser, scoring: bool) -> None:
+    """Options of (source, target) data for encoder-decoder models (T5); `scoring`: also those of the generation
+    that ROUGE scores (finetune, evaluate)."""
+    p.add_argument("--source-column", default="source", help="encoder-decoder (source, target) files: the "
+                   "source column (default source)")
+    p.add_argument("--target-column", default="target", help="... the target column (default target)")
+    p.add_argument("--max-source-len", type=int, default=512, help="encoder-decoder: source tokens kept, eos "
+                   "included (default 512)")
+    p.add_argument("--max-target-len", type=int, default=128, help="encoder-decoder: target tokens kept, eos "
+                   "included (default 128; also the new tokens generated for ROUGE)")
+    if scoring:
+        p.add_argument("--num-beams", type=int, default=1, help="encoder-decoder: beams of the generation "
+                       "scored with ROUGE (default 1: greedy)")
+
+
+def seq2seq_objective(config):
+    """The `Seq2SeqLM` objective of an encoder-decoder model's config (its decoder start and padding ids)."""
+    from lmforge.objectives import Seq2SeqLM
+
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    start = config.decoder_start_token_id if config.decoder_start_token_id is not None else pad
+    return Seq2SeqLM(decoder_start_id=start, pad_id=pad)
+
+
+def _pair_splits(args: argparse.Namespace):
+    """The (source, target) splits the data options name (see `lmforge.labelled.load_pair_splits`)."""
+    from lmforge.labelled import load_pair_splits
+
+    if args.data is None and getattr(args, "train", None) is None:
+        raise ValueError("no data: give --data (bbc-headlines or a file of (source, target) pairs), or --train "
+                         "and --validation")
+    fractions = _fractions(args.split_fractions) if hasattr(args, "split_fractions") else (0.8, 0.1, 0.1)
+    return load_pair_splits(args.data, train=getattr(args, "train", None),
+                            validation=getattr(args, "validation", None), test=getattr(args, "test", None),
+                            source_column=args.source_column, target_column=args.target_column,
+                            encoding=getattr(args, "encoding", None) or "utf-8",
+                            header=not getattr(args, "no_header", False), fractions=fractions,
+                            split_seed=getattr(args, "split_seed", 0))
+
+
+def _encoded_pairs(args: argparse.Namespace, tokenizer, config, pairs):
+    from lmforge.predict import encode_pairs
+
+    for option, value in (("--max-source-len", args.max_source_len), ("--max-target-len", args.max_target_len)):
+        if value < 2:
+            raise ValueError(f"{option} {value}: expected at least 2 (a token and the end-of-sequence token)")
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    return encode_pairs(tokenizer, pairs, args.max_source_len, args.max_target_len, pad)
+
+
+def _seq2seq_data(args: argparse.Namespace, tokenizer, config, objective: str, split: str | None = None):
+    """An encoder-decoder's (train, eval) datasets: span-corrupted corpus blocks (`split`: one split's, as
+    `_lm_data`), or encoded (source, target) pairs (the validation split for evaluation)."""
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    if objective == "span-corruption":
+        if _pairs_data(args):
+            raise ValueError(f"--objective span-corruption pre-trains on a text corpus (a text file, a folder of "
+                             f".txt files or bbc-news), not on (source, target) pairs {args.data or args.train}")
+        block_size = _fit_length(args.block_size, 128, config, "--block-size")
+        return _lm_data(args, tokenizer, objective, block_size, split=split, pad_id=pad)
+    if args.data == "bbc-news":
+        raise ValueError("--objective seq2seq needs (source, target) pairs: bbc-headlines (BBC News articles and "
+                         "their headlines) or a CSV / TSV / JSON-lines file; bbc-news is a plain-text corpus")
+    splits = _pair_splits(args)
+    return (_encoded_pairs(args, tokenizer, config, splits["train"]),
+            _encoded_pairs(args, tokenizer, config, splits["validation"]))
+
+
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF folder, .gguf file or packaged name to start from")
     p.add_argument("--data", required=True, help="a text file, a folder of .txt files, or bbc-news")
-    p.add_argument("--objective", choices=["clm", "mlm"], help="causal or masked LM (default: by the model)")
+    p.add_argument("--objective", choices=["clm", "mlm", *SEQ2SEQ_OBJECTIVES],
+                   help="causal or masked LM; for an encoder-decoder (T5): span-corruption (pre-training on a "
+                        "corpus) or seq2seq ((source, target) pairs: bbc-headlines or a CSV / TSV / JSON-lines "
+                        "file, split 80/10/10 with seed 0); default: by the model and the data")
     p.add_argument("--from-scratch", action="store_true",
                    help="pre-train: fresh random weights of --model's architecture (a model source or a preset: "
                         "gpt2, distilgpt2, smollm2-135m, bert-base-uncased, distilbert-base-uncased, "
@@ -507,18 +593,36 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="--from-scratch: the architecture from this config.json instead")
     p.add_argument("--tokenizer", help="--from-scratch: tokenizer source (default: --model's, or for a preset "
                    "the packaged one of its family); the vocabulary size follows it")
-    for option, what in (("--n-layer", "layers"), ("--n-head", "attention heads"),
+    for option, what in (("--n-layer", "layers (an encoder-decoder's encoder layers)"),
+                         ("--n-decoder-layer", "an encoder-decoder's decoder layers (default: --n-layer)"),
+                         ("--n-head", "attention heads"),
                          ("--n-kv-head", "key/value heads (default: --n-head)"), ("--d-model", "width"),
                          ("--d-ff", "feed-forward width"), ("--context", "context length in tokens")):
         p.add_argument(option, type=int, help=f"--from-scratch: {what}")
-    p.add_argument("--block-size", type=int, help="tokens per training sequence (default 128 or the context)")
+    p.add_argument("--block-size", type=int, help="tokens per training sequence (default 128 or the context; "
+                   "span corruption: tokens of a block before corruption)")
     p.add_argument("--eval-fraction", type=float, default=0.05,
                    help="share of a corpus's blocks held out for evaluation (default 0.05; bbc-news uses its "
                         "validation split)")
+    add_seq2seq_arguments(p, scoring=False)
     add_loop_arguments(p, steps=200, lr=3e-4)
-    p.add_argument("--strategy", choices=["allreduce", "ddp", "ps"],
+    p.add_argument("--strategy", choices=["allreduce", "ddp", "ps", "fsdp"],
                    help="data parallelism under torchrun --nproc-per-node N (default: one process); "
-                        "--batch-size is per rank")
+                        "--batch-size is per data-parallel rank; fsdp: sharded (FSDP2, ZeRO-3)")
+    p.add_argument("--dp", type=int, help="data-parallel degree (default: what --tp and --pp leave of the ranks)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree (default 1)")
+    p.add_argument("--pp-schedule", choices=["gpipe", "1f1b", "interleaved-1f1b"],
+                   help="--pp > 1: the pipeline schedule (default 1f1b; interleaved-1f1b: 2 stages per rank; "
+                        "--schedule is the learning-rate one)")
+    p.add_argument("--microbatches", type=int, help="--pp > 1: micro-batches per batch (default: --pp); "
+                   "--batch-size must be a multiple")
+    p.add_argument("--pp-split", help="--pp > 1: layers per stage, e.g. 3,5 (default: balanced by parameters; "
+                   "interleaved-1f1b has 2 x --pp stages)")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="--tp > 1: norms and dropout on sequence shards (--block-size divisible by --tp)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's activations in backward instead of storing them (any layout)")
     p.add_argument("--ps-servers", type=int, default=1, help="ps: server ranks, the first ones (default 1)")
     p.add_argument("--ps-mode", choices=["sync", "async", "bounded"], default="sync",
                    help="ps: consistency (default sync)")
@@ -539,11 +643,17 @@ def _train(args: argparse.Namespace) -> int:
     from lmforge.training import train
 
     config = loop_config(args)
+    _check_layout(args)
     if not args.from_scratch and (args.config or args.tokenizer or any(getattr(args, n) is not None for n in _SIZES)):
         raise ValueError("--config, --tokenizer and the size options build a new model: add --from-scratch")
     model_config = _scratch_config(args) if args.from_scratch else load_config(args.model)
-    objective = args.objective or ("clm" if model_config.arch == "decoder" else "mlm")
-    if (objective == "clm") != (model_config.arch == "decoder"):
+    pp_split = _pp_split(args, model_config.n_layer)
+    if model_config.arch == "encoder-decoder" or args.objective in SEQ2SEQ_OBJECTIVES:
+        checked = model_config.replace(head="lm") if args.from_scratch else model_config
+        objective = _fitting_objective(checked, args.objective, f"--model {args.model}", args)
+    else:
+        objective = args.objective or ("clm" if model_config.arch == "decoder" else "mlm")
+    if objective not in SEQ2SEQ_OBJECTIVES and (objective == "clm") != (model_config.arch == "decoder"):
         raise ValueError(f"objective {objective!r} does not fit a {model_config.arch} model; causal LM needs "
                          f"a decoder, masked LM an encoder")
     head = "lm" if model_config.arch == "encoder" else None
@@ -554,22 +664,35 @@ def _train(args: argparse.Namespace) -> int:
     else:
         model = load_model(args.model, dtype="float32", head=head)
         tokenizer = Tokenizer.for_model(args.model)
-    block_size = _fit_length(args.block_size, 128, model.config, "--block-size")
-    vocab_size = model.config.vocab_size
-    train_data, eval_data = _lm_data(args, tokenizer, objective, block_size, vocab_size=vocab_size)
-    loss = CausalLM() if objective == "clm" else MaskedLM()
+    if objective in SEQ2SEQ_OBJECTIVES:
+        train_data, eval_data = _seq2seq_data(args, tokenizer, model.config, objective)
+        loss = seq2seq_objective(model.config)
+    else:
+        block_size = _fit_length(args.block_size, 128, model.config, "--block-size")
+        vocab_size = model.config.vocab_size
+        train_data, eval_data = _lm_data(args, tokenizer, objective, block_size, vocab_size=vocab_size)
+        loss = CausalLM() if objective == "clm" else MaskedLM()
     if args.strategy:
         from lmforge.parallel.strategy import make_strategy, run_training
 
         strategy = make_strategy(args.strategy, grad_accum=config.grad_accum, n_servers=args.ps_servers,
-                                 mode=args.ps_mode, tau=args.ps_tau, timeout=args.timeout)
+                                 mode=args.ps_mode, tau=args.ps_tau, timeout=args.timeout, dp=args.dp,
+                                 tp=args.tp, pp=args.pp, sequence_parallel=args.sequence_parallel,
+                                 activation_checkpointing=args.activation_checkpointing,
+                                 schedule=args.pp_schedule or "1f1b", microbatches=args.microbatches or args.pp,
+                                 pp_split=pp_split)
         if strategy.is_main:
             record_run(args.run_dir, model.config, tokenizer)
         result = run_training(model, loss, train_data, config, strategy, eval_data=eval_data,
                               resume=args.resume)
+        model = strategy.full_model(model)  # a sharded model is gathered (every rank takes part)
         if not strategy.is_main:  # other workers and parameter servers: rank 0 reports and saves
             return 0
     else:
+        if args.activation_checkpointing:
+            from lmforge.parallel.plans import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model)
         record_run(args.run_dir, model.config, tokenizer)
         result = train(model, loss, train_data, config, eval_data=eval_data, resume=args.resume)
     out = _save_final(model, tokenizer, args.run_dir)
@@ -578,8 +701,174 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fitting_objective(cfg, requested: str | None, who: str) -> str:
-    """The objective a model's head supports (clm, mlm or classify); an error if `requested` is another one."""
+SEQ2SEQ_OBJECTIVES = ("seq2seq", "span-corruption")
+
+
+def _pairs_data(args: argparse.Namespace) -> bool:
+    """Whether the data options name (source, target) pairs (bbc-headlines, a table file, split files) rather
+    than a corpus of plain text."""
+    data = getattr(args, "data", None)
+    return getattr(args, "train", None) is not None or data == "bbc-headlines" or (
+        data is not None and Path(data).suffix.lower() in (".csv", ".tsv", ".jsonl", ".json"))
+
+
+def _check_layout(args: argparse.Namespace) -> None:
+    """Validate the model-parallel options before any work: degrees against torchrun's world size, pipeline
+    options only with --pp > 1, a layout only with a strategy that takes one."""
+    import os
+
+    from lmforge.parallel.mesh import Layout
+    from lmforge.parallel.plans import check_plan
+
+    layout_given = args.dp is not None or args.tp != 1 or args.pp != 1
+    if (args.sequence_parallel or layout_given) and not args.strategy:
+        raise ValueError("--dp/--tp/--pp and --sequence-parallel need --strategy (fsdp, ddp or allreduce) under "
+                         "torchrun")
+    if args.strategy == "ps" and (layout_given or args.sequence_parallel or args.activation_checkpointing):
+        raise ValueError("--strategy ps takes no --dp/--tp/--pp layout nor activation checkpointing")
+    if args.pp == 1 and (args.pp_schedule or args.microbatches is not None or args.pp_split):
+        raise ValueError("--pp-schedule, --microbatches and --pp-split are pipeline options: they need --pp > 1")
+    if args.microbatches is not None and args.microbatches < 1:
+        raise ValueError(f"--microbatches must be a positive integer, got {args.microbatches}")
+    if args.pp > 1:
+        if args.strategy not in ("ddp", "allreduce") or args.tp != 1 or args.sequence_parallel \
+                or args.activation_checkpointing:
+            raise ValueError(f"--pp {args.pp} runs with --strategy ddp or allreduce, without --tp, "
+                             f"--sequence-parallel or --activation-checkpointing (pipeline x tensor parallelism "
+                             f"and pipeline x FSDP are not supported yet)")
+        micro = args.microbatches or args.pp
+        if (args.pp_schedule or "1f1b") == "1f1b" and micro < args.pp:
+            raise ValueError(f"the 1f1b schedule needs --microbatches >= --pp ({args.pp}), got {micro}")
+        if args.pp_schedule == "interleaved-1f1b" and micro % max(1, micro // args.pp):
+            raise ValueError(f"the interleaved-1f1b schedule needs --microbatches a multiple of "
+                             f"max(1, microbatches // pp) = {max(1, micro // args.pp)}, got {micro}")
+        if args.batch_size % micro:
+            raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {micro} pipeline "
+                             f"micro-batches (--microbatches)")
+        _pp_split(args, None)
+    if args.sequence_parallel and args.tp == 1:
+        raise ValueError("--sequence-parallel shards the sequence over tensor-parallel ranks: it needs --tp > 1")
+    if args.strategy:
+        layout = Layout.parse(dp=args.dp, pp=args.pp, tp=args.tp, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        if args.strategy != "ps" and layout.pp == 1:  # a pipeline is checked above
+            check_plan(layout.dp, layout.tp, "fsdp" if args.strategy == "fsdp" else "ddp", args.sequence_parallel)
+
+
+def _pp_split(args: argparse.Namespace, n_layer: int | None) -> list[int] | None:
+    """--pp-split as layer counts, checked against --pp and (when given) the model's layers."""
+    if not args.pp_split:
+        return None
+    from lmforge.parallel.pipeline import parse_split
+
+    split = parse_split(args.pp_split)
+    stages = args.pp * (2 if args.pp_schedule == "interleaved-1f1b" else 1)
+    if len(split) != stages:
+        raise ValueError(f"--pp-split {args.pp_split} gives {len(split)} stages, the pipeline has {stages} "
+                         f"(--pp {args.pp}, schedule {args.pp_schedule or '1f1b'})")
+    if n_layer is not None and sum(split) != n_layer:
+        raise ValueError(f"--pp-split {args.pp_split} covers {sum(split)} layers; the model has {n_layer}")
+    return split
+
+
+# --- planning (lmforge.parallel.planner): plan ------------------------------------------------------------------
+
+
+def _plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a preset (gpt2, bert-base-uncased, bert-large-uncased, ...), "
+                   "an HF folder or a .gguf file: its config only, no weights are read")
+    p.add_argument("--batch", type=int, required=True, help="sequences per optimizer step, all devices together "
+                   "(with --generate: sequences generated at once)")
+    p.add_argument("--seq", type=int, required=True, help="tokens per sequence (with --generate: prompt + new)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="training: fp32, or autocast in bf16 / fp16 on float32 weights (lmforge's --precision); "
+                        "generation: the weights' and cache's dtype (default fp32)")
+    p.add_argument("--devices", type=int, default=1, help="devices to spread over (default 1)")
+    p.add_argument("--device-memory", default="16GB", help="memory of one device, e.g. 16GB, 80GB (default 16GB)")
+    p.add_argument("--device-type", choices=["cuda", "cpu"], default="cuda",
+                   help="kernels to plan for: cuda (fused AdamW, fused dropout) or cpu (default cuda)")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                   help="adam: two float32 moments (lmforge train's AdamW); sgd: one momentum buffer")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step on a data-parallel rank")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="only layouts with per-block activation checkpointing (default: with and without)")
+    p.add_argument("--generate", action="store_true", help="plan generation (weights + KV cache) instead")
+    p.add_argument("--tflops", type=float, default=100.0,
+                   help="peak dense TFLOP/s of one device in bf16/fp16; fp32 is a quarter (default 100)")
+    p.add_argument("--link-gbs", type=float, default=50.0, help="GB/s between devices, each way (default 50)")
+    p.add_argument("--headroom", type=float, help="share of --device-memory left free for the CUDA context and "
+                   "allocator fragmentation (default 0.1 on cuda, 0 on cpu)")
+    p.add_argument("--data", default="DATA", help="the corpus to put into the printed train command")
+    p.add_argument("--top", type=int, default=15, help="table rows to print (default 15; --json has all)")
+    p.add_argument("--json", action="store_true", help="one JSON object with every layout")
+
+
+@command("plan", "Predict the peak memory per device of each parallel layout (dp, fsdp, tp, pp), which fit, "
+         "their step time, and the command that runs the best; exit 1 when none fits.", _plan_arguments)
+def _plan(args: argparse.Namespace) -> int:
+    from lmforge.config import ModelConfig
+    from lmforge.io import load_config
+    from lmforge.parallel import planner
+
+    for option in ("batch", "seq", "devices", "grad_accum", "top"):
+        if getattr(args, option) < 1:
+            raise ValueError(f"--{option.replace('_', '-')} must be a positive integer, got {getattr(args, option)}")
+    if args.tflops <= 0 or args.link_gbs <= 0:
+        raise ValueError("--tflops and --link-gbs must be positive")
+    if args.headroom is not None and not 0 <= args.headroom < 1:
+        raise ValueError(f"--headroom must be in [0, 1), got {args.headroom}")
+    memory = planner.parse_bytes(args.device_memory)
+    cfg = ModelConfig.from_name(args.model) if planner.is_preset_only(args.model) else load_config(args.model)
+    hardware = planner.Hardware(memory=memory, device=args.device_type, tflops=args.tflops,
+                                link_gbs=args.link_gbs, headroom=args.headroom)
+    if args.generate:
+        rows = planner.generation_plan(cfg, args.batch, args.seq, args.dtype, hardware, args.devices)
+        if args.json:
+            print(json.dumps({"device_memory": memory, "usable": hardware.usable,
+                              "layouts": [r.to_dict() for r in rows]}))
+        else:
+            print(planner.format_generation_table(rows))
+        return 0 if any(r.fits for r in rows) else 1
+    workload = planner.Workload(cfg.replace(head="lm"), args.batch, args.seq, args.dtype, args.optimizer,
+                                args.grad_accum)
+    ac = True if args.activation_checkpointing else None
+    rows = planner.plan(workload, hardware, args.devices, ac, model=args.model, data=args.data)
+    if not rows:
+        raise ValueError(f"no layout of {args.devices} devices divides batch {args.batch} x grad-accum "
+                         f"{args.grad_accum}; give a batch that is a multiple of the data-parallel degree")
+    best = rows[0] if rows[0].fits else None
+    if args.json:
+        print(json.dumps({"device_memory": memory, "usable": hardware.usable, "best": best.to_dict() if best else None,
+                          "layouts": [r.to_dict() for r in rows]}))
+        return 0 if best else 1
+    print(f"{args.model}: {planner.count_parameters(cfg.replace(head='lm')).total / 1e6:.1f}M parameters, batch "
+          f"{args.batch} x {args.seq} tokens, {args.dtype}, {args.optimizer}, {args.devices} device(s) of "
+          f"{memory / planner.GiB:.1f} GiB ({hardware.usable / planner.GiB:.1f} usable); peak per rank in GiB, "
+          "step time in seconds (predicted)")
+    print(planner.format_table(rows, args.top))
+    fitting = sum(r.fits for r in rows)
+    print(f"{fitting} of {len(rows)} layouts fit")
+    if best is None:
+        print(f"none fits: the smallest peak is {rows[0].peak / planner.GiB:.2f} GiB ({rows[0].layout.name}); "
+              "try more devices, a smaller batch with --grad-accum, bf16 or activation checkpointing")
+        return 1
+    print(f"best: {best.layout.name}\n{best.command}")
+    return 0
+
+
+def _fitting_objective(cfg, requested: str | None, who: str, args: argparse.Namespace | None = None) -> str:
+    """The objective a model's head supports (clm, mlm or classify; seq2seq or span-corruption for an
+    encoder-decoder, by default seq2seq for (source, target) data and span-corruption for a corpus); an error
+    if `requested` is another one."""
+    if cfg.arch == "encoder-decoder" and cfg.head == "lm":
+        objective = requested or ("seq2seq" if args is None or _pairs_data(args) else "span-corruption")
+        if objective not in SEQ2SEQ_OBJECTIVES:
+            raise ValueError(f"--objective {objective} does not fit {who} (an encoder-decoder model, T5); it "
+                             f"trains with --objective span-corruption (pre-training on a corpus) or seq2seq "
+                             f"((source, target) pairs)")
+        return objective
+    if requested in SEQ2SEQ_OBJECTIVES:
+        raise ValueError(f"--objective {requested} needs an encoder-decoder model (T5); {who} is a {cfg.arch} "
+                         f"with head {cfg.head!r}")
     fitting = "classify" if cfg.head == "classify" else ("clm" if cfg.arch == "decoder" else "mlm")
     objective = requested or fitting
     if cfg.head == "none" or objective != fitting:
@@ -682,21 +971,72 @@ def _with_metric(metrics: dict, args: argparse.Namespace, regression: bool) -> d
 
 
 def _finetune_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="encoder to fine-tune: HF folder or packaged name")
+    p.add_argument("--model", required=True, help="encoder to fine-tune (classification, regression), or "
+                   "encoder-decoder (T5: (source, target) pairs, e.g. --data bbc-headlines): HF folder or "
+                   "packaged name")
     add_data_arguments(p)
     p.add_argument("--max-len", type=int, help="tokens per text or pair, cut beyond (default 256 or the context)")
+    add_seq2seq_arguments(p, scoring=True)
     add_loop_arguments(p, steps=300, lr=5e-5)
 
 
-@command("finetune", "Fine-tune an encoder for text or sentence-pair classification or regression; reports "
-         "validation and test metrics.", _finetune_arguments)
-def _finetune(args: argparse.Namespace) -> int:
+_CLASSIFICATION_OPTIONS = {"task": "--task", "text_column": "--text-column", "text_pair_column":
+                           "--text-pair-column", "label_column": "--label-column", "regression": "--regression",
+                           "metric": "--metric", "max_len": "--max-len"}
+
+
+def _seq2seq_report(args: argparse.Namespace, model, tokenizer, objective, pairs, data) -> dict:
+    """Loss and perplexity (teacher-forced) and ROUGE-1/2/L of generated targets on one split."""
+    from lmforge.predict import seq2seq_rouge
+    from lmforge.training import evaluate
+
+    metrics = evaluate(model, objective, data, batch_size=args.batch_size, precision=args.precision,
+                       progress=not args.quiet)
+    rouge = seq2seq_rouge(model, tokenizer, pairs, batch_size=args.batch_size, max_source_len=args.max_source_len,
+                          max_new_tokens=args.max_target_len, num_beams=args.num_beams, progress=not args.quiet)
+    return {**metrics, **rouge}
+
+
+def _finetune_seq2seq(args: argparse.Namespace, config) -> int:
+    """finetune for an encoder-decoder model: (source, target) pairs, validation loss, test loss and ROUGE."""
     from lmforge.io import load_model
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.training import train
+
+    given = [option for name, option in _CLASSIFICATION_OPTIONS.items() if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to classification; an "
+                         f"encoder-decoder model (T5) fine-tunes on (source, target) pairs (--source-column, "
+                         f"--target-column, --max-source-len, --max-target-len)")
+    if args.num_beams < 1:
+        raise ValueError(f"--num-beams must be at least 1, got {args.num_beams}")
+    splits = _pair_splits(args)
+    model = load_model(args.model, dtype="float32")
+    tokenizer = Tokenizer.for_model(args.model)
+    encoded = {split: _encoded_pairs(args, tokenizer, model.config, pairs) for split, pairs in splits.items()}
+    objective = seq2seq_objective(model.config)
+    record_run(args.run_dir, model.config, tokenizer)
+    result = train(model, objective, encoded["train"], config, eval_data=encoded["validation"],
+                   resume=args.resume)
+    report = {"step": result.step, "validation": result.eval_metrics}
+    if "test" in encoded:
+        report["test"] = _seq2seq_report(args, model, tokenizer, objective, splits["test"], encoded["test"])
+    report["model"] = str(_save_final(model, tokenizer, args.run_dir))
+    print(json.dumps(report))
+    return 0
+
+
+@command("finetune", "Fine-tune an encoder for text or sentence-pair classification or regression, or an "
+         "encoder-decoder on (source, target) pairs; reports validation and test metrics.", _finetune_arguments)
+def _finetune(args: argparse.Namespace) -> int:
+    from lmforge.io import load_config, load_model
     from lmforge.predict import encode_for
     from lmforge.tokenizer import Tokenizer
     from lmforge.training import evaluate, train
 
     config = loop_config(args)
+    if load_config(args.model).arch == "encoder-decoder":
+        return _finetune_seq2seq(args, config)
     splits = _splits(args)
     names = splits["train"].label_names
     regression = splits["train"].is_regression
@@ -730,9 +1070,12 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     add_data_arguments(p, corpus=True)
     p.add_argument("--split", choices=["train", "validation", "test", "all"], default="test",
                    help="which split of labelled data or bbc-news (default test); corpora: all text")
-    p.add_argument("--objective", choices=["clm", "mlm", "classify"],
-                   help="default: classify for classifiers and regressors, clm for decoders, mlm for encoders")
+    p.add_argument("--objective", choices=["clm", "mlm", "classify", *SEQ2SEQ_OBJECTIVES],
+                   help="default: classify for classifiers and regressors, clm for decoders, mlm for encoders; "
+                        "encoder-decoders: seq2seq on (source, target) pairs (loss and ROUGE of generated "
+                        "targets), span-corruption on a corpus")
     p.add_argument("--block-size", type=int, help="tokens per LM sequence (default 128 or the context)")
+    add_seq2seq_arguments(p, scoring=True)
     p.add_argument("--stride", type=int, help="causal LM: sliding-window perplexity over the whole text as one "
                    "stream, windows of --block-size tokens advancing by this many (transformers' method; "
                    "the last partial window is kept; = --block-size: non-overlapping)")
@@ -757,10 +1100,28 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, dtype="float32", device=checked_device(args.device))
     cfg = model.config
-    objective = _fitting_objective(cfg, args.objective, "this model")
+    objective = _fitting_objective(cfg, args.objective, "this model", args)
     tokenizer = Tokenizer.for_model(args.model)
     split = args.split
-    if objective == "classify":
+    if objective in SEQ2SEQ_OBJECTIVES:
+        if split == "all":
+            raise ValueError("--split all: an encoder-decoder is evaluated on one split (train, validation or test)")
+        obj = seq2seq_objective(cfg)
+        if objective == "span-corruption":
+            data = _seq2seq_data(args, tokenizer, cfg, objective, split=split)
+        else:
+            splits = _pair_splits(args)
+            if split not in splits:
+                raise ValueError(f"--split {split}: the data has no {split} split (it has {', '.join(splits)})")
+            pairs = splits[split]
+            if args.max_batches is not None:
+                pairs = pairs.subset(range(min(len(pairs), args.max_batches * args.batch_size)))
+            if args.num_beams < 1:
+                raise ValueError(f"--num-beams must be at least 1, got {args.num_beams}")
+            metrics = _seq2seq_report(args, model, tokenizer, obj, pairs, _encoded_pairs(args, tokenizer, cfg, pairs))
+            print(json.dumps({"model": args.model, "data": args.data or args.train, "split": split, **metrics}))
+            return 0
+    elif objective == "classify":
         splits = _model_splits(cfg, args, "model")
         if split == "all":
             parts = list(splits.values())
@@ -832,10 +1193,14 @@ def _student_layers(text: str | None) -> int | list[int] | None:
 def _distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True, help="HF folder, .gguf file or packaged name of the teacher")
     p.add_argument("--student-layers", help="N evenly spaced teacher layers, or a map 0,2,4 (one layer: 5,); "
-                   "default: every other layer")
+                   "default: every other layer (an encoder-decoder's decoder layers)")
+    p.add_argument("--student-encoder-layers", help="encoder-decoder teachers: the encoder layers, in the same "
+                   "form (default: all)")
     add_data_arguments(p, corpus=True)
-    p.add_argument("--objective", choices=["clm", "mlm", "classify"],
-                   help="default: classify for classifiers and regressors, clm for decoders, mlm for encoders")
+    p.add_argument("--objective", choices=["clm", "mlm", "classify", *SEQ2SEQ_OBJECTIVES],
+                   help="default: classify for classifiers and regressors, clm for decoders, mlm for encoders; "
+                        "encoder-decoders: seq2seq on (source, target) pairs, span-corruption on a corpus")
+    add_seq2seq_arguments(p, scoring=False)
     p.add_argument("--alpha-ce", type=float, default=5.0, help="weight of the soft-target KL (default 5)")
     p.add_argument("--alpha-lm", type=float, default=2.0,
                    help="weight of the LM / MLM / classification loss (default 2)")
@@ -858,7 +1223,7 @@ def _distill_arguments(p: argparse.ArgumentParser) -> None:
 @command("distill", "Distil a teacher into a student initialised from its layers (DistilBERT-style).",
          _distill_arguments)
 def _distill(args: argparse.Namespace) -> int:
-    from lmforge.distill import DistillObjective, aligned_hidden_pairs, init_student
+    from lmforge.distill import DistillObjective, aligned_hidden_pairs, init_student, n_output_layers
     from lmforge.io import load_model
     from lmforge.objectives import CausalLM, MaskedLM
     from lmforge.predict import encode_for, is_regressor
@@ -869,8 +1234,9 @@ def _distill(args: argparse.Namespace) -> int:
     seed_everything(args.seed)  # a projection the objective may create is initialised from the seed
     teacher = load_model(args.teacher, dtype="float32", device=args.device)
     cfg = teacher.config
-    objective = _fitting_objective(cfg, args.objective, "the teacher")
-    student, layer_map = init_student(teacher, _student_layers(args.student_layers))
+    objective = _fitting_objective(cfg, args.objective, "the teacher", args)
+    student, layer_map = init_student(teacher, _student_layers(args.student_layers),
+                                      encoder_layers=_student_layers(args.student_encoder_layers))
     tokenizer = Tokenizer.for_model(args.teacher)
     test = None
     regression = objective == "classify" and is_regressor(cfg)
@@ -881,6 +1247,9 @@ def _distill(args: argparse.Namespace) -> int:
                    for split, texts in splits.items()}
         train_data, eval_data, test = encoded["train"], encoded["validation"], encoded.get("test")
         base = _task_objective(cfg)
+    elif objective in SEQ2SEQ_OBJECTIVES:
+        train_data, eval_data = _seq2seq_data(args, tokenizer, cfg, objective)
+        base = seq2seq_objective(cfg)
     else:
         if args.data is None:
             raise ValueError("no data: give --data (a text file, a folder of .txt files or bbc-news)")
@@ -888,7 +1257,7 @@ def _distill(args: argparse.Namespace) -> int:
         train_data, eval_data = _lm_data(args, tokenizer, objective, block_size)
         base = CausalLM() if objective == "clm" else MaskedLM()
     alpha_mse = args.alpha_mse if args.alpha_mse is not None else (args.alpha_ce if regression else 0.0)
-    pairs = aligned_hidden_pairs(layer_map, cfg.n_layer) if args.align == "layers" else None
+    pairs = aligned_hidden_pairs(layer_map, n_output_layers(cfg)) if args.align == "layers" else None
     loss = DistillObjective(teacher, student, base, alpha_ce=0.0 if regression else args.alpha_ce,
                             alpha_lm=args.alpha_lm, alpha_cos=args.alpha_cos, alpha_mse=alpha_mse,
                             temperature=args.temperature, hidden_pairs=pairs)

@@ -471,6 +471,214 @@ class EncodedTexts:
         return batch
 
 
+# --- sequence to sequence: T5's span corruption, (source, target) pairs -------------------------------------
+
+
+def random_segmentation(n_items: int, n_segments: int, generator: torch.Generator) -> list[int]:
+    """`n_segments` positive lengths summing to `n_items`, drawn uniformly among all such compositions (the
+    segment boundaries are n_segments - 1 distinct cut points among the n_items - 1 gaps)."""
+    if not 1 <= n_segments <= n_items:
+        raise ValueError(f"cannot cut {n_items} items into {n_segments} non-empty segments")
+    cuts = (torch.randperm(n_items - 1, generator=generator)[: n_segments - 1] + 1).sort().values.tolist()
+    bounds = [0, *cuts, n_items]
+    return [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def span_counts(length: int, noise_density: float = 0.15, mean_span: float = 3.0) -> tuple[int, int]:
+    """(noise tokens, noise spans) of T5's span corruption of `length` tokens: round(length * noise_density)
+    tokens, at least 1 and at most length - 1, in round(noise / mean_span) spans, at least 1 (and no more than
+    the noise or the kept tokens allow). Python's round: halves go to the even number, as tf.round in T5."""
+    if length < 2:
+        raise ValueError(f"span corruption needs at least 2 tokens, got {length}")
+    if not 0.0 < noise_density < 1.0 or not mean_span >= 1.0:
+        raise ValueError(f"noise_density must be in (0, 1) and mean_span >= 1, got {noise_density} and "
+                         f"{mean_span}")
+    n_noise = min(max(round(length * noise_density), 1), length - 1)
+    n_spans = min(max(round(n_noise / mean_span), 1), n_noise, length - n_noise)
+    return n_noise, n_spans
+
+
+def span_noise_mask(length: int, generator: torch.Generator, noise_density: float = 0.15,
+                    mean_span: float = 3.0) -> Tensor:
+    """T5's random-span noise mask (bool, (length,)): kept and noise spans alternate, starting with a kept one,
+    with the counts of `span_counts` and span lengths drawn by `random_segmentation`."""
+    n_noise, n_spans = span_counts(length, noise_density, mean_span)
+    noise = random_segmentation(n_noise, n_spans, generator)
+    kept = random_segmentation(length - n_noise, n_spans, generator)
+    mask = torch.zeros(length, dtype=torch.bool)
+    start = 0
+    for k, n in zip(kept, noise, strict=True):
+        mask[start + k:start + k + n] = True
+        start += k + n
+    return mask
+
+
+def span_corrupt(ids: Tensor, mask: Tensor, sentinel_ids: Sequence[int], eos_id: int) -> tuple[Tensor, Tensor]:
+    """T5's (inputs, targets) of a token sequence ids (L,) and a noise mask (L,) (see `span_noise_mask`).
+
+    Noise span k (0-based) becomes the sentinel `sentinel_ids[k]` in the inputs (T5's <extra_id_k>, whose ids
+    count down from the top of the vocabulary: `Tokenizer.sentinel_ids`); the targets are each sentinel followed
+    by its span's tokens. Both end with `eos_id`. E.g. ids a b c d e f, mask 0 1 1 0 0 1 -> inputs
+    a <0> d e <1> eos, targets <0> b c <1> f eos. Raises ValueError when there are more spans than sentinels.
+    """
+    if ids.shape != mask.shape or ids.dim() != 1:
+        raise ValueError(f"ids {tuple(ids.shape)} and mask {tuple(mask.shape)} must be one sequence each")
+    inputs: list[int] = []
+    targets: list[int] = []
+    k = -1
+    for t, (token, noisy) in enumerate(zip(ids.tolist(), mask.tolist(), strict=True)):
+        if not noisy:
+            inputs.append(token)
+            continue
+        if t == 0 or not mask[t - 1]:
+            k += 1
+            if k >= len(sentinel_ids):
+                raise ValueError(f"noise span {k} has no sentinel: only {len(sentinel_ids)} are given")
+            inputs.append(sentinel_ids[k])
+            targets.append(sentinel_ids[k])
+        targets.append(token)
+    return torch.tensor([*inputs, eos_id]), torch.tensor([*targets, eos_id])
+
+
+def _pad_seq2seq(items: list[dict[str, Tensor]], pad_id: int) -> dict[str, Tensor]:
+    """Right-padded batch of (input_ids, labels) items: input_ids and attention_mask (B, S) (pad_id, 0 beyond
+    each input), labels (B, T) (IGNORE_INDEX beyond each target)."""
+    S = max(len(it["input_ids"]) for it in items)
+    T = max(len(it["labels"]) for it in items)
+    ids = torch.full((len(items), S), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), S), dtype=torch.long)
+    labels = torch.full((len(items), T), IGNORE_INDEX, dtype=torch.long)
+    for row, it in enumerate(items):
+        n, m = len(it["input_ids"]), len(it["labels"])
+        ids[row, :n] = it["input_ids"]
+        mask[row, :n] = 1
+        labels[row, :m] = it["labels"]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class SpanCorruptedBlocks:
+    """Token blocks corrupted anew each epoch with T5's span corruption; item: {"input_ids", "labels"}.
+
+    The noise mask of block i in epoch e is drawn from a generator seeded by (seed, e, i) (as `MaskedBlocks`),
+    so it is reproducible and independent of rank and resumption. Blocks of L tokens give inputs of
+    L - noise + spans + 1 and targets of noise + spans + 1 tokens (`span_counts`). `sentinel_ids`: the ids of
+    <extra_id_0>, <extra_id_1>, ... (`Tokenizer.sentinel_ids`); span k of a block is replaced by the k-th.
+    """
+
+    def __init__(self, blocks: Tensor, sentinel_ids: Sequence[int], eos_id: int, pad_id: int,
+                 noise_density: float = 0.15, mean_span: float = 3.0, seed: int = 0):
+        if blocks.dim() != 2 or blocks.shape[0] == 0:
+            raise ValueError(f"blocks must be a non-empty (N, L) tensor, got shape {tuple(blocks.shape)}")
+        _, n_spans = span_counts(blocks.shape[1], noise_density, mean_span)
+        if n_spans > len(sentinel_ids):
+            raise ValueError(f"blocks of {blocks.shape[1]} tokens make {n_spans} noise spans but there are "
+                             f"{len(sentinel_ids)} sentinel tokens; use shorter blocks")
+        self.blocks, self.sentinel_ids, self.eos_id, self.pad_id = blocks, list(sentinel_ids), eos_id, pad_id
+        self.noise_density, self.mean_span, self.seed = noise_density, mean_span, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        ids = self.blocks[index]
+        gen = torch.Generator().manual_seed(_mix(self.seed, self.epoch, index))
+        mask = span_noise_mask(len(ids), gen, self.noise_density, self.mean_span)
+        inputs, targets = span_corrupt(ids, mask, self.sentinel_ids, self.eos_id)
+        return {"input_ids": inputs, "labels": targets}
+
+    def collate(self, items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        return _pad_seq2seq(items, self.pad_id)
+
+
+@dataclass
+class TextPairs:
+    """(source, target) texts for sequence-to-sequence tasks; `sources_where`: "file:line" of each, for
+    messages."""
+
+    sources: list[str]
+    targets: list[str]
+    where: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.sources) != len(self.targets):
+            raise ValueError(f"{len(self.sources)} sources but {len(self.targets)} targets")
+        if self.where is not None and len(self.where) != len(self.sources):
+            raise ValueError(f"{len(self.sources)} sources but {len(self.where)} places")
+        if not self.sources:
+            raise ValueError("the (source, target) set is empty")
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def subset(self, indices: Sequence[int]) -> TextPairs:
+        """The pairs at `indices`, in that order."""
+        return TextPairs([self.sources[i] for i in indices], [self.targets[i] for i in indices],
+                         None if self.where is None else [self.where[i] for i in indices])
+
+
+class EncodedPairs:
+    """Tokenised (source, target) pairs; item: {"input_ids": (S,), "labels": (T,)}; batches right-padded.
+
+    `encode` should add the end-of-sequence token (T5's tokenizer does). Sources longer than `max_source_len`
+    and targets longer than `max_target_len` keep their first max - 1 tokens and their last one (the eos).
+    """
+
+    def __init__(self, pairs: TextPairs, encode: Encode, max_source_len: int, max_target_len: int, pad_id: int):
+        if min(max_source_len, max_target_len) < 2:
+            raise ValueError(f"max_source_len and max_target_len must be at least 2, got {max_source_len} and "
+                             f"{max_target_len}")
+        self.pad_id = pad_id
+        self.sources: list[Tensor] = []
+        self.targets: list[Tensor] = []
+        for i, (source, target) in enumerate(zip(pairs.sources, pairs.targets, strict=True)):
+            where = pairs.where[i] if pairs.where is not None else f"pair {i}"
+            for text, limit, out, role in ((source, max_source_len, self.sources, "source"),
+                                           (target, max_target_len, self.targets, "target")):
+                ids = encode(text)
+                if not ids:
+                    raise ValueError(f"{where}: {role} {text[:40]!r} encodes to no tokens")
+                if len(ids) > limit:
+                    ids = ids[: limit - 1] + ids[-1:]
+                out.append(torch.tensor(ids, dtype=torch.long))
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {"input_ids": self.sources[index], "labels": self.targets[index]}
+
+    def collate(self, items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        return _pad_seq2seq(items, self.pad_id)
+
+
+BBC_HEADLINE_PREFIX = "summarize: "
+
+
+def headline_pairs(data: LabelledTexts, prefix: str = BBC_HEADLINE_PREFIX) -> TextPairs:
+    """(prefix + article, headline) pairs of BBC News texts: each file's first line is its headline, the rest
+    (stripped) the article. Raises ValueError naming the file when either is empty."""
+    sources, targets = [], []
+    for i, text in enumerate(data.texts):
+        headline, _, article = text.strip().partition("\n")
+        if not headline.strip() or not article.strip():
+            raise ValueError(f"{data.where(i)}: expected a headline line and an article after it")
+        sources.append(prefix + article.strip())
+        targets.append(headline.strip())
+    return TextPairs(sources, targets, list(data.sources) if data.sources is not None else None)
+
+
+def bbc_headlines(split: str | None = None) -> TextPairs | dict[str, TextPairs]:
+    """BBC News headline generation: ("summarize: " + article, headline) pairs of `bbc_news`'s fixed split
+    (1,701 / 212 / 214). `split`: "train", "validation" or "test", or None for a dict of the three."""
+    if split is not None:
+        return headline_pairs(bbc_news(split))
+    return {name: headline_pairs(part) for name, part in bbc_news().items()}
+
+
 # --- sampling -----------------------------------------------------------------------------------------------
 
 

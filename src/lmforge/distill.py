@@ -1,7 +1,10 @@
 """DistilBERT-style distillation: a student initialised from its teacher, and the distillation loss.
 
 The student keeps the teacher's width and takes a subset of its layers (every other one by default, as
-DistilBERT takes layers 0, 2, 4, ... of BERT); embeddings, the final norm and the heads are copied.
+DistilBERT takes layers 0, 2, 4, ... of BERT); embeddings, the final norm and the heads are copied. An
+encoder-decoder (T5) student takes a subset of the decoder's layers (every other one by default) and of the
+encoder's (all by default); each stack keeps its relative position bias and final norm, and the losses below
+compare the decoder's outputs at the target positions.
 `DistillObjective` plugs into the training loop like any other objective and returns
 
     loss = alpha_ce  * KL(softmax(t / T) || softmax(s / T)) * T^2   (soft targets, on real positions)
@@ -31,11 +34,11 @@ from lmforge.models import ModelOutput, build_model
 from lmforge.objectives import model_inputs
 
 __all__ = ["DistillObjective", "aligned_hidden_pairs", "cosine_hidden_loss", "init_student", "logit_mse_loss",
-           "soft_target_loss", "student_layer_map"]
+           "n_output_layers", "soft_target_loss", "student_layer_map"]
 
 
 class Objective(Protocol):
-    """The objective protocol of `lmforge.objectives` (CausalLM, MaskedLM, Classification)."""
+    """The objective protocol of `lmforge.objectives` (CausalLM, MaskedLM, Classification, Seq2SeqLM)."""
 
     def __call__(self, model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]: ...
 
@@ -60,46 +63,70 @@ def student_layer_map(n_teacher: int, n_student: int | None = None) -> list[int]
     return [i * n_teacher // n_student for i in range(n_student)]
 
 
+def _layer_map(layers: int | Sequence[int] | None, n_teacher: int, what: str) -> list[int]:
+    if layers is None or isinstance(layers, int):
+        return student_layer_map(n_teacher, layers)
+    layer_map = [int(i) for i in layers]
+    bad = [i for i in layer_map if not 0 <= i < n_teacher]
+    if not layer_map or bad:
+        raise ValueError(f"student {what}layer map {list(layers)} must be a non-empty list of teacher layer "
+                         f"indices in [0, {n_teacher})")
+    return layer_map
+
+
+def n_output_layers(config: ModelConfig) -> int:
+    """Layers behind the outputs distillation compares: the decoder's of an encoder-decoder, else all."""
+    return config.n_decoder_layers if config.arch == "encoder-decoder" else config.n_layer
+
+
 def init_student(teacher: nn.Module, layers: int | Sequence[int] | None = None, *,
+                 encoder_layers: int | Sequence[int] | None = None,
                  config: ModelConfig | None = None) -> tuple[nn.Module, list[int] | None]:
-    """A student for `teacher` (a lmforge `Decoder` or `Encoder`) and the teacher layers it was built from.
+    """A student for `teacher` (a lmforge `Decoder`, `Encoder` or `EncoderDecoder`) and the teacher layers it
+    was built from (an encoder-decoder's: its decoder layers).
 
     layers: None for every other teacher layer, an int for that many evenly spaced layers, or an explicit list
-        of teacher layer indices (the student's layer i is a copy of teacher layer layers[i]). Embeddings, the
-        final norm and the heads are copied too; the student is a new module sharing no storage with the
-        teacher.
+        of teacher layer indices (the student's layer i is a copy of teacher layer layers[i]); for an
+        encoder-decoder, the decoder's layers. Embeddings, the final norm(s), the relative position biases and
+        the heads are copied too; the student is a new module sharing no storage with the teacher.
+    encoder_layers (encoder-decoder only): the encoder's layers in the same form; None keeps all of them.
     config: instead of copying, build a freshly initialised student from this config (any depth and width,
         same vocabulary and head as the teacher); the returned layer map is then None.
     Raises ValueError for a bad layer map, or a config whose vocabulary, labels or architecture do not match.
     """
     tcfg: ModelConfig = teacher.config
     ref = next(teacher.parameters())
+    seq2seq = tcfg.arch == "encoder-decoder"
+    if encoder_layers is not None and not seq2seq:
+        raise ValueError(f"encoder_layers applies to encoder-decoder teachers; this one is a {tcfg.arch}")
     if config is not None:
-        if layers is not None:
+        if layers is not None or encoder_layers is not None:
             raise ValueError("init_student: pass either layers (copy from the teacher) or config (fresh), "
                              "not both")
         check_compatible(tcfg, config)
         return build_model(config).to(device=ref.device, dtype=ref.dtype), None
 
-    if layers is None or isinstance(layers, int):
-        layer_map = student_layer_map(tcfg.n_layer, layers)
+    if seq2seq:
+        layer_map = _layer_map(layers, tcfg.n_decoder_layers, "decoder ")
+        encoder_map = _layer_map(encoder_layers if encoder_layers is not None else range(tcfg.n_layer),
+                                 tcfg.n_layer, "encoder ")
+        maps = {"decoder.layers.": layer_map, "encoder.layers.": encoder_map}
+        student_config = tcfg.replace(n_layer=len(encoder_map), n_decoder_layer=len(layer_map))
     else:
-        layer_map = [int(i) for i in layers]
-        bad = [i for i in layer_map if not 0 <= i < tcfg.n_layer]
-        if not layer_map or bad:
-            raise ValueError(f"student layer map {list(layers)} must be a non-empty list of teacher layer "
-                             f"indices in [0, {tcfg.n_layer})")
-    student = build_model(tcfg.replace(n_layer=len(layer_map))).to(device=ref.device, dtype=ref.dtype)
+        layer_map = _layer_map(layers, tcfg.n_layer, "")
+        maps = {"layers.": layer_map}
+        student_config = tcfg.replace(n_layer=len(layer_map))
+    student = build_model(student_config).to(device=ref.device, dtype=ref.dtype)
 
     teacher_state = teacher.state_dict()
     state = {}
     for name in student.state_dict():
-        if name.startswith("layers."):
-            _, index, rest = name.split(".", 2)
-            name_in_teacher = f"layers.{layer_map[int(index)]}.{rest}"
-        else:
-            name_in_teacher = name
-        state[name] = teacher_state[name_in_teacher]
+        prefix = next((p for p in maps if name.startswith(p)), None)
+        if prefix is None:
+            state[name] = teacher_state[name]
+            continue
+        index, rest = name[len(prefix):].split(".", 1)
+        state[name] = teacher_state[f"{prefix}{maps[prefix][int(index)]}.{rest}"]
     student.load_state_dict(state)  # copies into the student's own tensors
     return student.train(teacher.training), layer_map
 
@@ -206,6 +233,7 @@ class DistillObjective(nn.Module):
     hidden_pairs: (student, teacher) indices into the models' `hidden_states` compared by the cosine loss;
         default [(n_student_layers, n_teacher_layers)], the last hidden states (DistilBERT). For a student
         from `init_student`, `aligned_hidden_pairs(layer_map, n_teacher_layers)` aligns every student layer.
+        Encoder-decoders (base `Seq2SeqLM`): the decoder's layers and hidden states, at target positions.
     allow_projection: when the widths differ and alpha_cos > 0, learn a Linear(student width -> teacher width)
         applied to the student's hidden states. It is a parameter of this objective and must be optimised with
         the student (the training loop adds an objective's parameters to its optimizer).
@@ -230,11 +258,12 @@ class DistillObjective(nn.Module):
         self.alpha_cos, self.alpha_mse = alpha_cos, alpha_mse
         self.temperature = temperature
         self.base = base
-        self.hidden_pairs = [(scfg.n_layer, tcfg.n_layer)] if hidden_pairs is None else list(hidden_pairs)
+        n_student, n_teacher = n_output_layers(scfg), n_output_layers(tcfg)
+        self.hidden_pairs = [(n_student, n_teacher)] if hidden_pairs is None else list(hidden_pairs)
         for s, t in self.hidden_pairs:
-            if not (0 <= s <= scfg.n_layer and 0 <= t <= tcfg.n_layer):
+            if not (0 <= s <= n_student and 0 <= t <= n_teacher):
                 raise ValueError(f"hidden-state pair ({s}, {t}) out of range: the student has hidden states "
-                                 f"0..{scfg.n_layer}, the teacher 0..{tcfg.n_layer}")
+                                 f"0..{n_student}, the teacher 0..{n_teacher}")
         self.projection: nn.Linear | None = None
         if alpha_cos > 0 and scfg.d_model != tcfg.d_model:
             if not allow_projection:
@@ -261,12 +290,16 @@ class DistillObjective(nn.Module):
 
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """(loss, metrics) of the student `model` on `batch`; metrics hold every weighted term's raw value."""
-        kwargs = model_inputs(batch)
+        if hasattr(self.base, "model_kwargs"):  # encoder-decoder: the decoder's outputs at the target positions
+            kwargs = self.base.model_kwargs(batch)
+            mask = kwargs["decoder_attention_mask"]
+        else:
+            kwargs = model_inputs(batch)
+            mask = batch.get("attention_mask")
         need_hidden = self.alpha_cos > 0
         student_out = model(batch["input_ids"], output_hidden_states=need_hidden, **kwargs)
         with torch.no_grad():
             teacher_out = self.teacher(batch["input_ids"], output_hidden_states=need_hidden, **kwargs)
-        mask = batch.get("attention_mask")
         if mask is not None:
             mask = mask.bool()
         s_logits, t_logits = student_out.logits, teacher_out.logits

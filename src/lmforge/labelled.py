@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -32,6 +33,8 @@ from lmforge.data import (
     DataWarning,
     Encoding,
     LabelledTexts,
+    TextPairs,
+    bbc_headlines,
     bbc_news,
     decode_bytes,
     describe_duplicates,
@@ -137,10 +140,12 @@ def _default_column(names: list[str] | None, first_row: Any, candidates: Sequenc
     return next((c for c in candidates if c in present), None)
 
 
-def read_table(path: str | Path, options: ColumnOptions = ColumnOptions(), need_labels: bool = True) -> Table:
+def read_table(path: str | Path, options: ColumnOptions = ColumnOptions(), need_labels: bool = True,
+               role_names: tuple[str, str] = ("text", "pair")) -> Table:
     """The texts (pairs) and raw labels of one CSV / TSV / JSON-lines / .txt file (see the module docstring).
 
     A .txt file holds one text per line and no labels. need_labels=False reads no label column (prediction).
+    role_names: what messages call the text and pair columns (("source", "target") for `read_pairs`).
     Raises FileNotFoundError for a missing file and ValueError naming file, line and column otherwise.
     """
     path = Path(path)
@@ -170,7 +175,9 @@ def read_table(path: str | Path, options: ColumnOptions = ColumnOptions(), need_
         pair_col = _default_column(names, first, [DEFAULT_PAIR_COLUMNS[text_col]])
     label_col = (options.label_column or DEFAULT_LABEL_COLUMN) if need_labels else None
     wanted = {"text": text_col, "pair": pair_col, "label": label_col}
-    keys = {role: _column(path, names, col, role, options.header) for role, col in wanted.items() if col}
+    shown_role = {"text": role_names[0], "pair": role_names[1], "label": "label"}
+    keys = {role: _column(path, names, col, shown_role[role], options.header) for role, col in wanted.items()
+            if col}
     width = len(names) if names is not None else None
     out: dict[str, list[Any]] = {role: [] for role in keys}
     sources = []
@@ -181,13 +188,13 @@ def read_table(path: str | Path, options: ColumnOptions = ColumnOptions(), need_
         for role, key in keys.items():
             if isinstance(row, dict):
                 if key not in row:
-                    raise ValueError(f"{path}, line {line}: no {role} column {key!r}; the object has "
+                    raise ValueError(f"{path}, line {line}: no {shown_role[role]} column {key!r}; the object has "
                                      f"{sorted(row)}")
                 value = row[key]
             else:
                 if key >= len(row):
-                    raise ValueError(f"{path}, line {line}: no {role} column {key} (the row has {len(row)} "
-                                     f"fields)")
+                    raise ValueError(f"{path}, line {line}: no {shown_role[role]} column {key} (the row has "
+                                     f"{len(row)} fields)")
                 value = row[key]
             if role != "label" and not (isinstance(value, str) and value.strip()):
                 raise ValueError(f"{path}, line {line}, column {wanted[role]!r}: expected a non-empty text, "
@@ -356,6 +363,85 @@ def _labelled(tables: list[Table], options: ColumnOptions,
             raise ValueError(f"{tables[0].path}: every example has the label {label_names[0]!r}; "
                              f"classification needs at least two classes")
     return [to_labelled(t, label_names) for t in tables]
+
+
+# --- (source, target) pairs for sequence-to-sequence tasks ----------------------------------------------------
+
+
+def read_pairs(path: str | Path, source_column: str = "source", target_column: str = "target",
+               encoding: Encoding = "utf-8", header: bool = True) -> TextPairs:
+    """The (source, target) texts of one CSV / TSV / JSON-lines file (the columns `source_column` and
+    `target_column`: names, or 0-based numbers with header=False). Raises FileNotFoundError for a missing file
+    and ValueError naming the file, line and column of a missing column, an empty text or a malformed row."""
+    options = ColumnOptions(text_column=source_column, pair_column=target_column, encoding=encoding,
+                            header=header)
+    if file_format(Path(path)) == "txt":
+        raise ValueError(f"{path}: a .txt file holds one text per line; (source, target) pairs need a CSV, TSV "
+                         f"or JSON-lines file with {source_column!r} and {target_column!r} columns")
+    table = read_table(path, options, need_labels=False, role_names=("source", "target"))
+    return TextPairs(table.texts, table.pairs, table.sources)
+
+
+def split_pairs(pairs: TextPairs, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+                seed: int = 0) -> dict[str, TextPairs]:
+    """A seeded train / validation / test split of pairs. Pairs that repeat an earlier one exactly are kept once
+    (reported with a `DataWarning`), so that none lands in two splits."""
+    if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) < 0:
+        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
+    first: dict[tuple[str, str], int] = {}
+    for i, key in enumerate(zip(pairs.sources, pairs.targets, strict=True)):
+        first.setdefault(key, i)
+    if len(first) < len(pairs):
+        warnings.warn(f"{len(pairs) - len(first)} pair(s) repeat another exactly; each is kept once so that "
+                      f"none lands in two splits", DataWarning, stacklevel=2)
+    order = sorted(first.values())
+    random.Random(seed).shuffle(order)
+    n_train, n_val = round(len(order) * fractions[0]), round(len(order) * fractions[1])
+    parts = {"train": order[:n_train], "validation": order[n_train:n_train + n_val],
+             "test": order[n_train + n_val:]}
+    empty = [name for (name, ids), f in zip(parts.items(), fractions, strict=True) if f > 0 and not ids]
+    if empty:
+        raise ValueError(f"{len(order)} distinct pairs are too few for a {fractions} split: {', '.join(empty)} "
+                         f"would be empty")
+    return {name: pairs.subset(ids) for name, ids in parts.items() if ids}
+
+
+def load_pair_splits(data: str | Path | None = None, *, train: str | Path | None = None,
+                     validation: str | Path | None = None, test: str | Path | None = None,
+                     source_column: str = "source", target_column: str = "target", encoding: Encoding = "utf-8",
+                     header: bool = True, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+                     split_seed: int = 0) -> dict[str, TextPairs]:
+    """The "train", "validation" and (when there is one) "test" (source, target) splits of a data set.
+
+    data: "bbc-headlines" (`lmforge.data.bbc_headlines`, BBC News' fixed split); one file, split with
+        `fractions` and `split_seed`; or a folder holding train / validation (or dev) / test files.
+    train / validation / test: split files given one by one (train and validation at least).
+    """
+    given = {k: Path(v) for k, v in {"train": train, "validation": validation, "test": test}.items()
+             if v is not None}
+    if data is not None and str(data) == "bbc-headlines" and not given:
+        return bbc_headlines()
+    files: dict[str, Path] = {}
+    if data is not None:
+        path = Path(data)
+        if not path.exists():
+            raise FileNotFoundError(f"data {str(path)!r} does not exist; expected bbc-headlines, a CSV / TSV / "
+                                    f"JSON-lines file of (source, target) pairs, or a folder of split files")
+        if path.is_file():
+            if given:
+                raise ValueError(f"give either one data file to split ({path}) or split files (--train, "
+                                 f"--validation, --test), not both")
+            pairs = read_pairs(path, source_column, target_column, encoding, header)
+            return split_pairs(pairs, fractions, split_seed)
+        files = _find_split_files(path, ColumnOptions())
+        if not files:
+            raise ValueError(f"data folder {str(path)!r} holds no split files (train.csv / .tsv / .jsonl, "
+                             f"validation or dev, test)")
+    files.update(given)
+    if "train" not in files or "validation" not in files:
+        raise ValueError(f"split files need at least train and validation; found {sorted(files) or 'none'}"
+                         f"{' in ' + str(data) if data is not None else ''}")
+    return {split: read_pairs(p, source_column, target_column, encoding, header) for split, p in files.items()}
 
 
 # --- GLUE -------------------------------------------------------------------------------------------------

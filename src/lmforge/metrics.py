@@ -1,4 +1,5 @@
-"""GLUE's metrics: accuracy, F1 (binary and macro), Matthews correlation, Pearson and Spearman correlation.
+"""GLUE's metrics: accuracy, F1 (binary and macro), Matthews correlation, Pearson and Spearman correlation;
+and ROUGE-1/2/L for generated text.
 
 Classification metrics are computed from a confusion matrix (rows: true labels, columns: predictions), which
 batches and ranks combine by summation; the correlations take the predictions and labels themselves. The
@@ -10,6 +11,9 @@ Matthews correlation 0; a constant series has no correlation, reported as NaN as
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -135,3 +139,64 @@ def regression_metrics(predictions: Tensor, labels: Tensor) -> dict[str, float]:
     x, y = _as_vectors(predictions, labels)
     mse = float(((x - y) ** 2).mean()) if x.numel() else math.nan
     return {"mse": mse, "pearson": pearson(x, y), "spearman": spearman(x, y)}
+
+
+# --- ROUGE: n-gram and longest-common-subsequence overlap of generated and reference texts ------------------
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """ROUGE's tokens of a text (as the `rouge-score` package without stemming): lower-cased runs of ASCII
+    letters and digits; everything else separates tokens."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def _f_measure(overlap: int, n_prediction: int, n_reference: int) -> float:
+    precision = overlap / max(n_prediction, 1)
+    recall = overlap / max(n_reference, 1)
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
+def _ngrams(tokens: list[str], n: int) -> Counter:
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence of two token lists (dynamic programming, O(len(a) len(b)))."""
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_scores(prediction: str, reference: str) -> dict[str, float]:
+    """ROUGE-1, ROUGE-2 and ROUGE-L F-measures of one prediction against one reference (each in [0, 1]).
+
+    ROUGE-n: clipped n-gram overlap, precision = overlap / prediction n-grams, recall = overlap / reference
+    n-grams, F = 2PR / (P + R) (0 when there is no overlap). ROUGE-L: the same with the longest common
+    subsequence of the token lists (sentence-level, no summary-level split on newlines).
+    """
+    pred, ref = rouge_tokens(prediction), rouge_tokens(reference)
+    out = {}
+    for n in (1, 2):
+        p, r = _ngrams(pred, n), _ngrams(ref, n)
+        out[f"rouge{n}"] = _f_measure(sum((p & r).values()), sum(p.values()), sum(r.values()))
+    out["rougeL"] = _f_measure(lcs_length(pred, ref), len(pred), len(ref)) if pred and ref else 0.0
+    return out
+
+
+def corpus_rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F-measures over aligned predictions and references (ValueError when their counts
+    differ or are zero)."""
+    if len(predictions) != len(references) or not predictions:
+        raise ValueError(f"ROUGE needs as many predictions as references, at least one; got {len(predictions)} "
+                         f"and {len(references)}")
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for prediction, reference in zip(predictions, references, strict=True):
+        for k, v in rouge_scores(prediction, reference).items():
+            totals[k] += v
+    return {k: v / len(predictions) for k, v in totals.items()}

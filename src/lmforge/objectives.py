@@ -17,6 +17,8 @@ The protocol (any object with these four methods is an objective; the loop never
 
 Batches are dicts of tensors: "input_ids" (B, T), optionally "attention_mask" and "token_type_ids" (B, T) and
 "labels" ((B, T) token ids with IGNORE_INDEX for skipped positions, (B,) class ids, or (B,) float scores).
+Sequence-to-sequence batches (`Seq2SeqLM`) hold the encoder's "input_ids" and "attention_mask" (B, S) and the
+decoder's target ids "labels" (B, T), IGNORE_INDEX after each target's end.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from lmforge.data import IGNORE_INDEX, DataWarning
 from lmforge.metrics import classification_metrics, confusion_matrix, macro_f1, regression_metrics
+from lmforge.models.seq2seq import shift_right
 
-__all__ = ["CausalLM", "Classification", "MaskedLM", "Regression", "confusion_matrix", "macro_f1",
+__all__ = ["CausalLM", "Classification", "MaskedLM", "Regression", "Seq2SeqLM", "confusion_matrix", "macro_f1",
            "model_inputs"]
 
 Batch = dict[str, Tensor]
@@ -115,13 +119,7 @@ class MaskedLM:
     def _stats(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         if "labels" not in batch:
             raise ValueError("a masked-LM batch needs 'labels' (use lmforge.data.MaskedBlocks)")
-        logits = _forward(model, batch)  # (B, T, V)
-        labels = batch["labels"]
-        loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
-        valid = labels.ne(IGNORE_INDEX)
-        correct = (logits.argmax(-1).eq(labels) & valid).sum()
-        return loss_sum, valid.sum(), correct
+        return _token_stats(_forward(model, batch), batch["labels"])
 
     def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         loss_sum, count, correct = self._stats(model, batch)
@@ -135,10 +133,28 @@ class MaskedLM:
 
     def summarize(self, stats: dict[str, Tensor]) -> dict[str, float]:
         """loss and perplexity over masked tokens, and masked-token accuracy."""
-        n = stats["count"].clamp(min=1)
-        loss = float(stats["loss_sum"] / n)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-                "accuracy": float(stats["correct"] / n), "tokens": int(stats["count"])}
+        return _token_summary(stats)
+
+
+def _token_stats(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(summed cross-entropy, number of targets, number predicted right) of logits (B, T, V) against labels
+    (B, T), positions with IGNORE_INDEX skipped; the cross-entropy is computed in fp32."""
+    loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    valid = labels.ne(IGNORE_INDEX)
+    predicted = logits.argmax(-1)
+    if isinstance(predicted, DTensor):  # vocabulary-parallel logits (tensor parallelism): every rank's ids
+        predicted = predicted.full_tensor()
+    correct = (predicted.eq(labels) & valid).sum()
+    return loss_sum, valid.sum(), correct
+
+
+def _token_summary(stats: dict[str, Tensor]) -> dict[str, float]:
+    """loss and perplexity per target token and the share of targets predicted right (argmax)."""
+    n = stats["count"].clamp(min=1)
+    loss = float(stats["loss_sum"] / n)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": float(stats["correct"] / n),
+            "tokens": int(stats["count"])}
 
 
 class Classification:
@@ -219,3 +235,62 @@ class Regression:
         n = pairs.shape[0]
         return {"loss": float(stats["loss_sum"]) / max(n, 1), **regression_metrics(pairs[:, 0], pairs[:, 1]),
                 "examples": n}
+
+
+class Seq2SeqLM:
+    """Sequence-to-sequence cross-entropy (T5): the decoder predicts labels[:, t] from the encoded input and
+    labels[:, :t], teacher-forced; positions whose label is IGNORE_INDEX are skipped.
+
+    The model is called as `model(input_ids, attention_mask=..., decoder_input_ids=shift_right(labels),
+    decoder_attention_mask=labels != IGNORE_INDEX)` and returns logits (B, T, V) (or an output whose .logits
+    they are). decoder_start_id and pad_id come from the model's config (T5: both 0).
+    """
+
+    name = "seq2seq"
+
+    def __init__(self, decoder_start_id: int = 0, pad_id: int = 0):
+        self.decoder_start_id, self.pad_id = decoder_start_id, pad_id
+
+    def model_kwargs(self, batch: Batch) -> dict[str, Tensor]:
+        """The keyword inputs of the model besides input_ids: encoder mask, decoder inputs and mask."""
+        if "labels" not in batch:
+            raise ValueError("a sequence-to-sequence batch needs 'labels' (the target ids, IGNORE_INDEX after "
+                             "the end)")
+        labels = batch["labels"]
+        kwargs = {"decoder_input_ids": shift_right(labels, self.decoder_start_id, self.pad_id),
+                  "decoder_attention_mask": labels.ne(IGNORE_INDEX).long()}
+        if "attention_mask" in batch:
+            kwargs["attention_mask"] = batch["attention_mask"]
+        return kwargs
+
+    def logits(self, model: nn.Module, batch: Batch) -> Tensor:
+        """The decoder's logits (B, T, V) for the batch's targets, teacher-forced."""
+        out = model(batch["input_ids"], **self.model_kwargs(batch))
+        logits = getattr(out, "logits", out)
+        expected = tuple(batch["labels"].shape)
+        if not isinstance(logits, Tensor) or logits.dim() != 3 or tuple(logits.shape[:2]) != expected:
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(f"a sequence-to-sequence model must return decoder logits (B, T, V) with (B, T) = "
+                             f"{expected}, the labels' shape; got {shape}: is it an encoder-decoder model?")
+        return logits
+
+    def n_targets(self, batch: Batch) -> int:
+        return int(batch["labels"].ne(IGNORE_INDEX).sum())
+
+    def loss(self, logits: Tensor, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """(mean token cross-entropy, metrics) of decoder logits (B, T, V) already computed for the batch."""
+        loss_sum, count, correct = _token_stats(logits, batch["labels"])
+        n = count.clamp(min=1)
+        loss = loss_sum / n
+        return loss, {"loss": loss.detach(), "accuracy": correct.double() / n}
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.loss(self.logits(model, batch), batch)
+
+    def eval_stats(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        loss_sum, count, correct = _token_stats(self.logits(model, batch), batch["labels"])
+        return {"loss_sum": loss_sum.detach().double(), "count": count.double(), "correct": correct.double()}
+
+    def summarize(self, stats: dict[str, Tensor]) -> dict[str, float]:
+        """loss and perplexity per target token, and teacher-forced next-token accuracy."""
+        return _token_summary(stats)

@@ -2,8 +2,9 @@
 
 Sources it reads:
 - an HF folder with `tokenizer.json`, or `vocab.json` + `merges.txt` (byte-level BPE, GPT-2 style), or
-  `vocab.txt` (WordPiece, BERT style), plus `tokenizer_config.json` / `special_tokens_map.json` /
-  `chat_template.jinja`;
+  `vocab.txt` (WordPiece, BERT style), or T5's `spiece.model` (a SentencePiece Unigram model, read from its
+  protobuf here: the sentencepiece package is not needed), plus `tokenizer_config.json` /
+  `special_tokens_map.json` / `chat_template.jinja`;
 - a GGUF file's `tokenizer.*` metadata (byte-level BPE, e.g. SmolLM2), built the way transformers builds it;
 - the name "gpt2": openai-whisper's `gpt2.tiktoken` ranks, converted once to vocab.json + merges.txt in the
   cache.
@@ -19,6 +20,8 @@ import base64
 import hashlib
 import json
 import os
+import re
+import struct
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -41,6 +44,7 @@ from lmforge import registry
 # The special-token roles a Tokenizer knows, as named in tokenizer_config.json (`bos_token`, ...).
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk", "cls", "sep", "mask")
 GPT2_EOT = "<|endoftext|>"
+SENTINEL = re.compile(r"<extra_id_(\d+)>")  # T5's span-corruption sentinels
 GPT2_NAMES = ("gpt2", "distilgpt2")
 # Registry fixtures that carry a tokenizer (the others are data or the raw GPT-2 ranks).
 PACKAGED_TOKENIZERS = ("smollm2-135m-instruct", "all-minilm-l6-v2")
@@ -250,6 +254,81 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _protobuf_fields(buf: bytes, where: str) -> Iterator[tuple[int, Any]]:
+    """(field number, value) of a serialized protobuf message: ints for varints, bytes otherwise."""
+    def varint(i: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            if i >= len(buf):
+                raise ValueError(f"{where}: truncated protobuf")
+            byte = buf[i]
+            value |= (byte & 0x7F) << shift
+            i, shift = i + 1, shift + 7
+            if byte < 0x80:
+                return value, i
+
+    i = 0
+    while i < len(buf):
+        key, i = varint(i)
+        wire = key & 7
+        if wire == 0:
+            value, i = varint(i)
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, i = buf[i:i + size], i + size
+        elif wire == 2:
+            size, i = varint(i)
+            value, i = buf[i:i + size], i + size
+        else:
+            raise ValueError(f"{where}: not a SentencePiece model (protobuf wire type {wire})")
+        if i > len(buf):
+            raise ValueError(f"{where}: truncated protobuf")
+        yield key >> 3, value
+
+
+@dataclass
+class SentencePieceModel:
+    """What a SentencePiece `.model` file holds that the `tokenizers` library needs: pieces with scores, the
+    unknown id, byte fallback, and the normalizer's precompiled character map."""
+
+    pieces: list[tuple[str, float]]
+    model_type: int  # 1 unigram, 2 BPE, 3 word, 4 char
+    unk_id: int
+    byte_fallback: bool
+    charsmap: bytes
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> SentencePieceModel:
+        """Parse the ModelProto of a `.model` file (fields: pieces 1, trainer_spec 2, normalizer_spec 3).
+        Raises ValueError naming the file for anything else."""
+        where = str(path)
+        pieces, model_type, unk_id, byte_fallback, charsmap = [], 1, 0, False, b""
+        for field, value in _protobuf_fields(Path(path).read_bytes(), where):
+            if field == 1 and isinstance(value, bytes):
+                piece, score = None, 0.0
+                for f, v in _protobuf_fields(value, where):
+                    if f == 1:
+                        piece = v.decode("utf-8")
+                    elif f == 2 and isinstance(v, bytes) and len(v) == 4:
+                        score = struct.unpack("<f", v)[0]
+                if piece is None:
+                    raise ValueError(f"{where}: a SentencePiece piece without its text")
+                pieces.append((piece, score))
+            elif field == 2 and isinstance(value, bytes):
+                for f, v in _protobuf_fields(value, where):
+                    if f == 3:
+                        model_type = v
+                    elif f == 35:
+                        byte_fallback = bool(v)
+                    elif f == 40:
+                        unk_id = v
+            elif field == 3 and isinstance(value, bytes):
+                charsmap = next((v for f, v in _protobuf_fields(value, where) if f == 2), b"")
+        if not pieces:
+            raise ValueError(f"{where}: not a SentencePiece model (no pieces)")
+        return cls(pieces, model_type, unk_id, byte_fallback, charsmap)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -380,9 +459,11 @@ class Tokenizer:
             backend = cls._bpe_backend(folder, config, special)
         elif (folder / "vocab.txt").is_file():
             backend = cls._wordpiece_backend(folder, config, special)
+        elif (folder / "spiece.model").is_file():
+            backend = cls._t5_spiece_backend(folder, config, special)
         else:
             raise FileNotFoundError(f"no tokenizer in {folder}: looked for tokenizer.json, "
-                                    "vocab.json + merges.txt, vocab.txt")
+                                    "vocab.json + merges.txt, vocab.txt, spiece.model")
         template = config.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
@@ -432,6 +513,44 @@ class Tokenizer:
             single=f"{cls_token}:0 $A:0 {sep_token}:0",
             pair=f"{cls_token}:0 $A:0 {sep_token}:0 $B:1 {sep_token}:1",
             special_tokens=[(cls_token, vocab[cls_token]), (sep_token, vocab[sep_token])])
+        return backend
+
+    @staticmethod
+    def _t5_spiece_backend(folder: Path, config: dict[str, Any],
+                           special: dict[str, str | None]) -> tokenizers.Tokenizer:
+        """T5's SentencePiece Unigram model as transformers builds it: the pieces, then `extra_ids` sentinels
+        (tokenizer_config.json, default 100) <extra_id_N> from the highest N down; the model's normalizer
+        (precompiled character map), whitespace split + "▁" prefix, "</s>" appended."""
+        path = folder / "spiece.model"
+        try:
+            spm = SentencePieceModel.read(path)
+        except OSError as err:
+            raise ValueError(f"{path}: unreadable ({err})") from err
+        if spm.model_type != 1:
+            raise ValueError(f"{path}: a SentencePiece model of type {spm.model_type}; only Unigram (1, T5's) is "
+                             "supported")
+        extra_ids = config.get("extra_ids", 100)
+        if isinstance(extra_ids, bool) or not isinstance(extra_ids, int) or extra_ids < 0:
+            raise ValueError(f"{folder / 'tokenizer_config.json'}: extra_ids must be a non-negative integer, got "
+                             f"{extra_ids!r}")
+        vocab = spm.pieces + [(f"<extra_id_{i}>", 0.0) for i in range(extra_ids - 1, -1, -1)]
+        for role, default in (("eos", "</s>"), ("unk", "<unk>"), ("pad", "<pad>")):
+            special[role] = special[role] or default
+        backend = tokenizers.Tokenizer(models.Unigram(vocab, unk_id=spm.unk_id, byte_fallback=spm.byte_fallback))
+        if spm.charsmap:
+            backend.normalizer = normalizers.Precompiled(spm.charsmap)
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)])
+        backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+        eos_id = backend.token_to_id(special["eos"])
+        if eos_id is None:
+            raise ValueError(f"{path}: eos token {special['eos']!r} is not in the vocabulary")
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"$A {special['eos']}", pair=f"$A {special['eos']} $B {special['eos']}",
+            special_tokens=[(special["eos"], eos_id)])
+        backend.add_special_tokens([AddedToken(f"<extra_id_{i}>", special=True, normalized=False)
+                                    for i in range(extra_ids)])
         return backend
 
     @classmethod
@@ -525,6 +644,9 @@ class Tokenizer:
         config: dict[str, Any] = {f"{role}_token": t for role, t in self.special_tokens.items() if t}
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
+        sentinels = [self.backend.id_to_token(i) for i in self.sentinel_ids]
+        if sentinels:  # T5: transformers adds 100 <extra_id_N> of its own unless told they exist
+            config.update(extra_ids=len(sentinels), extra_special_tokens=sentinels)
         _write_atomic(folder / "tokenizer.json", self.backend.to_str())
         _write_atomic(folder / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
         return folder
@@ -562,6 +684,20 @@ class Tokenizer:
     pad_token_id = property(lambda self: self.special_token_id("pad"), doc="Id of pad_token, or None.")
     unk_token_id = property(lambda self: self.special_token_id("unk"), doc="Id of unk_token, or None.")
     mask_token_id = property(lambda self: self.special_token_id("mask"), doc="Id of mask_token, or None.")
+
+    @cached_property
+    def sentinel_ids(self) -> list[int]:
+        """Ids of T5's sentinel tokens <extra_id_0>, <extra_id_1>, ... in that order (span corruption marks the
+        n-th dropped span with <extra_id_n>); empty for a vocabulary without them."""
+        found = {}
+        for i, token in self.backend.get_added_tokens_decoder().items():
+            match = SENTINEL.fullmatch(token.content)
+            if match:
+                found[int(match.group(1))] = i
+        if sorted(found) != list(range(len(found))):
+            raise ValueError(f"{self.source or 'tokenizer'}: sentinel tokens <extra_id_N> are not numbered "
+                             f"0..{len(found) - 1}")
+        return [found[n] for n in range(len(found))]
 
     @property
     def all_special_ids(self) -> list[int]:

@@ -12,8 +12,9 @@
 - strategy: how the run is spread over processes (see `Strategy`); None is one process on `config.device`.
 
 One optimizer step = `grad_accum` micro-batches of `batch_size` items per rank, each micro-batch's loss
-weighted by its share of the step's loss terms. AdamW has two parameter groups: tensors with 2 or more
-dimensions (linear weights and embeddings) get weight decay; biases and norm weights (1-dimensional) do not.
+weighted by its share of the step's loss terms on every rank (`Strategy.step_targets`). AdamW has two parameter
+groups: tensors with 2 or more dimensions (linear weights and embeddings) get weight decay; biases and norm
+weights (1-dimensional) do not.
 The learning rate warms up linearly over `warmup_steps`, then decays (linear or cosine) to `min_lr_ratio * lr`
 at `max_steps`.
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -133,8 +135,23 @@ class Strategy(Protocol):
         last micro-batch of a step (DDP's no_sync), so gradients are reduced once per step.
     clip_grad_norm(parameters, max_norm): clip and return the total gradient norm (over all shards).
     all_reduce_sum(tensor): the sum of a tensor over ranks (metrics, evaluation statistics).
+    step_targets(n): how many loss terms one rank's gradient stands for, given this rank's n for the step: the
+        loop weights each micro-batch by its terms over this number. Ranks whose gradients are averaged return
+        (terms on every rank) / (number of ranks), so that the average is the mean over every term of the step
+        even when ranks hold different numbers (targets of different lengths); one process returns n.
     barrier(): wait for every rank (around checkpoint writes).
     gather_object(obj): every training rank's `obj`, in rank order (each rank's RNG state for checkpoints).
+    forward_backward(model, objective, batch, weight, autocast, scaler): one micro-batch's forward (under
+        `autocast()`) and backward of `loss * weight`; returns the detached loss and the objective's metrics
+        (a pipeline runs its schedule here, and only its last stage has the loss).
+    eval_stats(model, objective, batch): `objective.eval_stats` of one evaluation batch (a pipeline runs its
+        stages in turn; the statistics come from the last stage, zeros of the same shapes elsewhere).
+    shard(model): split the model over the processes (tensor parallel, FSDP, ...) in place, before the loop
+        builds the optimizer; returns it. The default returns the model as it is.
+    loss_parallel(): context manager around forward + loss (+ backward): the objective's cross-entropy may
+        meet logits sharded over the vocabulary (torch's loss_parallel under tensor parallelism).
+    save_checkpoint(run_dir, step, model, optimizer, trainer_state, keep_last) / load_checkpoint(path, model,
+        optimizer): write and read a checkpoint folder (every rank calls them); load returns the trainer state.
     """
 
     rank: int
@@ -152,9 +169,26 @@ class Strategy(Protocol):
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor: ...
 
+    def step_targets(self, n: int) -> float: ...
+
     def barrier(self) -> None: ...
 
     def gather_object(self, obj: Any) -> list[Any]: ...
+
+    def forward_backward(self, model: nn.Module, objective: Any, batch: dict[str, Tensor], weight: float,
+                         autocast: Callable[[], contextlib.AbstractContextManager],
+                         scaler: torch.amp.GradScaler) -> tuple[Tensor, dict[str, Any]]: ...
+
+    def eval_stats(self, model: nn.Module, objective: Any, batch: dict[str, Tensor]) -> dict[str, Tensor]: ...
+
+    def shard(self, model: nn.Module) -> nn.Module: ...
+
+    def loss_parallel(self) -> contextlib.AbstractContextManager: ...
+
+    def save_checkpoint(self, run_dir: Path, step: int, model: nn.Module, optimizer: Optimizer,
+                        trainer_state: dict[str, Any], keep_last: int) -> Path | None: ...
+
+    def load_checkpoint(self, path: Path, model: nn.Module, optimizer: Optimizer) -> dict[str, Any]: ...
 
 
 class SingleProcess:
@@ -184,11 +218,49 @@ class SingleProcess:
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         return tensor
 
+    def step_targets(self, n: int) -> float:
+        return float(n)
+
     def barrier(self) -> None:
         return None
 
     def gather_object(self, obj: Any) -> list[Any]:
         return [obj]
+
+    def forward_backward(self, model: nn.Module, objective: Any, batch: dict[str, Tensor], weight: float,
+                         autocast: Callable[[], contextlib.AbstractContextManager],
+                         scaler: torch.amp.GradScaler) -> tuple[Tensor, dict[str, Any]]:
+        with autocast():
+            loss, metrics = objective(model, batch)
+        scaler.scale(loss * weight).backward()
+        return loss.detach(), metrics
+
+    def eval_stats(self, model: nn.Module, objective: Any, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return objective.eval_stats(model, batch)
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def loss_parallel(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def save_checkpoint(self, run_dir: Path, step: int, model: nn.Module, optimizer: Optimizer,
+                        trainer_state: dict[str, Any], keep_last: int) -> Path | None:
+        """model.pt (the unwrapped model's state dict) and trainer.pt (with the optimizer's), by rank 0."""
+        if not self.is_main:
+            return None
+        state = {**trainer_state, "optimizer": optimizer.state_dict()}
+        return save_checkpoint(run_dir, step, self.unwrap(model).state_dict(), state, keep_last)
+
+    def load_checkpoint(self, path: Path, model: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
+        from lmforge.parallel import sharded_checkpoint  # parallel builds on this module
+
+        if sharded_checkpoint.is_sharded_checkpoint(path):  # a model-parallel run, continued in one process
+            return sharded_checkpoint.load(path, model, optimizer)
+        model_state, state = load_checkpoint(path)
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(state["optimizer"])
+        return state
 
 
 # --- optimizer and schedule ---------------------------------------------------------------------------------
@@ -308,17 +380,36 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, Tenso
     Files go to a temporary folder (fsynced), which is then renamed to its final name and the parent fsynced:
     readers only ever see complete checkpoints.
     """
+    tmp = new_checkpoint_folder(run_dir, step, tag=str(os.getpid()))
+    _save_file(model_state, tmp / "model.pt")
+    _save_file(trainer_state, tmp / "trainer.pt")
+    return publish_checkpoint(tmp, keep_last)
+
+
+def new_checkpoint_folder(run_dir: str | Path, step: int, tag: str) -> Path:
+    """An empty temporary folder for the checkpoint of `step` (run_dir/checkpoints/.tmp-step_N-<tag>), to be
+    filled and then handed to `publish_checkpoint`. A leftover of the same name is removed first."""
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    tmp = root / f".tmp-step_{step:08d}-{tag}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    _save_file(model_state, tmp / "model.pt")
-    _save_file(trainer_state, tmp / "trainer.pt")
+    return tmp
+
+
+def publish_checkpoint(tmp: Path, keep_last: int) -> Path:
+    """Make a filled temporary checkpoint folder the run's checkpoint step_N, atomically: every file and the
+    folder fsynced, the folder renamed to its final name, the parent fsynced; then all but the last
+    `keep_last` checkpoints deleted. A kill at any moment leaves the previous checkpoint intact."""
+    root = tmp.parent
+    final = root / tmp.name[len(".tmp-"):].rsplit("-", 1)[0]
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
     _fsync_dir(tmp)
-    if os.environ.get(KILL_IN_CHECKPOINT_ENV) == str(step):
+    if os.environ.get(KILL_IN_CHECKPOINT_ENV) == str(int(final.name[5:])):
         os.kill(os.getpid(), signal.SIGKILL)
     if final.exists():  # re-saving a step (e.g. after resuming from it): move the old one aside first
         old = root / f".old-{final.name}-{os.getpid()}"
@@ -328,7 +419,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, Tenso
     else:
         os.replace(tmp, final)
     _fsync_dir(root)
-    for stale in checkpoint_dirs(run_dir)[:-keep_last]:
+    for stale in checkpoint_dirs(root.parent)[:-keep_last]:
         shutil.rmtree(stale)
     return final
 
@@ -467,6 +558,7 @@ def train(model: nn.Module, objective: Any, train_data: Any, config: TrainConfig
     seed_everything(config.seed)
     model.to(device)
     model.train()
+    model = strategy.shard(model)
     trained_objective = objective if isinstance(objective, nn.Module) else None
     if trained_objective is not None:
         trained_objective.to(device)
@@ -475,16 +567,15 @@ def train(model: nn.Module, objective: Any, train_data: Any, config: TrainConfig
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     step, position = 0, 0
     if checkpoint is not None:
-        model_state, state = load_checkpoint(checkpoint)
-        _check_resumable(state["config"], config, checkpoint)
-        model.load_state_dict(model_state)
+        state = strategy.load_checkpoint(checkpoint, model, optimizer)
+        _check_resumable(state, config, strategy.world_size, checkpoint)
         if trained_objective is not None:
             trained_objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         step, position = state["step"], state["data_position"]
-        set_rng_state(state["rng"][strategy.rank])
+        # each rank's own RNG streams; a run resumed on more data-parallel ranks than it had reuses them
+        set_rng_state(state["rng"][strategy.rank % len(state["rng"])])
     run_model, optimizer = strategy.prepare(model, optimizer)
     forward_model = torch.compile(run_model) if config.compile else run_model
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -498,22 +589,22 @@ def train(model: nn.Module, objective: Any, train_data: Any, config: TrainConfig
     bar = tqdm(total=config.max_steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not (strategy.is_main and config.progress))
     tokens, t0 = 0, time.perf_counter()
+    autocast = functools.partial(_autocast, device, config.precision)
     while step < config.max_steps:
         micro = [next(batches) for _ in range(config.grad_accum)]
         position += config.grad_accum
         counts = [objective.n_targets(b) for b in micro]
-        total = max(1, sum(counts))
+        total = strategy.step_targets(sum(counts))  # over every rank: ranks may hold different numbers
         tokens += sum(_n_tokens(b) for b in micro) * strategy.world_size
         lr = scheduler.get_last_lr()[0]
         step_loss: Tensor | float = 0.0
         step_metrics: dict[str, Tensor | float] = {}
         for i, batch in enumerate(micro):
-            weight = counts[i] / total
-            with strategy.sync(run_model, i == len(micro) - 1):
-                with _autocast(device, config.precision):
-                    loss, metrics = objective(forward_model, _to_device(batch, device))
-                scaler.scale(loss * weight).backward()
-            step_loss = step_loss + loss.detach() * weight
+            weight = counts[i] / total if total else 0.0
+            with strategy.sync(run_model, i == len(micro) - 1), strategy.loss_parallel():
+                loss, metrics = strategy.forward_backward(forward_model, objective, _to_device(batch, device),
+                                                          weight, autocast, scaler)
+            step_loss = step_loss + loss * weight
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics.get(k, 0.0) + v * weight
         grad_norm = None
@@ -558,24 +649,31 @@ def train(model: nn.Module, objective: Any, train_data: Any, config: TrainConfig
             history.append(eval_record)
         if run_dir is not None and ((config.save_every and step % config.save_every == 0) or at_end):
             rng = strategy.gather_object(rng_state())  # every rank's streams, restored per rank
-            if strategy.is_main:
-                trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                 "scaler": scaler.state_dict(), "rng": rng, "step": step,
-                                 "data_position": position, "config": config.to_dict()}
-                if trained_objective is not None:
-                    trainer_state["objective"] = trained_objective.state_dict()
-                saved = save_checkpoint(run_dir, step, strategy.unwrap(run_model).state_dict(), trainer_state,
-                                        config.keep_last)
+            trainer_state = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
+                             "step": step, "data_position": position, "data_world_size": strategy.world_size,
+                             "config": config.to_dict()}
+            if trained_objective is not None:
+                trainer_state["objective"] = trained_objective.state_dict()
+            saved = strategy.save_checkpoint(run_dir, step, run_model, optimizer, trainer_state,
+                                             config.keep_last) or saved
             strategy.barrier()
     bar.close()
     return TrainResult(step=step, train_loss=last_loss, eval_metrics=eval_metrics, checkpoint=saved,
                        history=history)
 
 
-def _check_resumable(saved: dict[str, Any], config: TrainConfig, checkpoint: Path) -> None:
-    """Refuse to resume with settings that change what the saved data position means (the data order)."""
-    changed = {k: (saved[k], getattr(config, k)) for k in ("batch_size", "grad_accum", "seed")
-               if saved.get(k) != getattr(config, k)}
+def _check_resumable(state: dict[str, Any], config: TrainConfig, world_size: int, checkpoint: Path) -> None:
+    """Refuse to resume with settings that change what the saved data position means (the data order).
+
+    The global batch (batch_size x data-parallel ranks) must stay; how it is split over ranks may change (a
+    run of 1 x 4 resumes as 2 x 2: rank r's batch k is the r-th slice of global batch k).
+    """
+    saved = state["config"]
+    saved_world = state.get("data_world_size", 1)
+    batch = "batch_size" if saved_world == world_size else "global batch (batch_size x data-parallel ranks)"
+    now = {batch: (saved["batch_size"] * saved_world, config.batch_size * world_size),
+           **{k: (saved.get(k), getattr(config, k)) for k in ("grad_accum", "seed")}}
+    changed = {k: v for k, v in now.items() if v[0] != v[1]}
     if changed:
         detail = ", ".join(f"{k}: {old} in the checkpoint, {new} now" for k, (old, new) in changed.items())
         raise ValueError(f"cannot resume from {str(checkpoint)!r} with a different data order ({detail})")
@@ -606,8 +704,8 @@ def evaluate(model: nn.Module, objective: Any, data: Any, batch_size: int = 16,
     for b, weight in tqdm(batches, unit="batch", desc="evaluating", leave=False,
                           disable=not (progress and strategy.is_main)):
         items = [data[i] for i in range(b * batch_size, min(len(data), (b + 1) * batch_size))]
-        with _autocast(strategy.device, precision):
-            stats = objective.eval_stats(model, _to_device(data.collate(items), strategy.device))
+        with _autocast(strategy.device, precision), strategy.loss_parallel():
+            stats = strategy.eval_stats(model, objective, _to_device(data.collate(items), strategy.device))
         for k, v in stats.items():
             if k in concat:
                 if weight:

@@ -2,7 +2,7 @@
 (`decode`), and text in / text out over models or names (`api`)."""
 
 from lmforge.generation.api import DEFAULT_MAX_NEW_TOKENS, Piece, generate, stream, stream_rows
-from lmforge.generation.decode import Decoding, generate_ids
+from lmforge.generation.decode import Decoding, Seq2SeqDecoding, generate_ids
 from lmforge.generation.settings import (
     GenerationSettings,
     default_dtype,
@@ -15,6 +15,6 @@ from lmforge.generation.settings import (
     top_p_filter,
 )
 
-__all__ = ["DEFAULT_MAX_NEW_TOKENS", "Decoding", "GenerationSettings", "Piece", "default_dtype", "generate",
-           "generate_ids", "min_p_filter", "preferred_dtype", "process_logits", "resolve_settings", "sample",
-           "stream", "stream_rows", "top_k_filter", "top_p_filter"]
+__all__ = ["DEFAULT_MAX_NEW_TOKENS", "Decoding", "GenerationSettings", "Piece", "Seq2SeqDecoding", "default_dtype",
+           "generate", "generate_ids", "min_p_filter", "preferred_dtype", "process_logits", "resolve_settings",
+           "sample", "stream", "stream_rows", "top_k_filter", "top_p_filter"]

@@ -16,9 +16,10 @@ from typing import Any, NamedTuple
 
 import torch
 
-from lmforge.generation.decode import Decoding, check_decoder, generate_ids, inference, prepare, token_loop
+from lmforge.generation.decode import check_decoder, generate_ids, inference, prepare, start, token_loop
 from lmforge.io import load_model
 from lmforge.models.decoder import Decoder
+from lmforge.models.seq2seq import EncoderDecoder
 from lmforge.tokenizer import IncrementalDecoder, Tokenizer
 
 __all__ = ["DEFAULT_MAX_NEW_TOKENS", "Piece", "generate", "stream", "stream_rows"]
@@ -35,7 +36,8 @@ class Piece(NamedTuple):
     last: bool
 
 
-def _load(model: Decoder | str | Path, tokenizer: Tokenizer | None, dtype: str | torch.dtype | None):
+def _load(model: Decoder | EncoderDecoder | str | Path, tokenizer: Tokenizer | None,
+          dtype: str | torch.dtype | None):
     """Accept a model object or a name/path (loaded with `lmforge.io.load_model`) and find its tokenizer."""
     source = None
     if isinstance(model, (str, Path)):
@@ -49,11 +51,15 @@ def _load(model: Decoder | str | Path, tokenizer: Tokenizer | None, dtype: str |
     return model, tokenizer
 
 
-def _encode_prompts(model: Decoder, tokenizer: Tokenizer, prompts: str | Sequence[str], chat: bool):
+def _encode_prompts(model: Decoder | EncoderDecoder, tokenizer: Tokenizer, prompts: str | Sequence[str],
+                    chat: bool):
     """Token ids (B, P) and attention mask for prompts, left-padded; with chat, through the chat template."""
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not texts:
         raise ValueError("prompts must be a string or a non-empty list of strings")
+    if chat and isinstance(model, EncoderDecoder):
+        raise ValueError("chat=True (--chat) wraps prompts in a decoder chat model's template; an encoder-decoder "
+                         "(T5) takes the task in plain text, e.g. 'summarize: ...'")
     rows = []
     for i, text in enumerate(texts):
         if not isinstance(text, str) or not text:
@@ -75,10 +81,14 @@ def _encode_prompts(model: Decoder, tokenizer: Tokenizer, prompts: str | Sequenc
     return ids, mask
 
 
-def _text_kwargs(model: Decoder, tokenizer: Tokenizer, kwargs: dict[str, Any], prompt_len: int) -> dict[str, Any]:
+def _text_kwargs(model: Decoder | EncoderDecoder, tokenizer: Tokenizer, kwargs: dict[str, Any],
+                 prompt_len: int) -> dict[str, Any]:
     """Generation arguments for text: stop at the model's and the tokenizer's eos ids; without a length,
-    `DEFAULT_MAX_NEW_TOKENS` new tokens (at most what the context leaves after the prompt, at least 1)."""
+    `DEFAULT_MAX_NEW_TOKENS` new tokens (at most what the context leaves after the prompt, at least 1; an
+    encoder-decoder's decoder starts from its start token whatever the prompt's length)."""
     kwargs = dict(kwargs)
+    if isinstance(model, EncoderDecoder):
+        prompt_len = 1
     if kwargs.get("max_length") is None and kwargs.get("max_new_tokens") is None:
         kwargs["max_new_tokens"] = max(1, min(DEFAULT_MAX_NEW_TOKENS, model.config.max_seq_len - prompt_len))
     if kwargs.get("eos_token_id") is None and tokenizer.eos_token_id is not None:
@@ -96,7 +106,7 @@ def _cut_at_stop(text: str, stops: str | Sequence[str] | None) -> str:
     return text[:min(ends)] if ends else text
 
 
-def generate(model: Decoder | str | Path, tokenizer: Tokenizer | None = None,
+def generate(model: Decoder | EncoderDecoder | str | Path, tokenizer: Tokenizer | None = None,
              prompts: str | Sequence[str] = "", chat: bool = False, dtype: str | torch.dtype | None = None,
              **kwargs: Any) -> list[str]:
     """Generated text (prompt excluded) for each prompt and each of its num_return_sequences, in order.
@@ -112,14 +122,18 @@ def generate(model: Decoder | str | Path, tokenizer: Tokenizer | None = None,
     eos = kw.get("eos_token_id")
     eos = set(model.config.eos_ids) if eos is None else {eos} if isinstance(eos, int) else set(eos)
     texts = []
-    for row in out[:, ids.shape[1]:].tolist():
+    prompt_len = ids.shape[1]
+    if isinstance(model, EncoderDecoder):
+        given = kw.get("decoder_input_ids")
+        prompt_len = 1 if given is None else given.shape[1]
+    for row in out[:, prompt_len:].tolist():
         end = next((i for i, t in enumerate(row) if t in eos), len(row))  # the text stops before eos
         text = tokenizer.decode(row[:end], skip_special_tokens=True)
         texts.append(_cut_at_stop(text, kwargs.get("stop_strings")))
     return texts
 
 
-def stream_rows(model: Decoder | str | Path, tokenizer: Tokenizer | None = None,
+def stream_rows(model: Decoder | EncoderDecoder | str | Path, tokenizer: Tokenizer | None = None,
                 prompts: str | Sequence[str] = "", chat: bool = False, dtype: str | torch.dtype | None = None,
                 **kwargs: Any) -> Iterator[Piece]:
     """Stream every row of a `generate` call: `Piece`s (row, text, last) as tokens arrive, whole characters
@@ -139,10 +153,11 @@ def stream_rows(model: Decoder | str | Path, tokenizer: Tokenizer | None = None,
     return _pieces(model, tokenizer, s, generator, ids, mask, options)
 
 
-def _pieces(model: Decoder, tokenizer: Tokenizer, s, generator, ids, mask, options) -> Iterator[Piece]:
-    """The decode loop of `generate_ids` on (B, P) prompts, as `Piece`s: each row's text up to its first eos,
-    cut right after its first stop string."""
-    rows = ids.shape[0]
+def _pieces(model: Decoder | EncoderDecoder, tokenizer: Tokenizer, s, generator, ids, mask,
+            options) -> Iterator[Piece]:
+    """The decode loop of `generate_ids` on (B, P) prompts, as `Piece`s (B * num_return_sequences rows): each
+    row's text up to its first eos, cut right after its first stop string."""
+    rows = ids.shape[0] * s.num_return_sequences
     decoders = [IncrementalDecoder(tokenizer, skip_special_tokens=True) for _ in range(rows)]
     emitted = [""] * rows
     done = [False] * rows
@@ -156,8 +171,8 @@ def _pieces(model: Decoder, tokenizer: Tokenizer, s, generator, ids, mask, optio
         return Piece(row, piece, last)
 
     with inference(model):
-        run = Decoding(model, ids, mask, s.max_new_tokens, options.get("compile"))
-        for token in token_loop(run, ids, s, generator, options.get("tokenizer")):
+        run, prompt = start(model, ids, mask, s, options)
+        for token in token_loop(run, prompt, s, generator, options.get("tokenizer")):
             for row, t in enumerate(token.tolist()):
                 if done[row]:
                     continue
@@ -170,7 +185,7 @@ def _pieces(model: Decoder, tokenizer: Tokenizer, s, generator, ids, mask, optio
             yield add(row, decoders[row].flush(), True)
 
 
-def stream(model: Decoder | str | Path, tokenizer: Tokenizer | None = None, prompt: str = "",
+def stream(model: Decoder | EncoderDecoder | str | Path, tokenizer: Tokenizer | None = None, prompt: str = "",
            chat: bool = False, dtype: str | torch.dtype | None = None, **kwargs: Any) -> Iterator[str]:
     """Yield the generated text of one prompt piece by piece as tokens arrive, whole characters only.
 

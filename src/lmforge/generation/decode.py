@@ -1,6 +1,10 @@
 """The decode loop over the model's one forward, gpt-fast style: `model(ids, input_pos=...)` fills the key/value
 buffers its attention modules own, first for the prompts (prefill), then one token per step.
 
+Encoder-decoder models (T5) run the same loops (`Seq2SeqDecoding`): the encoder runs once per prompt and every
+cross-attention keeps the prompt's keys/values; the decoder's "prompt" is its start token (or the caller's
+decoder_input_ids), and the result is the decoder's ids, start token first, as transformers returns them.
+
 Greedy and sampled decoding (`token_loop`) and transformers' vectorised beam search (`beam_search`). Batches of
 prompts of different lengths are left-padded; each row gets position ids `cumsum(mask) - 1`, so its result equals
 running it alone. Several sequences or beams of one prompt share one prefill. On CUDA the one-token step is the
@@ -24,9 +28,12 @@ from torch import Tensor, nn
 from lmforge.generation.settings import GenerationSettings, penalise, process_logits, resolve_settings, sample
 from lmforge.models.blocks import check_input_ids
 from lmforge.models.decoder import Decoder
+from lmforge.models.seq2seq import EncoderDecoder
 from lmforge.tokenizer import Tokenizer
 
-__all__ = ["Decoding", "generate_ids", "prepare"]
+__all__ = ["Decoding", "Seq2SeqDecoding", "generate_ids", "prepare", "start"]
+
+SEQ2SEQ_OPTIONS = ("decoder_input_ids", "decoder_start_token_id")  # generation options of encoder-decoders only
 
 STATIC_CACHE_STEP = 256  # compiled steps round the cache length up to this, so later calls reuse the graphs
 
@@ -98,6 +105,45 @@ class Decoding:
 
     def reorder(self, index: Tensor) -> None:
         """Keep cache rows `index` (B,) (beam search); a prompt's beams share their masks and positions."""
+        self.model.reorder_cache(index)
+
+
+class Seq2SeqDecoding:
+    """The model side of one encoder-decoder generation call, with `Decoding`'s interface: the encoder runs
+    once on the Bp prompts, each cross-attention keeps their keys/values (one row per prompt), and the
+    B = Bp * group decoder rows (a prompt's sequences or beams, consecutive) decode over self-attention caches.
+    `mask` (B, L) marks every decoder token real (decoder inputs are never padded)."""
+
+    def __init__(self, model: EncoderDecoder, input_ids: Tensor, attention_mask: Tensor, rows: int,
+                 length: int):
+        self.model = model
+        self.device = input_ids.device
+        self.input_ids = input_ids
+        self.memory_mask = None if bool(attention_mask.all()) else attention_mask  # (Bp, S)
+        model.setup_cache(rows, length)
+        self.mask = torch.ones(rows, length, dtype=torch.bool, device=self.device)  # (B, L)
+        self.length = 0
+
+    def prefill(self, decoder_input_ids: Tensor, copies: int = 1) -> Tensor:
+        """Encode the prompts, remember the cross-attention keys/values, run the decoder prompts (B, P); the
+        last logits (B, V) in float32. (`copies` is implied: the rows of a prompt share its encoder row.)"""
+        memory = self.model.encode(self.input_ids, self.memory_mask)
+        self.model.remember(memory)
+        P = decoder_input_ids.shape[1]
+        out = self.model.decode(decoder_input_ids, memory_mask=self.memory_mask,
+                                input_pos=torch.arange(P, device=self.device), last_logits_only=True)
+        self.length = P
+        return out.logits[:, -1].float()
+
+    def step(self, token: Tensor) -> Tensor:
+        """Logits (B, V) in float32 after feeding token (B,) at the next decoder position."""
+        input_pos = torch.tensor([self.length], device=self.device)
+        self.length += 1
+        out = self.model.decode(token[:, None], memory_mask=self.memory_mask, input_pos=input_pos)
+        return out.logits[:, -1].float()
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep decoder cache rows `index` (B,) (beam search, within each prompt's group)."""
         self.model.reorder_cache(index)
 
 
@@ -237,9 +283,10 @@ def beam_search(run: Decoding, input_ids: Tensor, s: GenerationSettings, generat
 
 
 def check_decoder(model: Any) -> None:
-    if not isinstance(model, Decoder):
-        raise TypeError(f"generation needs an lmforge Decoder (a causal language model), got "
-                        f"{type(model).__name__}")
+    """Raise unless `model` generates: a Decoder or an EncoderDecoder (T5), with its language-model head."""
+    if not isinstance(model, (Decoder, EncoderDecoder)):
+        raise TypeError(f"generation needs an lmforge Decoder (a causal language model) or EncoderDecoder (T5), "
+                        f"got {type(model).__name__}")
     if model.config.head != "lm":
         raise ValueError(f"generation needs a language-model head, this model has head={model.config.head!r}")
 
@@ -266,14 +313,49 @@ def _generator(seed: int | None, generator: torch.Generator | None,
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def prepare(model: Decoder, input_ids: Tensor, attention_mask: Tensor | None, kwargs: dict[str, Any]):
-    """Validate and expand the inputs: returns (settings, generator, input_ids, attention_mask, options)."""
+def _decoder_prompt(model: EncoderDecoder, rows: int, options: dict[str, Any], device: torch.device) -> Tensor:
+    """An encoder-decoder's decoder prompt (rows, P): decoder_input_ids, else the start token (decoder_start_token_id,
+    else the model's)."""
+    cfg = model.config
+    given = options.get("decoder_input_ids")
+    if given is not None:
+        if options.get("decoder_start_token_id") is not None:
+            raise ValueError("give decoder_input_ids or decoder_start_token_id, not both")
+        check_input_ids(given, cfg.vocab_size)
+        if given.shape[0] != rows:
+            raise ValueError(f"decoder_input_ids has {given.shape[0]} rows, input_ids {rows}")
+        return given.to(device=device, dtype=torch.long)
+    start = options.get("decoder_start_token_id", cfg.decoder_start_token_id)
+    if start is None:
+        start = cfg.pad_token_id
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < cfg.vocab_size:
+        raise ValueError(f"decoder_start_token_id must be a token id in [0, {cfg.vocab_size}), got {start!r}")
+    return torch.full((rows, 1), start, dtype=torch.long, device=device)
+
+
+def prepare(model: Decoder | EncoderDecoder, input_ids: Tensor, attention_mask: Tensor | None,
+            kwargs: dict[str, Any]):
+    """Validate the inputs: returns (settings, generator, input_ids, attention_mask, options); `start` expands
+    them per sequence or beam. Raises ValueError naming an option that does not fit the model's kind."""
     check_decoder(model)
     check_input_ids(input_ids, model.config.vocab_size)
-    options = {k: kwargs.pop(k) for k in ("seed", "generator", "tokenizer", "compile") if k in kwargs}
-    s = resolve_settings(model.config, input_ids.shape[1], **kwargs)
-    device = model.norm.weight.device
+    seq2seq = isinstance(model, EncoderDecoder)
+    options = {k: kwargs.pop(k) for k in ("seed", "generator", "tokenizer", "compile", *SEQ2SEQ_OPTIONS)
+               if k in kwargs}
+    if not seq2seq:
+        given = [k for k in SEQ2SEQ_OPTIONS if options.get(k) is not None]
+        if given:
+            raise ValueError(f"{given[0]} applies to encoder-decoder models (T5); this {model.config.family} "
+                             f"decoder continues input_ids")
+    elif options.get("compile"):
+        raise ValueError("compile=True (CUDA graphs of the decode step) is for decoder-only models; an "
+                         "encoder-decoder (T5) decodes eagerly")
+    device = (model.encoder if seq2seq else model).norm.weight.device
     input_ids = input_ids.to(device=device, dtype=torch.long)
+    if seq2seq:
+        options["prompt"] = _decoder_prompt(model, input_ids.shape[0], options, device)
+    prompt_len = options["prompt"].shape[1] if seq2seq else input_ids.shape[1]
+    s = resolve_settings(model.config, prompt_len, **kwargs)
     if attention_mask is None:
         pad_known = kwargs.get("pad_token_id", model.config.pad_token_id) is not None
         attention_mask = _default_mask(input_ids, s, pad_known)
@@ -281,34 +363,54 @@ def prepare(model: Decoder, input_ids: Tensor, attention_mask: Tensor | None, kw
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids shape "
                          f"{tuple(input_ids.shape)}")
     attention_mask = attention_mask.to(device)
-    if not bool(attention_mask[:, -1].all()):
+    if seq2seq:
+        if not bool(attention_mask.any(-1).all()):
+            raise ValueError("every prompt needs at least one real token: attention_mask has a row of zeros")
+    elif not bool(attention_mask[:, -1].all()):
         raise ValueError("prompts must be left-padded: attention_mask must be 1 at every row's last position")
     if s.stop_strings and options.get("tokenizer") is None:
         raise ValueError("stop_strings needs tokenizer= to read the generated text")
-    expand = s.num_beams if s.num_beams > 1 else s.num_return_sequences
-    if expand > 1:
-        input_ids = input_ids.repeat_interleave(expand, dim=0)
-        attention_mask = attention_mask.repeat_interleave(expand, dim=0)
     generator = _generator(options.get("seed"), options.get("generator"), device)
     return s, generator, input_ids, attention_mask, options
 
 
-def generate_ids(model: Decoder, input_ids: Tensor, attention_mask: Tensor | None = None,
-                 **kwargs: Any) -> Tensor:
-    """Token ids as transformers' `model.generate` returns them: (B * num_return_sequences, T), prompt first;
-    rows that finished early are padded with the pad id (the model's, else the first eos id).
+def start(model: Decoder | EncoderDecoder, input_ids: Tensor, attention_mask: Tensor, s: GenerationSettings,
+          options: dict[str, Any]) -> tuple[Decoding | Seq2SeqDecoding, Tensor]:
+    """The model side of a call and the prompts the decode loops extend (B * sequences or beams, P): the
+    prompts themselves for a decoder, the decoder prompts for an encoder-decoder (whose encoder inputs stay
+    one row per prompt)."""
+    expand = s.num_beams if s.num_beams > 1 else s.num_return_sequences
+    if isinstance(model, EncoderDecoder):
+        prompt = options["prompt"].repeat_interleave(expand, dim=0)
+        run = Seq2SeqDecoding(model, input_ids, attention_mask, prompt.shape[0],
+                              prompt.shape[1] + s.max_new_tokens)
+        return run, prompt
+    if expand > 1:
+        input_ids = input_ids.repeat_interleave(expand, dim=0)
+        attention_mask = attention_mask.repeat_interleave(expand, dim=0)
+    return Decoding(model, input_ids, attention_mask, s.max_new_tokens, options.get("compile")), input_ids
 
-    input_ids: (B, P) left-padded prompts; attention_mask: (B, P), 1 for real tokens (inferred from the pad id
-    when it is no eos id, else all ones). kwargs: the decoding settings of `resolve_settings`, plus seed (int)
-    or generator (torch.Generator) for sampling, tokenizer (for stop_strings) and compile (default: on CUDA;
-    the one-token step of the model's forward compiled with CUDA graphs over static cache buffers).
+
+def generate_ids(model: Decoder | EncoderDecoder, input_ids: Tensor, attention_mask: Tensor | None = None,
+                 **kwargs: Any) -> Tensor:
+    """Token ids as transformers' `model.generate` returns them: (B * num_return_sequences, T), prompt first
+    (an encoder-decoder's decoder prompt: its start token); rows that finished early are padded with the pad
+    id (the model's, else the first eos id).
+
+    input_ids: (B, P) prompts, left-padded for a decoder (an encoder-decoder's may be padded on either side);
+    attention_mask: (B, P), 1 for real tokens (inferred from the pad id when it is no eos id, else all ones).
+    kwargs: the decoding settings of `resolve_settings` (max_length counts the decoder's tokens, start token
+    included, for an encoder-decoder, as in transformers), plus seed (int) or generator (torch.Generator) for
+    sampling, tokenizer (for stop_strings), compile (decoders; default: on CUDA, the one-token step compiled
+    with CUDA graphs over static cache buffers), and for encoder-decoders decoder_start_token_id or
+    decoder_input_ids (B, P') (the decoder's prompt).
     Raises TypeError/ValueError for bad inputs or settings, naming them.
     """
     s, generator, input_ids, attention_mask, options = prepare(model, input_ids, attention_mask,
                                                                 dict(kwargs))
     with inference(model):
-        run = Decoding(model, input_ids, attention_mask, s.max_new_tokens, options.get("compile"))
+        run, prompt = start(model, input_ids, attention_mask, s, options)
         if s.num_beams > 1:
-            return beam_search(run, input_ids, s, generator, options.get("tokenizer"))
-        tokens = list(token_loop(run, input_ids, s, generator, options.get("tokenizer")))
-        return torch.cat([input_ids, torch.stack(tokens, 1)], 1)
+            return beam_search(run, prompt, s, generator, options.get("tokenizer"))
+        tokens = list(token_loop(run, prompt, s, generator, options.get("tokenizer")))
+        return torch.cat([prompt, torch.stack(tokens, 1)], 1)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from lmforge.config import ModelConfig
 from lmforge.io import hf
 from lmforge.io.hf import CheckpointError
-from lmforge.models import Decoder, Encoder, build_empty_model
+from lmforge.models import MODEL_CLASSES, build_empty_model
 from lmforge.models.blocks import init_weights
 from lmforge.models.linear import install, is_quantized, quantize_state, targets
 from lmforge.models.linear import quantize as quantize_model
@@ -94,7 +94,8 @@ def _read(path: Path, head: str | None, n_labels: int | None,
 def load_model(source: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None,
                device: torch.device | str = "cpu", head: str | None = None, n_labels: int | None = None,
                seed: int = 0, quantize: str | None = None, keep_quantized: bool = False) -> nn.Module:
-    """A `Decoder` or `Encoder` in eval mode with the weights of `source` (see `resolve_source`).
+    """A `Decoder`, `Encoder` or `EncoderDecoder` (T5) in eval mode with the weights of `source` (see
+    `resolve_source`).
 
     dtype: None keeps the dtype most of the stored weights have (dequantized GGUF weights: what the importer
         gives); otherwise every weight is cast to it. With quantized weights, the dtype of the activations.
@@ -141,7 +142,7 @@ def build_loaded(config: ModelConfig, state: dict[str, Tensor], *, dtype: torch.
     expected = model.state_dict()
     tied = set()
     if config.tie_embeddings:
-        tied = {"lm_head.weight"} if config.arch == "decoder" else {"mlm_head.decoder.weight"}
+        tied = {"mlm_head.decoder.weight"} if config.arch == "encoder" else {"lm_head.weight"}
     unexpected = sorted((set(state) | set(modules)) - set(expected))
     if unexpected:
         raise CheckpointError(f"{where}: unexpected tensors {unexpected[:5]} for a {config.family} "
@@ -172,10 +173,11 @@ def build_loaded(config: ModelConfig, state: dict[str, Tensor], *, dtype: torch.
             module.bias = model.get_submodule(owner).bias.detach()
         install(model, owner, module)
     if config.tie_embeddings and "embed_tokens.weight" not in modules:  # assign=True replaced one side only
-        if config.arch == "decoder":
+        if config.arch == "encoder":
+            if model.mlm_head is not None:
+                model.mlm_head.decoder.weight = model.embed_tokens.weight
+        elif model.lm_head is not None:
             model.lm_head.weight = model.embed_tokens.weight
-        elif model.mlm_head is not None:
-            model.mlm_head.decoder.weight = model.embed_tokens.weight
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -193,10 +195,11 @@ def save_model(model: nn.Module, folder: str | os.PathLike[str], *,
 
     The folder loads in transformers' Auto classes for its architecture. Atomic: a kill mid-write leaves the
     previous folder intact. Returns the written paths. Raises TypeError for a model that is not an lmforge
-    Decoder/Encoder and ValueError for a config its family's Hugging Face class cannot express.
+    Decoder/Encoder/EncoderDecoder and ValueError for a config its family's Hugging Face class cannot express.
     """
-    if not isinstance(model, (Decoder, Encoder)):
-        raise TypeError(f"save_model needs an lmforge Decoder or Encoder, got {type(model).__name__}")
+    if not isinstance(model, tuple(MODEL_CLASSES.values())):
+        raise TypeError(f"save_model needs an lmforge Decoder or Encoder (or an EncoderDecoder), got "
+                        f"{type(model).__name__}")
     if is_quantized(model):
         raise ValueError("save_model writes float weights; this model holds quantized ones (int8/int4/GGUF "
                          "blocks): save the model it was quantized from")
@@ -218,7 +221,8 @@ def describe_checkpoint(source: str | os.PathLike[str]) -> dict[str, Any]:
     if path.suffix.lower() == ".gguf":
         fmt, files, stored = "gguf", [path], _gguf_types(path)
     elif (run := hf.training_run(path)) is not None:
-        files = [run / hf.CONFIG_FILE, path / hf.TRAINING_WEIGHTS]
+        files = [run / hf.CONFIG_FILE, *((path / hf.TRAINING_WEIGHTS,) if (path / hf.TRAINING_WEIGHTS).is_file()
+                                         else sorted(p for p in path.iterdir() if p.name != "trainer.pt"))]
         fmt = "lmforge-training-checkpoint"
         stored = Counter(str(t.dtype).removeprefix("torch.") for t in model.state_dict().values())
     else:
@@ -232,6 +236,7 @@ def describe_checkpoint(source: str | os.PathLike[str]) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "stored_dtypes": dict(stored),
         "context_length": config.max_seq_len - config.position_offset, "n_layer": config.n_layer,
+        "n_decoder_layer": config.n_decoder_layers if config.arch == "encoder-decoder" else None,
         "d_model": config.d_model, "n_head": config.n_head, "n_kv_head": config.n_kv_head,
         "vocab_size": config.vocab_size, "files": [(str(f), f.stat().st_size) for f in files],
     }

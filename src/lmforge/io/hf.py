@@ -8,7 +8,8 @@ folder intact.
 
 Supported architectures (config.json `architectures[0]`, else `model_type`):
 GPT-2 / DistilGPT2 (GPT2LMHeadModel, GPT2Model), Llama / SmolLM2 (LlamaForCausalLM, LlamaModel),
-BERT / MiniLM, DistilBERT and RoBERTa (the bare model, ForMaskedLM, ForSequenceClassification).
+BERT / MiniLM, DistilBERT and RoBERTa (the bare model, ForMaskedLM, ForSequenceClassification),
+T5 v1.0 and v1.1 / Flan-T5 (T5ForConditionalGeneration, T5EncoderModel).
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "RobertaModel": ("roberta", "none"),
     "RobertaForMaskedLM": ("roberta", "lm"),
     "RobertaForSequenceClassification": ("roberta", "classify"),
+    "T5ForConditionalGeneration": ("t5", "lm"),
+    "T5EncoderModel": ("t5", "none"),
 }
 # What lmforge writes for each (family, head); GPT2Model / LlamaModel are read as their LM-head versions.
 WRITE_ARCHITECTURE = {
@@ -71,10 +74,10 @@ WRITE_ARCHITECTURE = {
     ("llama", "lm"): "LlamaForCausalLM",
     **{(fam, head): arch for arch, (fam, head) in ARCHITECTURES.items() if fam not in ("gpt2", "llama")},
 }
-DEFAULT_HEAD = {"gpt2": "lm", "llama": "lm", "bert": "none", "distilbert": "none", "roberta": "none"}
+DEFAULT_HEAD = {"gpt2": "lm", "llama": "lm", "bert": "none", "distilbert": "none", "roberta": "none", "t5": "lm"}
 # Prefix of the base model's parameters inside the *For* head models.
 BASE_PREFIX = {"gpt2": "transformer.", "llama": "model.", "bert": "bert.", "distilbert": "distilbert.",
-               "roberta": "roberta."}
+               "roberta": "roberta.", "t5": ""}
 
 ACTIVATIONS_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
                   "silu": "silu", "swish": "silu"}
@@ -196,8 +199,33 @@ def _distilbert_fields(f: _Fields) -> dict[str, Any]:
                 cls_activation="relu", dropout=f.get("dropout", float, 0.0))
 
 
+def _t5_fields(f: _Fields) -> dict[str, Any]:
+    proj = f.get("feed_forward_proj", str, "relu")
+    parts = proj.split("-")
+    gated = parts[0] == "gated"
+    if len(parts) > 2 or (len(parts) == 2 and not gated) or parts[-1] not in ACTIVATIONS_IN:
+        raise CheckpointError(f"{f.where}: field 'feed_forward_proj' = {proj!r} is not supported; expected "
+                              f"ACT or gated-ACT with ACT one of {sorted(ACTIVATIONS_IN)}")
+    activation = "gelu_tanh" if proj == "gated-gelu" else ACTIVATIONS_IN[parts[-1]]  # transformers: gelu_new
+    f.reject("is_decoder", True, "a T5 checkpoint is an encoder-decoder model")
+    # transformers >= 5 ties the embeddings of every T5 and says with scale_decoder_outputs whether the head
+    # input is rescaled; before, tie_word_embeddings=False (v1.1) meant both untied and unscaled.
+    tied = f.get("tie_word_embeddings", bool, True)
+    n_layer = f.get("num_layers", int)
+    return dict(arch="encoder-decoder", vocab_size=f.get("vocab_size", int), d_model=f.get("d_model", int),
+                head_dim=f.get("d_kv", int), d_ff=f.get("d_ff", int), n_layer=n_layer,
+                n_decoder_layer=f.get("num_decoder_layers", int, n_layer), n_head=f.get("num_heads", int),
+                relative_buckets=f.get("relative_attention_num_buckets", int, 32),
+                relative_max_distance=f.get("relative_attention_max_distance", int, 128),
+                max_seq_len=f.get("n_positions", int, 512), norm="rmsnorm", norm_position="pre",
+                norm_eps=f.get("layer_norm_epsilon", float, 1e-6), activation=activation, gated_mlp=gated,
+                position="relative", attn_scale=1.0, attn_bias=False, mlp_bias=False, tie_embeddings=tied,
+                scaled_head=f.get("scale_decoder_outputs", bool, tied), dropout=f.get("dropout_rate", float, 0.0),
+                decoder_start_token_id=f.get("decoder_start_token_id", int, f.raw.get("pad_token_id") or 0))
+
+
 _FAMILY_FIELDS = {"gpt2": _gpt2_fields, "llama": _llama_fields, "bert": _bert_fields,
-                  "roberta": _roberta_fields, "distilbert": _distilbert_fields}
+                  "roberta": _roberta_fields, "distilbert": _distilbert_fields, "t5": _t5_fields}
 _ENCODER_COMMON = dict(norm="layernorm", norm_position="post", position="learned", embed_norm=True,
                        gated_mlp=False, attn_bias=True, mlp_bias=True)
 
@@ -269,6 +297,8 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         raise ValueError(f"activation {config.activation!r} has no transformers name")
     common_dense = dict(gated_mlp=False, attn_bias=True, mlp_bias=True, n_kv_head=config.n_head,
                         head_dim=config.d_model // config.n_head, norm="layernorm", position="learned")
+    if family != "t5":
+        _require(config, dict(attn_scale=None, scaled_head=False))
     out: dict[str, Any] = {"architectures": [WRITE_ARCHITECTURE[family, config.head]], "model_type": family}
     act = ACTIVATIONS_OUT[config.activation]
     if family == "gpt2":
@@ -278,6 +308,23 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
                    n_layer=config.n_layer, n_head=config.n_head, n_inner=config.d_ff, activation_function=act,
                    layer_norm_epsilon=config.norm_eps, resid_pdrop=config.dropout, embd_pdrop=config.dropout,
                    attn_pdrop=config.dropout)
+    elif family == "t5":
+        _require(config, dict(arch="encoder-decoder", norm="rmsnorm", norm_position="pre", position="relative",
+                              attn_scale=1.0, attn_bias=False, mlp_bias=False, n_kv_head=config.n_head,
+                              embed_norm=False, type_vocab_size=0))
+        if config.gated_mlp:
+            proj = "gated-gelu" if config.activation == "gelu_tanh" else f"gated-{act}"
+        else:
+            proj = act
+        # Read the same by transformers 4 (tie_word_embeddings: tied and scaled, or neither) and 5 (always
+        # tied unless the file holds a different lm_head.weight, which `_t5_entries` writes when unscaled).
+        out.update(vocab_size=config.vocab_size, d_model=config.d_model, d_kv=config.head_dim, d_ff=config.d_ff,
+                   num_layers=config.n_layer, num_decoder_layers=config.n_decoder_layers,
+                   num_heads=config.n_head, relative_attention_num_buckets=config.relative_buckets,
+                   relative_attention_max_distance=config.relative_max_distance, n_positions=config.max_seq_len,
+                   layer_norm_epsilon=config.norm_eps, feed_forward_proj=proj, dropout_rate=config.dropout,
+                   is_encoder_decoder=True, decoder_start_token_id=config.decoder_start_token_id,
+                   scale_decoder_outputs=config.scaled_head)
     elif family == "llama":
         _require(config, dict(arch="decoder", norm="rmsnorm", norm_position="pre", position="rotary",
                               gated_mlp=True, embed_norm=False, type_vocab_size=0))
@@ -311,7 +358,8 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
                        max_position_embeddings=config.max_seq_len, type_vocab_size=config.type_vocab_size,
                        layer_norm_eps=config.norm_eps, position_embedding_type="absolute",
                        hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout)
-    out.update(tie_word_embeddings=config.tie_embeddings, pad_token_id=config.pad_token_id,
+    out.update(tie_word_embeddings=config.scaled_head if family == "t5" else config.tie_embeddings,
+               pad_token_id=config.pad_token_id,
                bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id)
     if config.head == "classify":
         id2label = config.extra.get("id2label")
@@ -457,8 +505,35 @@ def _distilbert_entries(c: ModelConfig) -> list[_Entry]:
     return e
 
 
+def _t5_entries(c: ModelConfig) -> list[_Entry]:
+    e = _linear("shared", "embed_tokens", bias=False)
+    stacks = [("encoder", c.n_layer)] + ([("decoder", c.n_decoder_layers)] if c.head == "lm" else [])
+    for stack, n_layer in stacks:
+        e += _linear(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias", f"{stack}.relative_bias",
+                     bias=False)
+        for i in range(n_layer):
+            h, l = f"{stack}.block.{i}.layer.", f"{stack}.layers.{i}."
+            e += _linear(tuple(f"{h}0.SelfAttention.{p}" for p in "qkv"), l + "attn.qkv", bias=False)
+            e += _linear(h + "0.SelfAttention.o", l + "attn.out", bias=False)
+            e += _norm(h + "0.layer_norm", l + "attn_norm", bias=False)
+            if stack == "decoder":
+                e += _linear(h + "1.EncDecAttention.q", l + "cross.q", bias=False)
+                e += _linear((h + "1.EncDecAttention.k", h + "1.EncDecAttention.v"), l + "cross.kv", bias=False)
+                e += _linear(h + "1.EncDecAttention.o", l + "cross.out", bias=False)
+                e += _norm(h + "1.layer_norm", l + "cross_norm", bias=False)
+            ff = f"{h}{2 if stack == 'decoder' else 1}."
+            wi = (ff + "DenseReluDense.wi_0", ff + "DenseReluDense.wi_1") if c.gated_mlp else ff + "DenseReluDense.wi"
+            e += _linear(wi, l + "mlp.up", bias=False)
+            e += _linear(ff + "DenseReluDense.wo", l + "mlp.down", bias=False)
+            e += _norm(ff + "layer_norm", l + "mlp_norm", bias=False)
+        e += _norm(f"{stack}.final_layer_norm", f"{stack}.norm", bias=False)
+    if c.head == "lm" and not (c.tie_embeddings and c.scaled_head):  # see config_to_hf
+        e += _linear("lm_head", "lm_head", bias=False, base=False)
+    return e
+
+
 _FAMILY_ENTRIES = {"gpt2": _gpt2_entries, "llama": _llama_entries, "bert": _bert_entries,
-                   "roberta": _roberta_entries, "distilbert": _distilbert_entries}
+                   "roberta": _roberta_entries, "distilbert": _distilbert_entries, "t5": _t5_entries}
 
 # Tensors that may be present and carry nothing lmforge needs: buffers, and duplicates of tied/shared weights.
 _HARMLESS = {
@@ -467,6 +542,8 @@ _HARMLESS = {
     "bert": [r"(.*\.)?embeddings\.(position_ids|token_type_ids)", r"cls\.predictions\.decoder\.bias"],
     "roberta": [r"(.*\.)?embeddings\.(position_ids|token_type_ids)", r"lm_head\.decoder\.bias"],
     "distilbert": [r"(.*\.)?embeddings\.position_ids"],
+    "t5": [r"(encoder|decoder)\.embed_tokens\.weight",  # copies of shared.weight
+           r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight"],  # never used
 }
 # Head tensors, ignored when the caller asked for another head than the checkpoint's.
 _HEAD_TENSORS = {
@@ -474,10 +551,11 @@ _HEAD_TENSORS = {
     "bert": [r"(bert\.)?pooler\..*", r"cls\..*", r"classifier\..*"],
     "roberta": [r"(roberta\.)?pooler\..*", r"lm_head\..*", r"classifier\..*"],
     "distilbert": [r"vocab_(transform|layer_norm|projector)\..*", r"pre_classifier\..*", r"classifier\..*"],
+    "t5": [r"decoder\..*", r"lm_head\..*"],
 }
 # Tied output weights: transformers may store a copy.
 _TIED_COPIES = {"gpt2": "lm_head.weight", "llama": "lm_head.weight", "bert": "cls.predictions.decoder.weight",
-                "roberta": "lm_head.decoder.weight", "distilbert": "vocab_projector.weight"}
+                "roberta": "lm_head.decoder.weight", "distilbert": "vocab_projector.weight", "t5": "lm_head.weight"}
 
 
 def _entries(config: ModelConfig) -> list[_Entry]:
@@ -496,11 +574,12 @@ def _uses_prefix(config: ModelConfig) -> bool:
 
 
 def part_rows(config: ModelConfig, n_parts: int, rows: int) -> list[int]:
-    """Rows of each stacked part of an lmforge tensor of `rows` rows: q/k/v (3 parts), gate/up (2), or 1."""
+    """Rows of each stacked part of an lmforge tensor of `rows` rows: q/k/v (3 parts), gate/up or a
+    cross-attention's k/v (2 equal parts), or 1."""
     if n_parts == 3:
         return [config.n_head * config.head_dim] + [config.n_kv_head * config.head_dim] * 2
     if n_parts == 2:
-        return [config.d_ff, config.d_ff]
+        return [rows // 2, rows // 2]
     return [rows]
 
 
@@ -525,7 +604,7 @@ def state_dict_from_hf(config: ModelConfig, tensors: Mapping[str, Tensor], expec
         names = [(prefix if entry.base else "") + hf for hf in entry.hf]
         absent = [name for name in names if name not in tensors]
         if absent:
-            if not replaceable:
+            if not replaceable and not (config.tie_embeddings and entry.lm == "lm_head.weight"):  # tied: optional
                 missing.extend(absent)
             continue
         lm_shape = tuple(expected[entry.lm])
@@ -702,14 +781,15 @@ def stored_dtypes(folder: Path) -> Counter[str]:
 
 
 TRAINING_WEIGHTS = "model.pt"  # a training checkpoint: RUN/checkpoints/step_N/{model.pt, trainer.pt}
+SHARDED_WEIGHTS = ".metadata"  # a model-parallel run's: torch.distributed.checkpoint files + trainer.pt
 
 
 def training_run(folder: Path) -> Path | None:
     """The run folder of a training checkpoint folder (RUN/checkpoints/step_N with model.pt and trainer.pt,
     the run's config.json and tokenizer in RUN, as lmforge's training commands write them), else None."""
     folder = Path(folder)
-    if (folder / TRAINING_WEIGHTS).is_file() and (folder / "trainer.pt").is_file() \
-            and not (folder / CONFIG_FILE).is_file():
+    weights = (folder / TRAINING_WEIGHTS).is_file() or (folder / SHARDED_WEIGHTS).is_file()
+    if weights and (folder / "trainer.pt").is_file() and not (folder / CONFIG_FILE).is_file():
         return folder.parent.parent
     return None
 
@@ -732,6 +812,11 @@ def read_checkpoint(folder: Path, *, head: str | None = None,
         raise ValueError(f"head must be 'lm', 'classify' or 'none', got {head!r}")
     if config.arch == "decoder" and new_head != "lm":
         raise ValueError(f"{folder}: a decoder ({config.family}) only has an 'lm' head, got head={head!r}")
+    if config.arch == "encoder-decoder" and new_head not in (config.head, "none"):
+        raise ValueError(f"{folder}: a {config.family} checkpoint with head {config.head!r} reads as that head or "
+                         f"as 'none' (the encoder alone), got head={head!r}")
+    if config.arch == "encoder-decoder" and n_labels is not None:
+        raise ValueError(f"{folder}: n_labels applies to classification heads; a {config.family} model has none")
     if n_labels is not None and (not isinstance(n_labels, int) or n_labels < 1):
         raise ValueError(f"n_labels must be a positive integer, got {n_labels!r}")
     fresh: tuple[str, ...] = ()
@@ -743,14 +828,30 @@ def read_checkpoint(folder: Path, *, head: str | None = None,
         config = config.replace(head=new_head, n_labels=config.n_labels if n_labels is None else n_labels)
     if run is None:
         tensors, where = read_tensors(folder), str(weight_files(folder)[0])
+    elif (folder / SHARDED_WEIGHTS).is_file():  # a model-parallel run's sharded checkpoint, gathered here
+        from lmforge.models import build_model
+        from lmforge.parallel.sharded_checkpoint import load_model_weights
+
+        where = str(folder)
+        tensors = state_dict_to_hf(stored, load_model_weights(folder, build_model(stored)).state_dict())
     else:  # lmforge names, saved by the training loop: through the HF names, so that heads can be swapped
         where = str(folder / TRAINING_WEIGHTS)
         tensors = state_dict_to_hf(stored, torch.load(where, map_location="cpu", weights_only=True))
+    if config.family == "t5" and config.head == "lm":
+        config = _t5_tying(config, tensors)
     pooled = re.compile(r"((bert|roberta)\.)?pooler\.dense\.weight")
     if config.family in ("bert", "roberta") and new_head == "none" and any(pooled.fullmatch(n) for n in tensors):
         config = config.replace(pooler=True)  # a bare body keeps its pooler, so that convert loses nothing
     expected = {name: t.shape for name, t in build_empty_model(config).state_dict().items()}
     return config, state_dict_from_hf(config, tensors, expected, where, fresh, other_heads_ok=bool(fresh))
+
+
+def _t5_tying(config: ModelConfig, tensors: Mapping[str, Tensor]) -> ModelConfig:
+    """T5's head is the shared embedding unless the file holds a different lm_head.weight (transformers 5 reads
+    it so; its own v1.1 folders store no lm_head and say scale_decoder_outputs=False instead)."""
+    head, shared = tensors.get("lm_head.weight"), tensors.get("shared.weight")
+    tied = head is None or (shared is not None and head.shape == shared.shape and torch.equal(head, shared))
+    return config if tied == config.tie_embeddings else config.replace(tie_embeddings=tied)
 
 
 # sentence-transformers module files beside the weights: which modules, their pooling, Dense and Normalize.

@@ -1,4 +1,5 @@
-"""Model classes: a causal `Decoder` and a bidirectional `Encoder`, built from a `ModelConfig`."""
+"""Model classes: a causal `Decoder`, a bidirectional `Encoder` and an `EncoderDecoder` (T5), built from a
+`ModelConfig`."""
 
 from __future__ import annotations
 
@@ -12,13 +13,18 @@ from lmforge.config import ModelConfig
 from lmforge.models.blocks import KVCache, ModelOutput
 from lmforge.models.decoder import Decoder
 from lmforge.models.encoder import Encoder
+from lmforge.models.seq2seq import EncoderDecoder
 
-__all__ = ["Decoder", "Encoder", "KVCache", "ModelOutput", "build_empty_model", "build_model"]
+__all__ = ["MODEL_CLASSES", "Decoder", "Encoder", "EncoderDecoder", "KVCache", "ModelOutput", "build_empty_model",
+           "build_model"]
+
+MODEL_CLASSES: dict[str, type[nn.Module]] = {"decoder": Decoder, "encoder": Encoder,
+                                             "encoder-decoder": EncoderDecoder}
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    """A freshly initialised `Decoder` or `Encoder` for `config.arch`."""
-    return Decoder(config) if config.arch == "decoder" else Encoder(config)
+    """A freshly initialised `Decoder`, `Encoder` or `EncoderDecoder` for `config.arch`."""
+    return MODEL_CLASSES[config.arch](config)
 
 
 _INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "xavier_uniform_", "zeros_",

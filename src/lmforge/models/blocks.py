@@ -22,11 +22,14 @@ class ModelOutput:
     last_hidden_state: (B, T, C), after the final norm for pre-norm decoders.
     hidden_states: with `output_hidden_states=True`, n_layer + 1 tensors (B, T, C): the embedding output, then
     every layer's output (the last one after the final norm, as transformers reports it).
+    encoder_last_hidden_state: encoder-decoder models only, the encoder's output (B, S, C); last_hidden_state
+    and hidden_states are then the decoder's.
     """
 
     logits: Tensor | None
     last_hidden_state: Tensor
     hidden_states: list[Tensor] | None = None
+    encoder_last_hidden_state: Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -116,7 +119,8 @@ class Attention(nn.Module):
 
     `qkv.weight` is (H*D + 2*Hkv*D, C): the query rows, then the key rows, then the value rows. With a
     `kv_cache` and `input_pos`, the new keys and values are written into the cache (rows `cache_rows`, default
-    the first B) and attention reads the first `kv_len` slots.
+    the first B) and attention reads the first `kv_len` slots. `mask` is boolean (True: may attend) or float
+    (added to the scores: T5's position bias with -inf on hidden keys).
     """
 
     def __init__(self, config: ModelConfig):
@@ -145,7 +149,7 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v, kv_len, cache_rows)  # (B, Hkv, S, D)
         p = cfg.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal,
-                                           enable_gqa=Hkv != H)  # (B, H, T, D)
+                                           scale=cfg.attn_scale, enable_gqa=Hkv != H)  # (B, H, T, D)
         return self.out(y.transpose(1, 2).reshape(B, T, H * D))
 
 

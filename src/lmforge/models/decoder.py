@@ -55,11 +55,12 @@ class Decoder(nn.Module):
         weight = self.norm.weight  # float in the model's dtype whatever format the linears hold
         dtype = dtype or weight.dtype
         device = torch.device(device) if device is not None else weight.device
-        shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
         for layer in self.layers:
+            n_kv_head = layer.attn.config.n_kv_head  # the heads this module computes (a shard's under TP)
+            shape = (batch_size, n_kv_head, max_len, cfg.head_dim)
             cache = layer.attn.kv_cache
             if cache is None or cache.k.shape != shape or cache.k.dtype != dtype or cache.k.device != device:
-                layer.attn.kv_cache = KVCache(batch_size, cfg.n_kv_head, max_len, cfg.head_dim, dtype, device)
+                layer.attn.kv_cache = KVCache(batch_size, n_kv_head, max_len, cfg.head_dim, dtype, device)
 
     def drop_cache(self) -> None:
         """Free the key/value buffers of `setup_cache`."""

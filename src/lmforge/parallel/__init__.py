@@ -3,7 +3,10 @@
 `runtime` joins and leaves the process group (topology, build flags, errors); `collectives` holds the
 collectives, the collective check and join; `process_sets` the process sets; `adasum` Horovod's adaptive
 summation; `optimizer` the DistributedOptimizer and the broadcast helpers; `ps` and `strategy` the parameter
-server and the training-loop strategies. docs/distributed.md lists every Horovod name and how it maps.
+server and the training-loop strategies; `mesh` (dp x pp x tp layouts on a DeviceMesh), `tensor_parallel`,
+`plans` (TP -> activation checkpointing -> FSDP), `sharded_checkpoint` and `pipeline` (stages, schedules,
+`PipelineStrategy`) the model parallelism.
+docs/distributed.md lists every Horovod name and how it maps.
 """
 
 from lmforge.parallel.collectives import (

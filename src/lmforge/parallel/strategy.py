@@ -1,6 +1,7 @@
 """Distributed strategies for the training loop (`lmforge.training.train(..., strategy=...)`).
 
-    strategy = make_strategy("allreduce" | "ddp" | "ps")      # under torchrun --nproc-per-node N
+    strategy = make_strategy("allreduce" | "ddp" | "ps" | "fsdp")   # under torchrun --nproc-per-node N
+    strategy = make_strategy("ddp", tp=2, dp=2)                      # a model-parallel layout (MeshStrategy)
     result = run_training(model, objective, data, config, strategy=strategy, resume=resume)
 
 Every strategy joins the process group torchrun describes (`lmforge.parallel.init`, which keys its store by
@@ -12,6 +13,11 @@ torchrun's restart attempt); the loop then shards the data by `strategy.rank` / 
 - "ddp": torch's `DistributedDataParallel`, the reference.
 - "ps": the parameter server (`lmforge.parallel.ps`): the first `n_servers` ranks hold the parameters and the
   optimizer state, the other ranks train as workers. `run_training` runs the server loop on server ranks.
+- "fsdp", or any layout (dp/tp, sequence parallelism, activation checkpointing): `MeshStrategy`, the model
+  split over a DeviceMesh by `lmforge.parallel.plans` (tensor parallel, FSDP2), sharded checkpoints that any
+  layout resumes (`lmforge.parallel.sharded_checkpoint`).
+- pp > 1 (with "ddp" or "allreduce"): `lmforge.parallel.pipeline.PipelineStrategy`, the layer stack in stages
+  with GPipe, 1F1B or interleaved 1F1B micro-batches, DP x PP over the rest of the ranks.
 
 Gradient clipping clips the averaged gradient for allreduce and ddp, each worker's own gradient for ps.
 With `torchrun --max-restarts`, `run_training` resumes from the run's last checkpoint when torchrun restarts
@@ -29,10 +35,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel as tensor_parallel_loss
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 import lmforge.parallel as hvd
+from lmforge.parallel import sharded_checkpoint
+from lmforge.parallel.mesh import Layout, coordinate
+from lmforge.parallel.mesh import group as mesh_group
+from lmforge.parallel.plans import DataParallel, check_plan, clip_grad_norm, parallelize_model
 from lmforge.parallel.ps import Mode, ParameterServer, PSWorker, ServerLog, check_mode, is_server
 from lmforge.training import (
     SingleProcess,
@@ -44,7 +56,9 @@ from lmforge.training import (
     train,
 )
 
-STRATEGIES = ("allreduce", "ddp", "ps")
+STRATEGIES = ("allreduce", "ddp", "ps", "fsdp")
+PIPELINE_PENDING = ("MeshStrategy runs layouts with pp = 1; pipeline layouts run on "
+                    "lmforge.parallel.pipeline.PipelineStrategy (make_strategy picks it for pp > 1)")
 
 
 def restart_count() -> int:
@@ -70,6 +84,15 @@ class Distributed(SingleProcess):
         dist.all_reduce(out, group=self.group)
         return out
 
+    def step_targets(self, n: int) -> float:
+        """The mean over data ranks of the step's loss terms (gradients are averaged over them); reduced with
+        lmforge's collectives, so that a dead peer ends in a `CollectiveError` naming it. Every process
+        counts: the tensor- and pipeline-parallel ranks of a data rank hold its batch, so the mean over all
+        processes is the mean over data ranks."""
+        total = hvd.allreduce(torch.tensor([float(n)], dtype=torch.float64, device=self.device), op=hvd.Sum,
+                              name="lmforge.step_targets")
+        return float(total) / hvd.size()
+
     def barrier(self) -> None:
         dist.barrier(group=self.group)
 
@@ -78,8 +101,15 @@ class Distributed(SingleProcess):
         dist.all_gather_object(gathered, obj, group=self.group)
         return gathered
 
+    def check_run(self, config: TrainConfig, has_eval: bool) -> None:
+        """Called by `run_training` before the loop: refuse settings this strategy cannot run."""
+
     def finish(self) -> None:
         """Called once by `run_training` after the loop returns."""
+
+    def full_model(self, model: nn.Module) -> nn.Module:
+        """The trained model as an ordinary module (every rank calls it): here the model itself."""
+        return model
 
 
 class DDPStrategy(Distributed):
@@ -195,6 +225,14 @@ class PSStrategy(Distributed):
         self.is_main = self.rank == 0
         self.worker: PSWorker | None = None
 
+    def step_targets(self, n: int) -> float:
+        """sync: the workers' mean, as allreduce (the servers average the workers' gradients); async and
+        bounded: this worker's own n (its gradient is applied alone, and a collective would make workers wait
+        for each other)."""
+        if self.mode != "sync":
+            return float(n)
+        return float(self.all_reduce_sum(torch.tensor([float(n)], dtype=torch.float64))) / self.world_size
+
     def prepare(self, model: nn.Module, optimizer: Optimizer) -> tuple[nn.Module, Any]:
         if self.is_server:
             raise ValueError(f"rank {self.global_rank} is a parameter server; run it with run_training()")
@@ -210,16 +248,131 @@ class PSStrategy(Distributed):
             self.worker.close()
 
 
+class MeshStrategy(Distributed):
+    """A layout dp x pp x tp on one DeviceMesh (`lmforge.parallel.mesh`), applied by `plans.parallelize_model`.
+
+    rank / world_size / group are the data-parallel coordinate, degree and group (the loop shards the data
+    over dp; tensor-parallel peers see the same batch); is_main is global rank 0. Data parallelism is "fsdp"
+    (FSDP2 `fully_shard`, tp == 1) or "ddp" (replicas whose gradients are averaged over dp by one flat
+    all-reduce after the step's last backward, as DDP does, here also across tensor-parallel shards).
+    Checkpoints are sharded and layout-independent (`sharded_checkpoint`): a run resumes in another layout.
+    """
+
+    def __init__(self, dp: int | None = None, tp: int = 1, pp: int = 1, data_parallel: DataParallel = "ddp",
+                 sequence_parallel: bool = False, activation_checkpointing: bool = False,
+                 timeout: float = 60.0, backend: str | None = None):
+        super().__init__(timeout, backend)
+        self.layout = Layout.parse(dp=dp, pp=pp, tp=tp, world_size=dist.get_world_size())
+        if self.layout.pp > 1:
+            raise ValueError(PIPELINE_PENDING)
+        check_plan(self.layout.dp, self.layout.tp, data_parallel, sequence_parallel)
+        self.data_parallel = data_parallel
+        self.timeout = timeout
+        self.sequence_parallel = sequence_parallel
+        self.activation_checkpointing = activation_checkpointing
+        self.mesh = self.layout.build(self.device.type)
+        self.global_rank = dist.get_rank()
+        self.rank, self.world_size = coordinate(self.mesh, "dp"), self.layout.dp
+        self.is_main = self.global_rank == 0
+        self.group = mesh_group(self.mesh, "dp")
+        self._loss_parallel = False
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)  # one start for every rank, before splitting
+        has_vocab_head = getattr(model, "lm_head", None) is not None or getattr(model, "mlm_head", None) is not None
+        self._loss_parallel = self.layout.tp > 1 and has_vocab_head
+        return parallelize_model(model, self.mesh, self.data_parallel, self.sequence_parallel,
+                                 self.activation_checkpointing)
+
+    def loss_parallel(self) -> contextlib.AbstractContextManager:
+        return tensor_parallel_loss() if self._loss_parallel else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def sync(self, model: nn.Module, sync: bool):
+        fsdp = self.data_parallel == "fsdp" and self.layout.dp > 1
+        if fsdp:
+            model.set_requires_gradient_sync(sync)
+        yield
+        if sync and not fsdp and self.layout.dp > 1:
+            self._average_gradients(model)
+
+    @torch.no_grad()
+    def _average_gradients(self, model: nn.Module) -> None:
+        """Every local gradient shard averaged over the data-parallel group, in one flat all-reduce."""
+        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                 for p in model.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.group)
+        flat /= self.layout.dp
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def clip_grad_norm(self, parameters: list[Tensor], max_norm: float) -> Tensor:
+        shard_group = (mesh_group(self.mesh, "tp") if self.layout.tp > 1
+                       else self.group if self.data_parallel == "fsdp" and self.layout.dp > 1 else None)
+        return clip_grad_norm(parameters, max_norm, shard_group)
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        if isinstance(tensor, DTensor):  # a loss under loss_parallel: the same value on every tp rank
+            tensor = tensor.full_tensor()
+        return super().all_reduce_sum(tensor)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def save_checkpoint(self, run_dir: Any, step: int, model: nn.Module, optimizer: Optimizer,
+                        trainer_state: dict[str, Any], keep_last: int) -> Any:
+        return sharded_checkpoint.save(run_dir, step, model, optimizer, trainer_state, keep_last)
+
+    def load_checkpoint(self, path: Any, model: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
+        return sharded_checkpoint.load(path, model, optimizer)
+
+    def full_model(self, model: nn.Module) -> nn.Module:
+        """An ordinary (unsharded) copy of the trained model, on the CPU of every rank (a collective)."""
+        from lmforge.models import build_model
+
+        state = sharded_checkpoint.full_state_dict(model)
+        plain = build_model(model.config)
+        plain.load_state_dict(state)
+        return plain
+
+
 def make_strategy(name: str, grad_accum: int = 1, n_servers: int = 1, mode: Mode = "sync",
-                  tau: int | None = None, timeout: float = 60.0) -> Distributed:
-    """The strategy called `name` ("allreduce", "ddp" or "ps"); joins the process group."""
+                  tau: int | None = None, timeout: float = 60.0, dp: int | None = None, tp: int = 1,
+                  pp: int = 1, sequence_parallel: bool = False, activation_checkpointing: bool = False,
+                  schedule: str = "1f1b", microbatches: int = 4, pp_split: list[int] | None = None) -> Distributed:
+    """The strategy called `name` ("allreduce", "ddp", "ps" or "fsdp"); joins the process group.
+
+    With tp, pp or dp given, sequence_parallel or activation_checkpointing (or "fsdp"), a `MeshStrategy`:
+    "fsdp" shards over dp with FSDP2, "ddp" and "allreduce" replicate over dp. "ps" takes no layout.
+    With pp > 1 ("ddp" or "allreduce": replicas averaged over dp), a `PipelineStrategy` with `schedule`
+    ("gpipe" or "1f1b"), `microbatches` per batch and `pp_split` (layers per stage; default balanced).
+    """
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}")
+    if pp != 1:
+        if name not in ("allreduce", "ddp") or tp != 1 or sequence_parallel or activation_checkpointing:
+            raise ValueError(f"--pp {pp} runs with --strategy ddp or allreduce and without --tp, sequence "
+                             f"parallelism or activation checkpointing (pipeline x tensor parallelism and "
+                             f"pipeline x FSDP are not supported yet); got strategy {name!r}, tp {tp}")
+        from lmforge.parallel.pipeline import PipelineStrategy
+
+        return PipelineStrategy(pp=pp, dp=dp, schedule=schedule, microbatches=microbatches, split=pp_split,
+                                timeout=timeout)
+    mesh_options = tp != 1 or dp is not None or sequence_parallel or activation_checkpointing
+    if name == "fsdp" or (mesh_options and name in ("allreduce", "ddp")):
+        return MeshStrategy(dp=dp, tp=tp, pp=pp, data_parallel="fsdp" if name == "fsdp" else "ddp",
+                            sequence_parallel=sequence_parallel, activation_checkpointing=activation_checkpointing,
+                            timeout=timeout)
+    if mesh_options:
+        raise ValueError(f"strategy {name!r} takes no --dp/--tp/--pp layout; use fsdp, ddp or allreduce")
     if name == "allreduce":
         return AllreduceStrategy(grad_accum=grad_accum, timeout=timeout)
     if name == "ddp":
         return DDPStrategy(timeout=timeout)
-    if name == "ps":
-        return PSStrategy(n_servers=n_servers, mode=mode, tau=tau, timeout=timeout)
-    raise ValueError(f"unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}")
+    return PSStrategy(n_servers=n_servers, mode=mode, tau=tau, timeout=timeout)
 
 
 def run_training(model: nn.Module, objective: Any, train_data: Any, config: TrainConfig,
@@ -232,6 +385,7 @@ def run_training(model: nn.Module, objective: Any, train_data: Any, config: Trai
     Parameter-server ranks serve instead of training (their optimizer, with the checkpoint's state when
     resuming, built as the loop builds it) and return their `ServerLog`; workers return the `TrainResult`.
     """
+    strategy.check_run(config, eval_data is not None)
     if config.run_dir and restart_count() > 0 and latest_checkpoint(config.run_dir) is not None:
         resume = True
     if isinstance(strategy, AllreduceStrategy):
@@ -249,8 +403,26 @@ def run_training(model: nn.Module, objective: Any, train_data: Any, config: Trai
                 trained_objective.load_state_dict(state["objective"])
             optimizer.load_state_dict(state["optimizer"])
         return strategy.serve(optimizer)
-    result = train(model, objective, train_data, config, eval_data=eval_data, strategy=strategy,
-                   resume=resume, on_step=on_step)
+    try:
+        result = train(model, objective, train_data, config, eval_data=eval_data, strategy=strategy,
+                       resume=resume, on_step=on_step)
+    except RuntimeError as err:
+        if isinstance(strategy, MeshStrategy) and _is_peer_failure(err):
+            last = latest_checkpoint(config.run_dir) if config.run_dir else None
+            where = f"its last checkpoint is {str(last)!r}" if last else "it has no checkpoint yet"
+            raise hvd.CollectiveError(
+                f"rank {strategy.global_rank} of layout {strategy.layout.describe()}: a collective failed because "
+                f"a peer rank died or stopped answering within {strategy.timeout:g} s ({str(err).splitlines()[0]}); "
+                f"the job stops here; {where}: run the same command with --resume to continue") from err
+        raise
     strategy.finish()
     return result
+
+
+def _is_peer_failure(err: RuntimeError) -> bool:
+    """Whether an error raised inside a collective means that another rank died or hung."""
+    text = str(err)
+    return isinstance(err, dist.DistError) or any(
+        s in text for s in ("Connection reset", "Connection closed", "Connection refused", "timed out",
+                            "Timeout", "Broken pipe", "gloo/transport"))
 

@@ -328,8 +328,12 @@ def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000, dtype: s
     SIGINT/SIGTERM; then finish or cancel the requests in flight within `shutdown_timeout` seconds."""
     import uvicorn
 
-    from lmforge.io import load_model
+    from lmforge.io import load_config, load_model
 
+    for name in models:  # before loading any
+        if load_config(name).arch == "encoder-decoder":
+            raise ValueError(f"--model {name} is an encoder-decoder (T5): the server decodes with decoder-only "
+                             "models and embeds with encoders; use lmforge generate for T5")
     metrics = Metrics()
     engines, embedders = {}, {}
     for name in models:

@@ -1,0 +1,110 @@
+"""How a layout is applied to a model, from outside, in torchtitan's order: tensor parallel -> activation
+checkpointing -> FSDP. Each step is a function over the model's own modules on the run's DeviceMesh.
+
+    parallelize_model(model, mesh, data_parallel="fsdp", sequence_parallel=False, activation_checkpointing=True)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+from torch.utils.checkpoint import checkpoint
+
+from lmforge.parallel.mesh import sub_mesh
+from lmforge.parallel.tensor_parallel import parallelize
+
+DataParallel = Literal["ddp", "fsdp"]
+
+
+def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Recompute each block's activations in backward instead of keeping them (torch.utils.checkpoint, non
+    reentrant), in place. Only the blocks' inputs stay in memory between forward and backward.
+
+    The block's own `forward` is wrapped on the instance, so module names (and so checkpoints) stay the same
+    and hooks that others put on the block (FSDP's unshard before forward and before backward) still run
+    around the recomputation.
+    """
+    for layer in model.layers:
+        forward = layer.forward
+
+        def checkpointed(*args: Any, _forward=forward, **kwargs: Any) -> Any:
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = checkpointed
+    return model
+
+
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
+    """FSDP2 (`fully_shard`, ZeRO-3) over the 1-D data-parallel mesh: every block one unit (its parameters
+    gathered just before its forward and backward, freed after), the rest (embeddings, final norm, head) the
+    root unit. Gradients are reduce-scattered and averaged over the mesh."""
+    for layer in model.layers:
+        fully_shard(layer, mesh=dp_mesh)
+    fully_shard(model, mesh=dp_mesh)
+    return model
+
+
+def check_plan(dp: int, tp: int, data_parallel: str, sequence_parallel: bool) -> None:
+    """Raise ValueError for a combination `parallelize_model` does not apply (before any work is done)."""
+    if data_parallel not in ("ddp", "fsdp"):
+        raise ValueError(f"data_parallel must be 'ddp' or 'fsdp', got {data_parallel!r}")
+    if data_parallel == "fsdp" and tp > 1 and dp > 1:
+        raise ValueError("FSDP with tensor parallelism (2-D FSDP x TP) is not supported yet; DP x TP replicates "
+                         "over dp: use --strategy ddp (or allreduce) with --tp")
+    if sequence_parallel and tp == 1:
+        raise ValueError("sequence parallelism shards the sequence over tensor-parallel ranks: it needs --tp > 1")
+
+
+def parallelize_model(model: nn.Module, mesh: DeviceMesh, data_parallel: DataParallel = "ddp",
+                      sequence_parallel: bool = False, activation_checkpointing: bool = False,
+                      loss_parallel: bool = True) -> nn.Module:
+    """Apply the layout of `mesh` (dims "dp", "pp", "tp") to `model` in place and return it.
+
+    tp > 1: `tensor_parallel.parallelize` on the "tp" dim. activation_checkpointing: per block.
+    data_parallel "fsdp" with dp > 1: `apply_fsdp` on the "dp" dim (with tp == 1 only; DP x TP replicates over
+    dp and averages gradients like DDP). "ddp" leaves the data-parallel reduction to the caller.
+    Raises ValueError for FSDP combined with tensor parallelism.
+    """
+    tp, dp = mesh["tp"].size(), mesh["dp"].size()
+    check_plan(dp, tp, data_parallel, sequence_parallel)
+    if tp > 1:
+        parallelize(model, sub_mesh(mesh, "tp"), sequence_parallel=sequence_parallel, loss_parallel=loss_parallel)
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if data_parallel == "fsdp" and dp > 1:
+        apply_fsdp(model, sub_mesh(mesh, "dp"))
+    return model
+
+
+@torch.no_grad()
+def clip_grad_norm(parameters: list[torch.Tensor], max_norm: float, shard_group: Any) -> torch.Tensor:
+    """Clip gradients to a total L2 norm of `max_norm` and return the norm before clipping.
+
+    Gradients may be DTensors: a sharded one contributes its local shard's squares, summed over `shard_group`
+    (the group its shards span); a replicated one or an ordinary tensor counts once. torch's clip_grad_norm_
+    cannot mix DTensor and ordinary gradients, which tensor parallelism without sequence parallelism has.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    locals_ = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    device = locals_[0].device if locals_ else torch.device("cpu")
+    sharded = torch.zeros((), dtype=torch.float64, device=device)
+    replicated = torch.zeros((), dtype=torch.float64, device=device)
+    for g, local in zip(grads, locals_, strict=True):
+        squares = local.double().pow(2).sum()
+        if isinstance(g, DTensor) and any(isinstance(pl, Shard) for pl in g.placements):
+            sharded = sharded + squares
+        else:
+            replicated = replicated + squares
+    if shard_group is not None:
+        torch.distributed.all_reduce(sharded, group=shard_group)
+    total = (sharded + replicated).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for local in locals_:
+        local.mul_(coef.to(local.dtype))
+    return total.float()

@@ -1,0 +1,176 @@
+"""Megatron-style tensor parallelism for lmforge's Decoder and Encoder, applied from outside the model.
+
+    parallelize(model, tp_mesh, sequence_parallel=False, loss_parallel=True)
+
+torch's DTensor styles do the work (torch.distributed.tensor.parallel); this module only says which module gets
+which style, in torchtitan's `parallelize_*` shape:
+
+- attn.qkv and mlp.up: column-parallel (output features sharded); attn.out and mlp.down: row-parallel (input
+  features sharded, outputs summed by one all-reduce, or reduce-scattered over the sequence with sequence
+  parallelism). Two all-reduces per block forward, two in backward.
+- embed_tokens: vocabulary-parallel (rows sharded; each rank looks up the ids in its range, the partial
+  embeddings are summed). The LM head (lm_head / mlm_head.decoder): vocabulary-parallel columns; with
+  `loss_parallel` its logits stay sharded over the vocabulary (a DTensor) and the objective's cross-entropy
+  runs under `torch.distributed.tensor.parallel.loss_parallel()` (the strategy enters it), so no rank ever
+  holds full (B, T, V) logits. Without it the logits are gathered (generation).
+- sequence_parallel: norms (and dropout) run on sequence shards (B, T/tp, C); the column-parallel inputs
+  all-gather the sequence and the row-parallel outputs reduce-scatter it.
+
+Fused projections (what torch does not provide): `qkv.weight` holds the query rows, then the key rows, then the
+value rows; a plain column split would give rank 0 all queries and rank 1 the keys and values. `parallelize`
+permutes those rows in place once, to [q_0 k_0 v_0 | q_1 k_1 v_1 | ...], before sharding, so each rank's
+contiguous shard holds whole heads of each (and likewise gate/up rows of a gated MLP). Each attention module
+gets a config with its local head counts. `canonical_pieces` turns a sharded tensor of that order back into
+pieces of the original order for checkpoints, so a checkpoint never depends on the layout that wrote it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+__all__ = ["check_divisible", "fused_rows", "parallelize", "canonical_pieces", "is_tensor_parallel"]
+
+
+def check_divisible(config, tp: int) -> None:
+    """Raise ValueError naming the size that tensor parallelism of degree `tp` cannot split evenly."""
+    sizes = {"n_head": config.n_head, "n_kv_head": config.n_kv_head, "d_ff": config.d_ff,
+             "vocab_size": config.vocab_size}
+    bad = {k: v for k, v in sizes.items() if v % tp}
+    if bad:
+        detail = ", ".join(f"{k}={v}" for k, v in bad.items())
+        raise ValueError(f"tensor parallelism of degree {tp} needs n_head, n_kv_head, d_ff and vocab_size "
+                         f"divisible by {tp}; this model has {detail}")
+
+
+def fused_rows(model: nn.Module) -> dict[str, list[int]]:
+    """State-dict name of every fused projection parameter -> the row counts of its parts, in order
+    ([queries, keys, values] for attn.qkv, [gate, up] for a gated mlp.up)."""
+    cfg = model.config
+    qkv = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
+    out: dict[str, list[int]] = {}
+    for i, layer in enumerate(model.layers):
+        for name in ("weight", "bias"):
+            if getattr(layer.attn.qkv, name) is not None:
+                out[f"layers.{i}.attn.qkv.{name}"] = qkv
+            if cfg.gated_mlp and getattr(layer.mlp.up, name) is not None:
+                out[f"layers.{i}.mlp.up.{name}"] = [cfg.d_ff, cfg.d_ff]
+    return out
+
+
+@torch.no_grad()
+def _interleave_rows(param: Tensor, parts: list[int], tp: int) -> None:
+    """Permute rows in place from [part_0 | part_1 | ...] to [part_0[r] part_1[r] ... for each rank r]."""
+    pieces = [p.chunk(tp) for p in param.split(parts)]
+    param.copy_(torch.cat([pieces[j][r] for r in range(tp) for j in range(len(parts))]))
+
+
+def is_tensor_parallel(tensor: Tensor) -> bool:
+    """True for a DTensor sharded over a mesh dimension named "tp"."""
+    return (isinstance(tensor, DTensor) and "tp" in (tensor.device_mesh.mesh_dim_names or ())
+            and tensor.device_mesh.size() > 1)
+
+
+def canonical_pieces(tensor: Tensor, parts: list[int]) -> list[Tensor]:
+    """The parts of a fused parameter (or its optimizer state) in the model's own row order.
+
+    A tensor-parallel DTensor (rows in the order `parallelize` made) gives one DTensor per part, each row-sharded
+    over the same mesh, whose local tensors are views of this rank's shard (loading into them writes the
+    parameter in place). Any other tensor (plain, or sharded by FSDP over the data-parallel mesh) gives plain
+    tensors: gathered and split, so they are copies for a sharded one.
+    """
+    if is_tensor_parallel(tensor):
+        tp = tensor.device_mesh.size()
+        local = tensor.to_local()
+        return [DTensor.from_local(piece, tensor.device_mesh, [Shard(0)], run_check=False)
+                for piece in local.split([n // tp for n in parts])]
+    full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return list(full.split(parts))
+
+
+def _local_config(config, tp: int):
+    """The config an attention module computes with: its shard's head counts, the same head size."""
+    return dataclasses.replace(config, n_head=config.n_head // tp, n_kv_head=config.n_kv_head // tp,
+                               head_dim=config.head_dim)
+
+
+def parallelize(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False,
+                loss_parallel: bool = True) -> nn.Module:
+    """Shard `model` (a lmforge Decoder or Encoder, on its device) over the 1-D mesh `tp_mesh`, in place.
+
+    loss_parallel: keep the LM head's logits sharded over the vocabulary (a DTensor (B, T, V) with Shard(2));
+        the caller computes cross-entropy inside `torch.distributed.tensor.parallel.loss_parallel()`. False
+        gathers them into an ordinary tensor (generation, any other use of the logits).
+    sequence_parallel: norms and the residual stream sharded over the sequence (T must be divisible by the
+        degree). Not for an encoder with a classification head (it reads the first token of every row).
+    Raises ValueError for sizes the degree does not divide, or a mesh that is not 1-D.
+    Returns the model (its parameters are now DTensors or, for norms without sequence parallelism and
+    position embeddings, ordinary tensors replicated on every rank).
+    """
+    if tp_mesh.ndim != 1:
+        raise ValueError(f"parallelize needs a 1-D tensor-parallel mesh, got {tp_mesh.ndim} dimensions")
+    tp = tp_mesh.size()
+    cfg = model.config
+    check_divisible(cfg, tp)
+    if sequence_parallel and cfg.arch == "encoder" and cfg.head == "classify":
+        raise ValueError("sequence parallelism does not fit an encoder with a classification head (it reads "
+                         "each row's first token, which only one rank holds); leave it off")
+    sp = sequence_parallel
+    residual = Shard(1) if sp else Replicate()  # the layout of the stream between blocks
+
+    for name, parts in fused_rows(model).items():
+        _interleave_rows(model.get_parameter(name), parts, tp)
+    block_plan = {
+        "attn.qkv": ColwiseParallel(),
+        "attn.out": RowwiseParallel(output_layouts=residual),
+        "mlp.up": ColwiseParallel(input_layouts=residual),
+        "mlp.down": RowwiseParallel(output_layouts=residual),
+    }
+    if sp:
+        # Attention reads its input's sequence length: it gets the whole sequence (one all-gather), as a
+        # DTensor, so that qkv's column-parallel backward hands a partial gradient straight back to this
+        # redistribution, which reduce-scatters it (an ordinary tensor here would cost a full all-reduce).
+        rest = (None,) * 6  # mask, is_causal, rotary, input_pos, kv_len, cache_rows
+        block_plan["attn"] = PrepareModuleInput(input_layouts=(Shard(1), *rest),
+                                                desired_input_layouts=(Replicate(), *rest))
+        block_plan["attn_norm"] = SequenceParallel(use_local_output=True)
+        block_plan["mlp_norm"] = SequenceParallel(use_local_output=True)
+    for layer in model.layers:
+        parallelize_module(layer, tp_mesh, block_plan)
+        layer.attn.config = _local_config(cfg, tp)
+
+    embeddings = ["embed_tokens"] + ([n for n in ("embed_positions", "embed_types")
+                                      if getattr(model, n, None) is not None] if sp else [])
+    plan = {name: RowwiseParallel(input_layouts=Replicate(), output_layouts=residual) for name in embeddings}
+    logits = Shard(-1) if loss_parallel else Replicate()
+    if cfg.arch == "decoder":
+        if sp:
+            plan["norm"] = SequenceParallel(use_local_output=True)
+        plan["lm_head"] = ColwiseParallel(input_layouts=residual, output_layouts=logits,
+                                          use_local_output=not loss_parallel)
+        head, head_name = model.lm_head, "lm_head"
+    else:
+        if sp and cfg.embed_norm:
+            plan["embed_norm"] = SequenceParallel(use_local_output=True)
+        if model.mlm_head is not None:
+            if sp:  # the head's dense and norm run on the whole sequence, replicated
+                plan["mlm_head"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                                      use_local_output=True)
+            plan["mlm_head.decoder"] = ColwiseParallel(output_layouts=logits, use_local_output=not loss_parallel)
+        head, head_name = (model.mlm_head.decoder, "mlm_head.decoder") if model.mlm_head is not None else (None, "")
+    tied = cfg.tie_embeddings and head is not None and head.weight is model.embed_tokens.weight
+    parallelize_module(model, tp_mesh, plan)
+    if tied:  # both modules shard the same (vocab, C) matrix by rows: share the embedding's DTensor again
+        model.get_submodule(head_name).weight = model.embed_tokens.weight
+    return model

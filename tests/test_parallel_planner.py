@@ -1,0 +1,196 @@
+"""The memory planner (lmforge.parallel.planner, `lmforge plan`): its parameter counts against the built model,
+its per-block activations against the tensors autograd really saves, and its peak against the peak torch's
+allocator reaches in real training steps (the measurement of benchmarks/memory_plan.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.memory_plan import Case, measure, predict
+from lmforge.config import ModelConfig
+from lmforge.models import build_model
+from lmforge.parallel.planner import (
+    GiB,
+    Hardware,
+    Layout,
+    Workload,
+    count_parameters,
+    estimate,
+    layer_activations,
+    layouts,
+    max_batch,
+    parse_bytes,
+    plan,
+    train_command,
+)
+
+
+@pytest.mark.parametrize("name, changes", [("tiny-gpt2", {}), ("tiny-llama", {}), ("tiny-bert", {}),
+                                           ("tiny-roberta", {}), ("tiny-gpt2", {"tie_embeddings": False})])
+def test_parameter_counts_match_the_built_model(name, changes):
+    cfg = ModelConfig.from_name(name, **changes)
+    counts = count_parameters(cfg)
+    model = build_model(cfg)
+    unique = {id(p): p for p in model.parameters()}.values()
+    assert counts.total == sum(p.numel() for p in unique)
+    assert counts.layer == sum(p.numel() for p in model.layers[0].parameters())
+    assert counts.largest == max(p.numel() for p in unique)
+
+
+def test_bert_presets_have_the_published_sizes():
+    # BERT-base 110M and BERT-large 340M (Devlin et al.), less the pooler that masked-LM training leaves out
+    assert round(count_parameters(ModelConfig.from_name("bert-base-uncased")).total / 1e6) == 110
+    assert round(count_parameters(ModelConfig.from_name("bert-large-uncased")).total / 1e6) == 335
+
+
+def _saved_bytes(block: torch.nn.Module, x: torch.Tensor, mask, is_causal, rotary, precision: str) -> int:
+    """Bytes of the distinct storages one block's forward saves for backward (parameters and the inputs
+    shared by every block excluded), counted by autograd's saved-tensor hooks."""
+    skip = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    skip |= {t.untyped_storage().data_ptr() for t in (mask, *(rotary or ())) if t is not None}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
+        block(x, mask, is_causal, rotary)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-bert"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_layer_activations_match_what_autograd_saves(name, precision, one_thread):
+    from lmforge.models.blocks import rotary_cos_sin
+
+    cfg = ModelConfig.from_name(name, d_model=64, d_ff=192, n_head=4)
+    B, T = 3, 40
+    block = build_model(cfg).layers[0].train()
+    x = torch.randn(B, T, cfg.d_model, requires_grad=True)
+    mask = torch.ones(B, 1, 1, T, dtype=torch.bool) if cfg.arch == "encoder" else None
+    rotary = (rotary_cos_sin(torch.arange(T).expand(B, T), cfg.head_dim, cfg.rope_theta, x.dtype)
+              if cfg.position == "rotary" else None)
+    measured = _saved_bytes(block, x, mask, cfg.arch == "decoder", rotary, precision)
+    predicted = sum(layer_activations(cfg, B, T, precision, "cpu", mask=mask is not None).values())
+    if precision == "bf16":  # autocast's cast weights, saved by each linear (the planner counts them apart)
+        predicted += 2 * count_parameters(cfg).layer_linear
+    assert predicted == pytest.approx(measured, rel=0.02)
+
+
+@pytest.mark.parametrize("case", [
+    Case("tiny-gpt2", 4, 64, sizes=(("vocab_size", 2000),)),
+    Case("tiny-llama", 8, 64, "bf16", checkpointing=True, sizes=(("n_layer", 4), ("d_model", 64), ("d_ff", 256))),
+    Case("tiny-bert", 4, 64, optimizer="sgd", sizes=(("vocab_size", 1000), ("d_ff", 256))),
+], ids=lambda c: c.name)
+def test_predicted_peak_within_15_percent_of_measured(case, one_thread):
+    measured = measure(case)  # torch.profiler's allocation records over two real training steps
+    predicted = predict(case).peak
+    assert predicted == pytest.approx(measured, rel=0.15), (predicted, measured)
+
+
+def _bert(precision: str = "fp32") -> Workload:
+    return Workload(ModelConfig.from_name("bert-base-uncased"), batch=16, seq=512, precision=precision)
+
+
+def test_layouts_cover_every_factorization_of_the_devices():
+    found = layouts(_bert(), 4)  # tp 4 does not divide BERT's vocabulary of 30,522
+    assert {(lay.dp, lay.tp, lay.pp) for lay in found} == {(4, 1, 1), (2, 2, 1), (2, 1, 2), (1, 2, 2), (1, 1, 4)}
+    assert all(lay.devices == 4 for lay in found)
+    assert not any(lay.strategy == "fsdp" and lay.tp > 1 for lay in found)
+    assert {lay.schedule for lay in found if lay.pp > 1} == {"gpipe", "1f1b"}
+    assert all(lay.activation_checkpointing for lay in layouts(_bert(), 4, checkpointing=True))
+
+
+def test_memory_moves_the_way_each_technique_promises():
+    w, hw = _bert(), Hardware()
+    single = estimate(w, Layout(), hw)
+    ac = estimate(w, Layout(activation_checkpointing=True), hw)
+    amp = estimate(_bert("bf16"), Layout(), hw)
+    fsdp = estimate(w, Layout(dp=4, strategy="fsdp"), hw)
+    allreduce = estimate(w, Layout(dp=4, strategy="allreduce"), hw)
+    gpipe = estimate(w, Layout(pp=2, schedule="gpipe", microbatches=8), hw)
+    one_f_one_b = estimate(w, Layout(pp=2, schedule="1f1b", microbatches=8), hw)
+    assert ac.peak < single.peak and amp.peak < single.peak
+    assert fsdp.parameters * 4 == pytest.approx(single.parameters, rel=1e-6)
+    assert fsdp.optimizer * 4 == pytest.approx(single.optimizer, rel=1e-6)
+    assert allreduce.buffers >= single.parameters  # the DistributedOptimizer's gradient buckets
+    assert one_f_one_b.peak < gpipe.peak
+    assert ac.step_time > single.step_time  # recomputation costs a forward
+    assert gpipe.bubble == pytest.approx(1 / 9)
+
+
+def test_plan_ranks_fitting_layouts_by_step_time_and_prints_their_command():
+    estimates = plan(_bert("bf16"), Hardware(memory=16 * GiB), 4, model="bert-base-uncased")
+    fits = [e for e in estimates if e.fits]
+    assert fits and estimates[:len(fits)] == fits
+    assert [e.step_time for e in fits] == sorted(e.step_time for e in fits)
+    assert all(e.peak <= Hardware().usable for e in fits)
+    assert fits[0].command.startswith("torchrun --nproc-per-node 4 -m lmforge train --model bert-base-uncased")
+
+
+def test_train_command_has_the_layout_flags():
+    cmd = train_command(_bert("bf16"), Layout(dp=2, pp=2, strategy="fsdp", schedule="gpipe", microbatches=4,
+                                              activation_checkpointing=True), "bert-base-uncased", "corpus")
+    assert cmd == ("torchrun --nproc-per-node 4 -m lmforge train --model bert-base-uncased --from-scratch --data "
+                   "corpus --run-dir runs/planned --block-size 512 --batch-size 8 --precision bf16 --strategy fsdp "
+                   "--dp 2 --tp 1 --pp 2 --pp-schedule gpipe --microbatches 4 --activation-checkpointing")
+    assert "--strategy allreduce --dp 1 --tp 2 --pp 1" in train_command(_bert(), Layout(tp=2))
+    assert train_command(_bert(), Layout(), "m").startswith("lmforge train --model m --data")
+
+
+def test_max_batch_is_the_largest_that_fits():
+    hw = Hardware(memory=16 * GiB)
+    for layout in (Layout(), Layout(dp=4, strategy="fsdp", activation_checkpointing=True)):
+        best = max_batch(_bert(), layout, hw)
+        assert best > 0
+        fits = estimate(Workload(_bert().config, best * layout.dp, 512), layout, hw)
+        over = estimate(Workload(_bert().config, (best + 1) * layout.dp, 512), layout, hw)
+        assert fits.fits and not over.fits
+
+
+def test_parse_bytes():
+    assert parse_bytes("16GB") == parse_bytes("16 GiB") == 16 * GiB
+    assert parse_bytes("512MB") == 512 * 2**20 and parse_bytes("1e9") == 10**9
+    for bad in ("", "lots", "-4GB", "16XB"):
+        with pytest.raises(ValueError, match="memory size"):
+            parse_bytes(bad)
+
+
+def test_cli_plan_table_json_and_nothing_fits(run_cli):
+    code, out, err = run_cli("plan", "--model", "bert-base-uncased", "--batch", "32", "--seq", "512", "--dtype",
+                             "bf16", "--devices", "4", "--device-memory", "16GB")
+    assert code == 0, err
+    assert "best:" in out and "torchrun --nproc-per-node 4 -m lmforge train" in out
+    code, out, err = run_cli("plan", "--model", "bert-base-uncased", "--batch", "32", "--seq", "512",
+                             "--devices", "4", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["best"]["fits"] and len(result["layouts"]) > 10
+    code, out, _ = run_cli("plan", "--model", "gpt2", "--batch", "8", "--seq", "1024", "--device-memory", "1GB")
+    assert code == 1 and "none fits" in out
+    code, out, _ = run_cli("plan", "--model", "smollm2-135m", "--batch", "4", "--seq", "2048", "--generate",
+                           "--dtype", "bf16", "--json")
+    kv = json.loads(out)["layouts"][0]["kv_cache"]
+    assert code == 0 and kv == 2 * 30 * 4 * 3 * 2048 * 64 * 2  # layers x batch x kv heads x slots x head size
+
+
+
+def test_generation_peak_within_15_percent_of_measured(one_thread):
+    from benchmarks.memory_plan import peak_allocated
+    from lmforge.parallel.planner import generation_plan
+
+    cfg = ModelConfig.from_name("tiny-llama", vocab_size=2000, d_model=128, d_ff=512, max_seq_len=256)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    ids = torch.randint(5, cfg.vocab_size, (4, 120))
+    with torch.no_grad():
+        measured = sum(p.numel() * 4 for p in model.parameters()) + peak_allocated(
+            lambda: model.generate(ids, max_new_tokens=2, do_sample=False))
+    predicted = generation_plan(cfg, 4, 122, "fp32", Hardware(device="cpu"), 1)[0].peak
+    assert predicted == pytest.approx(measured, rel=0.15), (predicted, measured)
