@@ -266,8 +266,7 @@ class _Exchange:
         self.table = torch.zeros(group.size, _HEADER_LEN, dtype=torch.int64)
         self.table[group.index] = torch.tensor(call.header(joined_at) + [int(speculated)])
         self.table = self.table.to(st.device)
-        pg = st.check_pg if group.is_global and st.check_pg is not None else group.pg
-        self.work = _guarded(call, lambda: dist.all_reduce(self.table, group=pg, async_op=True))
+        self.work = _guarded(call, lambda: dist.all_reduce(self.table, group=group.pg, async_op=True))
         self.data_work: Any = None  # this rank's speculative data collective, posted before the table arrived
         self.peers: _Peers | None = None
         self.error: Exception | None = None

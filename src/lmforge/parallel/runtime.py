@@ -50,7 +50,6 @@ class _State:
     last: tuple[int, ...] | None = None  # the last global call's header, if every rank agreed on it
     successor: dict[tuple[int, ...], tuple[int, ...]] = field(default_factory=dict)  # header -> next header
     pending: Any = None  # a speculative allreduce's exchange not yet checked (collectives._Exchange)
-    check_pg: Any = None  # the global set's signature exchanges run on this group of the same ranks
 
 
 _state: _State | None = None
@@ -153,9 +152,6 @@ def init(
         coordinate=bool(check or uneven_inputs),
         owns_group=owns_group,
     )
-    if _state.coordinate and size > 1:
-        # The check's signatures travel on connections of their own, so that they never queue behind data.
-        _state.check_pg = dist.new_group(backend=backend)
     if process_sets:
         from lmforge.parallel.process_sets import add_process_set
 
@@ -176,8 +172,6 @@ def shutdown() -> None:
     _forget_all()
     if _state.owns_group and dist.is_initialized():
         dist.destroy_process_group()
-    elif _state.check_pg is not None and dist.is_initialized():
-        dist.destroy_process_group(_state.check_pg)
     _state = None
 
 
