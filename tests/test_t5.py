@@ -199,6 +199,21 @@ def test_training_forward_has_gradients() -> None:
     assert model.decoder.layers[-1].cross.kv.weight.grad.abs().sum() > 0
 
 
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_feed_forward_drops_after_the_activation(gated: bool) -> None:
+    """T5 (as transformers' T5DenseActDense / T5DenseGatedActDense) drops the activation inside the
+    feed-forward while training: with rate 1 the block's feed-forward gives zeros, in eval mode it does not;
+    decoders and encoders of the other families have no such dropout."""
+    cfg = ModelConfig.from_name("tiny-t5", dropout=1.0, gated_mlp=gated,
+                                activation="gelu_tanh" if gated else "relu")
+    mlp = build_model(cfg).decoder.layers[0].mlp
+    x = torch.randn(2, 3, cfg.d_model)
+    assert torch.equal(mlp.train()(x), torch.zeros_like(x))
+    assert mlp.eval()(x).abs().sum() > 0
+    gpt = build_model(ModelConfig.from_name("tiny-gpt2", dropout=1.0)).layers[0].mlp.train()
+    assert gpt(torch.ones(2, 3, gpt.up.in_features)).abs().sum() > 0
+
 # --- generation ---------------------------------------------------------------------------------------------
 
 

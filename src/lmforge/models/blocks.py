@@ -163,13 +163,15 @@ class MLP(nn.Module):
         self.gated = config.gated_mlp
         self.up = nn.Linear(config.d_model, config.d_ff * (2 if self.gated else 1), bias=config.mlp_bias)
         self.down = nn.Linear(config.d_ff, config.d_model, bias=config.mlp_bias)
+        # T5 also drops inside the feed-forward, after the activation (GPT-2, Llama and BERT do not).
+        self.inner_dropout = nn.Dropout(config.dropout) if config.arch == "encoder-decoder" else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.up(x)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            return self.down(activation(self.activation, gate) * up)
-        return self.down(activation(self.activation, h))
+            return self.down(self.inner_dropout(activation(self.activation, gate) * up))
+        return self.down(self.inner_dropout(activation(self.activation, h)))
 
 
 class Block(nn.Module):
