@@ -290,26 +290,28 @@ def test_a_kill_while_writing_a_sharded_checkpoint_keeps_the_previous_one(tmp_pa
         _assert_same(res["losses"], res["state"], want_losses[2:], want_state)
 
 
-def evaluate_rank(name: str, dp: int, tp: int) -> dict[str, float]:
+def evaluate_rank(name: str, kind: str, dp: int, tp: int) -> dict[str, float]:
     from lmforge.parallel.strategy import make_strategy
     from lmforge.training import evaluate
 
-    strategy = make_strategy("ddp", dp=dp, tp=tp)
+    strategy = make_strategy(kind, dp=dp, tp=tp)
     model = strategy.shard(_model(name))
     return evaluate(model, _objective(name), _data(name), batch_size=4, strategy=strategy, max_batches=5)
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bert"])
 def test_evaluation_under_tensor_parallelism_equals_one_process(name):
-    """Loss and perplexity (and masked-LM accuracy) from vocabulary-sharded logits, batches split over dp."""
+    """Loss and perplexity (and masked-LM accuracy) from vocabulary-sharded logits, batches split over dp; 5
+    batches over 2 FSDP ranks, whose forwards are collective: the rank with fewer batches pads with one weighted
+    by 0 instead of leaving the other waiting."""
     from lmforge.training import evaluate
 
     want = evaluate(_model(name), _objective(name), _data(name), batch_size=4, max_batches=5)
-    for dp, tp in ((1, 2), (2, 1)):
-        for got in run(evaluate_rank, 2, name, dp, tp, timeout=120):
+    for kind, dp, tp in (("ddp", 1, 2), ("ddp", 2, 1), ("fsdp", 2, 1)):
+        for got in run(evaluate_rank, 2, name, kind, dp, tp, timeout=120):
             assert got.keys() == want.keys()
             for k in want:
-                assert got[k] == pytest.approx(want[k], rel=1e-6, abs=1e-6), (dp, tp, k)
+                assert got[k] == pytest.approx(want[k], rel=1e-6, abs=1e-6), (kind, dp, tp, k)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-bert"])

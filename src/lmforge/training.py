@@ -699,8 +699,11 @@ def evaluate(model: nn.Module, objective: Any, data: Any, batch_size: int = 16,
     concat = set(getattr(objective, "concat_stats", ()))
     totals: dict[str, Tensor] = {}
     parts: dict[str, list[Tensor]] = {k: [] for k in concat}
-    # A rank without a batch of its own runs one weighted by 0, so that every rank reduces the same keys.
-    batches = [(b, 1.0) for b in mine] or [(0, 0.0)]
+    # Every rank runs the same number of forwards (FSDP, tensor and pipeline parallel forwards are collective):
+    # a rank with fewer batches of its own pads with batch 0 weighted by 0; so does a rank with none, so that
+    # every rank reduces the same keys.
+    rounds = max(1, math.ceil(n_batches / strategy.world_size))
+    batches = [(b, 1.0) for b in mine] + [(0, 0.0)] * (rounds - len(mine))
     for b, weight in tqdm(batches, unit="batch", desc="evaluating", leave=False,
                           disable=not (progress and strategy.is_main)):
         items = [data[i] for i in range(b * batch_size, min(len(data), (b + 1) * batch_size))]
