@@ -383,7 +383,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, Tenso
     tmp = new_checkpoint_folder(run_dir, step, tag=str(os.getpid()))
     _save_file(model_state, tmp / "model.pt")
     _save_file(trainer_state, tmp / "trainer.pt")
-    return publish_checkpoint(tmp, keep_last)
+    return publish_checkpoint(tmp, step, keep_last)
 
 
 def new_checkpoint_folder(run_dir: str | Path, step: int, tag: str) -> Path:
@@ -398,18 +398,18 @@ def new_checkpoint_folder(run_dir: str | Path, step: int, tag: str) -> Path:
     return tmp
 
 
-def publish_checkpoint(tmp: Path, keep_last: int) -> Path:
+def publish_checkpoint(tmp: Path, step: int, keep_last: int) -> Path:
     """Make a filled temporary checkpoint folder the run's checkpoint step_N, atomically: every file and the
     folder fsynced, the folder renamed to its final name, the parent fsynced; then all but the last
     `keep_last` checkpoints deleted. A kill at any moment leaves the previous checkpoint intact."""
     root = tmp.parent
-    final = root / tmp.name[len(".tmp-"):].rsplit("-", 1)[0]
+    final = root / f"step_{step:08d}"
     for path in tmp.rglob("*"):
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
     _fsync_dir(tmp)
-    if os.environ.get(KILL_IN_CHECKPOINT_ENV) == str(int(final.name[5:])):
+    if os.environ.get(KILL_IN_CHECKPOINT_ENV) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
     if final.exists():  # re-saving a step (e.g. after resuming from it): move the old one aside first
         old = root / f".old-{final.name}-{os.getpid()}"

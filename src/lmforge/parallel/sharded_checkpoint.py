@@ -104,7 +104,7 @@ def save(run_dir: str | Path, step: int, model: nn.Module, optimizer: Optimizer,
     if rank == 0:
         with open(tmp / TRAINER_FILE, "wb") as f:
             torch.save(trainer_state, f)
-        final = publish_checkpoint(tmp, keep_last)
+        final = publish_checkpoint(tmp, step, keep_last)
     dist.barrier()
     return final
 
