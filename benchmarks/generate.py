@@ -2,17 +2,19 @@
 
     python benchmarks/generate.py                  # CPU: SmolLM2-135M; fp32, bf16, int8, the GGUF's Q4_1 kept
     python benchmarks/generate.py --skip-rss       # speed only
+    python benchmarks/generate.py --no-compile     # CPU: eager lmforge only
     python benchmarks/generate.py --device cuda    # GPU: bf16 batch 1 and 64, compiled step vs transformers eager
 
 Every case times whole generate calls (prefill included) of exactly --new-tokens tokens per row after a fixed
 English prompt, lmforge and its reference called in turn for --rounds rounds, and prints tokens/s (medians) and
-the per-round speed ratio lmforge / reference as median [min - max]. Batch-1 cases also print lmforge's fraction
-of the bandwidth bound: a decode step reads every weight once, so tokens/s <= read bandwidth / weight bytes (the
-bandwidth measured here by a streaming `sum`). References: transformers (the same weights, saved by lmforge as an
-HF folder and loaded by transformers, in the same dtype; int8 and Q4_1 against its float32) and, when
-llama-cpp-python is installed, llama.cpp on the same GGUF file (2 threads, greedy and 10 samples one after the
-other, as its Python API generates them). Peak resident memory (VmHWM) of `lmforge generate` and of the same
-generation with transformers, each in a fresh process.
+the per-round speed ratio lmforge / reference as median [min - max]. On the CPU lmforge runs eager, then with
+`compile=True` (the first call's compile time is printed); against llama.cpp it runs its compiled step. Batch-1
+cases also print lmforge's fraction of the bandwidth bound: a decode step reads every weight once, so tokens/s
+<= read bandwidth / weight bytes (the bandwidth measured here by a streaming `sum`). References: transformers
+(the same weights, saved by lmforge as an HF folder and loaded by transformers, in the same dtype; int8 and Q4_1
+against its float32) and, when llama-cpp-python is installed, llama.cpp on the same GGUF file (2 threads, greedy
+and 10 samples one after the other, as its Python API generates them). Peak resident memory (VmHWM) of
+`lmforge generate` and of the same generation with transformers, each in a fresh process.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -120,6 +123,13 @@ def rss_worker(side: str, dtype: str, folder: str) -> None:
     print(json.dumps({"peak_rss_mb": int(hwm.split()[1]) / 1024}))
 
 
+def compile_seconds(model: Decoder, ids: torch.Tensor, **kw) -> float:
+    """Wall seconds of the first `compile=True` call (tracing and compiling, or reading inductor's disk cache)."""
+    t = time.perf_counter()
+    generate_ids(model, ids, max_new_tokens=2, min_new_tokens=2, compile=True, **kw)
+    return time.perf_counter() - t
+
+
 def cpu_cases(args: argparse.Namespace, folder: Path, ids: torch.Tensor, bandwidth: float) -> None:
     cpu = torch.device("cpu")
     new, rounds = args.new_tokens, args.rounds
@@ -136,28 +146,39 @@ def cpu_cases(args: argparse.Namespace, folder: Path, ids: torch.Tensor, bandwid
               "Q4_1 kept": load_model(MODEL, keep_quantized=True)}
     for name, model in models.items():
         print(f"  {name}: {weight_bytes(model) / 1e6:.0f} MB of weights read per token")
+    modes = [False] if args.no_compile else [False, True]
     for name, model in models.items():
         ref_name = name if name in hf else "float32"
         bound = bandwidth / weight_bytes(model)
-        ours, theirs = alternate([lmforge_call(model, ids, new), transformers_call(hf[ref_name], ids, new)], rounds)
-        report(f"batch-1 greedy, {name}", 1, new, ours, theirs, f"transformers {ref_name}", bound)
-        if name in ("float32", "bfloat16"):
-            ours, theirs = alternate([lmforge_call(model, ids, new, **sampled),
-                                      transformers_call(hf[name], ids, new, **sampled)], rounds)
-            report(f"10 sampled, {name}", 10, new, ours, theirs, f"transformers {name}")
+        for compiled in modes if name != "Q4_1 kept" else [False]:
+            label = f"{name}{' compiled' if compiled else ''}"
+            if compiled:
+                print(f"  {label}: first call {compile_seconds(model, ids):.0f} s (compiling), batch of 10 "
+                      f"{compile_seconds(model, ids, **sampled):.0f} s", flush=True)
+            kw = {"compile": True} if compiled else {}
+            ours, theirs = alternate([lmforge_call(model, ids, new, **kw),
+                                      transformers_call(hf[ref_name], ids, new)], rounds)
+            report(f"batch-1 greedy, {label}", 1, new, ours, theirs, f"transformers {ref_name}", bound)
+            if name in ("float32", "bfloat16"):
+                ours, theirs = alternate([lmforge_call(model, ids, new, **sampled, **kw),
+                                          transformers_call(hf[name], ids, new, **sampled)], rounds)
+                report(f"10 sampled, {label}", 10, new, ours, theirs, f"transformers {name}")
     try:
         from llama_cpp import Llama
     except ImportError:
         print("llama.cpp: llama-cpp-python is not installed (pip install llama-cpp-python); skipped")
         return
     llm = Llama(model_path=str(packaged_path(MODEL)), n_threads=2, n_threads_batch=2, n_ctx=256, verbose=False)
+    best = {} if args.no_compile else {"compile": True}  # lmforge's fastest paths against llama.cpp
     for name in ("Q4_1 kept", "int8", "bfloat16"):
-        ours, theirs = alternate([lmforge_call(models[name], ids, new), llama_cpp_call(llm, ids, new, 1)], rounds)
-        report(f"batch-1 greedy, {name}", 1, new, ours, theirs, "llama.cpp Q4_1")
-    for name in ("Q4_1 kept", "bfloat16"):
-        ours, theirs = alternate([lmforge_call(models[name], ids, new, **sampled),
+        kw = best if name != "Q4_1 kept" else {}
+        ours, theirs = alternate([lmforge_call(models[name], ids, new, **kw), llama_cpp_call(llm, ids, new, 1)],
+                                 rounds)
+        report(f"batch-1 greedy, {name}{' compiled' if kw else ''}", 1, new, ours, theirs, "llama.cpp Q4_1")
+    for name in ("int8", "bfloat16"):
+        ours, theirs = alternate([lmforge_call(models[name], ids, new, **sampled, **best),
                                   llama_cpp_call(llm, ids, new, 10)], max(2, rounds // 2))
-        report(f"10 sampled, {name}", 10, new, ours, theirs, "llama.cpp Q4_1")
+        report(f"10 sampled, {name}{' compiled' if best else ''}", 10, new, ours, theirs, "llama.cpp Q4_1")
 
 
 def cuda_cases(args: argparse.Namespace, folder: Path, ids: torch.Tensor, bandwidth: float) -> None:
@@ -179,6 +200,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--skip-rss", action="store_true", help="no peak-memory measurements")
+    parser.add_argument("--no-compile", action="store_true", help="CPU: eager lmforge only (no compile=True cases)")
     parser.add_argument("--rss-only", action="store_true", help="only the peak-memory measurements")
     parser.add_argument("--rss-worker", nargs=3, metavar=("SIDE", "DTYPE", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -32,6 +33,7 @@ from lmforge.generation import (
 )
 from lmforge.io import load_model
 from lmforge.models import Decoder
+from lmforge.models.linear import quantize
 from lmforge.tokenizer import Tokenizer
 
 # --- fixtures: tiny random transformers models, saved and loaded back with lmforge.io -----------------------
@@ -166,17 +168,19 @@ def test_static_cuda_graph_path_matches(tiny_pair, kw, monkeypatch):
         buffers = k.data_ptr()
 
 
-def test_compiled_step_traces_whole_and_matches(tiny_pair, monkeypatch):
-    """torch.compile of the model's forward as the CUDA path calls it (fullgraph: no graph break anywhere in
-    a decode step), run here on the CPU with the default mode: same tokens as eager."""
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_compiled_step_traces_whole_and_matches(tiny_pair, weights, monkeypatch):
+    """`compile=True` as it runs on the CPU: the model's forward compiled whole by inductor (fullgraph: no graph
+    break anywhere in a decode step, quantized linears included), the same tokens as eager."""
     _, model = tiny_pair
+    if weights == "int8":
+        model = quantize(copy.deepcopy(model), "int8")
     torch._dynamo.reset()
-    monkeypatch.setattr(decode, "_compiled_steps", {})
-    monkeypatch.setattr(decode, "compiled_step",
-                        lambda m: decode._compiled_steps.setdefault(m, torch.compile(m.forward, fullgraph=True)))
+    monkeypatch.setattr(decode, "_compiled_steps", weakref.WeakKeyDictionary())
     ids, mask = _prompts([5, 3], pad=0)
     expected = generate_ids(model, ids, mask, max_new_tokens=6)
     assert torch.equal(generate_ids(model, ids, mask, max_new_tokens=6, compile=True), expected)
+    assert model in decode._compiled_steps  # the compiled step ran, not a fallback
 
 
 def _decode_vs_full(model, ids, mask, extra: torch.Tensor):

@@ -175,6 +175,10 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-quantized", action="store_true",
                    help="GGUF files: compute with the file's Q4_0 / Q4_1 / Q8_0 blocks as they are (CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the one-token step with torch.compile (decoders; always on CUDA): on the CPU "
+                        "the first call spends tens of seconds compiling (cached on disk for later runs), "
+                        "then each token costs less (benchmarks/generate.py)")
     p.add_argument("--max-length", type=int, help="prompt + new tokens, as in transformers")
     p.add_argument("--max-new-tokens", type=int, help="new tokens (instead of --max-length; default: "
                    "128, or what the model's context leaves)")
@@ -220,6 +224,8 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError("--stream cannot be combined with --num-beams (beam search's best hypothesis changes "
                          "until the end)")
     seq2seq = load_config(args.model).arch == "encoder-decoder"
+    if seq2seq and args.compile:
+        raise ValueError("--compile compiles a decoder's one-token step; an encoder-decoder (T5) decodes eagerly")
     if seq2seq and args.chat:
         raise ValueError("--chat wraps prompts in a decoder chat model's template; an encoder-decoder (T5) takes "
                          "the task in plain text, e.g. 'summarize: ...'")
@@ -236,6 +242,8 @@ def _generate(args: argparse.Namespace) -> int:
                                                                             "min_p"))
     if args.seed is not None:
         kwargs["generator"] = torch.Generator(device=device).manual_seed(args.seed)
+    if args.compile:
+        kwargs["compile"] = True
     n = kwargs.get("num_return_sequences", 1)
 
     def label(row: int) -> str:

@@ -7,9 +7,10 @@ decoder_input_ids), and the result is the decoder's ids, start token first, as t
 
 Greedy and sampled decoding (`token_loop`) and transformers' vectorised beam search (`beam_search`). Batches of
 prompts of different lengths are left-padded; each row gets position ids `cumsum(mask) - 1`, so its result equals
-running it alone. Several sequences or beams of one prompt share one prefill. On CUDA the one-token step is the
-model's forward compiled with CUDA graphs (`torch.compile(mode="reduce-overhead")`) over static cache buffers
-and a mask over the whole cache.
+running it alone. Several sequences or beams of one prompt share one prefill. On CUDA (and on the CPU with
+compile=True) the one-token step is the model's forward compiled whole over static cache buffers and a mask over
+the whole cache: with CUDA graphs (`torch.compile(mode="reduce-overhead")`) on CUDA, as inductor's C++ kernels on
+the CPU.
 
 Shapes: B rows being decoded, P prompt length, L cache length, V vocabulary.
 """
@@ -41,9 +42,12 @@ _compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def compiled_step(model: Decoder) -> Callable[..., Any]:
-    """The model's forward compiled once with CUDA graphs (mode="reduce-overhead", the whole graph)."""
+    """The model's forward compiled once, the whole graph: with CUDA graphs on CUDA (mode="reduce-overhead"),
+    as inductor's C++ kernels on the CPU (the elementwise work of a step fused, no per-op Python)."""
     if model not in _compiled_steps:
-        _compiled_steps[model] = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        cuda = model.norm.weight.device.type == "cuda"
+        _compiled_steps[model] = torch.compile(model.forward, mode="reduce-overhead" if cuda else None,
+                                               fullgraph=True)
     return _compiled_steps[model]
 
 
@@ -348,7 +352,7 @@ def prepare(model: Decoder | EncoderDecoder, input_ids: Tensor, attention_mask: 
             raise ValueError(f"{given[0]} applies to encoder-decoder models (T5); this {model.config.family} "
                              f"decoder continues input_ids")
     elif options.get("compile"):
-        raise ValueError("compile=True (CUDA graphs of the decode step) is for decoder-only models; an "
+        raise ValueError("compile=True (the compiled decode step) is for decoder-only models; an "
                          "encoder-decoder (T5) decodes eagerly")
     device = (model.encoder if seq2seq else model).norm.weight.device
     input_ids = input_ids.to(device=device, dtype=torch.long)
@@ -401,8 +405,9 @@ def generate_ids(model: Decoder | EncoderDecoder, input_ids: Tensor, attention_m
     attention_mask: (B, P), 1 for real tokens (inferred from the pad id when it is no eos id, else all ones).
     kwargs: the decoding settings of `resolve_settings` (max_length counts the decoder's tokens, start token
     included, for an encoder-decoder, as in transformers), plus seed (int) or generator (torch.Generator) for
-    sampling, tokenizer (for stop_strings), compile (decoders; default: on CUDA, the one-token step compiled
-    with CUDA graphs over static cache buffers), and for encoder-decoders decoder_start_token_id or
+    sampling, tokenizer (for stop_strings), compile (decoders; default: on CUDA; the one-token step compiled
+    over static cache buffers, with CUDA graphs on CUDA, as C++ kernels on the CPU, where the first call
+    spends tens of seconds compiling), and for encoder-decoders decoder_start_token_id or
     decoder_input_ids (B, P') (the decoder's prompt).
     Raises TypeError/ValueError for bad inputs or settings, naming them.
     """
