@@ -253,8 +253,9 @@ class MeshStrategy(Distributed):
 
     rank / world_size / group are the data-parallel coordinate, degree and group (the loop shards the data
     over dp; tensor-parallel peers see the same batch); is_main is global rank 0. Data parallelism is "fsdp"
-    (FSDP2 `fully_shard`, tp == 1) or "ddp" (replicas whose gradients are averaged over dp by one flat
-    all-reduce after the step's last backward, as DDP does, here also across tensor-parallel shards).
+    (FSDP2 `fully_shard`, with tp > 1 the 2-D FSDP x TP) or "ddp" (replicas whose gradients are averaged over
+    dp by one flat all-reduce after the step's last backward, as DDP does, here also across tensor-parallel
+    shards).
     Checkpoints are sharded and layout-independent (`sharded_checkpoint`): a run resumes in another layout.
     """
 
@@ -310,9 +311,7 @@ class MeshStrategy(Distributed):
             offset += g.numel()
 
     def clip_grad_norm(self, parameters: list[Tensor], max_norm: float) -> Tensor:
-        shard_group = (mesh_group(self.mesh, "tp") if self.layout.tp > 1
-                       else self.group if self.data_parallel == "fsdp" and self.layout.dp > 1 else None)
-        return clip_grad_norm(parameters, max_norm, shard_group)
+        return clip_grad_norm(parameters, max_norm)
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         if isinstance(tensor, DTensor):  # a loss under loss_parallel: the same value on every tp rank
