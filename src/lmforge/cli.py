@@ -731,11 +731,10 @@ def _check_layout(args: argparse.Namespace) -> None:
     if args.microbatches is not None and args.microbatches < 1:
         raise ValueError(f"--microbatches must be a positive integer, got {args.microbatches}")
     if args.pp > 1:
-        if args.strategy not in ("ddp", "allreduce") or args.tp != 1 or args.sequence_parallel \
-                or args.activation_checkpointing:
-            raise ValueError(f"--pp {args.pp} runs with --strategy ddp or allreduce, without --tp, "
-                             f"--sequence-parallel or --activation-checkpointing (pipeline x tensor parallelism "
-                             f"and pipeline x FSDP are not supported yet)")
+        if args.strategy not in ("ddp", "allreduce") or args.sequence_parallel or args.activation_checkpointing:
+            raise ValueError(f"--pp {args.pp} runs with --strategy ddp or allreduce (with --tp or without), "
+                             f"without --sequence-parallel or --activation-checkpointing (pipeline x FSDP is not "
+                             f"supported)")
         micro = args.microbatches or args.pp
         if (args.pp_schedule or "1f1b") == "1f1b" and micro < args.pp:
             raise ValueError(f"the 1f1b schedule needs --microbatches >= --pp ({args.pp}), got {micro}")
