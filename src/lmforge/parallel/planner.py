@@ -575,8 +575,8 @@ def layouts(workload: Workload, devices: int, checkpointing: bool | None = None)
         strategies = ["single"] if dp == 1 else ["allreduce", "fsdp"]  # FSDP with tp > 1: 2-D FSDP x TP
         pipes = [("1f1b", 1)] if pp == 1 else [(s, m * pp) for s in SCHEDULES for m in (1, 2, 4, 8)]
         for strategy, (schedule, m), ac in itertools.product(strategies, pipes, acs):
-            if pp > 1 and (workload.config.arch != "decoder" or tp > 1 or strategy == "fsdp" or ac):
-                continue  # lmforge train's pipelines run decoders, without TP, FSDP or activation checkpointing
+            if pp > 1 and (workload.config.arch != "decoder" or strategy == "fsdp" or ac):
+                continue  # lmforge train's pipelines run decoders (with TP or without), without FSDP or checkpointing
             lay = Layout(dp, tp, pp, strategy, schedule, m, ac)
             try:
                 _check_layout(workload, lay)
