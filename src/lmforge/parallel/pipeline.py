@@ -20,9 +20,9 @@ vocabulary-parallel embedding on the first stage, the vocabulary-parallel head a
 cross-entropy on the last); activations between stages are ordinary (replicated) tensors. Gradients are
 averaged over "dp"; a head tied to the embedding is held by the first and the last stage, whose gradients of it
 are summed (shard by shard: the ranks of the same tp index hold the same rows), so both copies take the same
-optimizer steps. The loss is computed on the last stage
-with the objective's own loss, each schedule micro-batch weighted by its share of the step's loss terms
-(scale_grads=False), so PP gives the gradient of single-process training on the same global batch.
+optimizer steps. The loss is computed on the last stage with the objective's own loss, each schedule
+micro-batch weighted by its share of the step's loss terms (scale_grads=False), so PP gives the gradient of
+single-process training on the same global batch.
 
 What torch does not provide and is written here: the stage module over lmforge's decoder, the balanced split,
 the tied-weight and data-parallel gradient reductions (torch's schedules leave them to the user) and the
@@ -194,14 +194,16 @@ class _Step:
 
 
 class PipelineStrategy(Distributed):
-    """Pipeline (x data) parallelism: `pp` stages per replica, world size // pp replicas on a (dp, pp) mesh.
+    """Pipeline (x data, x tensor) parallelism: `pp` stages per replica, each over `tp` ranks, world size //
+    (pp x tp) replicas on a (dp, pp, tp) mesh.
 
     rank / world_size are the data-parallel index and degree (the loop shards data over replicas); every stage
     of a replica gets the same batch (only the first stage reads its input_ids, only the last its targets).
     schedule: "gpipe", "1f1b" or "interleaved-1f1b" (Megatron's: `stages_per_rank` stages per rank, rank r
     holding stages r, r + pp, ...; a smaller bubble for the same micro-batches); microbatches: schedule
     micro-batches per loop micro-batch (the loop's batch_size must be a multiple); split: layers per stage
-    (pp x stages_per_rank counts; default: balanced by parameter count).
+    (pp x stages_per_rank counts; default: balanced by parameter count); tp: tensor-parallel ranks per stage
+    (PP x TP; world size // (pp x tp) replicas).
     """
 
     def __init__(self, pp: int, dp: int | None = None, schedule: str = "1f1b", microbatches: int = 4,
