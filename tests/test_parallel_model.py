@@ -171,8 +171,9 @@ class _Stop(Exception):
     """Raised from on_step on every rank to end a run after its step-2 checkpoint (a planned interruption)."""
 
 
-def resume_rank(run_dir: str, first: tuple[str, int, int], second: tuple[str, int, int] | None) -> dict:
-    """Train in layout `first` until its step-2 checkpoint, then resume the run in layout `second`."""
+def resume_rank(run_dir: str, first: tuple[str, int, int], second: tuple[str, int, int, int] | None) -> dict:
+    """Train in layout `first` (strategy, dp, tp) until its step-2 checkpoint, then resume the run in layout
+    `second` (strategy, dp, tp[, pp]: a pipeline of 2 micro-batches per batch)."""
     from lmforge.parallel.strategy import make_strategy, run_training
 
     def stop(step: int, record: dict) -> None:
@@ -186,19 +187,21 @@ def resume_rank(run_dir: str, first: tuple[str, int, int], second: tuple[str, in
                      _config(GLOBAL_BATCH // 2 // dp, run_dir=run_dir, save_every=2), strategy, on_step=stop)
     if second is None:
         return {}
-    name, dp, tp = second
-    strategy = make_strategy(name, dp=dp, tp=tp)
+    name, dp, tp, *pp = second
+    strategy = make_strategy(name, dp=dp, tp=tp, pp=pp[0] if pp else 1, microbatches=2)
     model = _model("tiny-gpt2")
     result = run_training(model, CausalLM(), _data(), _config(GLOBAL_BATCH // 2 // dp, run_dir=run_dir,
                                                                save_every=2), strategy, resume=True)
     return {"first_step": result.history[0]["step"], "state": _plain(strategy.full_model(model).state_dict())}
 
 
-@pytest.mark.parametrize(("first", "second"), [(("ddp", 1, 2), ("fsdp", 2, 1)), (("ddp", 2, 2), ("fsdp", 2, 2))])
-def test_a_tensor_parallel_run_resumes_as_fsdp_on_the_same_loss_curve(tmp_path, first, second):
+@pytest.mark.parametrize(("first", "second"), [(("ddp", 1, 2), ("fsdp", 2, 1)), (("ddp", 2, 2), ("fsdp", 2, 2)),
+                                               (("ddp", 2, 2), ("ddp", 1, 2, 2))])
+def test_a_tensor_parallel_run_resumes_in_another_layout_on_the_same_loss_curve(tmp_path, first, second):
     """tp2 (one data-parallel rank of batch 2) writes a sharded checkpoint at step 2; FSDP over 2 ranks (batch 1
     each) resumes it: the loss curve of steps 1-5 and the final weights are one process's. Likewise dp2 x tp2
-    resumed as 2-D FSDP x TP (the fused rows loaded into shards of shards)."""
+    resumed as 2-D FSDP x TP (the fused rows loaded into shards of shards) and as pp2 x tp2 (the sharded
+    checkpoint loaded into the tensor-parallel model before the pipeline cuts it)."""
     from lmforge.training import read_metrics
 
     results = run(resume_rank, first[1] * first[2], str(tmp_path), first, second, timeout=240)
