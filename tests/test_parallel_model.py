@@ -133,8 +133,8 @@ def test_bf16_autocast_in_every_layout_follows_the_single_process_bf16_run():
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_data_times_tensor_parallel_on_four_ranks_equals_one_process(name):
     """DP x TP (replicas averaged over dp) and 2-D FSDP x TP (each tensor-parallel shard sharded again over
-    dp by FSDP2), 2 x 2."""
-    layouts = [("ddp", 2, 2, False, False), ("fsdp", 2, 2, False, False)]
+    dp by FSDP2; also with sequence parallelism and activation checkpointing), 2 x 2."""
+    layouts = [("ddp", 2, 2, False, False), ("fsdp", 2, 2, False, False), ("fsdp", 2, 2, True, True)]
     results = run(layout_rank, 4, name, layouts, timeout=240)
     want_losses, want_state = _reference(name)
     for layout in layouts:
