@@ -92,7 +92,7 @@ BAD_INPUTS = [
     (["train", "--model", "{gpt2}", "--data", "{corpus}", "--run-dir", "{out}", "--strategy", "fsdp", "--pp", "2"],
      "--pp 2 runs with --strategy ddp or allreduce"),
     (["train", "--model", "{gpt2}", "--data", "{corpus}", "--run-dir", "{out}", "--strategy", "ddp", "--pp", "2",
-      "--tp", "2"], "pipeline x tensor parallelism"),
+      "--tp", "2", "--sequence-parallel"], "without --sequence-parallel or --activation-checkpointing"),
     (["train", "--model", "{gpt2}", "--data", "{corpus}", "--run-dir", "{out}", "--strategy", "ddp", "--pp", "2",
       "--microbatches", "1"], "1f1b schedule needs --microbatches >= --pp (2), got 1"),
     (["train", "--model", "{gpt2}", "--data", "{corpus}", "--run-dir", "{out}", "--strategy", "ddp", "--pp", "2",

@@ -132,11 +132,14 @@ def test_bf16_autocast_in_every_layout_follows_the_single_process_bf16_run():
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_data_times_tensor_parallel_on_four_ranks_equals_one_process(name):
-    layouts = [("ddp", 2, 2, False, False)]
+    """DP x TP (replicas averaged over dp) and 2-D FSDP x TP (each tensor-parallel shard sharded again over
+    dp by FSDP2; also with sequence parallelism and activation checkpointing), 2 x 2."""
+    layouts = [("ddp", 2, 2, False, False), ("fsdp", 2, 2, False, False), ("fsdp", 2, 2, True, True)]
     results = run(layout_rank, 4, name, layouts, timeout=240)
     want_losses, want_state = _reference(name)
-    for rank in range(4):
-        _assert_same(*results[rank][layouts[0]], want_losses, want_state)
+    for layout in layouts:
+        for rank in range(4):
+            _assert_same(*results[rank][layout], want_losses, want_state)
 
 
 # --- generation, a layout-changing resume, a killed rank ---------------------------------------------------
@@ -168,8 +171,9 @@ class _Stop(Exception):
     """Raised from on_step on every rank to end a run after its step-2 checkpoint (a planned interruption)."""
 
 
-def resume_rank(run_dir: str, first: tuple[str, int, int], second: tuple[str, int, int] | None) -> dict:
-    """Train in layout `first` until its step-2 checkpoint, then resume the run in layout `second`."""
+def resume_rank(run_dir: str, first: tuple[str, int, int], second: tuple[str, int, int, int] | None) -> dict:
+    """Train in layout `first` (strategy, dp, tp) until its step-2 checkpoint, then resume the run in layout
+    `second` (strategy, dp, tp[, pp]: a pipeline of 2 micro-batches per batch)."""
     from lmforge.parallel.strategy import make_strategy, run_training
 
     def stop(step: int, record: dict) -> None:
@@ -183,20 +187,24 @@ def resume_rank(run_dir: str, first: tuple[str, int, int], second: tuple[str, in
                      _config(GLOBAL_BATCH // 2 // dp, run_dir=run_dir, save_every=2), strategy, on_step=stop)
     if second is None:
         return {}
-    name, dp, tp = second
-    strategy = make_strategy(name, dp=dp, tp=tp)
+    name, dp, tp, *pp = second
+    strategy = make_strategy(name, dp=dp, tp=tp, pp=pp[0] if pp else 1, microbatches=2)
     model = _model("tiny-gpt2")
     result = run_training(model, CausalLM(), _data(), _config(GLOBAL_BATCH // 2 // dp, run_dir=run_dir,
                                                                save_every=2), strategy, resume=True)
     return {"first_step": result.history[0]["step"], "state": _plain(strategy.full_model(model).state_dict())}
 
 
-def test_a_tensor_parallel_run_resumes_as_fsdp_on_the_same_loss_curve(tmp_path):
+@pytest.mark.parametrize(("first", "second"), [(("ddp", 1, 2), ("fsdp", 2, 1)), (("ddp", 2, 2), ("fsdp", 2, 2)),
+                                               (("ddp", 2, 2), ("ddp", 1, 2, 2))])
+def test_a_tensor_parallel_run_resumes_in_another_layout_on_the_same_loss_curve(tmp_path, first, second):
     """tp2 (one data-parallel rank of batch 2) writes a sharded checkpoint at step 2; FSDP over 2 ranks (batch 1
-    each) resumes it: the loss curve of steps 1-5 and the final weights are one process's."""
+    each) resumes it: the loss curve of steps 1-5 and the final weights are one process's. Likewise dp2 x tp2
+    resumed as 2-D FSDP x TP (the fused rows loaded into shards of shards) and as pp2 x tp2 (the sharded
+    checkpoint loaded into the tensor-parallel model before the pipeline cuts it)."""
     from lmforge.training import read_metrics
 
-    results = run(resume_rank, 2, str(tmp_path), ("ddp", 1, 2), ("fsdp", 2, 1), timeout=240)
+    results = run(resume_rank, first[1] * first[2], str(tmp_path), first, second, timeout=240)
     want_losses, want_state = _reference("tiny-gpt2")
     records = [r for r in read_metrics(tmp_path) if r["split"] == "train"]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
@@ -240,14 +248,16 @@ def test_a_killed_rank_ends_the_job_with_a_clear_error_and_resume_continues(tmp_
         _assert_same(res["losses"], res["state"], want_losses[2:], want_state)
 
 
-def test_a_sharded_checkpoint_resumes_in_one_process_and_loads_as_a_model(tmp_path):
-    """dp1 x tp2 stops after its step-2 checkpoint; one process (no process group) resumes it to step 5 with
-    one process's loss curve and weights; `load_model` (what `lmforge export` uses) reads a sharded checkpoint."""
+@pytest.mark.parametrize("layout", [("ddp", 1, 2), ("fsdp", 2, 2)])
+def test_a_sharded_checkpoint_resumes_in_one_process_and_loads_as_a_model(tmp_path, layout):
+    """dp1 x tp2, or 2-D FSDP x TP 2 x 2 (fused rows sharded over tp, then over dp), stops after its step-2
+    checkpoint; one process (no process group) resumes it to step 5 with one process's loss curve and weights;
+    `load_model` (what `lmforge export` uses) reads a sharded checkpoint."""
     from lmforge.io import load_model
     from lmforge.io.hf import write_config
     from lmforge.training import latest_checkpoint, read_metrics
 
-    run(resume_rank, 2, str(tmp_path), ("ddp", 1, 2), None, timeout=240)
+    run(resume_rank, layout[1] * layout[2], str(tmp_path), layout, None, timeout=240)
     step2 = latest_checkpoint(tmp_path)
     assert step2.name == "step_00000002" and (step2 / ".metadata").is_file()
     write_config(_model("tiny-gpt2").config, tmp_path)  # as `lmforge train` records its run

@@ -14,6 +14,7 @@ import pytest
 import torch
 from parallel_helpers import run
 from test_parallel_training import _torchrun_cli, cli_run  # noqa: F401 (a fixture)
+from torch.distributed.tensor import DTensor
 
 from lmforge.config import ModelConfig
 from lmforge.data import TokenBlocks
@@ -73,19 +74,24 @@ def _assert_same(actual: dict[str, np.ndarray], expected: dict[str, torch.Tensor
 # --- ranks ----------------------------------------------------------------------------------------------
 
 
-def pipeline_rank(runs: list[tuple[str, str, dict]], pp: int) -> dict[str, dict]:
+def pipeline_rank(runs: list[tuple[str, str, dict]], pp: int, tp: int = 1) -> dict[str, dict]:
     """Train each (model, schedule, config overrides) under PipelineStrategy; return each run's losses, the
-    whole model (`full_model`), and this rank's own stage parameters after the last step."""
+    whole model (`full_model`), and this rank's own stage parameters after the last step (tensor-parallel
+    ones gathered over the stage's tp ranks)."""
+    from lmforge.parallel.sharded_checkpoint import full_state_dict
+    from lmforge.parallel.tensor_parallel import fused_rows
+
     out = {}
     for name, schedule, kw in runs:
-        strategy = PipelineStrategy(pp=pp, schedule=schedule, microbatches=MICRO)
+        strategy = PipelineStrategy(pp=pp, tp=tp, schedule=schedule, microbatches=MICRO)
         model = _model(name)
+        fused = fused_rows(model)
         own = {}
 
-        def on_step(step: int, record: dict, strategy=strategy, own=own) -> None:
+        def on_step(step: int, record: dict, strategy=strategy, own=own, fused=fused) -> None:
             if step == STEPS:
-                own.update({k: v.detach().numpy().copy() for stage in strategy.stages
-                            for k, v in stage.state_dict().items()})
+                own.update({k: v.numpy().copy() for stage in strategy.stages
+                            for k, v in full_state_dict(stage, fused).items()})
 
         result = run_training(model, CausalLM(), _data(), _config(BATCH, **kw), strategy, on_step=on_step,
                               eval_data=_eval_data())
@@ -97,7 +103,8 @@ def pipeline_rank(runs: list[tuple[str, str, dict]], pp: int) -> dict[str, dict]
             "losses": [r["loss"] for r in result.history if r["split"] == "train"], "own": own,
             "eval": result.eval_metrics,
             "model": {k: v.detach().numpy().copy() for k, v in strategy.full_model(model).state_dict().items()},
-            "stage": strategy.stage_index, "dp": strategy.rank}
+            "stage": strategy.stage_index, "dp": strategy.rank,
+            "tensor_parallel": sum(isinstance(p, DTensor) for p in strategy.stage.parameters())}
     return out
 
 
@@ -141,31 +148,65 @@ def test_dp_x_pp_2x2_equals_single_process_on_the_global_batch():
         _check(results, f"{name}/{schedule}", _reference(name, 2 * BATCH, **kw))
 
 
-def checkpoint_rank(run_dir: str, precision: str) -> list[float]:
-    strategy = PipelineStrategy(pp=2, schedule="1f1b", microbatches=2)
+def test_pp_x_tp_2x2_equals_single_process():
+    """PP x TP: each stage's modules tensor-parallel over its 2 ranks (the vocabulary-parallel embedding on the
+    first stage, head and loss on the last; GPT-2's tied embedding and head summed shard by shard)."""
+    runs = [("tiny-gpt2", "1f1b", {"grad_accum": 2}), ("tiny-llama", "gpipe", {})]
+    results = run(pipeline_rank, 4, runs, 2, 2, timeout=240)
+    assert [(results[r]["tiny-gpt2/1f1b"]["stage"], results[r]["tiny-gpt2/1f1b"]["dp"]) for r in range(4)] == \
+        [(0, 0), (0, 0), (1, 0), (1, 0)]
+    assert all(res["tiny-gpt2/1f1b"]["tensor_parallel"] > 0 for res in results)
+    for name, schedule, kw in runs:
+        _check(results, f"{name}/{schedule}", _reference(name, BATCH, **kw))
+
+
+@pytest.mark.slow
+def test_dp_x_pp_x_tp_2x2x2_equals_single_process_on_the_global_batch():
+    """8 ranks (about 30 s on 2 busy cores): 2 replicas of a 2-stage pipeline whose stages are tensor-parallel
+    over 2 ranks; GPT-2's tied head makes every reduction run (tie over the stage ends, tp shards, dp)."""
+    runs = [("tiny-gpt2", "1f1b", {})]
+    results = run(pipeline_rank, 8, runs, 2, 2, timeout=300)
+    assert [(res["tiny-gpt2/1f1b"]["dp"], res["tiny-gpt2/1f1b"]["stage"]) for res in results] == \
+        [(0, 0), (0, 0), (0, 1), (0, 1), (1, 0), (1, 0), (1, 1), (1, 1)]
+    _check(results, "tiny-gpt2/1f1b", _reference("tiny-gpt2", 2 * BATCH))
+
+
+def checkpoint_rank(run_dir: str, precision: str, tp: int = 1, resume: bool = False) -> dict:
+    """pp2 (x tp) 1f1b training with checkpoints every 3 steps (resumed from the latest one with `resume`);
+    the logged losses and the whole trained model."""
+    strategy = PipelineStrategy(pp=2, tp=tp, schedule="1f1b", microbatches=2)
     config = _config(BATCH, max_steps=STEPS if precision == "fp32" else 3, run_dir=run_dir, precision=precision,
                      save_every=3, keep_last=3)
-    result = run_training(_model("tiny-gpt2"), CausalLM(), _data(), config, strategy)
-    return [r["loss"] for r in result.history]
+    model = _model("tiny-gpt2")
+    result = run_training(model, CausalLM(), _data(), config, strategy, resume=resume)
+    return {"losses": [r["loss"] for r in result.history],
+            "model": {k: v.numpy().copy() for k, v in strategy.full_model(model).state_dict().items()}}
 
 
-def test_a_pipeline_checkpoint_resumes_in_one_process_on_the_same_curve(tmp_path):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_pipeline_checkpoint_resumes_in_one_process_on_the_same_curve(tmp_path, tp):
     """The pipeline's checkpoint is the single-process format (model and optimizer state gathered from the
-    stages): one process resumes its step-3 checkpoint and ends where 5 uninterrupted single-process steps
-    end."""
-    run(checkpoint_rank, 2, str(tmp_path / "run"), "fp32", timeout=120)
+    stages, tensor-parallel shards gathered in the model's row order): one process resumes its step-3
+    checkpoint and ends where 5 uninterrupted single-process steps end. pp2 x tp2 also resumes it itself (the
+    single-process tensors sharded again, optimizer state included)."""
+    run(checkpoint_rank, 2 * tp, str(tmp_path / "run"), "fp32", tp, timeout=180)
     shutil.rmtree(latest_checkpoint(tmp_path / "run"))  # as if killed after step 3's checkpoint
     assert latest_checkpoint(tmp_path / "run").name == "step_00000003"
+    losses, state, _ = _reference("tiny-gpt2", BATCH)
+    if tp > 1:
+        for res in run(checkpoint_rank, 2 * tp, str(tmp_path / "run"), "fp32", tp, True, timeout=180):
+            _assert_same(res["model"], state, "pp2 x tp2 resumed")
+        np.testing.assert_allclose(res["losses"], losses[3:], rtol=0, atol=1e-5)  # (logged on every rank)
+        shutil.rmtree(latest_checkpoint(tmp_path / "run"))
     torch.set_num_threads(1)
     model = _model("tiny-gpt2")
     result = train(model, CausalLM(), _data(), _config(BATCH, run_dir=str(tmp_path / "run")), resume=True)
-    losses, state, _ = _reference("tiny-gpt2", BATCH)
     np.testing.assert_allclose([r["loss"] for r in result.history], losses[3:], rtol=0, atol=1e-5)
     _assert_same({k: v.numpy() for k, v in model.state_dict().items()}, state, "resumed")
 
 
 def test_pipeline_bf16_autocast_follows_single_process_bf16(tmp_path):
-    losses = run(checkpoint_rank, 2, str(tmp_path / "run"), "bf16", timeout=120)[0]
+    losses = run(checkpoint_rank, 2, str(tmp_path / "run"), "bf16", timeout=120)[0]["losses"]
     expected = _reference("tiny-gpt2", BATCH, max_steps=3, precision="bf16")[0]
     # bf16 rounding of activations sent between stages matches the single process's (same ops, same casts);
     # what remains is the order of bf16 accumulation across micro-batches.

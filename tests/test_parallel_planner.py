@@ -103,13 +103,15 @@ def test_layouts_cover_every_factorization_of_the_devices():
     # a GPT-2 shape whose vocabulary (padded to 50,304) tp 2 and 4 divide
     gpt = Workload(ModelConfig.from_name("gpt2", vocab_size=50304), batch=16, seq=512)
     found = layouts(gpt, 4)
-    assert {(lay.dp, lay.tp, lay.pp) for lay in found} == {(4, 1, 1), (2, 2, 1), (1, 4, 1), (2, 1, 2), (1, 1, 4)}
+    assert {(lay.dp, lay.tp, lay.pp) for lay in found} == {(4, 1, 1), (2, 2, 1), (1, 4, 1), (2, 1, 2), (1, 2, 2),
+                                                          (1, 1, 4)}
     assert all(lay.devices == 4 for lay in found)
-    assert not any(lay.strategy == "fsdp" and lay.tp > 1 for lay in found)
+    assert any(lay.strategy == "fsdp" and lay.tp > 1 for lay in found)  # 2-D FSDP x TP
     assert {lay.schedule for lay in found if lay.pp > 1} == {"gpipe", "1f1b"}
-    # what lmforge train refuses is not planned: pipelines with tp, FSDP or checkpointing, or of an encoder
-    assert not any(lay.pp > 1 and (lay.tp > 1 or lay.strategy == "fsdp" or lay.activation_checkpointing)
-                   for lay in found)
+    assert any(lay.pp > 1 and lay.tp > 1 for lay in found)  # PP x TP
+    # what lmforge train refuses is not planned: pipelines with FSDP or checkpointing, or of an encoder
+    assert not any(lay.pp > 1 and (lay.strategy == "fsdp" or lay.activation_checkpointing) for lay in found)
+    assert any(lay.dp > 1 and lay.pp > 1 and lay.tp > 1 for lay in layouts(gpt, 8))  # DP x PP x TP
     found = layouts(_bert(), 4)  # tp 4 does not divide BERT's vocabulary of 30,522
     assert {(lay.dp, lay.tp, lay.pp) for lay in found} == {(4, 1, 1), (2, 2, 1)}
     assert all(lay.activation_checkpointing for lay in layouts(_bert(), 4, checkpointing=True))
@@ -150,6 +152,28 @@ def test_train_command_has_the_layout_flags():
                    "--dp 2 --tp 1 --pp 2 --pp-schedule gpipe --microbatches 4 --activation-checkpointing")
     assert "--strategy allreduce --dp 1 --tp 2 --pp 1" in train_command(_bert(), Layout(tp=2))
     assert train_command(_bert(), Layout(), "m").startswith("lmforge train --model m --data")
+
+
+@pytest.mark.parametrize("devices", [4, 8])
+def test_every_planned_command_passes_lmforge_trains_layout_checks(devices, monkeypatch):
+    """What `lmforge plan` lists, `lmforge train` runs: each layout's command passes train's own validation of
+    the layout (the checks that refuse pipelines x FSDP, sequence parallelism without tp, ...) at its world
+    size; both families, with FSDP x TP, PP x TP and DP x PP x TP among them."""
+    import argparse
+    import shlex
+
+    from lmforge.cli import COMMANDS, _check_layout
+
+    parser = argparse.ArgumentParser()
+    COMMANDS["train"][1](parser)
+    gpt = Workload(ModelConfig.from_name("gpt2", vocab_size=50304), batch=64, seq=512)
+    found = [(w, lay) for w in (gpt, _bert()) for lay in layouts(w, devices)]
+    assert any(lay.strategy == "fsdp" and lay.tp > 1 for _, lay in found)
+    assert any(lay.pp > 1 and lay.tp > 1 for _, lay in found)
+    monkeypatch.setenv("WORLD_SIZE", str(devices))
+    for workload, lay in found:
+        args = shlex.split(train_command(workload, lay))
+        _check_layout(parser.parse_args(args[args.index("train") + 1:]))
 
 
 def test_max_batch_is_the_largest_that_fits():

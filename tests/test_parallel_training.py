@@ -234,8 +234,8 @@ def cli_run(tmp_path_factory):
     return arguments, root / "one"
 
 
-def _torchrun_cli(arguments: list[str]) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+def _torchrun_cli(arguments: list[str], nproc: int = 2) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m",
            "lmforge.cli", *arguments]
     proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=240)
@@ -274,13 +274,18 @@ def test_cli_train_data_parallel_under_torchrun_equals_the_single_process_run(st
 
 
 @pytest.mark.slow
-def test_cli_train_tensor_parallel_under_torchrun_saves_the_single_process_model(cli_run, tmp_path):
-    """`torchrun --nproc-per-node 2 -m lmforge.cli train --strategy ddp --tp 2 --activation-checkpointing`: the
-    HF folder rank 0 gathers and saves at the end holds the single-process run's weights."""
+@pytest.mark.parametrize(("nproc", "batch_size", "layout"),
+                         [(2, 4, ["--strategy", "ddp", "--tp", "2", "--activation-checkpointing"]),
+                          (4, 2, ["--strategy", "fsdp", "--tp", "2"])], ids=["tp2", "fsdp2xtp2"])
+def test_cli_train_tensor_parallel_under_torchrun_saves_the_single_process_model(cli_run, tmp_path, nproc,
+                                                                                 batch_size, layout):
+    """`torchrun --nproc-per-node 2 -m lmforge.cli train --strategy ddp --tp 2 --activation-checkpointing`, and
+    2-D FSDP x TP on 4 ranks (`--strategy fsdp --tp 2`, batch 2 per data-parallel rank): the HF folder rank 0
+    gathers and saves at the end holds the single-process run's weights."""
     from lmforge.io import load_model
 
     arguments, single = cli_run
-    _torchrun_cli([*arguments(4, tmp_path / "tp"), "--strategy", "ddp", "--tp", "2", "--activation-checkpointing"])
+    _torchrun_cli([*arguments(batch_size, tmp_path / "tp"), *layout], nproc)
     got = load_model(str(tmp_path / "tp" / "model")).state_dict()
     want = load_model(str(single / "model")).state_dict()
     # The key bias's gradient is zero in exact arithmetic (softmax ignores a shift shared by every key), so

@@ -618,7 +618,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="data parallelism under torchrun --nproc-per-node N (default: one process); "
                         "--batch-size is per data-parallel rank; fsdp: sharded (FSDP2, ZeRO-3)")
     p.add_argument("--dp", type=int, help="data-parallel degree (default: what --tp and --pp leave of the ranks)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1); with --strategy fsdp "
+                   "2-D FSDP x TP, with --pp each stage tensor-parallel")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree (default 1)")
     p.add_argument("--pp-schedule", choices=["gpipe", "1f1b", "interleaved-1f1b"],
                    help="--pp > 1: the pipeline schedule (default 1f1b; interleaved-1f1b: 2 stages per rank; "
@@ -630,7 +631,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequence-parallel", action="store_true",
                    help="--tp > 1: norms and dropout on sequence shards (--block-size divisible by --tp)")
     p.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each block's activations in backward instead of storing them (any layout)")
+                   help="recompute each block's activations in backward instead of storing them (any layout "
+                        "without --pp)")
     p.add_argument("--ps-servers", type=int, default=1, help="ps: server ranks, the first ones (default 1)")
     p.add_argument("--ps-mode", choices=["sync", "async", "bounded"], default="sync",
                    help="ps: consistency (default sync)")
@@ -739,11 +741,10 @@ def _check_layout(args: argparse.Namespace) -> None:
     if args.microbatches is not None and args.microbatches < 1:
         raise ValueError(f"--microbatches must be a positive integer, got {args.microbatches}")
     if args.pp > 1:
-        if args.strategy not in ("ddp", "allreduce") or args.tp != 1 or args.sequence_parallel \
-                or args.activation_checkpointing:
-            raise ValueError(f"--pp {args.pp} runs with --strategy ddp or allreduce, without --tp, "
-                             f"--sequence-parallel or --activation-checkpointing (pipeline x tensor parallelism "
-                             f"and pipeline x FSDP are not supported yet)")
+        if args.strategy not in ("ddp", "allreduce") or args.sequence_parallel or args.activation_checkpointing:
+            raise ValueError(f"--pp {args.pp} runs with --strategy ddp or allreduce (with --tp or without), "
+                             f"without --sequence-parallel or --activation-checkpointing (pipeline x FSDP is not "
+                             f"supported)")
         micro = args.microbatches or args.pp
         if (args.pp_schedule or "1f1b") == "1f1b" and micro < args.pp:
             raise ValueError(f"the 1f1b schedule needs --microbatches >= --pp ({args.pp}), got {micro}")

@@ -13,11 +13,16 @@ micro-batch, `sync` reduces gradients once per optimizer step, `save_checkpoint`
 single-process checkpoint format (so a run saved under a pipeline resumes in any layout), and `full_model` returns
 the whole trained model on every rank.
 
-Ranks form the (dp, pp, tp=1) DeviceMesh of `lmforge.parallel.mesh.Layout`: rank = dp_index * pp + stage.
-Gradients are averaged over "dp"; a head tied to the embedding is held by the first and the last stage, whose
-gradients of it are summed, so both copies take the same optimizer steps. The loss is computed on the last stage
-with the objective's own loss, each schedule micro-batch weighted by its share of the step's loss terms
-(scale_grads=False), so PP gives the gradient of single-process training on the same global batch.
+Ranks form the (dp, pp, tp) DeviceMesh of `lmforge.parallel.mesh.Layout`: rank = (dp_index * pp + stage) * tp +
+tp_index. PP x TP: `shard` applies tensor parallelism (`tensor_parallel.parallelize`, on the "tp" dimension) to
+the whole model before it is cut, so each stage's modules are the tensor-parallel ones of its tp sub-mesh (the
+vocabulary-parallel embedding on the first stage, the vocabulary-parallel head and the loss-parallel
+cross-entropy on the last); activations between stages are ordinary (replicated) tensors. Gradients are
+averaged over "dp"; a head tied to the embedding is held by the first and the last stage, whose gradients of it
+are summed (shard by shard: the ranks of the same tp index hold the same rows), so both copies take the same
+optimizer steps. The loss is computed on the last stage with the objective's own loss, each schedule
+micro-batch weighted by its share of the step's loss terms (scale_grads=False), so PP gives the gradient of
+single-process training on the same global batch.
 
 What torch does not provide and is written here: the stage module over lmforge's decoder, the balanced split,
 the tied-weight and data-parallel gradient reductions (torch's schedules leave them to the user) and the
@@ -27,7 +32,8 @@ Evaluation (`eval_stats`) runs the stages one after another on whole batches (pl
 stage computing the objective's statistics.
 
 Limits: decoders only (encoders are refused); batches without padding masks (packed LM blocks); no
-torch.compile of the stages; no fp16 gradient scaler (bf16 autocast works); no PP x TP or PP x FSDP.
+torch.compile of the stages; no fp16 gradient scaler (bf16 autocast works); no PP x FSDP, no sequence
+parallelism or activation checkpointing in a pipeline.
 """
 
 from __future__ import annotations
@@ -40,12 +46,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel as tensor_parallel_loss
 from torch.optim import Optimizer
 
 from lmforge.models.blocks import ModelOutput, check_input_ids, rotary_cos_sin
 from lmforge.parallel import mesh as meshes
+from lmforge.parallel import sharded_checkpoint
+from lmforge.parallel.plans import clip_grad_norm
 from lmforge.parallel.strategy import Distributed
-from lmforge.training import TrainConfig, save_checkpoint
+from lmforge.parallel.tensor_parallel import fused_rows, parallelize
+from lmforge.training import TrainConfig, load_checkpoint, save_checkpoint
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B}
 _BATCH_KEYS = ("input_ids", "labels")  # what a pipelined batch may hold (no padding masks)
@@ -163,6 +174,16 @@ def _replace_parameters(model: nn.Module, keep: set[int], make: Callable[[Tensor
             module._parameters[name] = memo[id(p)]
 
 
+def _local(tensor: Tensor) -> Tensor:
+    """A DTensor's local shard (what this rank reduces in place), or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _plain(value: Any) -> Any:
+    """A loss or statistic as an ordinary tensor: loss-parallel cross-entropy gives replicated DTensors."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
 class _Step:
     """What the loss function needs during one schedule step (set by forward_backward)."""
 
@@ -173,19 +194,21 @@ class _Step:
 
 
 class PipelineStrategy(Distributed):
-    """Pipeline (x data) parallelism: `pp` stages per replica, world size // pp replicas on a (dp, pp) mesh.
+    """Pipeline (x data, x tensor) parallelism: `pp` stages per replica, each over `tp` ranks, world size //
+    (pp x tp) replicas on a (dp, pp, tp) mesh.
 
     rank / world_size are the data-parallel index and degree (the loop shards data over replicas); every stage
     of a replica gets the same batch (only the first stage reads its input_ids, only the last its targets).
     schedule: "gpipe", "1f1b" or "interleaved-1f1b" (Megatron's: `stages_per_rank` stages per rank, rank r
     holding stages r, r + pp, ...; a smaller bubble for the same micro-batches); microbatches: schedule
     micro-batches per loop micro-batch (the loop's batch_size must be a multiple); split: layers per stage
-    (pp x stages_per_rank counts; default: balanced by parameter count).
+    (pp x stages_per_rank counts; default: balanced by parameter count); tp: tensor-parallel ranks per stage
+    (PP x TP; world size // (pp x tp) replicas).
     """
 
     def __init__(self, pp: int, dp: int | None = None, schedule: str = "1f1b", microbatches: int = 4,
                  split: list[int] | None = None, timeout: float = 60.0, backend: str | None = None,
-                 stages_per_rank: int = 2):
+                 stages_per_rank: int = 2, tp: int = 1):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown pipeline schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
         if microbatches < 1:
@@ -199,8 +222,8 @@ class PipelineStrategy(Distributed):
                              f"and microbatches a multiple of max(1, microbatches // pp) = {rounds} (got "
                              f"{microbatches})")
         super().__init__(timeout, backend)
-        self.layout = meshes.Layout.parse(dp=dp, pp=pp, tp=1)
-        self.pp, self.dp = self.layout.pp, self.layout.dp
+        self.layout = meshes.Layout.parse(dp=dp, pp=pp, tp=tp)
+        self.pp, self.dp, self.tp = self.layout.pp, self.layout.dp, self.layout.tp
         self.schedule_name, self.microbatches, self.split = schedule, microbatches, split
         self.virtual = stages_per_rank if schedule == "interleaved-1f1b" else 1
         self.mesh = self.layout.build(self.device.type)
@@ -208,10 +231,13 @@ class PipelineStrategy(Distributed):
         self.stage_index = meshes.coordinate(self.mesh, "pp")
         self.rank, self.world_size = meshes.coordinate(self.mesh, "dp"), self.dp
         self.is_first, self.is_last = self.stage_index == 0, self.stage_index == pp - 1
-        pp = self.pp
-        replicas = [[d * pp, d * pp + pp - 1] for d in range(self.dp)]  # first and last stage of each replica
-        tied_groups = [dist.new_group(ranks) for ranks in replicas] if pp > 1 else []  # every rank creates all
-        self.tied_group = tied_groups[self.rank] if tied_groups else None
+        tp_index = meshes.coordinate(self.mesh, "tp")
+        self.reports = self.is_last and tp_index == 0  # the one rank per replica whose loss and statistics count
+        pp, tp = self.pp, self.tp
+        # the first and the last stage of each replica, for each tp index (they hold the same rows of a tie)
+        ends = [[(d * pp) * tp + t, (d * pp + pp - 1) * tp + t] for d in range(self.dp) for t in range(tp)]
+        tied_groups = [dist.new_group(ranks) for ranks in ends] if pp > 1 else []  # every rank creates all
+        self.tied_group = tied_groups[self.rank * tp + tp_index] if tied_groups else None
         self.stage: nn.ModuleList | None = None  # this rank's DecoderStages
         self._step: _Step | None = None
         self._metric_names: list[str] | None = None
@@ -229,6 +255,39 @@ class PipelineStrategy(Distributed):
             raise ValueError("precision fp16 (a gradient scaler) is not supported with pipeline parallelism: each "
                              "stage would decide alone to skip a step on overflow; use bf16")
 
+    def shard(self, model: nn.Module) -> nn.Module:
+        """PP x TP: tensor parallelism over the "tp" dimension, on the whole model (before the loop builds the
+        optimizer; `prepare` cuts it into stages). Raises ValueError for a model the pipeline cannot split."""
+        stage_layers(model, self.pp * self.virtual, self.split)
+        if self.tp > 1:
+            parallelize(model, meshes.sub_mesh(self.mesh, "tp"), loss_parallel=True)
+        return model
+
+    def loss_parallel(self) -> contextlib.AbstractContextManager:
+        return tensor_parallel_loss() if self.tp > 1 else contextlib.nullcontext()
+
+    def load_checkpoint(self, path: Any, model: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
+        """A checkpoint of any layout into the (tensor-parallel) whole model, before `prepare` cuts it: the
+        single-process format (what pipelines write) is sharded rank by rank, without communication."""
+        if self.tp == 1 or sharded_checkpoint.is_sharded_checkpoint(path):
+            return super().load_checkpoint(path, model, optimizer)
+        model_state, state = load_checkpoint(path)
+        fused = fused_rows(model)
+        with torch.no_grad():
+            for name, value in model.state_dict().items():
+                if isinstance(value, DTensor):
+                    value.to_local().copy_(sharded_checkpoint.local_shard(model_state[name], value, fused.get(name)))
+                else:
+                    value.copy_(model_state[name])
+        optimizer.load_state_dict(state["optimizer"])
+        names = {id(p): n for n, p in model.named_parameters()}
+        for p, st in optimizer.state.items():
+            for key, v in st.items():
+                if isinstance(p, DTensor) and isinstance(v, Tensor) and v.shape == p.shape:
+                    local = sharded_checkpoint.local_shard(v, p, fused.get(names[id(p)]))
+                    st[key] = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False)
+        return state
+
     def prepare(self, model: nn.Module, optimizer: Optimizer) -> tuple[nn.Module, Optimizer]:
         """Cut `model` into this rank's stages, free the other stages' parameters (meta device), keep only
         these stages' parameters (and their state) in `optimizer`, in place, and build the schedule."""
@@ -245,7 +304,8 @@ class PipelineStrategy(Distributed):
             group["params"] = [p for p in group["params"] if id(p) in keep]
         for p in [p for p in optimizer.state if id(p) not in keep]:
             del optimizer.state[p]
-        _replace_parameters(model, keep, lambda p: torch.empty_like(p, device="meta"))
+        _replace_parameters(model, keep, lambda p: torch.empty_like(p.to_local() if isinstance(p, DTensor) else p,
+                                                               device="meta"))
         self.names = {id(p): names[id(p)] for p in self.stage.parameters()}
         tied = getattr(model.config, "tie_embeddings", False) and self.pp > 1
         self.tied = (self.stages[0].embed_tokens.weight if self.is_first else self.stages[-1].lm_head.weight) \
@@ -266,14 +326,15 @@ class PipelineStrategy(Distributed):
             loss, metrics = step.objective(lambda *a, **k: ModelOutput(logits=logits, last_hidden_state=None),
                                            batch)
         n = step.objective.n_targets(batch)
-        step.records.append((loss.detach(), metrics, n))
+        step.records.append((_plain(loss.detach()), {k: _plain(v) for k, v in metrics.items()}, n))
         return step.scaler.scale(loss * (n / max(1, step.n_targets) * step.weight))
 
     def forward_backward(self, model: nn.Module, objective: Any, batch: dict[str, Tensor], weight: float,
                          autocast: Callable[[], contextlib.AbstractContextManager],
                          scaler: torch.amp.GradScaler) -> tuple[Tensor, dict[str, Any]]:
         """Run the schedule over one loop micro-batch; the loss and metrics are the last stage's (zeros on the
-        other stages, so that the loop's sum over ranks divided by dp is the mean over replicas)."""
+        other stages and the last stage's other tp ranks, so that the loop's sum over ranks divided by dp is the
+        mean over replicas)."""
         self._check_batch(batch)
         rows = batch["input_ids"].shape[0]
         if rows % self.microbatches:
@@ -286,7 +347,7 @@ class PipelineStrategy(Distributed):
         args = (batch["input_ids"],) if self.is_first else ()
         self.schedule.step(*args, target=target)
         names = self._names()
-        if not self.is_last:
+        if not self.reports:
             zero = torch.zeros((), device=self.device)
             return zero, {k: zero for k in names}
         records = self._step.records[-self.microbatches:]  # the first step also ran a shape-inference call
@@ -325,9 +386,10 @@ class PipelineStrategy(Distributed):
                 self._send(x, index + 1)
         if self.is_last:  # x: the last stage's logits
             stats = objective.eval_stats(lambda *a, **k: ModelOutput(logits=x, last_hidden_state=None), batch)
+            stats = {k: _plain(v) for k, v in stats.items()}
         holder = [{k: (v.shape, v.dtype) for k, v in stats.items()} if stats is not None else None]
         dist.broadcast_object_list(holder, src=self._global(self.pp - 1), group=self.pp_group)
-        if stats is not None:
+        if self.reports:
             return stats
         return {k: torch.zeros(shape, dtype=dtype, device=self.device) for k, (shape, dtype) in holder[0].items()}
 
@@ -358,10 +420,13 @@ class PipelineStrategy(Distributed):
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        if self.tied is not None:
-            dist.all_reduce(self.tied.grad, group=self.tied_group)  # first + last stage's gradient of the tie
+            elif isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
+                p.grad = p.grad.redistribute(placements=p.placements)  # a vocabulary-parallel embedding's
+                # gradient comes out replicated: keep this rank's rows, as the tie's other copy has them
+        if self.tied is not None:  # first + last stage's gradient of the tie
+            dist.all_reduce(_local(self.tied.grad), group=self.tied_group)
         if self.dp > 1:
-            grads = [p.grad for p in params]
+            grads = [_local(p.grad) for p in params]
             flat = torch._utils._flatten_dense_tensors(grads)
             dist.all_reduce(flat, group=self.dp_group)
             flat /= self.dp
@@ -369,17 +434,10 @@ class PipelineStrategy(Distributed):
                 g.copy_(reduced)
 
     def clip_grad_norm(self, parameters: list[Tensor], max_norm: float) -> Tensor:
-        """Clip by the norm over every stage's gradients (a tied tensor counted once)."""
-        own = [p.grad for p in parameters if p.grad is not None and not (self.is_last and p is self.tied)]
-        sq = torch.stack([g.detach().float().pow(2).sum() for g in own]).sum() if own else \
-            torch.zeros((), device=self.device)
-        dist.all_reduce(sq, group=self.pp_group)
-        total = sq.sqrt()
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for p in parameters:
-            if p.grad is not None:
-                p.grad.mul_(coef)
-        return total
+        """Clip by the norm over every stage's gradients (a tied tensor counted once; tensor-parallel shards
+        summed over tp)."""
+        skip = (self.tied,) if self.is_last and self.tied is not None else ()
+        return clip_grad_norm(parameters, max_norm, sum_group=self.pp_group, skip=skip)
 
     def gather_object(self, obj: Any) -> list[Any]:
         gathered: list[Any] = [None] * dist.get_world_size()
@@ -390,13 +448,17 @@ class PipelineStrategy(Distributed):
 
     def _gather_stages(self, optimizer: Optimizer | None) -> list[dict[str, Any]]:
         """Every stage's parameters (and optimizer state) by model name, on CPU, from this rank's replica."""
-        cpu = {k: v.detach().cpu() for stage in self.stages for k, v in stage.state_dict().items()}
+        fused = fused_rows(self.model)  # tensor-parallel tensors are gathered (over tp) in the model's row order
+        cpu = {k: v.cpu() for stage in self.stages
+               for k, v in sharded_checkpoint.full_state_dict(stage, fused).items()}
         if self.tied is not None and self.is_last:
             cpu["embed_tokens.weight"] = cpu["lm_head.weight"]
         state = {}
         if optimizer is not None:
             for p, st in optimizer.state.items():
-                state[self.names[id(p)]] = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in st.items()}
+                name = self.names[id(p)]
+                state[name] = {k: sharded_checkpoint.full_tensor(v, fused.get(name)).cpu()
+                               if isinstance(v, Tensor) else v for k, v in st.items()}
         gathered: list[Any] = [None] * self.pp
         dist.all_gather_object(gathered, {"model": cpu, "optimizer": state}, group=self.pp_group)
         return gathered

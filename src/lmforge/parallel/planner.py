@@ -561,9 +561,9 @@ def _divisors(n: int) -> list[int]:
 
 def layouts(workload: Workload, devices: int, checkpointing: bool | None = None) -> list[Layout]:
     """Every layout of exactly `devices` ranks the workload allows and lmforge train runs: dp x tp x pp
-    factorizations, allreduce or FSDP (not with tp) on dp, GPipe or 1F1B with m in {p, 2p, 4p, 8p} on pp (decoders
-    only, without tp, FSDP or checkpointing), with and without activation checkpointing (only with when
-    `checkpointing` is True, only without when False)."""
+    factorizations, allreduce or FSDP (with tp: 2-D FSDP x TP) on dp, GPipe or 1F1B with m in {p, 2p, 4p, 8p}
+    on pp (decoders only, without FSDP or checkpointing), with and without activation checkpointing (only with
+    when `checkpointing` is True, only without when False)."""
     if devices < 1:
         raise ValueError(f"devices must be >= 1, got {devices}")
     out = []
@@ -572,12 +572,11 @@ def layouts(workload: Workload, devices: int, checkpointing: bool | None = None)
         if devices % (dp * tp):
             continue
         pp = devices // (dp * tp)
-        # FSDP shards over dp without tensor parallelism (lmforge.parallel.plans refuses FSDP x TP)
-        strategies = ["single"] if dp == 1 else ["allreduce"] + (["fsdp"] if tp == 1 else [])
+        strategies = ["single"] if dp == 1 else ["allreduce", "fsdp"]  # FSDP with tp > 1: 2-D FSDP x TP
         pipes = [("1f1b", 1)] if pp == 1 else [(s, m * pp) for s in SCHEDULES for m in (1, 2, 4, 8)]
         for strategy, (schedule, m), ac in itertools.product(strategies, pipes, acs):
-            if pp > 1 and (workload.config.arch != "decoder" or tp > 1 or strategy == "fsdp" or ac):
-                continue  # lmforge train's pipelines run decoders, without TP, FSDP or activation checkpointing
+            if pp > 1 and (workload.config.arch != "decoder" or strategy == "fsdp" or ac):
+                continue  # lmforge train's pipelines run decoders (with TP or without), without FSDP or checkpointing
             lay = Layout(dp, tp, pp, strategy, schedule, m, ac)
             try:
                 _check_layout(workload, lay)

@@ -34,7 +34,13 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
-from lmforge.parallel.tensor_parallel import canonical_pieces, fused_rows, is_tensor_parallel
+from lmforge.parallel.tensor_parallel import (
+    _interleave_rows,
+    canonical_pieces,
+    fused_rows,
+    is_tensor_parallel,
+    tp_degree,
+)
 from lmforge.training import new_checkpoint_folder, publish_checkpoint
 
 TRAINER_FILE = "trainer.pt"
@@ -66,13 +72,23 @@ def _split_fused(entries: dict[str, Any], fused: dict[str, list[int]],
 
 
 @torch.no_grad()
-def _copy_into(sharded: DTensor, pieces: list[Tensor]) -> None:
-    """Copy the whole tensor cat(pieces) into a DTensor's local shard (FSDP's Shard(0) over its mesh)."""
+def local_shard(full: Tensor, like: DTensor, parts: list[int] | None = None) -> Tensor:
+    """This rank's local tensor of `full` (a whole tensor in the model's own row order; `parts`: its row counts
+    when it is a fused projection) laid out as the DTensor `like` (tensor parallel, FSDP, both): the inverse of
+    `full_tensor`, without communication."""
     from torch.distributed.tensor import distribute_tensor
 
-    full = torch.cat(pieces)
-    local = distribute_tensor(full, sharded.device_mesh, sharded.placements, src_data_rank=None).to_local()
-    sharded.to_local().copy_(local)
+    tp = tp_degree(like)
+    if parts is not None and tp > 1:  # to `parallelize`'s row order
+        full = full.clone()
+        _interleave_rows(full, parts, tp)
+    return distribute_tensor(full.detach(), like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+@torch.no_grad()
+def _copy_into(sharded: DTensor, pieces: list[Tensor]) -> None:
+    """Copy the whole tensor cat(pieces) (parts in the model's row order) into a DTensor's local shard."""
+    sharded.to_local().copy_(local_shard(torch.cat(pieces), sharded, [len(p) for p in pieces]))
 
 
 def _state(model: nn.Module, optimizer: Optimizer,
@@ -147,16 +163,18 @@ def load_model_weights(path: str | Path, model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+def full_tensor(value: Tensor, parts: list[int] | None = None) -> Tensor:
+    """The whole tensor of a (possibly sharded) parameter or optimizer state in the model's own row order
+    (`parts`: its row counts when it is a fused projection); a collective over the mesh of a DTensor."""
+    if parts is not None and value.dim() > 0:
+        return torch.cat([p.full_tensor() if isinstance(p, DTensor) else p for p in canonical_pieces(value, parts)])
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+@torch.no_grad()
+def full_state_dict(model: nn.Module, fused: dict[str, list[int]] | None = None) -> dict[str, Tensor]:
     """The whole model's state dict as ordinary tensors in the model's own layout, on every rank (a collective
-    when the model is sharded): what `io.save_model` writes as an HF folder."""
-    fused = fused_rows(model)
-    out = {}
-    for name, value in model.state_dict().items():
-        if name in fused:
-            value = torch.cat([p.full_tensor() if isinstance(p, DTensor) else p
-                               for p in canonical_pieces(value, fused[name])])
-        elif isinstance(value, DTensor):
-            value = value.full_tensor()
-        out[name] = value.detach().clone()
-    return out
+    when the model is sharded): what `io.save_model` writes as an HF folder. fused: the fused projections'
+    row counts by name (default `fused_rows(model)`; a pipeline stage passes its whole model's)."""
+    fused = fused_rows(model) if fused is None else fused
+    return {name: full_tensor(value, fused.get(name)).detach().clone() for name, value in model.state_dict().items()}

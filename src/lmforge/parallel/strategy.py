@@ -17,7 +17,8 @@ torchrun's restart attempt); the loop then shards the data by `strategy.rank` / 
   split over a DeviceMesh by `lmforge.parallel.plans` (tensor parallel, FSDP2), sharded checkpoints that any
   layout resumes (`lmforge.parallel.sharded_checkpoint`).
 - pp > 1 (with "ddp" or "allreduce"): `lmforge.parallel.pipeline.PipelineStrategy`, the layer stack in stages
-  with GPipe, 1F1B or interleaved 1F1B micro-batches, DP x PP over the rest of the ranks.
+  with GPipe, 1F1B or interleaved 1F1B micro-batches, tensor parallelism within each stage (PP x TP), DP x PP
+  (x TP) over the rest of the ranks.
 
 Gradient clipping clips the averaged gradient for allreduce and ddp, each worker's own gradient for ps.
 With `torchrun --max-restarts`, `run_training` resumes from the run's last checkpoint when torchrun restarts
@@ -253,8 +254,9 @@ class MeshStrategy(Distributed):
 
     rank / world_size / group are the data-parallel coordinate, degree and group (the loop shards the data
     over dp; tensor-parallel peers see the same batch); is_main is global rank 0. Data parallelism is "fsdp"
-    (FSDP2 `fully_shard`, tp == 1) or "ddp" (replicas whose gradients are averaged over dp by one flat
-    all-reduce after the step's last backward, as DDP does, here also across tensor-parallel shards).
+    (FSDP2 `fully_shard`, with tp > 1 the 2-D FSDP x TP) or "ddp" (replicas whose gradients are averaged over
+    dp by one flat all-reduce after the step's last backward, as DDP does, here also across tensor-parallel
+    shards).
     Checkpoints are sharded and layout-independent (`sharded_checkpoint`): a run resumes in another layout.
     """
 
@@ -310,9 +312,7 @@ class MeshStrategy(Distributed):
             offset += g.numel()
 
     def clip_grad_norm(self, parameters: list[Tensor], max_norm: float) -> Tensor:
-        shard_group = (mesh_group(self.mesh, "tp") if self.layout.tp > 1
-                       else self.group if self.data_parallel == "fsdp" and self.layout.dp > 1 else None)
-        return clip_grad_norm(parameters, max_norm, shard_group)
+        return clip_grad_norm(parameters, max_norm)
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         if isinstance(tensor, DTensor):  # a loss under loss_parallel: the same value on every tp rank
@@ -348,19 +348,20 @@ def make_strategy(name: str, grad_accum: int = 1, n_servers: int = 1, mode: Mode
     With tp, pp or dp given, sequence_parallel or activation_checkpointing (or "fsdp"), a `MeshStrategy`:
     "fsdp" shards over dp with FSDP2, "ddp" and "allreduce" replicate over dp. "ps" takes no layout.
     With pp > 1 ("ddp" or "allreduce": replicas averaged over dp), a `PipelineStrategy` with `schedule`
-    ("gpipe" or "1f1b"), `microbatches` per batch and `pp_split` (layers per stage; default balanced).
+    ("gpipe" or "1f1b"), `microbatches` per batch, `pp_split` (layers per stage; default balanced) and tp
+    (tensor parallelism within each stage).
     """
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}")
     if pp != 1:
-        if name not in ("allreduce", "ddp") or tp != 1 or sequence_parallel or activation_checkpointing:
-            raise ValueError(f"--pp {pp} runs with --strategy ddp or allreduce and without --tp, sequence "
-                             f"parallelism or activation checkpointing (pipeline x tensor parallelism and "
-                             f"pipeline x FSDP are not supported yet); got strategy {name!r}, tp {tp}")
+        if name not in ("allreduce", "ddp") or sequence_parallel or activation_checkpointing:
+            raise ValueError(f"--pp {pp} runs with --strategy ddp or allreduce (with --tp or without), without "
+                             f"sequence parallelism or activation checkpointing (pipeline x FSDP is not "
+                             f"supported); got strategy {name!r}")
         from lmforge.parallel.pipeline import PipelineStrategy
 
-        return PipelineStrategy(pp=pp, dp=dp, schedule=schedule, microbatches=microbatches, split=pp_split,
-                                timeout=timeout)
+        return PipelineStrategy(pp=pp, dp=dp, tp=tp, schedule=schedule, microbatches=microbatches,
+                                split=pp_split, timeout=timeout)
     mesh_options = tp != 1 or dp is not None or sequence_parallel or activation_checkpointing
     if name == "fsdp" or (mesh_options and name in ("allreduce", "ddp")):
         return MeshStrategy(dp=dp, tp=tp, pp=pp, data_parallel="fsdp" if name == "fsdp" else "ddp",

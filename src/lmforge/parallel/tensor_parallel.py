@@ -40,7 +40,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-__all__ = ["check_divisible", "fused_rows", "parallelize", "canonical_pieces", "is_tensor_parallel"]
+__all__ = ["check_divisible", "fused_rows", "parallelize", "canonical_pieces", "is_tensor_parallel", "tp_degree"]
 
 
 def check_divisible(config, tp: int) -> None:
@@ -77,9 +77,18 @@ def _interleave_rows(param: Tensor, parts: list[int], tp: int) -> None:
 
 
 def is_tensor_parallel(tensor: Tensor) -> bool:
-    """True for a DTensor sharded over a mesh dimension named "tp"."""
-    return (isinstance(tensor, DTensor) and "tp" in (tensor.device_mesh.mesh_dim_names or ())
+    """True for a DTensor sharded over a 1-D mesh named "tp" (tensor parallelism alone: its local tensor is
+    one contiguous block of rows)."""
+    return (isinstance(tensor, DTensor) and tensor.device_mesh.mesh_dim_names == ("tp",)
             and tensor.device_mesh.size() > 1)
+
+
+def tp_degree(tensor: Tensor) -> int:
+    """The size of the "tp" dimension of a DTensor's mesh (1 for anything else): the rows of a fused
+    parameter are in `parallelize`'s order when it is > 1, also under 2-D FSDP x TP."""
+    if not isinstance(tensor, DTensor) or "tp" not in (tensor.device_mesh.mesh_dim_names or ()):
+        return 1
+    return tensor.device_mesh.size(tensor.device_mesh.mesh_dim_names.index("tp"))
 
 
 def canonical_pieces(tensor: Tensor, parts: list[int]) -> list[Tensor]:
@@ -87,8 +96,9 @@ def canonical_pieces(tensor: Tensor, parts: list[int]) -> list[Tensor]:
 
     A tensor-parallel DTensor (rows in the order `parallelize` made) gives one DTensor per part, each row-sharded
     over the same mesh, whose local tensors are views of this rank's shard (loading into them writes the
-    parameter in place). Any other tensor (plain, or sharded by FSDP over the data-parallel mesh) gives plain
-    tensors: gathered and split, so they are copies for a sharded one.
+    parameter in place). Any other tensor (plain, or sharded by FSDP over the data-parallel mesh, with or
+    without tensor parallelism) gives plain tensors: gathered, put back in the model's row order and split, so
+    they are copies for a sharded one.
     """
     if is_tensor_parallel(tensor):
         tp = tensor.device_mesh.size()
@@ -96,7 +106,11 @@ def canonical_pieces(tensor: Tensor, parts: list[int]) -> list[Tensor]:
         return [DTensor.from_local(piece, tensor.device_mesh, [Shard(0)], run_check=False)
                 for piece in local.split([n // tp for n in parts])]
     full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-    return list(full.split(parts))
+    tp = tp_degree(tensor)
+    if tp == 1:
+        return list(full.split(parts))
+    shards = [chunk.split([n // tp for n in parts]) for chunk in full.chunk(tp)]  # [q_r k_r v_r] per rank r
+    return [torch.cat([shard[j] for shard in shards]) for j in range(len(parts))]
 
 
 def _local_config(config, tp: int):
