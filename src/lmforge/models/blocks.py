@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
+from lmforge.models.matvec import matvec, usable
 
 
 @dataclass
@@ -30,6 +31,16 @@ class ModelOutput:
     last_hidden_state: Tensor
     hidden_states: list[Tensor] | None = None
     encoder_last_hidden_state: Tensor | None = None
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` whose decode-step products (a few rows, no autograd, CPU) run lmforge's matvec kernel; every
+    other product (training, prompts, GPUs, sharded weights) is `F.linear`. Same parameters and state dict."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if usable(x, self.weight):
+            return matvec(x, self.weight, bias=self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -127,8 +138,8 @@ class Attention(nn.Module):
         super().__init__()
         self.config = config
         c, h, hkv, d = config.d_model, config.n_head, config.n_kv_head, config.head_dim
-        self.qkv = nn.Linear(c, (h + 2 * hkv) * d, bias=config.attn_bias)
-        self.out = nn.Linear(h * d, c, bias=config.attn_bias)
+        self.qkv = Linear(c, (h + 2 * hkv) * d, bias=config.attn_bias)
+        self.out = Linear(h * d, c, bias=config.attn_bias)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool, rotary: tuple[Tensor, Tensor] | None,
@@ -161,8 +172,8 @@ class MLP(nn.Module):
         super().__init__()
         self.activation = config.activation
         self.gated = config.gated_mlp
-        self.up = nn.Linear(config.d_model, config.d_ff * (2 if self.gated else 1), bias=config.mlp_bias)
-        self.down = nn.Linear(config.d_ff, config.d_model, bias=config.mlp_bias)
+        self.up = Linear(config.d_model, config.d_ff * (2 if self.gated else 1), bias=config.mlp_bias)
+        self.down = Linear(config.d_ff, config.d_model, bias=config.mlp_bias)
         # T5 also drops inside the feed-forward, after the activation (GPT-2, Llama and BERT do not).
         self.inner_dropout = nn.Dropout(config.dropout) if config.arch == "encoder-decoder" else nn.Identity()
 

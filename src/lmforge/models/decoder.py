@@ -14,6 +14,7 @@ from lmforge.config import ModelConfig
 from lmforge.models.blocks import (
     Block,
     KVCache,
+    Linear,
     ModelOutput,
     check_input_ids,
     init_weights,
@@ -34,7 +35,7 @@ class Decoder(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = make_norm(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         init_weights(self)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight

@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.models.blocks import Linear
+from lmforge.models.matvec import matvec, usable
+
 __all__ = ["BlockInt8Linear", "Int4Linear", "Int8Linear", "PackedLinear", "QUANTIZED", "RowEmbedding", "convert",
            "install", "is_quantized", "quantize", "quantize_state", "targets"]
 
@@ -91,6 +94,8 @@ class Int8Linear(nn.Module):
         return F.embedding(index, self.weight).to(self.scales.dtype) * self.scales[index, None]
 
     def forward(self, x: Tensor) -> Tensor:
+        if usable(x, self.weight):
+            return matvec(x, self.weight, self.scales, self.bias)
         flat = _flat(x)
         if x.device.type == "cpu" and x.dtype == self.scales.dtype and flat.shape[0] <= MATVEC_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
@@ -203,7 +208,8 @@ def targets(model: nn.Module, kind: str) -> list[str]:
     if kind not in _FORMATS:
         raise ValueError(f"unknown weight format {kind!r}; expected one of {', '.join(_FORMATS)}")
     tied = getattr(getattr(model, "config", None), "tie_embeddings", False) and hasattr(model, "lm_head")
-    names = [name for name, m in model.named_modules() if type(m) is nn.Linear and not (tied and name == "lm_head")]
+    names = [name for name, m in model.named_modules()
+             if type(m) in (nn.Linear, Linear) and not (tied and name == "lm_head")]
     return names + ["embed_tokens"] if tied and kind == "int8" else names
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
-from lmforge.models.blocks import Block, KVCache, ModelOutput, RMSNorm, check_input_ids, make_norm
+from lmforge.models.blocks import Block, KVCache, Linear, ModelOutput, RMSNorm, check_input_ids, make_norm
 
 __all__ = ["CrossAttention", "EncoderDecoder", "RelativePositionBias", "relative_buckets", "shift_right"]
 
@@ -84,9 +84,9 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.config = config
         c, h, d = config.d_model, config.n_head, config.head_dim
-        self.q = nn.Linear(c, h * d, bias=config.attn_bias)
-        self.kv = nn.Linear(c, 2 * h * d, bias=config.attn_bias)
-        self.out = nn.Linear(h * d, c, bias=config.attn_bias)
+        self.q = Linear(c, h * d, bias=config.attn_bias)
+        self.kv = Linear(c, 2 * h * d, bias=config.attn_bias)
+        self.out = Linear(h * d, c, bias=config.attn_bias)
         self.kv_cache: KVCache | None = None
 
     def project(self, memory: Tensor) -> tuple[Tensor, Tensor]:
@@ -233,7 +233,7 @@ class EncoderDecoder(nn.Module):
         self.encoder = Stack(config, config.n_layer, causal=False)
         with_decoder = config.head == "lm"
         self.decoder = Stack(config, config.n_decoder_layers, causal=True) if with_decoder else None
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False) if with_decoder else None
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False) if with_decoder else None
         self.init_weights()
         if self.lm_head is not None and config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight

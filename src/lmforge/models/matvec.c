@@ -1,0 +1,91 @@
+/* lmforge's matrix-vector kernels: y (M, N) = x (M, K) . W^T for the few rows of a decode step (M <= 16), W (N, K)
+   row-major in float32, bfloat16 or int8 with one scale per row; x and y float32. Built by matvec.py with the host
+   compiler (-O3 -march=native -fopenmp); AVX-512 code where the host has it, else loops the compiler vectorises.
+   Each 4-row block of W is read once for all M rows of x (they stay in L1). Rows of W are split between
+   `threads` OpenMP threads in blocks of 16 rows; the library links libgomp.so.1, which resolves to the copy torch
+   has loaded, so the threads are torch's own pool. */
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+/* Load 16 weights of row r at k as float32 (AVX-512), for each weight format. */
+#ifdef __AVX512F__
+static inline __m512 ld_f32(const float *w, __mmask16 m) { return _mm512_maskz_loadu_ps(m, w); }
+static inline __m512 ld_bf16(const uint16_t *w, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, w)), 16));
+}
+static inline __m512 ld_i8(const int8_t *w, __mmask16 m) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, w)));
+}
+#define ROWS4(NAME, T, LD)                                                                                  \
+static void NAME##_rows(const float *x, const T *w, float *out, int64_t N, int64_t K, int64_t n0,           \
+                        int64_t n1, int64_t M) {                                                            \
+    for (int64_t n = n0; n < n1; n += 4) {                                                                  \
+        int64_t R = n1 - n < 4 ? n1 - n : 4;                                                                \
+        for (int64_t m = 0; m < M; m++) {                                                                   \
+            const float *xr = x + m * K;                                                                    \
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                     \
+            const T *w0 = w + n * K, *w1 = R > 1 ? w0 + K : w0, *w2 = R > 2 ? w0 + 2 * K : w0,                \
+                    *w3 = R > 3 ? w0 + 3 * K : w0;                                                          \
+            for (int64_t k = 0; k < K; k += 16) {                                                           \
+                __mmask16 mk = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);                     \
+                __m512 xv = _mm512_maskz_loadu_ps(mk, xr + k);                                              \
+                a0 = _mm512_fmadd_ps(LD(w0 + k, mk), xv, a0);                                               \
+                a1 = _mm512_fmadd_ps(LD(w1 + k, mk), xv, a1);                                               \
+                a2 = _mm512_fmadd_ps(LD(w2 + k, mk), xv, a2);                                               \
+                a3 = _mm512_fmadd_ps(LD(w3 + k, mk), xv, a3);                                               \
+            }                                                                                               \
+            float r[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),     \
+                          _mm512_reduce_add_ps(a3)};                                                        \
+            for (int64_t i = 0; i < R; i++) out[m * N + n + i] = r[i];                                      \
+        }                                                                                                   \
+    }                                                                                                       \
+}
+#else
+#define ROWS4(NAME, T, LD)                                                                                  \
+static void NAME##_rows(const float *x, const T *w, float *out, int64_t N, int64_t K, int64_t n0,           \
+                        int64_t n1, int64_t M) {                                                            \
+    for (int64_t n = n0; n < n1; n++)                                                                       \
+        for (int64_t m = 0; m < M; m++) {                                                                   \
+            const float *xr = x + m * K; const T *wr = w + n * K; float acc = 0.f;                          \
+            _Pragma("omp simd reduction(+:acc)")                                                            \
+            for (int64_t k = 0; k < K; k++) acc += LD(wr[k]) * xr[k];                                       \
+            out[m * N + n] = acc;                                                                           \
+        }                                                                                                   \
+}
+static inline float ld_f32(float v) { return v; }
+static inline float ld_bf16(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline float ld_i8(int8_t v) { return (float)v; }
+#endif
+
+ROWS4(f32, float, ld_f32)
+ROWS4(bf16, uint16_t, ld_bf16)
+ROWS4(i8, int8_t, ld_i8)
+
+/* Rows [0, N) split between the threads in blocks of 16 rows. */
+#define SPLIT(CALL)                                                                                         \
+    int64_t blocks = (N + 15) / 16;                                                                         \
+    _Pragma("omp parallel num_threads(threads)")                                                            \
+    {                                                                                                       \
+        int t = omp_get_thread_num(), T = omp_get_num_threads();                                            \
+        int64_t b0 = blocks * t / T, b1 = blocks * (t + 1) / T;                                             \
+        int64_t n0 = b0 * 16, n1 = b1 * 16 < N ? b1 * 16 : N;                                               \
+        if (n0 < n1) CALL;                                                                                  \
+    }
+
+/* y (M, N) = x (M, K) . W^T, x and y float32, W (N, K) row-major. */
+void mv_f32(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
+    SPLIT(f32_rows(x, w, y, N, K, n0, n1, M))
+}
+void mv_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
+    SPLIT(bf16_rows(x, w, y, N, K, n0, n1, M))
+}
+/* int8 W with one scale per row: y = (x . q^T) * scale */
+void mv_i8(const float *x, const int8_t *w, const float *scale, float *y, int64_t M, int64_t N, int64_t K,
+           int threads) {
+    SPLIT({ i8_rows(x, w, y, N, K, n0, n1, M);
+            for (int64_t m = 0; m < M; m++) for (int64_t n = n0; n < n1; n++) y[m * N + n] *= scale[n]; })
+}
