@@ -49,7 +49,9 @@ class _State:
     calls: int = 0  # coordinated calls on the global set so far; identical on every rank
     last: tuple[int, ...] | None = None  # the last global call's header, if every rank agreed on it
     successor: dict[tuple[int, ...], tuple[int, ...]] = field(default_factory=dict)  # header -> next header
-    pending: Any = None  # a speculative allreduce's exchange not yet checked (collectives._Exchange)
+    confident: set[tuple[int, ...]] = field(default_factory=set)  # headers whose last prediction came true
+    pending: Any = None  # a speculative allreduce not yet checked (collectives._Exchange or ._Unexchanged)
+    exchanges: int = 0  # signature exchanges this rank posted (what the check cost, for tests and benchmarks)
 
 
 _state: _State | None = None
