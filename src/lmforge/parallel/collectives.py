@@ -354,6 +354,8 @@ class _Unexchanged:
             st.pending = None
         self.settled = True
         try:
+            if self.data_work is None:  # posting the data failed (and raised) on this rank
+                raise CollectiveError(f"rank {st.rank}: {self.call.describe()} was never sent")
             _guarded(self.call, self.data_work.wait)
             if not torch.isnan(self.sent[0]):
                 st.calls += 1
