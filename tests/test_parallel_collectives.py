@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from parallel_helpers import Phase, assert_check_passed, run, run_checks, spawn
+from parallel_helpers import Phase, adasum_reference, assert_check_passed, run, run_checks, spawn
 
 import lmforge.parallel as hvd
 from lmforge.parallel import collectives
@@ -641,26 +641,13 @@ def check_process_sets(n: int, r: int) -> None:
         hvd.allreduce(torch.ones(1), process_set=even_set)
 
 
-def _adasum_pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The closed form for two vectors."""
-    dot = a @ b
-    return (1 - dot / (2 * (a @ a))) * a + (1 - dot / (2 * (b @ b))) * b
-
-
-def _adasum_reference(gs: list[torch.Tensor]) -> torch.Tensor:
-    """Pairs (0, 1), (2, 3), ... first, then pairs of pairs: Horovod's recursive halving order."""
-    while len(gs) > 1:
-        gs = [_adasum_pair(gs[i], gs[i + 1]) for i in range(0, len(gs), 2)]
-    return gs[0]
-
-
 def check_adasum(n: int, r: int) -> None:
     if n & (n - 1):
         with pytest.raises(NotImplementedError, match="power of 2"):
             hvd.allreduce(torch.ones(3), op=hvd.Adasum)
         return
     gs = [_randn((7,), 21, s) for s in range(n)]  # 7 elements: the halving splits unevenly
-    torch.testing.assert_close(hvd.allreduce(gs[r], op=hvd.Adasum), _adasum_reference(gs), rtol=1e-12, atol=0)
+    torch.testing.assert_close(hvd.allreduce(gs[r], op=hvd.Adasum), adasum_reference(gs), rtol=1e-12, atol=0)
     # Orthogonal gradients add up; identical gradients stay as they are.
     basis = torch.eye(n, dtype=torch.float64)
     _close(hvd.allreduce(3 * basis[r], op=hvd.Adasum), torch.full((n,), 3.0), torch.float64)
@@ -670,7 +657,7 @@ def check_adasum(n: int, r: int) -> None:
         g = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
         _close(hvd.allreduce(g[r], op=hvd.Adasum), torch.tensor([1.25, 0.75]), torch.float64)
     outs = hvd.grouped_allreduce([gs[r], 3 * basis[r]], op=hvd.Adasum)  # each tensor on its own
-    torch.testing.assert_close(outs[0], _adasum_reference(gs), rtol=1e-12, atol=0)
+    torch.testing.assert_close(outs[0], adasum_reference(gs), rtol=1e-12, atol=0)
     _close(outs[1], torch.full((n,), 3.0), torch.float64)
     with pytest.raises(ValueError, match="floating-point"):
         hvd.allreduce(torch.ones(2, dtype=torch.int64), op=hvd.Adasum)
