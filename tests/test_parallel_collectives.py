@@ -659,6 +659,10 @@ def check_adasum(n: int, r: int) -> None:
     outs = hvd.grouped_allreduce([gs[r], 3 * basis[r]], op=hvd.Adasum)  # each tensor on its own
     torch.testing.assert_close(outs[0], adasum_reference(gs), rtol=1e-12, atol=0)
     _close(outs[1], torch.full((n,), 3.0), torch.float64)
+    # One fused Adasum, tensors whose boundaries fall across the halving's splits, each on its own.
+    parts = [[_randn((k,), 22 + i, s) for i, k in enumerate((1, 5, 2, 9))] for s in range(n)]
+    for i, out in enumerate(hvd.grouped_allreduce(parts[r], op=hvd.Adasum)):
+        torch.testing.assert_close(out, adasum_reference([p[i] for p in parts]), rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="floating-point"):
         hvd.allreduce(torch.ones(2, dtype=torch.int64), op=hvd.Adasum)
 

@@ -699,10 +699,12 @@ def _allreduce_flat(
     compression: type[Compressor],
     call: _Call,
     group: _Group,
+    segments: list[int] | None = None,
 ) -> Handle:
     """Allreduce `buffer` and leave the scaled result in `out`, asynchronously.
 
-    `buffer` is contiguous and ours to overwrite: `out` itself, or a private copy of it.
+    `buffer` is contiguous and ours to overwrite: `out` itself, or a private copy of it. segments: the
+    lengths of the tensors laid end to end in it, which Adasum combines each on its own.
     """
     _scale_(buffer, prescale)
     wire, ctx = compression.compress(buffer)
@@ -715,7 +717,7 @@ def _allreduce_flat(
     if exchange is None:
         _begin(call, group)
     if op == ReduceOp.ADASUM:  # blocking, so overlapping async calls never interleave its messages
-        _guarded(call, lambda: adasum_(sent, _require().rank, group.size))
+        _guarded(call, lambda: adasum_(sent, _require().rank, group.size, segments))
         works = []
     else:
         works = [_guarded(call, lambda: dist.all_reduce(sent, op=_BACKEND_OPS[op], group=group.pg,
@@ -840,7 +842,8 @@ def grouped_allreduce_async_(
 ) -> Handle:
     """Start one fused allreduce per dtype over `tensors`, in place; synchronize returns the list.
 
-    Adasum combines each tensor on its own (one Adasum per tensor, as Horovod's per-tensor dot products).
+    Adasum combines each tensor on its own (its own dot products, as Horovod's fused Adasum) in one fused
+    Adasum per dtype.
     """
     tensors = _tensor_list(tensors, "grouped_allreduce")
     _check_name(name, "grouped_allreduce")
@@ -849,14 +852,14 @@ def grouped_allreduce_async_(
     by_dtype: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
     for t in tensors:
         _check_op(t, op, group, "grouped_allreduce")
-        key = (t.dtype, t.device) if op != ReduceOp.ADASUM else (t.dtype, t.device, len(by_dtype))
-        by_dtype.setdefault(key, []).append(t)  # type: ignore[arg-type]
+        by_dtype.setdefault((t.dtype, t.device), []).append(t)
     handles = []
     for key, members in by_dtype.items():
         flat = torch.cat([t.detach().reshape(-1) for t in members])  # (sum of numels,)
         shape = "[" + ", ".join(_shape_text(t.shape) for t in members) + "]"
         call = _Call("allreduce", name, shape, key[0], flat.numel(), op=op)
-        inner = _allreduce_flat(flat, flat, op, prescale_factor, postscale_factor, compression, call, group)
+        inner = _allreduce_flat(flat, flat, op, prescale_factor, postscale_factor, compression, call, group,
+                                [t.numel() for t in members])
 
         def unflatten(inner: Handle = inner, members: list[Tensor] = members) -> None:
             flat = inner.wait()

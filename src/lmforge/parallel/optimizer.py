@@ -262,7 +262,7 @@ class _AdasumOptimizerMixin(_WrappedOptimizer):
 
     def step(self, closure: Any = None) -> Any:
         """Step the local optimizer on this rank's gradients, then set every parameter to its value before
-        the step plus the Adasum over ranks of the changes (one Adasum per parameter tensor)."""
+        the step plus the Adasum over ranks of the changes (each tensor on its own, in one fused Adasum)."""
         with torch.no_grad():
             starts = [p.detach().clone() for p in self._trained]
         loss = self._local_step(closure)
