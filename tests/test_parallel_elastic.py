@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -126,7 +128,36 @@ def check_run_resets_on_internal_error(n: int, r: int) -> None:
         hvd.elastic.run(_train)(model)
 
 
-CHECKS: list[Callable[[int, int], None]] = [check_state, check_run_resets_on_internal_error]
+def check_durable_commit_scope(n: int, r: int) -> None:
+    """LMFORGE_ELASTIC_DIR is read only after a torchrun restart, and only for the same job."""
+    folder = hvd.broadcast_object(tempfile.mkdtemp() if r == 0 else None)
+    env = {"LMFORGE_ELASTIC_DIR": folder, "TORCHELASTIC_RUN_ID": "job1", "TORCHELASTIC_RESTART_COUNT": "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        state = hvd.elastic.ObjectState(batch=0)
+        state.batch = 5
+        state.commit()
+        hvd.barrier()  # the file is written
+        start = hvd.elastic.run(lambda s: s.batch)
+        assert start(hvd.elastic.ObjectState(batch=0)) == 0  # a first attempt never reads the folder
+        os.environ["TORCHELASTIC_RESTART_COUNT"] = "1"
+        assert start(hvd.elastic.ObjectState(batch=0)) == 5  # a restart of the same job resumes
+        os.environ["TORCHELASTIC_RUN_ID"] = "job2"
+        assert start(hvd.elastic.ObjectState(batch=0)) == 0  # another job's commit is ignored
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        hvd.barrier()
+        if r == 0:
+            shutil.rmtree(folder)
+
+
+CHECKS: list[Callable[[int, int], None]] = [check_state, check_run_resets_on_internal_error,
+                                            check_durable_commit_scope]
 PHASES = [Phase("default", CHECKS, {"timeout": 30}, {"LMFORGE_CHECK_COLLECTIVES": "", "LMFORGE_ELASTIC_DIR": ""})]
 
 

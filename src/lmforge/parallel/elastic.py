@@ -20,9 +20,11 @@ so is any error after LMFORGE_ELASTIC_RESET_LIMIT resets (default 3).
 Where it differs: torchrun changes membership by restarting every worker (`--max-restarts`, `--nnodes
 MIN:MAX`), not by resizing a running job, so an in-memory commit dies with the process. With
 LMFORGE_ELASTIC_DIR set, every commit is also written (atomically) to that folder by the first process of
-each node, and `run` starts from the newest commit any rank finds there: the restarted job resumes where the
-last commit left it. The file is read with `torch.load(weights_only=True)`: state attributes must be plain
-values (numbers, strings, lists, dicts, tensors).
+each node, and after a restart (TORCHELASTIC_RESTART_COUNT > 0) `run` starts from the newest commit of the
+same job (TORCHELASTIC_RUN_ID) any node finds there: the restarted job resumes where the last commit left it.
+A first attempt never reads the folder, so a reused folder cannot leak an old run's state. The file is read
+with `torch.load(weights_only=True)`: state attributes must be plain values (numbers, strings, lists, dicts,
+tensors).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class State:
             path = Path(folder) / _FILE
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{_FILE}.{runtime.rank()}.tmp")
-            torch.save({"commits": self._commits, "state": self._saved()}, tmp)
+            torch.save({"job": _job(), "commits": self._commits, "state": self._saved()}, tmp)
             os.replace(tmp, path)  # a kill during the write leaves the previous commit whole
         self.check_host_updates()
 
@@ -95,11 +97,16 @@ class State:
         raise NotImplementedError
 
     def _recover(self) -> int:
-        """Load the newest durable commit any rank can read (LMFORGE_ELASTIC_DIR); return the rank that has
-        it (0 when there is none)."""
+        """After a torchrun restart, load the newest durable commit of this job that any node's first
+        process can read (LMFORGE_ELASTIC_DIR); return the rank that has it (0 when there is none)."""
         folder = os.environ.get("LMFORGE_ELASTIC_DIR")
         path = Path(folder) / _FILE if folder else None
-        found = torch.load(path, weights_only=True) if path is not None and path.exists() else None
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        found = None
+        if restarted and path is not None and runtime.local_rank() == 0 and path.exists():
+            found = torch.load(path, weights_only=True)
+            if found.get("job") != _job():  # another job's commit in a reused folder
+                found = None
         commits = allgather_object(-1 if found is None else found["commits"])
         newest = max(commits)
         if newest < 0:
@@ -193,6 +200,11 @@ class TorchState(ObjectState):
     def _load_saved(self, saved: dict[str, Any]) -> None:
         self._model_state, self._optimizer_state = saved["model"], saved["optimizer"]
         super()._load_saved(saved)
+
+
+def _job() -> str:
+    """The torchrun job a durable commit belongs to (its rendezvous id)."""
+    return os.environ.get("TORCHELASTIC_RUN_ID", "")
 
 
 def run(func: Callable[..., Any]) -> Callable[..., Any]:
