@@ -231,6 +231,25 @@ def assert_check_passed(report: dict[str, list[str | None]], key: str, world_siz
     assert not failures, f"{key} failed at world size {world_size}:\n" + "\n".join(failures)
 
 
+def phase_tests(phases: list[Phase], world_sizes: list[int], timeout: float,
+                local_size: dict[int, int] | None = None) -> tuple[Callable[..., Any], Callable[..., None]]:
+    """A test module's fixture and test that run `phases` once per world size and report every check as a
+    test id of its own (`world2-default:check_join`). In the module: `reports, test_x = phase_tests(...)`."""
+    import pytest
+
+    @pytest.fixture(scope="module", params=world_sizes, ids=lambda n: f"world{n}")
+    def reports(request: Any) -> tuple[int, dict[str, list[str | None]]]:
+        n = request.param
+        return n, run_checks(phases, n, timeout=timeout, local_size=(local_size or {}).get(n))
+
+    @pytest.mark.parametrize("check", [key for phase in phases for key in phase.ids()])
+    def test(reports: tuple[int, dict[str, list[str | None]]], check: str) -> None:
+        n, report = reports
+        assert_check_passed(report, check, n)
+
+    return reports, test
+
+
 # --- closed forms shared by the collective and optimizer tests ----------------------------------------------
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from parallel_helpers import Phase, adasum_reference, assert_check_passed, run, run_checks, spawn
+from parallel_helpers import Phase, adasum_reference, phase_tests, run, spawn
 
 import lmforge.parallel as hvd
 from lmforge.parallel import collectives
@@ -725,16 +725,7 @@ PHASES = [
 ]
 
 
-@pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda n: f"world{n}")
-def reports(request) -> tuple[int, dict[str, list[str | None]]]:
-    n = request.param
-    return n, run_checks(PHASES, n, timeout=300, local_size=LOCAL_SIZE[n])
-
-
-@pytest.mark.parametrize("check", [key for phase in PHASES for key in phase.ids()])
-def test_collective(reports, check: str) -> None:
-    n, report = reports
-    assert_check_passed(report, check, n)
+reports, test_collective = phase_tests(PHASES, WORLD_SIZES, timeout=300, local_size=LOCAL_SIZE)
 
 
 def _cycles(count: int) -> float:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from parallel_helpers import Phase, assert_check_passed, run_checks
+from parallel_helpers import Phase, phase_tests
 from torch import nn
 
 import lmforge.parallel as hvd
@@ -161,15 +161,7 @@ CHECKS: list[Callable[[int, int], None]] = [check_state, check_run_resets_on_int
 PHASES = [Phase("default", CHECKS, {"timeout": 30}, {"LMFORGE_CHECK_COLLECTIVES": "", "LMFORGE_ELASTIC_DIR": ""})]
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"world{n}")
-def reports(request) -> tuple[int, dict[str, list[str | None]]]:
-    return request.param, run_checks(PHASES, request.param, timeout=120)
-
-
-@pytest.mark.parametrize("check", [key for phase in PHASES for key in phase.ids()])
-def test_elastic(reports, check: str) -> None:
-    n, report = reports
-    assert_check_passed(report, check, n)
+reports, test_elastic = phase_tests(PHASES, [2, 3], timeout=120)
 
 
 # --- torchrun --max-restarts: a killed rank, the job resumes from the last durable commit -------------------

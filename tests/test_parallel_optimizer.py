@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from parallel_helpers import Phase, adasum_reference, assert_check_passed, run_checks
+from parallel_helpers import Phase, adasum_reference, phase_tests
 from torch import nn
 
 import lmforge.parallel as hvd
@@ -394,15 +394,7 @@ PHASES = [
 ]
 
 
-@pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda n: f"world{n}")
-def reports(request) -> tuple[int, dict[str, list[str | None]]]:
-    return request.param, run_checks(PHASES, request.param, timeout=300)
-
-
-@pytest.mark.parametrize("check", [key for phase in PHASES for key in phase.ids()])
-def test_optimizer(reports, check: str) -> None:
-    n, report = reports
-    assert_check_passed(report, check, n)
+reports, test_optimizer = phase_tests(PHASES, WORLD_SIZES, timeout=300)
 
 
 def test_requires_init() -> None:

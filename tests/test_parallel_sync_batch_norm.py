@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from parallel_helpers import Phase, assert_check_passed, run_checks
+from parallel_helpers import Phase, phase_tests
 from torch import nn
 
 import lmforge.parallel as hvd
@@ -91,12 +91,4 @@ CHECKS: list[Callable[[int, int], None]] = [check_matches_batchnorm, check_torch
 PHASES = [Phase("default", CHECKS, {"timeout": 30}, {"LMFORGE_CHECK_COLLECTIVES": ""})]
 
 
-@pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda n: f"world{n}")
-def reports(request) -> tuple[int, dict[str, list[str | None]]]:
-    return request.param, run_checks(PHASES, request.param, timeout=120)
-
-
-@pytest.mark.parametrize("check", [key for phase in PHASES for key in phase.ids()])
-def test_sync_batch_norm(reports, check: str) -> None:
-    n, report = reports
-    assert_check_passed(report, check, n)
+reports, test_sync_batch_norm = phase_tests(PHASES, WORLD_SIZES, timeout=120)
