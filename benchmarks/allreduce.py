@@ -7,10 +7,13 @@ Launches itself under torchrun (`python -m torch.distributed.run --nproc-per-nod
 For every size (float32, powers of 4) it alternates, repetition by repetition, raw `dist.all_reduce(t)`,
 `hvd.allreduce_(t, op=hvd.Sum)` with the collective check on (the default) and with it off
 (`init(check=False)`), each after a barrier; a repetition's time is the slowest rank's; the order of the
-paths rotates from one repetition to the next. The check is timed twice: "checked" times a call that repeats
-the one before it (as a training step's calls repeat the last step's), whose signature all-gather runs
-while its data moves; "new sig." times the first call after init, which waits for the all-gather (9 int64
-per rank) before sending data. Reports median
+paths rotates from one repetition to the next. The check is timed three ways, each in a fresh init:
+"checked" times the third call of a repeated allreduce (as a training step's calls repeat the last
+step's): the prediction made on the second call came true, so it runs no signature exchange at all;
+"predicted" times the second call, which sends its data at once while its signature all-gather runs;
+"new sig." times the first call, which waits for the all-gather (9 int64 per rank) before sending data. The
+signature exchanges each timed call made are counted too (a fact that does not depend on the load). Reports
+median
 times, algbw = bytes / time and busbw = algbw x 2(N-1)/N (nccl-tests' definitions), each path's overhead over
 raw torch.distributed as the median [quartiles] of per-repetition ratios, and the median over sizes >= 1 MB
 and rank counts of those per-size medians (target: <= 5% for the checked path).
@@ -85,7 +88,9 @@ def worker(args: argparse.Namespace) -> None:
     rows = []
     for nbytes in sizes(args.min_bytes, args.max_bytes):
         tensor = torch.ones(nbytes // 4)
-        times: dict[str, list[float]] = {"torch": [], "unchecked": [], "checked": [], "checked_new": []}
+        times: dict[str, list[float]] = {"torch": [], "unchecked": [], "checked": [], "predicted": [],
+                                         "checked_new": []}
+        exchanges: dict[str, set[int]] = {"checked": set(), "predicted": set(), "checked_new": set()}
 
         def raw(tensor: torch.Tensor = tensor) -> None:
             dist.all_reduce(tensor)
@@ -93,18 +98,16 @@ def worker(args: argparse.Namespace) -> None:
         def ours(tensor: torch.Tensor = tensor) -> None:
             hvd.allreduce_(tensor, op=hvd.Sum)
 
-        def checked() -> float:
-            hvd.init()  # the default: checked (reuses the process group; the mode is a local flag)
+        def checked_after(path: str, untimed: int, exchanges: dict[str, set[int]] = exchanges) -> float:
+            """The call after `untimed` identical ones, in a fresh init (checked: the default)."""
+            hvd.init()  # reuses the process group; the mode is a local flag
             try:
-                ours()  # untimed: the timed call repeats it, as a training step's calls repeat the last step's
-                return timed(ours)
-            finally:
-                hvd.shutdown()
-
-        def checked_new() -> float:
-            hvd.init()
-            try:
-                return timed(ours)  # nothing verified before it: the full signature round trip
+                for _ in range(untimed):
+                    ours()
+                before = hvd.runtime._require().exchanges
+                seconds = timed(ours)
+                exchanges[path].add(hvd.runtime._require().exchanges - before)
+                return seconds
             finally:
                 hvd.shutdown()
 
@@ -115,17 +118,21 @@ def worker(args: argparse.Namespace) -> None:
             finally:
                 hvd.shutdown()
 
-        paths = {"torch": lambda: timed(raw), "unchecked": unchecked, "checked": checked,
-                 "checked_new": checked_new}
+        paths = {"torch": lambda: timed(raw), "unchecked": unchecked,
+                 "checked": lambda: checked_after("checked", 2),  # the prediction came true: no exchange
+                 "predicted": lambda: checked_after("predicted", 1),  # data at once, exchange alongside
+                 "checked_new": lambda: checked_after("checked_new", 0)}  # nothing verified: full round trip
         for rep in range(repetitions(nbytes) + 1):  # the first round warms up and is dropped
-            order = list(paths)[rep % 4:] + list(paths)[: rep % 4]  # rotate: no path always goes first
+            shift = rep % len(paths)
+            order = list(paths)[shift:] + list(paths)[:shift]  # rotate: no path always goes first
             measured = {name: paths[name]() for name in order}
             if rep:
                 for name, seconds in measured.items():
                     times[name].append(seconds)
         row = {"ranks": n, "bytes": nbytes, "signature_s": round_trip,
-               **{f"{k}_s": statistics.median(v) for k, v in times.items()}}
-        for path in ("checked", "checked_new", "unchecked"):  # per-repetition ratios against torch, their quartiles
+               **{f"{k}_s": statistics.median(v) for k, v in times.items()},
+               **{f"{k}_exchanges": sorted(v) for k, v in exchanges.items()}}
+        for path in ("checked", "predicted", "checked_new", "unchecked"):  # per-repetition ratios, quartiles
             q1, q2, q3 = statistics.quantiles([a / b for a, b in zip(times[path], times["torch"], strict=True)],
                                               n=4)
             row[f"{path}_ratio"], row[f"{path}_q1"], row[f"{path}_q3"] = q2, q1, q3
@@ -142,8 +149,9 @@ def table(rows: list[dict]) -> str:
         f"ranks={n}  (gloo, CPU, float32, Sum; busbw = algbw x {factor:.2f}; overhead vs torch.distributed; "
         f"the check's all-gather of 8 int64 alone: {rows[0]['signature_s'] * 1e6:.0f} us)",
         f"{'size':>8} | {'torch us':>10} {'algbw GB/s':>10} {'busbw':>7} | {'checked us':>10} {'busbw':>7} "
-        f"{'overhead [q1, q3]':>22} | {'new sig. us':>11} {'overhead [q1, q3]':>22} | {'unchecked us':>12} "
-        f"{'overhead [q1, q3]':>22}",
+        f"{'overhead [q1, q3]':>22} | {'predicted us':>12} {'overhead [q1, q3]':>22} | {'new sig. us':>11} "
+        f"{'overhead [q1, q3]':>22} | {'unchecked us':>12} {'overhead [q1, q3]':>22} | "
+        "exchanges per call (checked / predicted / new)",
     ]
 
     def overhead(row: dict, path: str) -> str:
@@ -156,8 +164,10 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"{human(row['bytes']):>8} | {raw * 1e6:10.1f} {algbw:10.3f} {algbw * factor:7.3f} | "
             f"{checked * 1e6:10.1f} {row['bytes'] / checked / 1e9 * factor:7.3f} {overhead(row, 'checked'):>22} | "
+            f"{row['predicted_s'] * 1e6:12.1f} {overhead(row, 'predicted'):>22} | "
             f"{row['checked_new_s'] * 1e6:11.1f} {overhead(row, 'checked_new'):>22} | "
-            f"{unchecked * 1e6:12.1f} {overhead(row, 'unchecked'):>22}"
+            f"{unchecked * 1e6:12.1f} {overhead(row, 'unchecked'):>22} | "
+            f"{row['checked_exchanges']} / {row['predicted_exchanges']} / {row['checked_new_exchanges']}"
         )
     return "\n".join(lines)
 
@@ -186,7 +196,8 @@ def main() -> None:
         print(table(rows), end="\n\n", flush=True)
         all_rows += rows
     big = [r for r in all_rows if r["bytes"] >= 2**20]
-    for path, target in (("checked", " (target <= 5%)"), ("checked_new", ""), ("unchecked", "")):
+    for path, target in (("checked", " (target <= 5%)"), ("predicted", ""), ("checked_new", ""),
+                         ("unchecked", "")):
         overheads = sorted((r[f"{path}_ratio"] - 1) * 100 for r in big)
         if overheads:
             print(f"{path} overhead at >= 1 MB over {len(overheads)} (size, ranks) pairs: median "

@@ -229,3 +229,41 @@ def assert_check_passed(report: dict[str, list[str | None]], key: str, world_siz
     """Fail with every rank's traceback when `key` failed on any rank."""
     failures = [f"--- rank {r}:\n{text}" for r, text in enumerate(report[key]) if text is not None]
     assert not failures, f"{key} failed at world size {world_size}:\n" + "\n".join(failures)
+
+
+def phase_tests(phases: list[Phase], world_sizes: list[int], timeout: float,
+                local_size: dict[int, int] | None = None) -> tuple[Callable[..., Any], Callable[..., None]]:
+    """A test module's fixture and test that run `phases` once per world size and report every check as a
+    test id of its own (`world2-default:check_join`). In the module: `reports, test_x = phase_tests(...)`."""
+    import pytest
+
+    @pytest.fixture(scope="module", params=world_sizes, ids=lambda n: f"world{n}")
+    def reports(request: Any) -> tuple[int, dict[str, list[str | None]]]:
+        n = request.param
+        return n, run_checks(phases, n, timeout=timeout, local_size=(local_size or {}).get(n))
+
+    @pytest.mark.parametrize("check", [key for phase in phases for key in phase.ids()])
+    def test(reports: tuple[int, dict[str, list[str | None]]], check: str) -> None:
+        n, report = reports
+        assert_check_passed(report, check, n)
+
+    return reports, test
+
+
+# --- closed forms shared by the collective and optimizer tests ----------------------------------------------
+
+
+def adasum_pair(a: Any, b: Any) -> Any:
+    """Adasum's closed form for two vectors: (1 - a.b / 2|a|^2) a + (1 - a.b / 2|b|^2) b."""
+    dot = a @ b
+    return (1 - dot / (2 * (a @ a))) * a + (1 - dot / (2 * (b @ b))) * b
+
+
+def adasum_reference(gs: list[Any]) -> Any:
+    """Adasum of 2^k tensors (any shape, combined as flat vectors): pairs (0, 1), (2, 3), ... first, then pairs
+    of pairs, Horovod's recursive halving order."""
+    shape = gs[0].shape
+    gs = [g.reshape(-1) for g in gs]
+    while len(gs) > 1:
+        gs = [adasum_pair(gs[i], gs[i + 1]) for i in range(0, len(gs), 2)]
+    return gs[0].reshape(shape)

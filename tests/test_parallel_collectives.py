@@ -9,6 +9,7 @@ Product = prod_r (base + r).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -17,7 +18,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from parallel_helpers import Phase, assert_check_passed, run, run_checks, spawn
+from parallel_helpers import Phase, adasum_reference, phase_tests, run, spawn
 
 import lmforge.parallel as hvd
 from lmforge.parallel import collectives
@@ -293,16 +294,17 @@ def check_mismatch_name(n: int, r: int) -> None:
 
 
 def check_mismatch_speculated(n: int, r: int) -> None:
-    """An allreduce that repeats the previous verified call sends its data before the signatures arrive; when
-    another rank calls something else meanwhile, every rank still raises and the group stays usable."""
+    """An allreduce that repeats the previous verified call sends its data before the signatures arrive (and
+    runs no exchange at all once that prediction came true); when another rank calls something else meanwhile,
+    every rank still raises and the group stays usable."""
     last = r == n - 1
-    taken: list[bool] = []
+    taken: list[str] = []
     speculative = collectives._speculative
 
-    def spy(call: object, group: object) -> object:
-        exchange = speculative(call, group)
-        taken.append(exchange is not None)
-        return exchange
+    def spy(call: object, group: object, sent: object) -> object:
+        speculation = speculative(call, group, sent)
+        taken.append(type(speculation).__name__.strip("_"))
+        return speculation
 
     collectives._speculative = spy
     try:
@@ -310,7 +312,7 @@ def check_mismatch_speculated(n: int, r: int) -> None:
         for i in range(3):  # repeated calls take the speculative path; results stay exact
             y = hvd.synchronize(hvd.allreduce_async(torch.full((3, 4), float(r + i)), name="rep", op=hvd.Sum))
             _close(y, torch.full((3, 4), float(n * i + n * (n - 1) // 2)), torch.float32)
-        assert taken == [False, True, True], taken
+        assert taken == ["NoneType", "Exchange", "Unexchanged"], taken
         taken.clear()
         hvd.barrier()
         for _ in range(3):  # a repeating sequence (a step's gradient buckets) is predicted from its 2nd round
@@ -318,7 +320,7 @@ def check_mismatch_speculated(n: int, r: int) -> None:
                        for k in (2, 3)]
             for k, handle in zip((2, 3), handles, strict=True):
                 _close(hvd.synchronize(handle), torch.full((k,), float(n * (n - 1) // 2)), torch.float32)
-        assert taken == [False, False, False, True, True, True], taken
+        assert taken == ["NoneType"] * 3 + ["Exchange", "Exchange", "Unexchanged"], taken
     finally:
         collectives._speculative = speculative
     _mismatch(n, r, lambda: hvd.allreduce(torch.ones((4, 3) if last else (3, 4)), name="rep", op=hvd.Sum),
@@ -330,6 +332,124 @@ def check_mismatch_speculated(n: int, r: int) -> None:
     hvd.allreduce(torch.ones(5), name="rep3")
     _mismatch(n, r, lambda: hvd.broadcast(torch.ones(5), 0, name="rep3") if last else
               hvd.allreduce(torch.ones(5), name="rep3"), "called broadcast(name='rep3'", "called allreduce")
+
+
+def _exchanges() -> int:
+    """Signature exchanges this rank has posted so far."""
+    return collectives._require().exchanges
+
+
+def _grad_sum(r: int, name: str = "g") -> torch.Tensor:
+    """The repeated call of the checks below: a float32 Sum allreduce of shape (3, 4), rank r sending r."""
+    return hvd.allreduce(torch.full((3, 4), float(r)), name=name, op=hvd.Sum)
+
+
+def _grad_sum_async(r: int) -> torch.Tensor:
+    return hvd.synchronize(hvd.allreduce_async(torch.full((3, 4), float(r)), name="g", op=hvd.Sum))
+
+
+def _make_confident(n: int, r: int) -> None:
+    """Repeat `_grad_sum` until every rank predicts it with confidence: the third call runs no exchange."""
+    for _ in range(2):
+        _grad_sum(r)
+    before = _exchanges()
+    _close(_grad_sum(r), torch.full((3, 4), n * (n - 1) / 2), torch.float32)
+    assert _exchanges() == before, "a confidently predicted allreduce ran a signature exchange"
+
+
+def check_unexchanged_mismatch(n: int, r: int) -> None:
+    """Ranks that run the confidently predicted allreduce without any exchange, against a rank that calls
+    something else (every kind of difference in turn): every rank raises, and the group stays usable."""
+    deviations: list[tuple[Callable[[], object], str]] = [
+        (lambda: hvd.allreduce(torch.ones(4, 3), name="g", op=hvd.Sum), "shape=(4, 3)"),  # same numel
+        (lambda: hvd.allreduce(torch.ones(7), name="g", op=hvd.Sum), "shape=(7,)"),
+        (lambda: hvd.allreduce(torch.ones(3, 4, dtype=torch.float64), name="g", op=hvd.Sum), "dtype=float64"),
+        (lambda: hvd.allreduce(torch.ones(3, 4, dtype=torch.int32), name="g", op=hvd.Sum), "dtype=int32"),
+        (lambda: hvd.allreduce(torch.ones(3, 4), name="g", op=hvd.Sum, compression=hvd.Compression.fp16),
+         "dtype=float16"),
+        (lambda: hvd.allreduce(torch.ones(3, 4), name="g", op=hvd.Max), "op=max"),
+        (lambda: hvd.allreduce(torch.ones(3, 4), name="g", op=hvd.Average), "op=average"),
+        (lambda: hvd.allreduce(torch.ones(3, 4), name="h", op=hvd.Sum), "allreduce(name='h'"),
+        (lambda: hvd.grouped_allreduce([torch.ones(3, 4)], name="g", op=hvd.Sum), "shape=[(3, 4)]"),
+        (lambda: hvd.broadcast(torch.ones(3, 4), 0, name="g"), "called broadcast(name='g'"),
+        (lambda: hvd.allgather(torch.ones(3, 4), name="g"), "called allgather(name='g'"),
+        (lambda: hvd.alltoall(torch.ones(n, 4), name="g"), "called alltoall(name='g'"),
+        (lambda: hvd.reducescatter(torch.ones(n, 4), name="g"), "called reducescatter(name='g'"),
+        (hvd.barrier, "called barrier("),
+        (lambda: hvd.broadcast_object(r, 0, name="g"), "called broadcast_object(name='g'"),
+    ]
+    if n & (n - 1) == 0:
+        deviations.append((lambda: hvd.allreduce(torch.ones(3, 4), name="g", op=hvd.Adasum), "op=adasum"))
+    for i, (deviation, text) in enumerate(deviations):
+        deviant = n - 1 if i % 2 == 0 else 0  # the last rank, or the first
+        _make_confident(n, r)
+        ours = _grad_sum_async if i % 3 == 2 else _grad_sum  # async: the error comes from synchronize
+        _mismatch(n, r, deviation if r == deviant else functools.partial(ours, r), f"rank {deviant} called", text,
+                  "called allreduce(name='g', shape=(3, 4), dtype=float32, op=sum)")
+
+
+def check_unexchanged_nan(n: int, r: int) -> None:
+    """NaN in element 0 of the data (the deviation signal) costs one confirming exchange and is returned."""
+    _make_confident(n, r)
+    expected = torch.full((3, 4), n * (n - 1) / 2)
+    for first in ([math.nan] + [0.0] * (n - 1), [math.inf, -math.inf] + [0.0] * (n - 2)):  # NaN, inf - inf
+        x = torch.full((3, 4), float(r))
+        x[0, 0] = first[r]
+        before = _exchanges()
+        out = hvd.allreduce(x, name="g", op=hvd.Sum)
+        assert _exchanges() == before + 1
+        assert math.isnan(out[0, 0])
+        _close(out.reshape(-1)[1:], expected.reshape(-1)[1:], torch.float32)
+    x = torch.full((3, 4), float(r))
+    x[1, 2] = math.nan if r == 0 else 0.0  # NaN elsewhere is never looked at
+    before = _exchanges()
+    out = hvd.allreduce(x, name="g", op=hvd.Sum)
+    assert _exchanges() == before and math.isnan(out[1, 2]) and out[0, 0] == expected[0, 0]
+    _close(_grad_sum(r), expected, torch.float32)  # the calls matched: confidence stays
+    assert _exchanges() == before
+
+
+def check_unexchanged_confidence(n: int, r: int) -> None:
+    """When every rank calls something else than the confident prediction, nobody errs: each signals, they
+    confirm, the call runs; confidence is lost there and comes back once the prediction comes true again."""
+    _make_confident(n, r)
+    before = _exchanges()
+    _close(hvd.allreduce(torch.full((5,), float(r)), name="other", op=hvd.Sum), torch.full((5,), n * (n - 1) / 2),
+           torch.float32)
+    assert _exchanges() == before + 1
+    spent = []
+    for _ in range(5):
+        before = _exchanges()
+        _close(_grad_sum(r), torch.full((3, 4), n * (n - 1) / 2), torch.float32)
+        spent.append(_exchanges() - before)
+    # after "other" the history predicts "other" again, then "other" after "g"; then "g" (not yet trusted)
+    assert spent == [1, 1, 1, 0, 0], spent
+    # A repeating pair of async calls, the second posted before the first is waited for: both unexchanged.
+    for step in range(4):
+        before = _exchanges()
+        handles = [hvd.allreduce_async(torch.full((k,), float(r + step)), name=f"b{k}", op=hvd.Average)
+                   for k in (2, 3)]
+        for k, handle in zip((2, 3), handles, strict=True):
+            _close(hvd.synchronize(handle), torch.full((k,), step + (n - 1) / 2), torch.float32)
+        if step == 3:
+            assert _exchanges() == before
+
+
+def check_unexchanged_join(n: int, r: int) -> None:
+    """A rank joins while the others run a confidently predicted allreduce without an exchange: its NaN signal
+    costs element 0 only, which is redone; the results are Horovod's (joined ranks add zeros, Average divides
+    by the full size)."""
+    base = torch.arange(12.0).reshape(3, 4)
+    for step in range(4 if r == 0 else 6):  # rank 0 runs out of data after 4 steps
+        out = hvd.allreduce(base + r, name="grad", op=hvd.Average)
+        active = range(n) if step < 4 else range(1, n)
+        torch.testing.assert_close(out, (len(active) * base + sum(active)) / n)
+    assert hvd.join() == n - 1
+    _close(hvd.allreduce(torch.ones(1), op=hvd.Sum), torch.full((1,), float(n)), torch.float32)
+
+
+UNEXCHANGED_CHECKS = [check_unexchanged_mismatch, check_unexchanged_nan, check_unexchanged_confidence,
+                      check_unexchanged_join]
 
 
 MISMATCH_CHECKS = [check_mismatch_kind, check_mismatch_shape, check_mismatch_dtype, check_mismatch_op,
@@ -521,26 +641,13 @@ def check_process_sets(n: int, r: int) -> None:
         hvd.allreduce(torch.ones(1), process_set=even_set)
 
 
-def _adasum_pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The closed form for two vectors."""
-    dot = a @ b
-    return (1 - dot / (2 * (a @ a))) * a + (1 - dot / (2 * (b @ b))) * b
-
-
-def _adasum_reference(gs: list[torch.Tensor]) -> torch.Tensor:
-    """Pairs (0, 1), (2, 3), ... first, then pairs of pairs: Horovod's recursive halving order."""
-    while len(gs) > 1:
-        gs = [_adasum_pair(gs[i], gs[i + 1]) for i in range(0, len(gs), 2)]
-    return gs[0]
-
-
 def check_adasum(n: int, r: int) -> None:
     if n & (n - 1):
         with pytest.raises(NotImplementedError, match="power of 2"):
             hvd.allreduce(torch.ones(3), op=hvd.Adasum)
         return
     gs = [_randn((7,), 21, s) for s in range(n)]  # 7 elements: the halving splits unevenly
-    torch.testing.assert_close(hvd.allreduce(gs[r], op=hvd.Adasum), _adasum_reference(gs), rtol=1e-12, atol=0)
+    torch.testing.assert_close(hvd.allreduce(gs[r], op=hvd.Adasum), adasum_reference(gs), rtol=1e-12, atol=0)
     # Orthogonal gradients add up; identical gradients stay as they are.
     basis = torch.eye(n, dtype=torch.float64)
     _close(hvd.allreduce(3 * basis[r], op=hvd.Adasum), torch.full((n,), 3.0), torch.float64)
@@ -550,8 +657,12 @@ def check_adasum(n: int, r: int) -> None:
         g = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
         _close(hvd.allreduce(g[r], op=hvd.Adasum), torch.tensor([1.25, 0.75]), torch.float64)
     outs = hvd.grouped_allreduce([gs[r], 3 * basis[r]], op=hvd.Adasum)  # each tensor on its own
-    torch.testing.assert_close(outs[0], _adasum_reference(gs), rtol=1e-12, atol=0)
+    torch.testing.assert_close(outs[0], adasum_reference(gs), rtol=1e-12, atol=0)
     _close(outs[1], torch.full((n,), 3.0), torch.float64)
+    # One fused Adasum, tensors whose boundaries fall across the halving's splits, each on its own.
+    parts = [[_randn((k,), 22 + i, s) for i, k in enumerate((1, 5, 2, 9))] for s in range(n)]
+    for i, out in enumerate(hvd.grouped_allreduce(parts[r], op=hvd.Adasum)):
+        torch.testing.assert_close(out, adasum_reference([p[i] for p in parts]), rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="floating-point"):
         hvd.allreduce(torch.ones(2, dtype=torch.int64), op=hvd.Adasum)
 
@@ -599,8 +710,8 @@ FAST_CHECKS: list[Callable[[int, int], None]] = [
     check_allgather, check_broadcast, check_alltoall, check_reducescatter, check_autograd, check_objects,
     check_bad_inputs, check_small_int_dtypes, check_int_scale_factors, check_names,
 ]
-CHECKED_ONLY = MISMATCH_CHECKS + [check_gradients, check_join, check_process_sets, check_adasum, check_reinit,
-                                  check_names_exist]
+CHECKED_ONLY = MISMATCH_CHECKS + UNEXCHANGED_CHECKS + [check_gradients, check_join, check_process_sets,
+                                                       check_adasum, check_reinit, check_names_exist]
 NO_ENV = {"LMFORGE_CHECK_COLLECTIVES": "", "LMFORGE_UNEVEN_INPUTS": ""}
 PHASES = [
     Phase("default", FAST_CHECKS + CHECKED_ONLY, {"timeout": 30}, NO_ENV),
@@ -609,20 +720,12 @@ PHASES = [
     Phase("env_on", MISMATCH_CHECKS, {"timeout": 30}, {"LMFORGE_CHECK_COLLECTIVES": "1"}),
     Phase("explicit", MISMATCH_CHECKS, {"check": True, "timeout": 30}, {"LMFORGE_CHECK_COLLECTIVES": "0"}),
     Phase("env_off", [check_unchecked], {"timeout": 30}, {"LMFORGE_CHECK_COLLECTIVES": "0"}),
-    Phase("uneven", [check_join], {"check": False, "uneven_inputs": True, "timeout": 30}, NO_ENV),
+    Phase("uneven", [check_join, check_unexchanged_join], {"check": False, "uneven_inputs": True, "timeout": 30},
+          NO_ENV),
 ]
 
 
-@pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda n: f"world{n}")
-def reports(request) -> tuple[int, dict[str, list[str | None]]]:
-    n = request.param
-    return n, run_checks(PHASES, n, timeout=300, local_size=LOCAL_SIZE[n])
-
-
-@pytest.mark.parametrize("check", [key for phase in PHASES for key in phase.ids()])
-def test_collective(reports, check: str) -> None:
-    n, report = reports
-    assert_check_passed(report, check, n)
+reports, test_collective = phase_tests(PHASES, WORLD_SIZES, timeout=300, local_size=LOCAL_SIZE)
 
 
 def _cycles(count: int) -> float:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from parallel_helpers import Phase, assert_check_passed, run_checks
+from parallel_helpers import Phase, adasum_reference, phase_tests
 from torch import nn
 
 import lmforge.parallel as hvd
@@ -186,10 +186,8 @@ def check_misuse(n: int, r: int) -> None:
         hvd.DistributedOptimizer(_sgd(model), list(model.named_parameters())[:-1])
     with pytest.raises(ValueError, match="backward_passes_per_step"):
         hvd.DistributedOptimizer(_sgd(model), model.named_parameters(), backward_passes_per_step=0)
-    with pytest.raises(ValueError, match="Average or Sum"):
+    with pytest.raises(ValueError, match="Average, Sum or Adasum"):
         hvd.DistributedOptimizer(_sgd(model), model.named_parameters(), op=hvd.Max)
-    with pytest.raises(NotImplementedError, match="Adasum"):
-        hvd.DistributedOptimizer(_sgd(model), model.named_parameters(), op=hvd.Adasum)
     opt = hvd.DistributedOptimizer(_sgd(model), model.named_parameters())
     x, y = _global_batch(0, n)
     _mse(model, x, y).backward()
@@ -304,6 +302,58 @@ def check_muon(n: int, r: int) -> None:
     assert len(opt.state) == 2
 
 
+def check_adasum_optimizer(n: int, r: int) -> None:
+    """op=Adasum, Horovod's delta-based Adasum optimizer: every rank steps its own optimizer (its own state) on
+    its own shard, and the parameter changes are combined by Adasum's closed form, tensor by tensor. Reference:
+    one process playing every rank's optimizer, combining the changes with `adasum_reference`."""
+    model = _mlp()
+    if n & (n - 1):
+        with pytest.raises(NotImplementedError, match="power of 2"):
+            hvd.DistributedOptimizer(_adam(model), model.named_parameters(), op=hvd.Adasum)
+        return
+    for make_opt in (_sgd, _adam):
+        model = _mlp()
+        opt = hvd.DistributedOptimizer(make_opt(model), model.named_parameters(), op=hvd.Adasum)
+        assert isinstance(opt, type(make_opt(_mlp())))
+        combined, averaged = _mlp(), _mlp()  # the reference, and the same changes averaged instead
+        replicas = [_mlp() for _ in range(n)]
+        replica_opts = [make_opt(m) for m in replicas]
+        for step in range(STEPS):
+            x, y = _global_batch(step, n)
+            _mse(model, x[r * SHARD: (r + 1) * SHARD], y[r * SHARD: (r + 1) * SHARD]).backward()
+            opt.synchronize()  # nothing to do, as in Horovod
+            opt.step()
+            opt.zero_grad()
+            deltas = []
+            for s, (replica, replica_opt) in enumerate(zip(replicas, replica_opts, strict=True)):
+                replica.load_state_dict(combined.state_dict())  # in place: the optimizer keeps its state
+                _mse(replica, x[s * SHARD: (s + 1) * SHARD], y[s * SHARD: (s + 1) * SHARD]).backward()
+                replica_opt.step()
+                replica_opt.zero_grad()
+                deltas.append([p.detach() - q.detach() for p, q in zip(replica.parameters(),
+                                                                        combined.parameters(), strict=True)])
+            with torch.no_grad():
+                for i, (q, q_avg) in enumerate(zip(combined.parameters(), averaged.parameters(), strict=True)):
+                    changes = [d[i].double() for d in deltas]
+                    q_avg.add_((sum(changes) / n).float())
+                    q.add_(adasum_reference(changes).float())
+        diff = _max_diff(model, combined)
+        assert diff <= 1e-5, f"{make_opt.__name__}: max |Adasum optimizer - closed form| = {diff:.3g}"
+        apart = _max_diff(combined, averaged)
+        assert apart > 1e-3, f"{make_opt.__name__}: Adasum indistinguishable from averaging ({apart:.3g})"
+    with pytest.raises(AssertionError, match="not supported when using Adasum"):
+        opt.skip_synchronize()
+    with pytest.raises(ValueError, match="gradient_predivide_factor"):
+        hvd.DistributedOptimizer(_sgd(model), model.named_parameters(), op=hvd.Adasum,
+                                 gradient_predivide_factor=2.0)
+    with pytest.raises(NotImplementedError, match="process sets"):
+        hvd.DistributedOptimizer(_sgd(model), model.named_parameters(), op=hvd.Adasum,
+                                 process_set=hvd.ProcessSet([0]))
+    fresh = hvd.DistributedOptimizer(_adam(model), model.named_parameters(), op=hvd.Adasum)
+    hvd.broadcast_optimizer_state(fresh, root_rank=0)  # creates the state with a local step, no Adasum
+    assert len(fresh.state) == len(list(model.parameters()))
+
+
 def check_join_uneven_batches(n: int, r: int) -> None:
     """Horovod's join: rank r has r + 2 batches, then joins and contributes zero gradients; Average still
     divides by n, so every step equals single-process training on (sum of the active shards' losses) / n."""
@@ -335,7 +385,7 @@ CHECKS: list[Callable[[int, int], None]] = [
     check_clipping,
     check_fp16_compression, check_overlap, check_misuse, check_broadcast_parameters,
     check_broadcast_optimizer_state, check_broadcast_creates_empty_state, check_step_after_synchronize_warns,
-    check_sparse_gradients, check_muon, check_join_uneven_batches,
+    check_sparse_gradients, check_muon, check_join_uneven_batches, check_adasum_optimizer,
 ]
 PHASES = [
     Phase("default", CHECKS, {"timeout": 30}, {"LMFORGE_CHECK_COLLECTIVES": ""}),
@@ -344,15 +394,7 @@ PHASES = [
 ]
 
 
-@pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda n: f"world{n}")
-def reports(request) -> tuple[int, dict[str, list[str | None]]]:
-    return request.param, run_checks(PHASES, request.param, timeout=300)
-
-
-@pytest.mark.parametrize("check", [key for phase in PHASES for key in phase.ids()])
-def test_optimizer(reports, check: str) -> None:
-    n, report = reports
-    assert_check_passed(report, check, n)
+reports, test_optimizer = phase_tests(PHASES, WORLD_SIZES, timeout=300)
 
 
 def test_requires_init() -> None:

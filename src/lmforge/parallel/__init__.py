@@ -2,13 +2,15 @@
 
 `runtime` joins and leaves the process group (topology, build flags, errors); `collectives` holds the
 collectives, the collective check and join; `process_sets` the process sets; `adasum` Horovod's adaptive
-summation; `optimizer` the DistributedOptimizer and the broadcast helpers; `ps` and `strategy` the parameter
-server and the training-loop strategies; `mesh` (dp x pp x tp layouts on a DeviceMesh), `tensor_parallel`,
-`plans` (TP -> activation checkpointing -> FSDP), `sharded_checkpoint` and `pipeline` (stages, schedules,
-`PipelineStrategy`) the model parallelism.
+summation; `optimizer` the DistributedOptimizer and the broadcast helpers; `sync_batch_norm` SyncBatchNorm;
+`elastic` Horovod's elastic run and states on torchrun's restarts;
+`ps` and `strategy` the parameter server and the training-loop strategies; `mesh` (dp x pp x tp layouts on a
+DeviceMesh), `tensor_parallel`, `plans` (TP -> activation checkpointing -> FSDP), `sharded_checkpoint` and
+`pipeline` (stages, schedules, `PipelineStrategy`) the model parallelism.
 docs/distributed.md lists every Horovod name and how it maps.
 """
 
+from lmforge.parallel import elastic
 from lmforge.parallel.collectives import (
     Adasum,
     Average,
@@ -78,6 +80,7 @@ from lmforge.parallel.runtime import (
     shutdown,
     size,
 )
+from lmforge.parallel.sync_batch_norm import SyncBatchNorm
 
 __all__ = [
     "Adasum",
@@ -96,6 +99,7 @@ __all__ = [
     "Product",
     "ReduceOp",
     "Sum",
+    "SyncBatchNorm",
     "add_process_set",
     "allgather",
     "allgather_async",
@@ -117,6 +121,7 @@ __all__ = [
     "ccl_built",
     "cross_rank",
     "cross_size",
+    "elastic",
     "cuda_built",
     "ddl_built",
     "global_process_set",

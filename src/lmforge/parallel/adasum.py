@@ -9,8 +9,11 @@ orthogonal vectors their sum. Over 2^k ranks the blocks are combined level by le
 then the pairs r ^ 2, and so on: with 4 ranks, adasum(adasum(g0, g1), adasum(g2, g3)). At each level a rank
 keeps half of the part it holds and sends the other half to its partner, so no rank moves more than about
 twice the tensor; the dot product and norms of the whole vectors are the sums of the halves' over the ranks of
-the merged block (one allreduce of 3 float64 per block and level). Distance halving then gathers the result
-back onto every rank. Coefficients are computed in float64, as Horovod does.
+the merged block (one allreduce of 3 float64 per block, segment and level). Distance halving then gathers the
+result back onto every rank. Coefficients are computed in float64, as Horovod does.
+
+A flat buffer may hold several tensors (`segments`, their lengths): each is combined on its own (its own dot
+products and coefficients), as Horovod's fused Adasum does, with the messages of one combination.
 """
 
 from __future__ import annotations
@@ -41,13 +44,24 @@ def _swap(send: Tensor, recv: Tensor, partner: int) -> None:
         work.wait()
 
 
-def adasum_(flat: Tensor, rank: int, size: int) -> Tensor:
+def _pieces(lo: int, hi: int, bounds: list[int]) -> list[tuple[int, int, int]]:
+    """(segment, start, end) of every segment that overlaps [lo, hi), clipped to it."""
+    return [(j, max(lo, bounds[j]), min(hi, bounds[j + 1])) for j in range(len(bounds) - 1)
+            if bounds[j] < hi and bounds[j + 1] > lo]
+
+
+def adasum_(flat: Tensor, rank: int, size: int, segments: list[int] | None = None) -> Tensor:
     """Replace `flat` (1-D, floating point, same length on every rank) with the Adasum over every rank's.
 
+    segments: lengths of the tensors laid end to end in `flat` (default: one), each combined on its own.
     Every rank of the default process group calls it; `size` must be a power of two.
     """
     if size == 1:
         return flat
+    segments = [flat.numel()] if segments is None else segments
+    bounds = [0]
+    for length in segments:
+        bounds.append(bounds[-1] + length)
     lo, hi = 0, flat.numel()
     given: list[tuple[int, int]] = []  # the range handed to the partner at each level, for the way back
     level = 1
@@ -60,14 +74,20 @@ def adasum_(flat: Tensor, rank: int, size: int) -> Tensor:
         _swap(flat[give[0]: give[1]], received, partner)
         mine = flat[keep[0]: keep[1]]
         a, b = (mine.double(), received.double()) if left else (received.double(), mine.double())
-        # Row per merged block of 2 * level ranks: (a.b, |a|^2, |b|^2) summed over the block's halves.
-        sums = torch.zeros(size // (2 * level), 3, dtype=torch.float64, device=flat.device)
-        sums[rank // (2 * level)] = torch.stack([a @ b, a @ a, b @ b])
+        # Per merged block of 2 * level ranks and per segment: (a.b, |a|^2, |b|^2) summed over the halves.
+        sums = torch.zeros(size // (2 * level), len(segments), 3, dtype=torch.float64, device=flat.device)
+        pieces = _pieces(keep[0], keep[1], bounds)
+        for j, start, end in pieces:
+            pa, pb = a[start - keep[0]: end - keep[0]], b[start - keep[0]: end - keep[0]]
+            sums[rank // (2 * level), j] = torch.stack([pa @ pb, pa @ pa, pb @ pb])
         dist.all_reduce(sums)
-        dot, aa, bb = sums[rank // (2 * level)].tolist()
-        ca = 1.0 - dot / aa * 0.5 if aa >= _SQRT_DBL_MIN else 1.0
-        cb = 1.0 - dot / bb * 0.5 if bb >= _SQRT_DBL_MIN else 1.0
-        mine.copy_(ca * a + cb * b)
+        totals = sums[rank // (2 * level)].tolist()  # (segments, 3)
+        for j, start, end in pieces:
+            dot, aa, bb = totals[j]
+            ca = 1.0 - dot / aa * 0.5 if aa >= _SQRT_DBL_MIN else 1.0
+            cb = 1.0 - dot / bb * 0.5 if bb >= _SQRT_DBL_MIN else 1.0
+            pa, pb = a[start - keep[0]: end - keep[0]], b[start - keep[0]: end - keep[0]]
+            mine[start - keep[0]: end - keep[0]].copy_(ca * pa + cb * pb)
         given.append(give)
         lo, hi = keep
         level *= 2

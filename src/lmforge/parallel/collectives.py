@@ -5,8 +5,9 @@ and `allreduce_async_` return a `Handle` for `synchronize(handle)` / `poll(handl
 collectives. Every collective takes `process_set=` (default `global_process_set`, see `process_sets`).
 
 The collective check (on by default; `init(check=False)` or LMFORGE_CHECK_COLLECTIVES=0 turns it off) starts
-every collective with one all-gather of a fixed-size signature (8 int64 per rank: kind, join state, dtype,
-element count, row size, op, root and a CRC of the whole call, name and shape included). It buys:
+every collective with one all-gather of a fixed-size signature (9 int64 per rank: kind, join state, dtype,
+element count, row size, op, root, a CRC of the whole call, name and shape included, and whether the rank sent
+its data already), except where the history of verified calls lets it be left out (below). It buys:
 - safety: ranks that call different collectives, or the same one with different shapes, dtypes, ops, roots
   or names, all raise `CollectiveMismatchError` (a `HorovodInternalError`, as Horovod raises) naming each
   rank's call, instead of aborting in gloo, hanging or returning wrong data silently;
@@ -15,13 +16,20 @@ element count, row size, op, root and a CRC of the whole call, name and shape in
   rank has joined; allgather, broadcast, alltoall and reducescatter raise on the other ranks meanwhile.
 With the check off (`uneven_inputs=True` keeps the exchange for join), `join()` is a barrier.
 
-What the check costs: one all-gather round trip per call, except where it is hidden. An allreduce whose
-signature is the one every rank predicts from the calls they all verified so far (the call that followed the
-previous call last time, as a training step's gradient buckets repeat; else the previous call again) sends
-its data at once and checks the signatures while the data moves: if every rank's call matches the
-prediction, their tensors agree in size, dtype and op; a rank whose call differs does not speculate, sees
-the mismatch in the table, and joins the others' allreduce with zeros (discarded) before every rank raises,
-so the group stays usable. An in-place tensor (`allreduce_`) holds undefined values after such a mismatch.
+What the check costs: one all-gather round trip per call, except where it is hidden or left out. Every rank
+keeps the history of the global calls all ranks verified and predicts the next one from it (what followed the
+last call the previous time, as a training step's gradient buckets repeat; else the last call again), so the
+ranks agree on the prediction without talking.
+- A floating-point Sum/Average allreduce predicted with confidence (the prediction made after the same call
+  came true last time) runs no exchange at all: a rank whose call differs joins it with NaN in element 0
+  (zeros elsewhere), and every rank looks at element 0 of the result; NaN there makes every rank confirm with
+  an exchange, which raises CollectiveMismatchError on every rank for a deviant (group left usable), returns
+  the result for a NaN in the data, and redoes element 0 when a rank joined meanwhile. Such an allreduce is
+  checked before the next collective starts, so one of them is in flight at a time.
+- Another predicted allreduce sends its data at once and checks the signatures while the data moves: a rank
+  whose call differs does not speculate, sees the mismatch in the table, and joins the others' allreduce
+  with zeros (discarded) before every rank raises, so the group stays usable.
+An in-place tensor (`allreduce_`) holds undefined values after a mismatch.
 
 dtypes the backend lacks (int16 on gloo and NCCL) travel promoted (reductions: int32) or reinterpreted
 (data movement: the bits of a 16-bit float) and come back in their own dtype. Integer tensors accept
@@ -178,6 +186,11 @@ _DTYPES = [
 _HEADER_LEN = 9  # kind, joined_at, wire dtype, numel, row_numel, op, root, signature, speculated
 _SPECULATE_ON = 8  # the fields an allreduce's header must share with the predicted call to speculate
 _HISTORY_LIMIT = 4096  # distinct calls remembered for prediction
+# Predicted calls every rank may run without any exchange: floating-point Sum / Average allreduces, where a
+# NaN in element 0 of the result tells every rank that some rank signalled a different call (_Unexchanged).
+_ALLREDUCE = _KINDS.index("allreduce")
+_NAN_CARRIERS = {_DTYPES.index(d) for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
+_ADDITIVE = {_OP_CODES.index(ReduceOp.SUM), _OP_CODES.index(ReduceOp.AVERAGE)}
 
 
 @dataclass
@@ -224,6 +237,7 @@ class _Peers:
     speculated)."""
 
     rows: list[list[int]]
+    signalled: tuple[int, ...] | None = None  # the prediction this rank signalled a deviation from (NaN)
 
     @property
     def joined(self) -> list[int]:
@@ -266,6 +280,7 @@ class _Exchange:
         self.table = torch.zeros(group.size, _HEADER_LEN, dtype=torch.int64)
         self.table[group.index] = torch.tensor(call.header(joined_at) + [int(speculated)])
         self.table = self.table.to(st.device)
+        st.exchanges += 1
         self.work = _guarded(call, lambda: dist.all_reduce(self.table, group=group.pg, async_op=True))
         self.data_work: Any = None  # this rank's speculative data collective, posted before the table arrived
         self.peers: _Peers | None = None
@@ -310,61 +325,149 @@ class _Exchange:
             _guarded(self.call, self.data_work.wait)
 
 
-def _remember(rows: list[list[int]]) -> None:
-    """Extend the verified history with a global call every rank agreed on; a mismatch or a joined rank ends it.
+class _Unexchanged:
+    """A predicted allreduce that every rank runs without a signature exchange (see `_predicted`).
 
-    The history is common knowledge (every rank settles the same tables in the same order), so the prediction
-    `_predicted()` made from it is the same on every rank.
+    A rank whose call differs from the prediction knows it: it takes part in the others' allreduce with NaN in
+    element 0 and zeros elsewhere (`_signal_deviation`), then exchanges its own signature. IEEE addition
+    carries the NaN into element 0 of the sum, which the backend hands to every rank alike, so `settle()`
+    looks at that one element: a number there proves that every rank made the predicted call; NaN makes every
+    rank confirm with an exchange, which raises CollectiveMismatchError on every rank for a deviant, returns
+    the result as it is for a NaN in the data, and recomputes element 0 alone when ranks joined meanwhile
+    (they contributed zeros elsewhere, which is what a joined rank contributes anyway).
+    """
+
+    def __init__(self, call: _Call, group: _Group, sent: Tensor, header: tuple[int, ...]):
+        self.call, self.group, self.sent, self.header = call, group, sent, header
+        self.first = sent[:1].clone()  # element 0 as this rank sends it, for the recomputation after a join
+        self.data_work: Any = None
+        self.settled = False
+        self.error: Exception | None = None
+
+    def settle(self) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.settled:
+            return
+        st = _require()
+        if st.pending is self:
+            st.pending = None
+        self.settled = True
+        try:
+            if self.data_work is None:  # posting the data failed (and raised) on this rank
+                raise CollectiveError(f"rank {st.rank}: {self.call.describe()} was never sent")
+            _guarded(self.call, self.data_work.wait)
+            if not torch.isnan(self.sent[0]):
+                st.calls += 1
+                _extend(self.header)
+                return
+            peers = _Exchange(self.call, self.group).settle()  # raises on every rank if a rank deviated
+            if peers.joined:
+                _guarded(self.call, lambda: dist.all_reduce(self.first))
+                self.sent[:1].copy_(self.first)
+        except Exception as err:
+            self.error = err
+            raise
+
+
+def _remember(rows: list[list[int]]) -> None:
+    """Extend the verified history with the call of a settled global exchange, if every rank agreed on it."""
+    headers = {tuple(row[:_SPECULATE_ON]) for row in rows}
+    _extend(headers.pop() if len(headers) == 1 else None)
+
+
+def _extend(header: tuple[int, ...] | None) -> None:
+    """Append a global call every rank made to the verified history (None, for a mismatch or a joined rank,
+    ends it), and record whether the prediction made for it came true.
+
+    The history is common knowledge (every rank settles the same calls in the same order), so the prediction
+    `_predicted()` makes from it, and its confidence, are the same on every rank.
     """
     st = _require()
-    headers = {tuple(row[:_SPECULATE_ON]) for row in rows}
-    if len(headers) != 1:  # a mismatch, or some rank has joined
+    if header is None:
         st.last = None
         return
-    (header,) = headers
     if st.last is not None:
+        came_true = _predicted()[0] == header
         if len(st.successor) >= _HISTORY_LIMIT and st.last not in st.successor:
             st.successor.clear()
+            st.confident.clear()
         st.successor[st.last] = header
+        if came_true:
+            st.confident.add(st.last)
+        else:
+            st.confident.discard(st.last)
     st.last = header
 
 
-def _predicted() -> tuple[int, ...] | None:
-    """The next global call as the verified history predicts it: what followed the last call the previous
-    time it was made (a training step's bucket sequence repeats), else the last call again."""
+def _predicted() -> tuple[tuple[int, ...] | None, bool]:
+    """The next global call as the verified history predicts it, and whether it runs without an exchange.
+
+    The prediction: what followed the last call the previous time it was made (a training step's bucket
+    sequence repeats), else the last call again. It runs unexchanged when the prediction made after the same
+    last call came true the previous time and the call is a floating-point Sum or Average allreduce of at
+    least one element (a NaN in element 0 can signal through it).
+    """
     st = _require()
-    return None if st.last is None else st.successor.get(st.last, st.last)
+    if st.last is None:
+        return None, False
+    predicted = st.successor.get(st.last, st.last)
+    kind, _, dtype, numel, _, op, _, _ = predicted
+    unexchanged = (st.last in st.confident and kind == _ALLREDUCE and dtype in _NAN_CARRIERS
+                   and op in _ADDITIVE and numel >= 1)
+    return predicted, unexchanged
 
 
 def _settle_pending() -> None:
-    """Check the last speculative exchange before anything else is posted: every rank then decides on the
+    """Check the last speculative allreduce before anything else is posted: every rank then decides on the
     next speculation from the same verified call."""
     pending = _require().pending
     if pending is not None:
         pending.settle()
 
 
+def _signal_deviation(call: _Call, joined_at: int) -> tuple[int, ...] | None:
+    """If every rank expects the predicted call without an exchange and this call is another, join their
+    allreduce with NaN in element 0 (zeros elsewhere): every rank then confirms with an exchange, this one's
+    next step (see `_Unexchanged`). Returns the prediction signalled against, else None."""
+    predicted, unexchanged = _predicted()
+    if predicted is None or not unexchanged or tuple(call.header(joined_at)[:_SPECULATE_ON]) == predicted:
+        return None
+    _, _, dtype, numel, _, _, _, _ = predicted
+    signal = torch.zeros(numel, dtype=_DTYPES[dtype], device=_require().device)
+    signal[0] = math.nan
+    _guarded(call, lambda: dist.all_reduce(signal))
+    return predicted
+
+
 def _exchange(call: _Call, group: _Group, joined_at: int = -1) -> _Peers:
     """All-gather every rank's signature for this call; raise if the active ranks disagree."""
     _settle_pending()
-    return _Exchange(call, group, joined_at).settle()
+    signalled = _signal_deviation(call, joined_at) if group.is_global else None
+    peers = _Exchange(call, group, joined_at).settle()
+    peers.signalled = signalled
+    return peers
 
 
-def _speculative(call: _Call, group: _Group) -> _Exchange | None:
-    """Post this allreduce's exchange without waiting for it, when the data may be sent at once.
+def _speculative(call: _Call, group: _Group, sent: Tensor) -> _Exchange | _Unexchanged | None:
+    """Start checking this allreduce so that its data (`sent`) may go at once, when the prediction allows.
 
     Safe when this call's header equals the prediction every rank made from the same verified history
-    (`_predicted`): the ranks that speculate all send the same tensor size, dtype and op; a rank whose call
-    differs waits for the table as usual, sees the mismatch, and drains the others' allreduce before every
-    rank raises.
+    (`_predicted`). Unexchanged when the prediction is confident (see `_Unexchanged`); else the exchange is
+    posted without waiting for it: the ranks that speculate all send the same tensor size, dtype and op; a
+    rank whose call differs waits for the table as usual, sees the mismatch, and drains the others' allreduce
+    before every rank raises.
     """
     st = _require()
     if not (st.coordinate and group.is_global and group.size > 1 and call.op != ReduceOp.ADASUM):
         return None
     _settle_pending()
-    if tuple(call.header(-1)[:_SPECULATE_ON]) != _predicted():
+    predicted, unexchanged = _predicted()
+    header = tuple(call.header(-1)[:_SPECULATE_ON])
+    if header != predicted:
         return None
-    st.pending = _Exchange(call, group, speculated=True)
+    st.pending = _Unexchanged(call, group, sent, header) if unexchanged else _Exchange(call, group,
+                                                                                         speculated=True)
     return st.pending
 
 
@@ -414,7 +517,10 @@ def _identity(op: ReduceOp, dtype: torch.dtype) -> float | int | bool:
 def _answer(peers: _Peers) -> None:
     """A joined rank takes part in the active ranks' allreduce or barrier; anything else they refuse."""
     st = _require()
-    kind, _, dtype_code, numel, _, op_code, _, _, _ = peers.rows[peers.active[0]]
+    active = peers.rows[peers.active[0]]
+    kind, _, dtype_code, numel, _, op_code, _, _, _ = active
+    if peers.signalled is not None and tuple(active[:_SPECULATE_ON]) == peers.signalled:
+        numel = 1  # they ran it unexchanged with this rank's NaN signal: only element 0 is redone
     call = _Call("join", name="join")
     if kind == _KINDS.index("allreduce") and _OP_CODES[op_code] != ReduceOp.ADASUM:
         op, dtype = _OP_CODES[op_code], _DTYPES[dtype_code]
@@ -442,6 +548,7 @@ def join(device: int = -1) -> int:
         times = torch.empty(st.size, dtype=torch.float64, device=st.device)
         _guarded(call, lambda: _all_gather_single(times, arrived))
         return int(times.argmax())
+    _settle_pending()
     joined_at = st.calls
     while True:
         peers = _exchange(call, group, joined_at)
@@ -592,10 +699,12 @@ def _allreduce_flat(
     compression: type[Compressor],
     call: _Call,
     group: _Group,
+    segments: list[int] | None = None,
 ) -> Handle:
     """Allreduce `buffer` and leave the scaled result in `out`, asynchronously.
 
-    `buffer` is contiguous and ours to overwrite: `out` itself, or a private copy of it.
+    `buffer` is contiguous and ours to overwrite: `out` itself, or a private copy of it. segments: the
+    lengths of the tensors laid end to end in it, which Adasum combines each on its own.
     """
     _scale_(buffer, prescale)
     wire, ctx = compression.compress(buffer)
@@ -603,12 +712,12 @@ def _allreduce_flat(
     promoted = _REDUCE_AS.get(wire.dtype)
     if promoted is not None:
         call.wire = promoted
-    exchange = _speculative(call, group)
+    sent = wire if promoted is None else wire.to(promoted)
+    exchange = _speculative(call, group, sent)
     if exchange is None:
         _begin(call, group)
-    sent = wire if promoted is None else wire.to(promoted)
     if op == ReduceOp.ADASUM:  # blocking, so overlapping async calls never interleave its messages
-        _guarded(call, lambda: adasum_(sent, _require().rank, group.size))
+        _guarded(call, lambda: adasum_(sent, _require().rank, group.size, segments))
         works = []
     else:
         works = [_guarded(call, lambda: dist.all_reduce(sent, op=_BACKEND_OPS[op], group=group.pg,
@@ -733,7 +842,8 @@ def grouped_allreduce_async_(
 ) -> Handle:
     """Start one fused allreduce per dtype over `tensors`, in place; synchronize returns the list.
 
-    Adasum combines each tensor on its own (one Adasum per tensor, as Horovod's per-tensor dot products).
+    Adasum combines each tensor on its own (its own dot products, as Horovod's fused Adasum) in one fused
+    Adasum per dtype.
     """
     tensors = _tensor_list(tensors, "grouped_allreduce")
     _check_name(name, "grouped_allreduce")
@@ -742,14 +852,14 @@ def grouped_allreduce_async_(
     by_dtype: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
     for t in tensors:
         _check_op(t, op, group, "grouped_allreduce")
-        key = (t.dtype, t.device) if op != ReduceOp.ADASUM else (t.dtype, t.device, len(by_dtype))
-        by_dtype.setdefault(key, []).append(t)  # type: ignore[arg-type]
+        by_dtype.setdefault((t.dtype, t.device), []).append(t)
     handles = []
     for key, members in by_dtype.items():
         flat = torch.cat([t.detach().reshape(-1) for t in members])  # (sum of numels,)
         shape = "[" + ", ".join(_shape_text(t.shape) for t in members) + "]"
         call = _Call("allreduce", name, shape, key[0], flat.numel(), op=op)
-        inner = _allreduce_flat(flat, flat, op, prescale_factor, postscale_factor, compression, call, group)
+        inner = _allreduce_flat(flat, flat, op, prescale_factor, postscale_factor, compression, call, group,
+                                [t.numel() for t in members])
 
         def unflatten(inner: Handle = inner, members: list[Tensor] = members) -> None:
             flat = inner.wait()

@@ -16,6 +16,11 @@ synchronize() outside skip_synchronize() warns, as in Horovod, and does not redu
 backward_passes_per_step=k: gradients accumulate locally over k backward passes before one allreduce.
 Sparse gradients (e.g. nn.Embedding(sparse=True)) are reduced by Horovod's sparse allreduce (allgather of
 indices and values), or densified first with sparse_as_dense=True.
+
+op=Adasum builds Horovod's delta-based Adasum optimizer instead: every rank steps its own optimizer on its own
+gradients (its optimizer state stays local), and step() combines the parameter changes, not the gradients:
+parameters = start + adasum over ranks of (parameters after the local step - start), each parameter tensor
+on its own (see `adasum`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from torch import Tensor
 
 from lmforge.parallel import collectives as C
 from lmforge.parallel import runtime
+from lmforge.parallel.adasum import is_power_of_two
 from lmforge.parallel.process_sets import ProcessSet, global_process_set
 
 _created = 0  # DistributedOptimizers made by this process
@@ -50,10 +56,23 @@ class _Bucket:
     sparse: dict[int, C.Handle] | None = None  # position in params -> sparse allreduce of that gradient
 
 
-class _DistributedOptimizerMixin:
-    """Methods the dynamic subclass puts in front of the user's optimizer class (see the module docstring)."""
+class _WrappedOptimizer:
+    """What both wrappers share: the user's optimizer class comes next in the method resolution order."""
 
     param_groups: list[dict[str, Any]]
+
+    def _local_step(self, closure: Any = None) -> Any:
+        """The user's optimizer's own step, on this rank's gradients, communicating nothing."""
+        return super().step(closure)  # type: ignore[misc]
+
+
+def _check_passes(backward_passes_per_step: Any) -> None:
+    if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
+        raise ValueError(f"backward_passes_per_step must be an int >= 1, got {backward_passes_per_step!r}")
+
+
+class _DistributedOptimizerMixin(_WrappedOptimizer):
+    """Methods the dynamic subclass puts in front of the user's optimizer class (see the module docstring)."""
 
     def _setup_distributed(
         self,
@@ -67,14 +86,9 @@ class _DistributedOptimizerMixin:
         process_set: ProcessSet,
         groups: int | list[list[Tensor]] | None,
     ) -> None:
-        if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
-            raise ValueError(f"backward_passes_per_step must be an int >= 1, got "
-                             f"{backward_passes_per_step!r}")
-        if op == C.Adasum:
-            raise NotImplementedError("DistributedOptimizer(op=Adasum) (Horovod's delta-based Adasum "
-                                      "optimizer) is not implemented; use op=Average or op=Sum")
+        _check_passes(backward_passes_per_step)
         if op not in (C.Average, C.Sum):
-            raise ValueError(f"DistributedOptimizer op must be Average or Sum, got {op!r}")
+            raise ValueError(f"DistributedOptimizer op must be Average, Sum or Adasum, got {op!r}")
         if gradient_predivide_factor <= 0 or (gradient_predivide_factor != 1.0 and op != C.Average):
             raise ValueError("gradient_predivide_factor must be > 0 and needs op=Average, got "
                              f"{gradient_predivide_factor!r} with op={op.value}")
@@ -206,7 +220,7 @@ class _DistributedOptimizerMixin:
             else:
                 self.synchronize()
         self._synchronized = False
-        return super().step(closure)  # type: ignore[misc]
+        return self._local_step(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients; refused while allreduces of this step are in flight (it would race with them)."""
@@ -216,6 +230,50 @@ class _DistributedOptimizerMixin:
         if any(d != self._passes for d in self._delay.values()):
             self._reset_round()
         super().zero_grad(set_to_none)  # type: ignore[misc]
+
+
+class _AdasumOptimizerMixin(_WrappedOptimizer):
+    """Horovod's delta-based Adasum optimizer, in front of the user's optimizer class (module docstring)."""
+
+    def _setup_adasum(self, named_parameters: Iterable[tuple[str, Tensor]] | None,
+                      compression: type[C.Compressor], backward_passes_per_step: int,
+                      gradient_predivide_factor: float, process_set: ProcessSet) -> None:
+        _check_passes(backward_passes_per_step)
+        if gradient_predivide_factor != 1.0:
+            raise ValueError("gradient_predivide_factor needs op=Average, got op=adasum")
+        if process_set is not global_process_set:
+            raise NotImplementedError("Adasum does not support non-global process sets yet.")
+        if not is_power_of_two(runtime.size()):
+            raise NotImplementedError("Running Adasum with non-power of 2 ranks is not supported yet.")
+        params = [p for group in self.param_groups for p in group["params"]]
+        _parameter_names(params, named_parameters)  # the same checks of the names as for Average and Sum
+        self._compression = compression
+        self._trained = [p for p in params if p.requires_grad]
+        global _created
+        _created += 1
+        self._prefix = f"DistributedOptimizer{_created}"
+
+    def synchronize(self) -> None:
+        """Nothing to do: the Adasum optimizer combines parameter changes in step(), as Horovod's does."""
+
+    def skip_synchronize(self) -> None:
+        """Refused, as in Horovod: the Adasum optimizer has no gradient synchronization to skip."""
+        raise AssertionError("Skipping synchronization is not supported when using Adasum optimizer.")
+
+    def step(self, closure: Any = None) -> Any:
+        """Step the local optimizer on this rank's gradients, then set every parameter to its value before
+        the step plus the Adasum over ranks of the changes (each tensor on its own, in one fused Adasum)."""
+        with torch.no_grad():
+            starts = [p.detach().clone() for p in self._trained]
+        loss = self._local_step(closure)
+        with torch.no_grad():
+            deltas = [p.detach() - start for p, start in zip(self._trained, starts, strict=True)]
+            if deltas:
+                C.grouped_allreduce_(deltas, name=f"{self._prefix}.adasum", op=C.Adasum,
+                                     compression=self._compression)
+            for p, start, delta in zip(self._trained, starts, deltas, strict=True):
+                p.copy_(start.add_(delta))
+        return loss
 
 
 def _parameter_names(
@@ -302,7 +360,8 @@ def DistributedOptimizer(
     process_set: ProcessSet = global_process_set,
     bucket_cap_mb: float = 25.0,
 ) -> torch.optim.Optimizer:
-    """Wrap `optimizer` so that step() uses gradients averaged (op=Average) or summed (op=Sum) over all ranks.
+    """Wrap `optimizer` so that step() uses gradients averaged (op=Average) or summed (op=Sum) over all ranks,
+    or combines each rank's parameter changes with Adasum (op=Adasum).
 
     named_parameters: (name, parameter) pairs covering the optimizer's parameters (names appear in errors and
     in the collective check). compression: Compression.none or Compression.fp16 on the wire.
@@ -312,24 +371,32 @@ def DistributedOptimizer(
     bucketing by bucket_cap_mb, the fusion size of one allreduce.
     sparse_as_dense: densify sparse gradients before the allreduce (else Horovod's sparse allreduce).
     process_set: the ranks that average their gradients (every rank of it wraps its optimizer).
-    Call lmforge.parallel.init() first. Raises ValueError / TypeError on bad arguments, NotImplementedError
-    for op=Adasum.
+    op=Adasum: Horovod's delta-based Adasum optimizer (module docstring); it needs the global process set and a
+    power-of-two number of ranks (NotImplementedError otherwise, as Horovod's CPU path), takes no
+    gradient_predivide_factor, and has no synchronize() to skip (skip_synchronize raises AssertionError, as in
+    Horovod); num_groups, groups, bucket_cap_mb and sparse_as_dense do not change what it computes.
+    Call lmforge.parallel.init() first. Raises ValueError / TypeError on bad arguments.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"DistributedOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if isinstance(optimizer, _DistributedOptimizerMixin):
+    if isinstance(optimizer, _WrappedOptimizer):
         raise ValueError("the optimizer is already a DistributedOptimizer")
     runtime.size()  # raises when init() was not called
+    if num_groups and groups is not None:
+        raise ValueError("pass either num_groups or groups (Horovod's newer name), not both")
     base = type(optimizer)
-    cls = type(f"Distributed{base.__name__}", (_DistributedOptimizerMixin, base), {})
+    mixin = _AdasumOptimizerMixin if op == C.Adasum else _DistributedOptimizerMixin
+    cls = type(f"Distributed{base.__name__}", (mixin, base), {})
     wrapped = cls.__new__(cls)
     wrapped.__dict__.update(optimizer.__dict__)  # same param_groups, state and hooks as the original
     wrapped.__dict__.pop("step", None)  # an LR scheduler's per-instance step patch points at the original
-    if num_groups and groups is not None:
-        raise ValueError("pass either num_groups or groups (Horovod's newer name), not both")
-    wrapped._setup_distributed(named_parameters, compression, backward_passes_per_step, op,
-                               gradient_predivide_factor, bucket_cap_mb, sparse_as_dense, process_set,
-                               groups if groups is not None else (num_groups or None))
+    if isinstance(wrapped, _AdasumOptimizerMixin):
+        wrapped._setup_adasum(named_parameters, compression, backward_passes_per_step, gradient_predivide_factor,
+                              process_set)
+    else:
+        wrapped._setup_distributed(named_parameters, compression, backward_passes_per_step, op,
+                                   gradient_predivide_factor, bucket_cap_mb, sparse_as_dense, process_set,
+                                   groups if groups is not None else (num_groups or None))
     return wrapped
 
 
@@ -393,15 +460,15 @@ def _create_state(optimizer: torch.optim.Optimizer) -> None:
     """Horovod's way to give a fresh optimizer its state: zero gradients and one step.
 
     Unlike Horovod, the parameters and gradients are put back afterwards (a step with zero gradients still
-    moves parameters under weight decay); a DistributedOptimizer steps its base class, reducing nothing.
+    moves parameters under weight decay); a DistributedOptimizer steps its base class, communicating nothing.
     """
     params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
     saved = [(p.detach().clone(), p.grad) for p in params]
     for p in params:
         p.grad = torch.zeros_like(p)
     with torch.no_grad():
-        if isinstance(optimizer, _DistributedOptimizerMixin):
-            super(_DistributedOptimizerMixin, optimizer).step()  # type: ignore[misc]
+        if isinstance(optimizer, _WrappedOptimizer):
+            optimizer._local_step()
         else:
             optimizer.step()
         for p, (value, grad) in zip(params, saved, strict=True):

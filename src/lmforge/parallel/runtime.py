@@ -49,13 +49,16 @@ class _State:
     calls: int = 0  # coordinated calls on the global set so far; identical on every rank
     last: tuple[int, ...] | None = None  # the last global call's header, if every rank agreed on it
     successor: dict[tuple[int, ...], tuple[int, ...]] = field(default_factory=dict)  # header -> next header
-    pending: Any = None  # a speculative allreduce's exchange not yet checked (collectives._Exchange)
+    confident: set[tuple[int, ...]] = field(default_factory=set)  # headers whose last prediction came true
+    pending: Any = None  # a speculative allreduce not yet checked (collectives._Exchange or ._Unexchanged)
+    exchanges: int = 0  # signature exchanges this rank posted (what the check cost, for tests and benchmarks)
 
 
 _state: _State | None = None
 _base_store: Any = None  # the store every init of this process talks through, under a fresh prefix
 _base_key: tuple[str, ...] = ()  # the torchrun variables it was made for
 _inits = 0  # process groups this process has created; the prefix of the next one
+_init_args: dict[str, Any] = {}  # the arguments of the last init(), for a reset (elastic)
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -100,9 +103,10 @@ def init(
     else gloo. process_sets: ProcessSet objects to register (as add_process_set does), as in Horovod.
     Raises ValueError on a bad timeout, backend or environment flag.
     """
-    global _state
+    global _state, _init_args
     if _state is not None:
         return
+    _init_args = {"check": check, "uneven_inputs": uneven_inputs, "timeout": timeout, "backend": backend}
     check = _env_flag("LMFORGE_CHECK_COLLECTIVES", True) if check is None else check
     uneven_inputs = _env_flag("LMFORGE_UNEVEN_INPUTS", False) if uneven_inputs is None else uneven_inputs
     if timeout is None:
@@ -173,6 +177,13 @@ def shutdown() -> None:
     if _state.owns_group and dist.is_initialized():
         dist.destroy_process_group()
     _state = None
+
+
+def _reset() -> None:
+    """Leave the group and join a fresh one with the last init()'s arguments (elastic's reset)."""
+    args = dict(_init_args)
+    shutdown()
+    init(**args)
 
 
 def is_initialized() -> bool:
