@@ -144,6 +144,7 @@ def cpu_cases(args: argparse.Namespace, folder: Path, ids: torch.Tensor, bandwid
     models = {"float32": fp32, "bfloat16": load_model(MODEL, dtype=torch.bfloat16),
               "int8": load_model(MODEL, dtype=torch.bfloat16, quantize="int8"),
               "Q4_1 kept": load_model(MODEL, keep_quantized=True)}
+    models = {name: model for name, model in models.items() if not args.only or name in args.only}
     for name, model in models.items():
         print(f"  {name}: {weight_bytes(model) / 1e6:.0f} MB of weights read per token")
     modes = [False] if args.no_compile else [False, True]
@@ -170,12 +171,12 @@ def cpu_cases(args: argparse.Namespace, folder: Path, ids: torch.Tensor, bandwid
         return
     llm = Llama(model_path=str(packaged_path(MODEL)), n_threads=2, n_threads_batch=2, n_ctx=256, verbose=False)
     best = {} if args.no_compile else {"compile": True}  # lmforge's fastest paths against llama.cpp
-    for name in ("Q4_1 kept", "int8", "bfloat16"):
+    for name in [name for name in ("Q4_1 kept", "int8", "bfloat16") if name in models]:
         kw = best if name != "Q4_1 kept" else {}
         ours, theirs = alternate([lmforge_call(models[name], ids, new, **kw), llama_cpp_call(llm, ids, new, 1)],
                                  rounds)
         report(f"batch-1 greedy, {name}{' compiled' if kw else ''}", 1, new, ours, theirs, "llama.cpp Q4_1")
-    for name in ("int8", "bfloat16"):
+    for name in [name for name in ("int8", "bfloat16") if name in models]:
         ours, theirs = alternate([lmforge_call(models[name], ids, new, **sampled, **best),
                                   llama_cpp_call(llm, ids, new, 10)], max(2, rounds // 2))
         report(f"10 sampled, {name}{' compiled' if best else ''}", 10, new, ours, theirs, "llama.cpp Q4_1")
@@ -201,6 +202,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--skip-rss", action="store_true", help="no peak-memory measurements")
     parser.add_argument("--no-compile", action="store_true", help="CPU: eager lmforge only (no compile=True cases)")
+    parser.add_argument("--only", nargs="+", choices=["float32", "bfloat16", "int8", "Q4_1 kept"],
+                        help="CPU: only these weight formats (llama.cpp cases included)")
     parser.add_argument("--rss-only", action="store_true", help="only the peak-memory measurements")
     parser.add_argument("--rss-worker", nargs=3, metavar=("SIDE", "DTYPE", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()

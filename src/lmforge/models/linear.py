@@ -8,13 +8,13 @@ and return activations in the model's dtype.
 Formats (N output features, K input features):
 - `PackedLinear`: the float weight reordered once into oneDNN's blocked layout (CPU, float32 / bfloat16),
   computed with oneDNN's inner product; the reordered weight replaces the plain one.
-- `Int8Linear`: int8 weights with one symmetric scale per output row; `torch.ops.aten._weight_int8pack_mm` on
-  the CPU (VNNI where the host has it), a dequantizing fallback elsewhere.
+- `Int8Linear`: int8 weights with one symmetric scale per output row; decode steps on the CPU in lmforge's
+  matvec kernel (models/matvec.py), else `torch.ops.aten._weight_int8pack_mm`, a dequantizing fallback elsewhere.
 - `Int4Linear`: 4-bit weights in groups of 32 along K with a scale and an offset per group,
   w = (q - 8) * scale + zero, i.e. exactly GGUF's Q4_0 (zero = 0) and Q4_1 (zero = min + 8 * scale) blocks;
   `torch.ops.aten._weight_int4pack_mm_for_cpu` in bfloat16.
-- `BlockInt8Linear`: int8 weights with one scale per block of 32 along K, i.e. GGUF's Q8_0; products
-  dequantize a band of rows at a time.
+- `BlockInt8Linear`: int8 weights with one scale per block of 32 along K, i.e. GGUF's Q8_0; decode steps
+  read the blocks in lmforge's matvec kernel, longer products dequantize a band of rows at a time.
 - `RowEmbedding`: token embeddings read from an int8 / Q8_0 table (dequantizing only the rows looked up).
 Quantized modules hold buffers, not parameters: they are for inference, not training.
 """
@@ -185,6 +185,8 @@ class BlockInt8Linear(nn.Module):
         return (q.view(*q.shape[:-1], -1, GROUP).to(dtype) * s[..., None].to(dtype)).flatten(-2)
 
     def forward(self, x: Tensor) -> Tensor:
+        if usable(x, self.weight):
+            return matvec(x, self.weight, self.scales, self.bias)
         flat = _flat(x)
         bands = [F.linear(flat, self.rows(slice(i, i + self.rows_per_band), x.dtype))
                  for i in range(0, self.out_features, self.rows_per_band)]

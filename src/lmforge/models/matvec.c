@@ -1,5 +1,5 @@
 /* lmforge's matrix-vector kernels: y (M, N) = x (M, K) . W^T for the few rows of a decode step (M <= 16), W (N, K)
-   row-major in float32, bfloat16 or int8 with one scale per row; x and y float32. Built by matvec.py with the host
+   row-major in float32, bfloat16, or int8 with one scale per row or per block of 32 along K; x and y float32. Built by matvec.py with the host
    compiler (-O3 -march=native -fopenmp); AVX-512 code where the host has it, else loops the compiler vectorises.
    Each 4-row block of W is read once for all M rows of x (they stay in L1). Rows of W are split between
    `threads` OpenMP threads in blocks of 16 rows; the library links libgomp.so.1, which resolves to the copy torch
@@ -65,6 +65,39 @@ ROWS4(f32, float, ld_f32)
 ROWS4(bf16, uint16_t, ld_bf16)
 ROWS4(i8, int8_t, ld_i8)
 
+/* int8 W with one scale per block of 32 along K (GGUF's Q8_0), K a multiple of 32: each block's dot product is
+   scaled before it is added. */
+static void q8_rows(const float *x, const int8_t *w, const float *scale, float *out, int64_t N, int64_t K,
+                    int64_t n0, int64_t n1, int64_t M) {
+    int64_t nb = K / 32;
+    for (int64_t n = n0; n < n1; n++) {
+        const int8_t *wr = w + n * K;
+        const float *sr = scale + n * nb;
+        for (int64_t m = 0; m < M; m++) {
+            const float *xr = x + m * K;
+#ifdef __AVX512F__
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t b = 0; b < nb; b++) {
+                const int8_t *wb = wr + b * 32; const float *xb = xr + b * 32;
+                __m512 t = _mm512_mul_ps(ld_i8(wb, 0xFFFF), _mm512_loadu_ps(xb));
+                t = _mm512_fmadd_ps(ld_i8(wb + 16, 0xFFFF), _mm512_loadu_ps(xb + 16), t);
+                acc = _mm512_fmadd_ps(t, _mm512_set1_ps(sr[b]), acc);
+            }
+            out[m * N + n] = _mm512_reduce_add_ps(acc);
+#else
+            float acc = 0.f;
+            for (int64_t b = 0; b < nb; b++) {
+                float t = 0.f;
+                _Pragma("omp simd reduction(+:t)")
+                for (int64_t k = 0; k < 32; k++) t += (float)wr[b * 32 + k] * xr[b * 32 + k];
+                acc += t * sr[b];
+            }
+            out[m * N + n] = acc;
+#endif
+        }
+    }
+}
+
 /* Rows [0, N) split between the threads in blocks of 16 rows. */
 #define SPLIT(CALL)                                                                                         \
     int64_t blocks = (N + 15) / 16;                                                                         \
@@ -88,4 +121,9 @@ void mv_i8(const float *x, const int8_t *w, const float *scale, float *y, int64_
            int threads) {
     SPLIT({ i8_rows(x, w, y, N, K, n0, n1, M);
             for (int64_t m = 0; m < M; m++) for (int64_t n = n0; n < n1; n++) y[m * N + n] *= scale[n]; })
+}
+/* int8 W with one scale per block of 32 along K (scale (N, K / 32)) */
+void mv_q8(const float *x, const int8_t *w, const float *scale, float *y, int64_t M, int64_t N, int64_t K,
+           int threads) {
+    SPLIT(q8_rows(x, w, scale, y, N, K, n0, n1, M))
 }
