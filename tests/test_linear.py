@@ -42,7 +42,8 @@ def test_int8_product_equals_the_dequantized_weight(dtype):
     deq = m.weight.float() * m.scales.float()[:, None]
     assert (deq - w).abs().max() <= m.scales.float().max() / 2 + 1e-3 * w.abs().max()  # rounding: half a step
     x = torch.randn(3, 5, 128).to(dtype)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    # 15 rows: lmforge's matvec kernel, which with VNNI rounds x per row to int16 steps of max|x| / 32767
+    tol = 2e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(m(x).float(), x.float() @ deq.t(), rtol=tol, atol=tol)
 
 

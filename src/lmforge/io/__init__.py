@@ -185,7 +185,9 @@ def load_config(source: str | os.PathLike[str]) -> ModelConfig:
     """The `ModelConfig` of a model source (HF folder, .gguf file or packaged name), without the weights."""
     path = resolve_source(source)
     if path.suffix.lower() == ".gguf":
-        return _read(path, None, None)[0]
+        from lmforge.io.gguf import read_gguf_config  # the gguf package is only needed for .gguf sources
+
+        return read_gguf_config(path)
     return hf.read_config(path)
 
 

@@ -127,15 +127,24 @@ def read_gguf(path: str | os.PathLike[str], *,
     """
     source = _check_path(path)
     reader = _open_reader(source)
+    config = _config(reader, source)
+    return config, _convert_tensors(reader, source, config, keep_quantized)
+
+
+def read_gguf_config(path: str | os.PathLike[str]) -> ModelConfig:
+    """The `ModelConfig` of a GGUF file from its metadata alone (no tensor is read). Raises as `read_gguf`."""
+    source = _check_path(path)
+    return _config(_open_reader(source), source)
+
+
+def _config(reader, source: Path) -> ModelConfig:
     arch = _meta(reader, source, "general.architecture")
     if arch == "llama":
-        config = _llama_config(reader, source)
-    elif arch == "gpt2":
-        config = _gpt2_config(reader, source)
-    else:
-        raise ValueError(f"{source}: unsupported GGUF architecture {arch!r}; supported: "
-                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-    return config, _convert_tensors(reader, source, config, keep_quantized)
+        return _llama_config(reader, source)
+    if arch == "gpt2":
+        return _gpt2_config(reader, source)
+    raise ValueError(f"{source}: unsupported GGUF architecture {arch!r}; supported: "
+                     f"{', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
 # --- reading ------------------------------------------------------------------------------------------------

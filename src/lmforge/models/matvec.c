@@ -4,12 +4,16 @@
    Each 4-row block of W is read once for all M rows of x (they stay in L1). Rows of W are split between
    `threads` OpenMP threads in blocks of 16 rows; the library links libgomp.so.1, which resolves to the copy torch
    has loaded, so the threads are torch's own pool. */
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
+
+#define MAX_ROWS_C 64 /* rows of x a call takes on the int16 path (the callers send at most 16) */
 
 /* Load 16 weights of row r at k as float32 (AVX-512), for each weight format. */
 #ifdef __AVX512F__
@@ -20,27 +24,35 @@ static inline __m512 ld_bf16(const uint16_t *w, __mmask16 m) {
 static inline __m512 ld_i8(const int8_t *w, __mmask16 m) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, w)));
 }
+/* G rows of x (G = 1, 2 or 4, a constant once inlined) against the 4 weight rows wr: each 16 weights are loaded
+   and converted once for all G rows of x. */
 #define ROWS4(NAME, T, LD)                                                                                  \
+static inline __attribute__((always_inline)) void NAME##_group(const float *x, const T *const *wr,          \
+        float *out, int64_t N, int64_t K, int64_t n, int64_t R, int64_t m0, const int G) {                 \
+    __m512 a[4][4];                                                                                         \
+    for (int i = 0; i < 4; i++) for (int j = 0; j < G; j++) a[i][j] = _mm512_setzero_ps();                  \
+    for (int64_t k = 0; k < K; k += 16) {                                                                   \
+        __mmask16 mk = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);                             \
+        __m512 wv[4];                                                                                       \
+        for (int i = 0; i < 4; i++) wv[i] = LD(wr[i] + k, mk);                                              \
+        for (int j = 0; j < G; j++) {                                                                       \
+            __m512 xv = _mm512_maskz_loadu_ps(mk, x + (m0 + j) * K + k);                                    \
+            for (int i = 0; i < 4; i++) a[i][j] = _mm512_fmadd_ps(wv[i], xv, a[i][j]);                     \
+        }                                                                                                   \
+    }                                                                                                       \
+    for (int i = 0; i < R; i++)                                                                             \
+        for (int j = 0; j < G; j++) out[(m0 + j) * N + n + i] = _mm512_reduce_add_ps(a[i][j]);              \
+}                                                                                                           \
 static void NAME##_rows(const float *x, const T *w, float *out, int64_t N, int64_t K, int64_t n0,           \
                         int64_t n1, int64_t M) {                                                            \
     for (int64_t n = n0; n < n1; n += 4) {                                                                  \
         int64_t R = n1 - n < 4 ? n1 - n : 4;                                                                \
-        for (int64_t m = 0; m < M; m++) {                                                                   \
-            const float *xr = x + m * K;                                                                    \
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                     \
-            const T *w0 = w + n * K, *w1 = R > 1 ? w0 + K : w0, *w2 = R > 2 ? w0 + 2 * K : w0,                \
-                    *w3 = R > 3 ? w0 + 3 * K : w0;                                                          \
-            for (int64_t k = 0; k < K; k += 16) {                                                           \
-                __mmask16 mk = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);                     \
-                __m512 xv = _mm512_maskz_loadu_ps(mk, xr + k);                                              \
-                a0 = _mm512_fmadd_ps(LD(w0 + k, mk), xv, a0);                                               \
-                a1 = _mm512_fmadd_ps(LD(w1 + k, mk), xv, a1);                                               \
-                a2 = _mm512_fmadd_ps(LD(w2 + k, mk), xv, a2);                                               \
-                a3 = _mm512_fmadd_ps(LD(w3 + k, mk), xv, a3);                                               \
-            }                                                                                               \
-            float r[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),     \
-                          _mm512_reduce_add_ps(a3)};                                                        \
-            for (int64_t i = 0; i < R; i++) out[m * N + n + i] = r[i];                                      \
+        const T *wr[4];                                                                                     \
+        for (int i = 0; i < 4; i++) wr[i] = w + (n + (i < R ? i : 0)) * K;                                 \
+        for (int64_t m0 = 0; m0 < M;) {                                                                     \
+            if (M - m0 >= 4) { NAME##_group(x, wr, out, N, K, n, R, m0, 4); m0 += 4; }                      \
+            else if (M - m0 >= 2) { NAME##_group(x, wr, out, N, K, n, R, m0, 2); m0 += 2; }                 \
+            else { NAME##_group(x, wr, out, N, K, n, R, m0, 1); m0 += 1; }                                  \
         }                                                                                                   \
     }                                                                                                       \
 }
@@ -116,9 +128,67 @@ void mv_f32(const float *x, const float *w, float *y, int64_t M, int64_t N, int6
 void mv_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
     SPLIT(bf16_rows(x, w, y, N, K, n0, n1, M))
 }
-/* int8 W with one scale per row: y = (x . q^T) * scale */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define VNNI 1
+#define CHUNK 8192 /* int32 sums of 8192 products of 127 * 32767 cannot overflow: added in float per chunk */
+/* int8 rows against x quantized per row to int16 (xq, Kp = K rounded up to 32, zero tail; xs the row scales):
+   VNNI's vpdpwssd sums 32 products a step in int32. */
+static void i8_rows_vnni(const int16_t *xq, const float *xs, const int8_t *w, float *out, int64_t N, int64_t K,
+                         int64_t Kp, int64_t n0, int64_t n1, int64_t M) {
+    for (int64_t n = n0; n < n1; n += 4) {
+        int64_t R = n1 - n < 4 ? n1 - n : 4;
+        const int8_t *w0 = w + n * K, *w1 = R > 1 ? w0 + K : w0, *w2 = R > 2 ? w0 + 2 * K : w0,
+                     *w3 = R > 3 ? w0 + 3 * K : w0;
+        for (int64_t m = 0; m < M; m++) {
+            const int16_t *xr = xq + m * Kp;
+            __m512 f0 = _mm512_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
+            for (int64_t c = 0; c < K; c += CHUNK) {
+                int64_t end = K - c > CHUNK ? c + CHUNK : K;
+                __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+                for (int64_t k = c; k < end; k += 32) {
+                    __mmask32 mk = end - k >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << (end - k)) - 1);
+                    __m512i xv = _mm512_loadu_si512(xr + k);
+                    a0 = _mm512_dpwssd_epi32(a0, _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mk, w0 + k)), xv);
+                    a1 = _mm512_dpwssd_epi32(a1, _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mk, w1 + k)), xv);
+                    a2 = _mm512_dpwssd_epi32(a2, _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mk, w2 + k)), xv);
+                    a3 = _mm512_dpwssd_epi32(a3, _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mk, w3 + k)), xv);
+                }
+                f0 = _mm512_add_ps(f0, _mm512_cvtepi32_ps(a0));
+                f1 = _mm512_add_ps(f1, _mm512_cvtepi32_ps(a1));
+                f2 = _mm512_add_ps(f2, _mm512_cvtepi32_ps(a2));
+                f3 = _mm512_add_ps(f3, _mm512_cvtepi32_ps(a3));
+            }
+            float r[4] = {_mm512_reduce_add_ps(f0), _mm512_reduce_add_ps(f1), _mm512_reduce_add_ps(f2),
+                          _mm512_reduce_add_ps(f3)};
+            for (int64_t i = 0; i < R; i++) out[m * N + n + i] = r[i] * xs[m];
+        }
+    }
+}
+#endif
+
+/* int8 W with one scale per row: y = (x . q^T) * scale. With VNNI, x is first rounded per row to int16 steps of
+   max|x| / 32767 (finer than the bfloat16 activations int8 models run in) and the products are exact integers. */
 void mv_i8(const float *x, const int8_t *w, const float *scale, float *y, int64_t M, int64_t N, int64_t K,
            int threads) {
+#ifdef VNNI
+    int64_t Kp = (K + 31) / 32 * 32;
+    int16_t *xq = (int16_t *)calloc((size_t)(M * Kp), sizeof(int16_t));
+    float xs[MAX_ROWS_C];
+    if (xq != NULL && M <= MAX_ROWS_C) {
+        for (int64_t m = 0; m < M; m++) {
+            float amax = 0.f;
+            for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(x[m * K + k]));
+            float step = amax > 0.f ? amax / 32767.f : 1.f, inv = 1.f / step;
+            for (int64_t k = 0; k < K; k++) xq[m * Kp + k] = (int16_t)lrintf(x[m * K + k] * inv);
+            xs[m] = step;
+        }
+        SPLIT({ i8_rows_vnni(xq, xs, w, y, N, K, Kp, n0, n1, M);
+                for (int64_t m = 0; m < M; m++) for (int64_t n = n0; n < n1; n++) y[m * N + n] *= scale[n]; })
+        free(xq);
+        return;
+    }
+    free(xq);
+#endif
     SPLIT({ i8_rows(x, w, y, N, K, n0, n1, M);
             for (int64_t m = 0; m < M; m++) for (int64_t n = n0; n < n1; n++) y[m * N + n] *= scale[n]; })
 }

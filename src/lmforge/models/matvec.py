@@ -30,6 +30,7 @@ from torch import Tensor
 __all__ = ["MAX_ROWS", "available", "matvec", "usable"]
 
 MAX_ROWS = 16  # activation rows up to which a product is a decode step's (more rows: torch's GEMM)
+BF16_ROWS = 2  # bfloat16 weights: from 4 rows on, oneDNN's bfloat16 GEMM beats the kernel (measured, 1 thread)
 SOURCES = [Path(__file__).with_name("matvec_op.cpp"), Path(__file__).with_name("matvec.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w"]
 _state: dict[str, bool] = {}
@@ -90,17 +91,22 @@ def available() -> bool:
 
 def usable(x: Tensor, weight: Tensor) -> bool:
     """Whether a product of activations x (..., K) with `weight` (N, K) is a decode step's that `matvec` takes:
-    CPU, no autograd, at most MAX_ROWS rows, plain contiguous tensors of a format the kernels read."""
+    CPU, no autograd, at most MAX_ROWS rows (BF16_ROWS for bfloat16 weights), plain contiguous tensors of a
+    format the kernels read."""
     autograd = x.requires_grad or weight.requires_grad and torch.is_grad_enabled()
+    rows = BF16_ROWS if weight.dtype == torch.bfloat16 else MAX_ROWS
     return (x.device.type == "cpu" and not autograd
             and type(x) is Tensor and weight.dtype in (torch.float32, torch.bfloat16, torch.int8)
-            and x.numel() <= MAX_ROWS * x.shape[-1] and type(weight.data) is Tensor and weight.is_contiguous()
+            and x.numel() <= rows * x.shape[-1] and type(weight.data) is Tensor and weight.is_contiguous()
             and available())
 
 
 def matvec(x: Tensor, weight: Tensor, scale: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
     """x (..., K) . weight (N, K)^T [* scale] [+ bias], in x's dtype, accumulated in float32: the `usable`
     cases only. int8 weights need `scale`: (N,) one per row, or (N, K / 32) one per block of 32 along K."""
+    if not available():
+        raise RuntimeError("lmforge's matvec kernels are not built on this host (see the warning above); check "
+                           "`usable` before calling matvec")
     y = torch.ops.lmforge.matvec(x.reshape(-1, x.shape[-1]), weight, scale)
     y = y.view(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y + bias

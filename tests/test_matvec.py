@@ -1,0 +1,95 @@
+"""lmforge's CPU matvec kernels (models/matvec.c as the operator lmforge::matvec) against float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.models.blocks import Linear
+from lmforge.models.linear import BlockInt8Linear, Int8Linear
+from lmforge.models.matvec import BF16_ROWS, MAX_ROWS, available, matvec, usable
+
+# N not a multiple of the 4-row blocks nor of the 16-row thread blocks; K with a tail after the 16-wide steps.
+SHAPES = [(1, 37, 40), (5, 130, 96), (MAX_ROWS, 67, 1568)]
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # rows split between two threads
+    yield
+    torch.set_num_threads(before)
+
+
+def test_kernels_are_built_on_this_host():
+    assert available(), "the matvec kernels did not build (a C++ compiler with OpenMP is needed)"
+
+
+@pytest.mark.parametrize(("M", "N", "K"), SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_weights(M, N, K, dtype):
+    g = torch.Generator().manual_seed(M * N + K)
+    x, w = torch.randn(M, K, generator=g).to(dtype), torch.randn(N, K, generator=g).to(dtype)
+    want = x.double() @ w.double().T
+    got = matvec(x, w)
+    assert got.dtype == dtype and got.shape == (M, N)
+    tol = 1e-5 if dtype == torch.float32 else 8e-3  # float32 sums; a bfloat16 result is rounded once
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * K ** 0.5)
+
+
+@pytest.mark.parametrize(("M", "N", "K"), SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_rows_and_blocks(M, N, K, dtype):
+    g = torch.Generator().manual_seed(M + N * K)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    rows = torch.rand(N, generator=g) / 100
+    blocks = torch.rand(N, K // 32, generator=g) / 100
+    # with VNNI, x is rounded per row to int16 steps of max|x| / 32767 before the exact integer products
+    tol = 2e-4 if dtype == torch.float32 else 8e-3
+    cases = [(rows, q.double() * rows.double()[:, None])]
+    if K % 32 == 0:  # blocks of 32 along K (GGUF's Q8_0) need whole blocks
+        cases.append((blocks, q.double() * blocks.double().repeat_interleave(32, 1)))
+    for scale, dequantized in cases:
+        got = matvec(x, q, scale.to(dtype) if scale.dim() == 1 else scale)
+        want = x.double() @ dequantized.T
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_modules_use_the_kernel_for_decode_steps_only():
+    g = torch.Generator().manual_seed(0)
+    lin = Linear(48, 24)
+    x = torch.randn(1, 3, 48, generator=g)
+    assert not usable(x, lin.weight)  # autograd on: training keeps F.linear and its gradients
+    lin(x).sum().backward()
+    torch.testing.assert_close(lin.weight.grad, torch.ones(24, 1) * x.sum((0, 1))[None])
+    with torch.no_grad():
+        assert usable(x, lin.weight) and not usable(torch.randn(2, MAX_ROWS, 48), lin.weight)
+        assert not usable(torch.randn(BF16_ROWS + 1, 48), lin.weight.bfloat16())
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-6)
+        w = torch.randn(24, 64, generator=g)
+        for module in (Int8Linear.from_float(w), BlockInt8Linear(*_q8(w))):
+            x = torch.randn(2, 64, generator=g)
+            assert usable(x, module.weight)
+            want = F.linear(x.double(), _dequantized(module).double())  # x rounded to int16 steps (VNNI)
+            torch.testing.assert_close(module(x).double(), want, rtol=2e-4, atol=2e-4 * want.abs().max().item())
+
+
+def _q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    blocks = w.view(w.shape[0], -1, 32)
+    scale = blocks.abs().amax(-1) / 127
+    return torch.round(blocks / scale[..., None]).to(torch.int8).view_as(w), scale
+
+
+def _dequantized(module) -> torch.Tensor:
+    if isinstance(module, Int8Linear):
+        return module.weight.float() * module.scales.float()[:, None]
+    return module.weight.float() * module.scales.repeat_interleave(32, 1)
+
+
+def test_bad_inputs_name_the_shapes():
+    with pytest.raises(RuntimeError, match=r"x \(M, K\) and weight \(N, K\)"):
+        matvec(torch.randn(1, 8), torch.randn(4, 9))
+    with pytest.raises(RuntimeError, match="int8 weights need their scales"):
+        matvec(torch.randn(1, 8), torch.zeros(4, 8, dtype=torch.int8))
