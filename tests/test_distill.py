@@ -196,7 +196,9 @@ def test_terms_vanish_when_student_equals_teacher():
     _, metrics = objective(student, lm_batch())
     assert metrics["loss_ce"].item() == pytest.approx(0.0, abs=1e-6)
     assert metrics["loss_cos"].item() == pytest.approx(0.0, abs=1e-6)
-    assert metrics["loss_mse"].item() == 0.0
+    # the teacher's no-grad forward takes the decode-sized matvec kernel (lm_batch has few rows), the student's
+    # F.linear: equal up to float32 summation order
+    assert metrics["loss_mse"].item() == pytest.approx(0.0, abs=1e-12)
     assert metrics["loss_lm"].item() > 1.0  # the hard-label loss of a random model is not zero
 
 
