@@ -31,8 +31,9 @@ What one rank holds, as lmforge allocates it (read off training.py, models/ and 
   root) all-gathers a block's parameters (two blocks at once with prefetching) and keeps the root's (embeddings,
   head) unsharded from forward to the end of backward; pipeline stages keep one activation per micro-batch in
   flight (GPipe: all m, 1F1B: p - stage).
-- tensor parallelism (Megatron): linear weights, the vocabulary and the attention heads split over t ranks;
-  norms, residual stream and norm inputs replicated (no sequence parallelism).
+- tensor parallelism (Megatron): linear weights, the vocabulary and the attention heads split over t ranks
+  (a vocabulary t does not divide is padded to the next multiple of t, as `tensor_parallel` does); norms,
+  residual stream and norm inputs replicated (no sequence parallelism).
 
 Step time: FLOPs / (devices x peak), times the pipeline's (m + p - 1) / m, plus communication bytes / link
 bandwidth (ring all-reduce 2 (d-1)/d, FSDP 3 (d-1)/d of the parameters, tensor-parallel activation all-reduces
@@ -379,11 +380,17 @@ def _head_activations(config: ModelConfig, batch: int, seq: int, precision: str)
     return n * config.d_model * e * 4 + n * 2 * 4  # dense input, act input, norm input, decoder input
 
 
+def _vocab_share(elements: int, vocab: int, tp: int) -> int:
+    """One tensor-parallel rank's share of `elements` laid out over a vocabulary of `vocab` rows: the vocabulary
+    is padded to a multiple of tp, so every rank holds ceil(vocab / tp) rows."""
+    return elements // vocab * -(-vocab // tp)
+
+
 def _loss_bytes(config: ModelConfig, batch: int, seq: int, tp: int) -> tuple[int, int]:
     """(saved, peak extra) of the loss: cross-entropy saves the float32 log-softmax (N, V); its backward holds
     log-softmax, its gradient and the logits' gradient at once (plus the low-precision logits' gradient under
     autocast right after)."""
-    nv = batch * seq * config.vocab_size // tp
+    nv = _vocab_share(batch * seq * config.vocab_size, config.vocab_size, tp)
     return nv * 4, nv * 4 * 3
 
 
@@ -403,11 +410,11 @@ def _stage_parameters(cfg: ModelConfig, counts: ParameterCounts, layers: int, fi
     The root is what lies outside the blocks (FSDP keeps it unsharded through the step)."""
     root = 0
     if first:
-        root += counts.embed - counts.vocab_table * (tp - 1) // tp
+        root += counts.embed - counts.vocab_table + _vocab_share(counts.vocab_table, cfg.vocab_size, tp)
     if last:
-        root += counts.head - counts.head_vocab * (tp - 1) // tp
+        root += counts.head - counts.head_vocab + _vocab_share(counts.head_vocab, cfg.vocab_size, tp)
         if cfg.tie_embeddings and not first:
-            root += counts.vocab_table // tp
+            root += _vocab_share(counts.vocab_table, cfg.vocab_size, tp)
     block = counts.layer - counts.layer_linear * (tp - 1) // tp
     return root + block * layers, root
 
@@ -461,7 +468,7 @@ def estimate(workload: Workload, layout: Layout, hardware: Hardware = Hardware()
         emb = _embed_activations(cfg, mb, w.seq, mask, hardware.device) if first else n * cfg.d_model * 4
         head = _head_activations(cfg, mb, w.seq, w.precision) if last else 0
         loss_saved, loss_peak = _loss_bytes(cfg, mb, w.seq, t) if last else (0, 0)
-        logits = n * cfg.vocab_size // t * (6 if amp else 4) if last else 0  # (+ their float32 copy)
+        logits = n * _vocab_share(cfg.vocab_size, cfg.vocab_size, t) * (6 if amp else 4) if last else 0  # (+ fp32)
         copies_head = counts.head_linear // t * 2 if amp and last else 0
         copies_all = copies_layer * n_layers + copies_head  # autocast's cache, until the forward ends
         copies_kept = copies_head + (0 if ac else copies_layer * n_layers)  # saved for backward
@@ -476,14 +483,14 @@ def estimate(workload: Workload, layout: Layout, hardware: Hardware = Hardware()
         ]
         head_grads = root * 4 if last else 0  # the head's (and a tied table's) gradients, unsharded until
         if last and first and cfg.tie_embeddings:  # the end of backward under FSDP as well
-            head_grads = (counts.head + counts.vocab_table // t) * 4
+            head_grads = (counts.head + _vocab_share(counts.vocab_table, cfg.vocab_size, t)) * 4
         for k in range(n_layers, 0, -1):  # backward through the stage's blocks, last first
             kept = waiting + emb + per_layer * (k - 1) + saved + trans
             copies = copies_layer * (1 if ac else k)
             done = head_grads + block_params * 4 * (n_layers - k + 1) // shard
             points.append((f"backward (block {k - 1})", weights, max(grads_before, done), opt_state,
                            kept + copies, buffers + fsdp_backward))
-        tied_grad = counts.vocab_table // t * 4 if first and cfg.tie_embeddings else 0  # summed into the tie
+        tied_grad = _vocab_share(counts.vocab_table, cfg.vocab_size, t) * 4 if first and cfg.tie_embeddings else 0
         points.append(("backward (embeddings)", weights, grads, opt_state, waiting + tied_grad, buffers))
         cpu_adam = hardware.device == "cpu" and w.optimizer == "adam"  # single-tensor AdamW's temporaries
         points.append(("optimizer step", weights, grads, opt_state, 0,
@@ -500,9 +507,9 @@ def estimate(workload: Workload, layout: Layout, hardware: Hardware = Hardware()
 
 def _check_layout(w: Workload, lay: Layout) -> None:
     cfg = w.config
-    if cfg.n_head % lay.tp or cfg.n_kv_head % lay.tp or cfg.d_ff % lay.tp or cfg.vocab_size % lay.tp:
-        raise ValueError(f"tp={lay.tp} must divide the heads ({cfg.n_head}, kv {cfg.n_kv_head}), d_ff "
-                         f"({cfg.d_ff}) and the vocabulary ({cfg.vocab_size})")
+    if cfg.n_head % lay.tp or cfg.n_kv_head % lay.tp or cfg.d_ff % lay.tp:
+        raise ValueError(f"tp={lay.tp} must divide the heads ({cfg.n_head}, kv {cfg.n_kv_head}) and d_ff "
+                         f"({cfg.d_ff}); the vocabulary is padded")
     if lay.pp > cfg.n_layer:
         raise ValueError(f"pp={lay.pp} exceeds the {cfg.n_layer} layers")
     if lay.pp == 1 and lay.microbatches != 1:
@@ -684,7 +691,7 @@ def generation_plan(config: ModelConfig, batch: int, seq: int, dtype: str, hardw
     out = []
     for tp in _divisors(devices):
         pp = devices // tp
-        if config.n_kv_head % tp or config.n_head % tp or pp > config.n_layer or config.vocab_size % tp:
+        if config.n_kv_head % tp or config.n_head % tp or pp > config.n_layer:
             continue
         layers = max(_stage_layers(config.n_layer, pp))
         weights = max(_stage_parameters(config, counts, k, s == 0, s == pp - 1, tp)[0]
