@@ -284,7 +284,9 @@ class PipelineStrategy(Distributed):
         self._step = _Step(objective, keys, objective.n_targets(batch), weight, scaler)
         target = torch.stack([batch[k] for k in keys], dim=1) if self.is_last else None  # (B, n_keys, T)
         args = (batch["input_ids"],) if self.is_first else ()
-        self.schedule.step(*args, target=target)
+        # return_outputs=False: else the last stage keeps every micro-batch's logits to the next step and
+        # concatenates them into (B, T, V), which the loop never reads (benchmarks/memory_plan.py measured it)
+        self.schedule.step(*args, target=target, return_outputs=False)
         names = self._names()
         if not self.is_last:
             zero = torch.zeros((), device=self.device)
