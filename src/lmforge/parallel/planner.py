@@ -27,13 +27,17 @@ What one rank holds, as lmforge allocates it (read off training.py, models/ and 
 - activation checkpointing (per block, non-reentrant): each block keeps its input only and recomputes one
   block at a time in backward.
 - communication buffers: lmforge's DistributedOptimizer keeps one flat float32 buffer per bucket for every
-  gradient (a second copy of the gradients), DDP its bucket views; FSDP (torch `fully_shard` per block plus the
-  root) all-gathers a block's parameters (two blocks at once with prefetching) and keeps the root's (embeddings,
-  head) unsharded from forward to the end of backward; pipeline stages keep one activation per micro-batch in
-  flight (GPipe: all m, 1F1B: p - stage).
+  gradient (a second copy of the gradients), DDP its bucket views; data parallelism over tensor- or
+  pipeline-parallel replicas one flat copy of the gradients after the last backward only; FSDP (torch
+  `fully_shard` per block plus the root) all-gathers a block's parameters (two blocks at once with prefetching)
+  and keeps the root's (embeddings, head) unsharded from forward to the end of backward; pipeline stages keep
+  one micro-batch's activations and stage output (the last stage's logits) per micro-batch in flight (GPipe:
+  all m, 1F1B: p - stage; one fewer after the step's first backward, which has no gradients yet) and torch's
+  receive buffers, one per micro-batch for activations and one for their gradients.
 - tensor parallelism (Megatron): linear weights, the vocabulary and the attention heads split over t ranks
   (a vocabulary t does not divide is padded to the next multiple of t, as `tensor_parallel` does); norms,
-  residual stream and norm inputs replicated (no sequence parallelism).
+  residual stream and norm inputs replicated (no sequence parallelism); torch's `loss_parallel` holds one more
+  (N, V / t) tensor than `F.cross_entropy` in forward and in backward.
 
 Step time: FLOPs / (devices x peak), times the pipeline's (m + p - 1) / m, plus communication bytes / link
 bandwidth (ring all-reduce 2 (d-1)/d, FSDP 3 (d-1)/d of the parameters, tensor-parallel activation all-reduces
