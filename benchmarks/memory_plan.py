@@ -15,10 +15,14 @@ Activation checkpointing wraps each block's forward in `torch.utils.checkpoint` 
 Generation: `Decoder.generate` (greedy) measured the same way, against `generation_plan` (weights, the KV cache
 of prompt + new slots, the prefill's transients).
 
-Two-rank runs (gloo, launched with torchrun): the same measurement on every rank, the busiest rank's peak
+Multi-rank runs (gloo, launched with torchrun): the same measurement on every rank, the busiest rank's peak
 against the planner's; "allreduce" is lmforge's `AllreduceStrategy` (DistributedOptimizer), "fsdp" torch's
 `fully_shard` on every block and on the root (as `lmforge.parallel.plans.apply_fsdp` does), applied before
-the loop builds its optimizer, without gradient clipping.
+the loop builds its optimizer, without gradient clipping. Tensor parallelism (tp2, dp2 x tp2) is lmforge's
+`MeshStrategy` as `lmforge train --strategy ddp --tp 2 [--dp 2]` builds it, the model sharded before the
+profiler starts; pipelines (pp2, GPipe or 1F1B, m micro-batches) are its `PipelineStrategy`, which frees the
+other stages' parameters inside the loop (frees of tensors allocated before the profiler starts are not
+recorded, so the parameter bytes added to the running sum are those the rank still holds after the run).
 """
 
 from __future__ import annotations
@@ -112,13 +116,61 @@ CASES = [
 ]
 
 
-# (strategy, case with the batch of one rank): two-rank runs
+@dataclass(frozen=True)
+class Dist:
+    """A multi-rank configuration: `case` (its batch is one data-parallel rank's: tensor-parallel ranks share
+    it, a pipeline splits it into `microbatches`) on dp x tp x pp ranks; `strategy` is the data-parallel one
+    ("allreduce" or "fsdp"; "single" for dp 1)."""
+
+    strategy: str
+    case: Case
+    dp: int = 2
+    tp: int = 1
+    pp: int = 1
+    schedule: str = "1f1b"
+    microbatches: int = 1
+
+    @property
+    def ranks(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def name(self) -> str:
+        return " x ".join(p for p in (f"dp{self.dp} {self.strategy}" if self.dp > 1 else "",
+                                      f"tp{self.tp}" if self.tp > 1 else "",
+                                      f"pp{self.pp} {self.schedule} m{self.microbatches}" if self.pp > 1 else "")
+                          if p)
+
+    def layout(self) -> Layout:
+        """The planner's layout of this configuration."""
+        return Layout(self.dp, self.tp, self.pp, self.strategy, self.schedule, self.microbatches,
+                      self.case.checkpointing)
+
+
+_ODD = (("n_layer", 4), ("d_model", 256), ("n_head", 8), ("d_ff", 1024), ("vocab_size", 4001),
+        ("max_seq_len", 256))  # a vocabulary tp 2 pads
 DISTRIBUTED_CASES = [
-    ("allreduce", Case("tiny-gpt2", 8, 128, sizes=_MID)),
-    ("allreduce", Case("tiny-gpt2", 2, 64, sizes=_WIDE)),
-    ("fsdp", Case("tiny-gpt2", 8, 128, sizes=_MID)),
-    ("fsdp", Case("tiny-gpt2", 2, 64, sizes=_WIDE)),
-    ("fsdp", Case("tiny-bert", 4, 128, "bf16", sizes=_DEEP)),
+    Dist("allreduce", Case("tiny-gpt2", 8, 128, sizes=_MID)),
+    Dist("allreduce", Case("tiny-gpt2", 2, 64, sizes=_WIDE)),
+    Dist("fsdp", Case("tiny-gpt2", 8, 128, sizes=_MID)),
+    Dist("fsdp", Case("tiny-gpt2", 2, 64, sizes=_WIDE)),
+    Dist("fsdp", Case("tiny-bert", 4, 128, "bf16", sizes=_DEEP)),
+    Dist("single", Case("tiny-gpt2", 8, 128, sizes=_MID), dp=1, tp=2),
+    Dist("single", Case("tiny-gpt2", 8, 128, sizes=_ODD), dp=1, tp=2),
+    Dist("single", Case("tiny-gpt2", 2, 64, sizes=_WIDE), dp=1, tp=2),
+    Dist("single", Case("tiny-llama", 4, 256, sizes=(*_DEEP, ("n_kv_head", 2))), dp=1, tp=2),
+    Dist("single", Case("tiny-bert", 8, 128, "bf16", sizes=_MID), dp=1, tp=2),
+    Dist("allreduce", Case("tiny-gpt2", 4, 128, sizes=_MID), dp=2, tp=2),
+    Dist("allreduce", Case("tiny-llama", 2, 256, sizes=(*_DEEP, ("n_kv_head", 2))), dp=2, tp=2),
+    Dist("single", Case("tiny-gpt2", 8, 128, sizes=_MID), dp=1, pp=2, schedule="gpipe", microbatches=2),
+    Dist("single", Case("tiny-gpt2", 8, 128, sizes=_MID), dp=1, pp=2, schedule="gpipe", microbatches=8),
+    Dist("single", Case("tiny-gpt2", 8, 128, sizes=_MID), dp=1, pp=2, schedule="1f1b", microbatches=2),
+    Dist("single", Case("tiny-gpt2", 8, 128, sizes=_MID), dp=1, pp=2, schedule="1f1b", microbatches=8),
+    Dist("single", Case("tiny-llama", 8, 256, sizes=(*_DEEP, ("n_kv_head", 2))), dp=1, pp=2, schedule="gpipe",
+         microbatches=4),
+    Dist("single", Case("tiny-llama", 8, 256, sizes=(*_DEEP, ("n_kv_head", 2))), dp=1, pp=2, schedule="1f1b",
+         microbatches=4),
+    Dist("single", Case("tiny-gpt2", 4, 64, "bf16", sizes=_WIDE), dp=1, pp=2, schedule="1f1b", microbatches=4),
 ]
 
 
@@ -132,16 +184,28 @@ def _sgd(model: torch.nn.Module, config: training.TrainConfig, extra: Any = None
     return torch.optim.SGD(training.param_groups(model, config.weight_decay, extra), lr=config.lr, momentum=0.9)
 
 
-def measure(case: Case, steps: int = 2, strategy: str | None = None) -> int:
+def measure(case: Case, steps: int = 2, run: Dist | None = None) -> int:
     """Peak bytes torch's CPU allocator holds during `steps` steps of `lmforge.training.train` on `case`
-    (see the module docstring); `strategy` "allreduce" or "fsdp" inside a torchrun-launched process."""
+    (see the module docstring); `run`: this rank's part of a multi-rank configuration, inside a
+    torchrun-launched process."""
     cfg = case.config()
     torch.manual_seed(0)
     model = build_model(cfg.replace(head="lm"))
-    if case.checkpointing:
+    strategy = run.strategy if run is not None else None
+    if case.checkpointing and (run is None or run.tp == 1):
         _checkpoint_blocks(model)
     runner = None
-    if strategy == "allreduce":
+    if run is not None and run.tp > 1:  # MeshStrategy, sharded before the profiler starts
+        from lmforge.parallel.strategy import make_strategy
+
+        runner = make_strategy("ddp", dp=run.dp, tp=run.tp, activation_checkpointing=case.checkpointing)
+        model = runner.shard(model)
+        runner.shard = lambda m: m  # the loop's call: already done
+    elif run is not None and run.pp > 1:
+        from lmforge.parallel.pipeline import PipelineStrategy
+
+        runner = PipelineStrategy(pp=run.pp, dp=run.dp, schedule=run.schedule, microbatches=run.microbatches)
+    elif strategy == "allreduce":
         from lmforge.parallel.strategy import AllreduceStrategy
 
         runner = AllreduceStrategy(grad_accum=case.grad_accum)
@@ -166,11 +230,11 @@ def measure(case: Case, steps: int = 2, strategy: str | None = None) -> int:
     config = training.TrainConfig(max_steps=steps, batch_size=case.batch, precision=case.precision,
                                   grad_accum=case.grad_accum, clip_norm=None if strategy == "fsdp" else 1.0,
                                   progress=False, log_every=steps)
-    local = [getattr(p, "_local_tensor", p) for p in {id(p): p for p in model.parameters()}.values()]
-    params = sum(p.numel() * p.element_size() for p in local)
     sgd = mock.patch.object(training, "make_optimizer", _sgd) if case.optimizer == "sgd" else nullcontext()
     with sgd:
-        return params + peak_allocated(partial(training.train, model, objective, data, config, strategy=runner))
+        peak = peak_allocated(partial(training.train, model, objective, data, config, strategy=runner))
+    local = [getattr(p, "_local_tensor", p) for p in {id(p): p for p in model.parameters()}.values()]
+    return peak + sum(p.numel() * p.element_size() for p in local if not p.is_meta)  # + what the rank holds
 
 
 def peak_allocated(run: Any) -> int:
@@ -225,16 +289,19 @@ def validate_generation() -> list[dict[str, Any]]:
     return rows
 
 
-def predict(case: Case, strategy: str = "single", ranks: int = 1) -> Estimate:
-    """The planner's estimate for `case` on this CPU (`ranks` processes, each with the case's batch)."""
-    workload = Workload(case.config().replace(head="lm"), case.batch * case.grad_accum * ranks, case.seq,
+def predict(case: Case, run: Dist | None = None) -> Estimate:
+    """The planner's estimate for `case` on this CPU, in one process or as `run` (the case's batch per
+    data-parallel rank)."""
+    dp = run.dp if run is not None else 1
+    workload = Workload(case.config().replace(head="lm"), case.batch * case.grad_accum * dp, case.seq,
                         case.precision, case.optimizer, case.grad_accum)
-    layout = Layout(dp=ranks, strategy=strategy, activation_checkpointing=case.checkpointing)
+    layout = run.layout() if run is not None else Layout(activation_checkpointing=case.checkpointing)
     return estimate(workload, layout, Hardware(device="cpu"))
 
 
-def measure_distributed(strategy: str, case_index: int, ranks: int = 2, timeout: float = 300) -> int:
-    """The busiest rank's peak over a `ranks`-process torchrun run of DISTRIBUTED_CASES[case_index]."""
+def measure_distributed(case_index: int, timeout: float = 300) -> int:
+    """The busiest rank's peak over a torchrun run of DISTRIBUTED_CASES[case_index]."""
+    ranks = DISTRIBUTED_CASES[case_index].ranks
     import socket
 
     with socket.socket() as s:
@@ -247,23 +314,26 @@ def measure_distributed(strategy: str, case_index: int, ranks: int = 2, timeout:
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         peaks = [json.loads(f.read_text())["peak"] for f in Path(out).glob("rank*.json")]
     if done.returncode or len(peaks) != ranks:
-        raise RuntimeError(f"{strategy} run failed (exit {done.returncode}): {done.stderr[-2000:]}")
+        raise RuntimeError(f"{DISTRIBUTED_CASES[case_index].name} run failed (exit {done.returncode}): "
+                           f"{done.stderr[-2000:]}")
     return max(peaks)
 
 
-def validate(cases: list[Case], distributed: bool = True) -> list[dict[str, Any]]:
-    """Predicted and measured peaks of every case (one process) and of DISTRIBUTED_CASES (two ranks)."""
-    runs = [("single", 1, case, None) for case in cases]
-    if distributed:
-        runs += [(strategy, 2, case, i) for i, (strategy, case) in enumerate(DISTRIBUTED_CASES)]
+def validate(cases: list[Case], distributed: list[int] | None = None) -> list[dict[str, Any]]:
+    """Predicted and measured peaks of every case (one process) and of DISTRIBUTED_CASES[i] for i in
+    `distributed` (default all; [] for none)."""
+    indices = range(len(DISTRIBUTED_CASES)) if distributed is None else distributed
+    runs = [(case, None) for case in cases] + [(DISTRIBUTED_CASES[i].case, i) for i in indices]
     rows = []
-    for strategy, ranks, case, index in runs:
+    for case, index in runs:
         t0 = time.perf_counter()
-        measured = measure(case) if index is None else measure_distributed(strategy, index, ranks)
-        predicted = predict(case, strategy, ranks)
-        name = case.name if ranks == 1 else f"{case.name} x{ranks} {strategy}"
+        run = DISTRIBUTED_CASES[index] if index is not None else None
+        measured = measure(case) if run is None else measure_distributed(index)
+        predicted = predict(case, run)
+        name = case.name if run is None else f"{case.name} {run.name}"
         rows.append({"case": name, "predicted_mib": predicted.peak / 2**20, "measured_mib": measured / 2**20,
-                     "ratio": predicted.peak / measured, "peak_at": predicted.phase,
+                     "ratio": predicted.peak / measured, "peak_at": predicted.phase
+                     + (f", stage {predicted.stage}" if run is not None and run.pp > 1 else ""),
                      "seconds": time.perf_counter() - t0})
     return rows
 
@@ -292,13 +362,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bert", action="store_true", help="print the BERT 16 GB answer instead")
     parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     parser.add_argument("--single", action="store_true", help="one-process cases only (no torchrun runs)")
+    parser.add_argument("--distributed", help="only these DISTRIBUTED_CASES (comma-separated indices; "
+                        "no one-process cases), e.g. 5,6,7")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # a torchrun rank of a distributed case
     parser.add_argument("--out", help=argparse.SUPPRESS)  # where a worker writes rank<R>.json
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.worker is not None:
-        strategy, case = DISTRIBUTED_CASES[args.worker]
-        peak = measure(case, strategy=strategy)
+        run = DISTRIBUTED_CASES[args.worker]
+        peak = measure(run.case, run=run)
         Path(args.out, f"rank{os.environ['RANK']}.json").write_text(json.dumps({"peak": peak}))
         return 0
     if args.bert:
@@ -308,13 +380,16 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(r) if args.json else "| " + " | ".join(str(v) for v in r.values()) + " |")
         return 0
     print(f"CPU: {cpu_model()} | torch {torch.__version__} | 1 thread")
-    print(f"{'configuration':74s} {'predicted MiB':>13s} {'measured MiB':>12s} {'ratio':>6s}  predicted peak at")
+    print(f"{'configuration':96s} {'predicted MiB':>13s} {'measured MiB':>12s} {'ratio':>6s}  predicted peak at")
     worst = 0.0
-    rows = validate(CASES, distributed=not args.single) + validate_generation()
+    if args.distributed:
+        rows = validate([], [int(i) for i in args.distributed.split(",")])
+    else:
+        rows = validate(CASES, [] if args.single else None) + validate_generation()
     for r in rows:
         worst = max(worst, abs(r["ratio"] - 1))
         print(json.dumps(r) if args.json else
-              f"{r['case']:74s} {r['predicted_mib']:13.1f} {r['measured_mib']:12.1f} {r['ratio']:6.3f}  "
+              f"{r['case']:96s} {r['predicted_mib']:13.1f} {r['measured_mib']:12.1f} {r['ratio']:6.3f}  "
               f"{r['peak_at']}")
     print(f"largest deviation: {worst:.1%} over {len(rows)} configurations")
     return 0 if worst <= 0.15 else 1

@@ -28,9 +28,11 @@ from lmforge.training import TrainConfig, latest_checkpoint, load_checkpoint, re
 BATCH, STEPS, MICRO = 4, 5, 4
 
 
-def _model(name: str) -> Decoder:
+def _model(name: str, vocab: int | None = None) -> Decoder:
     torch.manual_seed(0)
     cfg = ModelConfig.from_name(name).replace(n_layer=4)
+    if vocab is not None:
+        cfg = cfg.replace(vocab_size=vocab)
     if name == "tiny-llama":
         cfg = cfg.replace(tie_embeddings=False)  # GPT-2 covers the tied head, Llama the untied one
     return Decoder(cfg)
@@ -52,12 +54,13 @@ def _eval_data() -> TokenBlocks:
     return TokenBlocks(torch.randint(0, 128, (7, 16), generator=gen))  # batches of 3: the last one shorter
 
 
-def _reference(name: str, batch_size: int, **kw) -> tuple[list[float], dict[str, torch.Tensor], dict]:
+def _reference(name: str, batch_size: int, vocab: int | None = None,
+               **kw) -> tuple[list[float], dict[str, torch.Tensor], dict]:
     """One process, one thread (as the ranks), on the global batch; its losses, weights and evaluation."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model = _model(name)
+        model = _model(name, vocab)
         result = train(model, CausalLM(), _data(), _config(batch_size, **kw), eval_data=_eval_data())
     finally:
         torch.set_num_threads(threads)
@@ -171,13 +174,13 @@ def test_dp_x_pp_x_tp_2x2x2_equals_single_process_on_the_global_batch():
     _check(results, "tiny-gpt2/1f1b", _reference("tiny-gpt2", 2 * BATCH))
 
 
-def checkpoint_rank(run_dir: str, precision: str, tp: int = 1, resume: bool = False) -> dict:
+def checkpoint_rank(run_dir: str, precision: str, tp: int = 1, resume: bool = False, vocab: int | None = None) -> dict:
     """pp2 (x tp) 1f1b training with checkpoints every 3 steps (resumed from the latest one with `resume`);
-    the logged losses and the whole trained model."""
+    the logged losses and the whole trained model (`vocab`: the model's vocabulary size)."""
     strategy = PipelineStrategy(pp=2, tp=tp, schedule="1f1b", microbatches=2)
     config = _config(BATCH, max_steps=STEPS if precision == "fp32" else 3, run_dir=run_dir, precision=precision,
                      save_every=3, keep_last=3)
-    model = _model("tiny-gpt2")
+    model = _model("tiny-gpt2", vocab)
     result = run_training(model, CausalLM(), _data(), config, strategy, resume=resume)
     return {"losses": [r["loss"] for r in result.history],
             "model": {k: v.numpy().copy() for k, v in strategy.full_model(model).state_dict().items()}}
@@ -187,19 +190,23 @@ def checkpoint_rank(run_dir: str, precision: str, tp: int = 1, resume: bool = Fa
 def test_a_pipeline_checkpoint_resumes_in_one_process_on_the_same_curve(tmp_path, tp):
     """The pipeline's checkpoint is the single-process format (model and optimizer state gathered from the
     stages, tensor-parallel shards gathered in the model's row order): one process resumes its step-3
-    checkpoint and ends where 5 uninterrupted single-process steps end. pp2 x tp2 also resumes it itself (the
-    single-process tensors sharded again, optimizer state included)."""
-    run(checkpoint_rank, 2 * tp, str(tmp_path / "run"), "fp32", tp, timeout=180)
+    checkpoint and ends where 5 uninterrupted single-process steps end. pp2 x tp2, on a vocabulary of 129 that
+    tp 2 pads to 130 rows (the checkpoint holds the 129 real ones), also resumes it itself (the single-process
+    tensors padded and sharded again, optimizer state included)."""
+    vocab = 129 if tp > 1 else None
+    run(checkpoint_rank, 2 * tp, str(tmp_path / "run"), "fp32", tp, False, vocab, timeout=180)
     shutil.rmtree(latest_checkpoint(tmp_path / "run"))  # as if killed after step 3's checkpoint
     assert latest_checkpoint(tmp_path / "run").name == "step_00000003"
-    losses, state, _ = _reference("tiny-gpt2", BATCH)
+    model_state, _ = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert model_state["embed_tokens.weight"].shape[0] == (vocab or 128)
+    losses, state, _ = _reference("tiny-gpt2", BATCH, vocab)
     if tp > 1:
-        for res in run(checkpoint_rank, 2 * tp, str(tmp_path / "run"), "fp32", tp, True, timeout=180):
+        for res in run(checkpoint_rank, 2 * tp, str(tmp_path / "run"), "fp32", tp, True, vocab, timeout=180):
             _assert_same(res["model"], state, "pp2 x tp2 resumed")
         np.testing.assert_allclose(res["losses"], losses[3:], rtol=0, atol=1e-5)  # (logged on every rank)
         shutil.rmtree(latest_checkpoint(tmp_path / "run"))
     torch.set_num_threads(1)
-    model = _model("tiny-gpt2")
+    model = _model("tiny-gpt2", vocab)
     result = train(model, CausalLM(), _data(), _config(BATCH, run_dir=str(tmp_path / "run")), resume=True)
     np.testing.assert_allclose([r["loss"] for r in result.history], losses[3:], rtol=0, atol=1e-5)
     _assert_same({k: v.numpy() for k, v in model.state_dict().items()}, state, "resumed")

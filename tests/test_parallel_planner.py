@@ -8,8 +8,9 @@ import json
 
 import pytest
 import torch
+from parallel_helpers import run
 
-from benchmarks.memory_plan import Case, measure, predict
+from benchmarks.memory_plan import Case, Dist, measure, peak_allocated, predict
 from lmforge.config import ModelConfig
 from lmforge.models import build_model
 from lmforge.parallel.planner import (
@@ -17,6 +18,7 @@ from lmforge.parallel.planner import (
     Hardware,
     Layout,
     Workload,
+    _loss_bytes,
     count_parameters,
     estimate,
     layer_activations,
@@ -100,8 +102,8 @@ def _bert(precision: str = "fp32") -> Workload:
 
 
 def test_layouts_cover_every_factorization_of_the_devices():
-    # a GPT-2 shape whose vocabulary (padded to 50,304) tp 2 and 4 divide
-    gpt = Workload(ModelConfig.from_name("gpt2", vocab_size=50304), batch=16, seq=512)
+    # GPT-2's vocabulary of 50,257 is padded for tp 2 and 4 (to 50,258 and 50,260 rows)
+    gpt = Workload(ModelConfig.from_name("gpt2"), batch=16, seq=512)
     found = layouts(gpt, 4)
     assert {(lay.dp, lay.tp, lay.pp) for lay in found} == {(4, 1, 1), (2, 2, 1), (1, 4, 1), (2, 1, 2), (1, 2, 2),
                                                           (1, 1, 4)}
@@ -112,8 +114,8 @@ def test_layouts_cover_every_factorization_of_the_devices():
     # what lmforge train refuses is not planned: pipelines with FSDP or checkpointing, or of an encoder
     assert not any(lay.pp > 1 and (lay.strategy == "fsdp" or lay.activation_checkpointing) for lay in found)
     assert any(lay.dp > 1 and lay.pp > 1 and lay.tp > 1 for lay in layouts(gpt, 8))  # DP x PP x TP
-    found = layouts(_bert(), 4)  # tp 4 does not divide BERT's vocabulary of 30,522
-    assert {(lay.dp, lay.tp, lay.pp) for lay in found} == {(4, 1, 1), (2, 2, 1)}
+    found = layouts(_bert(), 4)  # BERT's vocabulary of 30,522 padded to 30,524 rows at tp 4; encoders: no pipelines
+    assert {(lay.dp, lay.tp, lay.pp) for lay in found} == {(4, 1, 1), (2, 2, 1), (1, 4, 1)}
     assert all(lay.activation_checkpointing for lay in layouts(_bert(), 4, checkpointing=True))
 
 
@@ -224,3 +226,90 @@ def test_generation_peak_within_15_percent_of_measured(one_thread):
             lambda: model.generate(ids, max_new_tokens=2, do_sample=False))
     predicted = generation_plan(cfg, 4, 122, "fp32", Hardware(device="cpu"), 1)[0].peak
     assert predicted == pytest.approx(measured, rel=0.15), (predicted, measured)
+
+
+# --- tensor and pipeline parallelism: the terms the measured runs of benchmarks/memory_plan.py corrected -------
+
+
+def _loss_rank(tokens: int, vocab: int) -> float:
+    """The bytes torch's allocator adds during cross-entropy forward + backward on logits (tokens, vocab) that
+    already exist: on 2 ranks under loss_parallel (a DTensor sharded over the vocabulary), or in one process."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    import lmforge.parallel as hvd
+    from lmforge.parallel.mesh import Layout, sub_mesh
+
+    hvd.init()
+    mesh = sub_mesh(Layout.parse(tp=2).build(), "tp")
+    local = torch.randn(tokens, vocab // 2, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(0))
+
+    def step() -> None:
+        with loss_parallel():
+            F.cross_entropy(DTensor.from_local(local, mesh, [Shard(1)], run_check=False), targets).backward()
+
+    step()  # the first call allocates the mesh's buffers
+    local.grad = None
+    peak = peak_allocated(step)
+    dist.barrier()
+    return peak
+
+
+def test_loss_bytes_under_loss_parallel_are_what_its_backward_holds(one_thread):
+    """torch's loss_parallel backward holds four (N, V / t) float32 tensors at once (log-softmax, the zeros
+    with -1 at the targets, exp of the log-softmax, their sum), one more than F.cross_entropy's three: the planner
+    counted three under tensor parallelism too, 11% and 13% under the measured tp2 peaks of a GPT-2 and a BERT
+    shape whose loss sets the peak."""
+    tokens, vocab = 1024, 2000
+    cfg = ModelConfig.from_name("tiny-gpt2", vocab_size=vocab)
+    for measured in run(_loss_rank, 2, tokens, vocab, timeout=120):
+        assert measured == pytest.approx(_loss_bytes(cfg, tokens, 1, tp=2)[1], rel=0.02)
+    logits = torch.randn(tokens, vocab, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,))
+    measured = peak_allocated(lambda: torch.nn.functional.cross_entropy(logits, targets).backward())
+    assert measured == pytest.approx(_loss_bytes(cfg, tokens, 1, tp=1)[1], rel=0.02)
+
+
+_SMALL = (("n_layer", 4), ("d_model", 128), ("n_head", 4), ("d_ff", 512), ("vocab_size", 2000), ("max_seq_len", 64))
+MODEL_PARALLEL_RUNS = [
+    Dist("single", Case("tiny-gpt2", 8, 64, sizes=_SMALL), dp=1, pp=2, schedule="gpipe", microbatches=2),
+    Dist("single", Case("tiny-gpt2", 8, 64, sizes=_SMALL), dp=1, pp=2, schedule="1f1b", microbatches=8),
+    Dist("single", Case("tiny-gpt2", 8, 64, sizes=_SMALL), dp=1, tp=2),
+]
+
+
+def _measure_rank(runs: list[Dist]) -> list[int]:
+    return [measure(r.case, run=r) for r in runs]
+
+
+def test_pipeline_and_tensor_parallel_peaks_match_measured_runs():
+    """Two training steps of pp2 (GPipe m2, 1F1B m8) and tp2 on real gloo ranks, the busiest rank against the
+    planner. Pipelines within 5% (their peaks measured the same in every run): a stage keeps each micro-batch's
+    output (logits on the last stage) from forward to backward and a receive buffer per micro-batch, the step's
+    first backward has no gradients yet, and torch's schedule must not keep every micro-batch's logits to the
+    next step (`return_outputs=False`; with them benchmarks/memory_plan.py's 1F1B m8 GPT-2 run peaked at 1.44x
+    the prediction). Tensor
+    parallelism within 15% (gloo's asynchronous all-reduces move its peak by a few percent between runs)."""
+    measured = [max(peaks) for peaks in zip(*run(_measure_rank, 2, MODEL_PARALLEL_RUNS, timeout=240),
+                                                          strict=True)]
+    for r, peak in zip(MODEL_PARALLEL_RUNS, measured, strict=True):
+        predicted = predict(r.case, r).peak
+        assert predicted == pytest.approx(peak, rel=0.05 if r.pp > 1 else 0.15), (r.name, predicted, peak)
+
+
+def test_data_parallel_over_tensor_or_pipeline_ranks_keeps_no_gradient_buckets():
+    """MeshStrategy (dp x tp) and PipelineStrategy (dp x pp) average gradients over dp with one flat copy after
+    the step's last backward, not with the DistributedOptimizer's buckets kept through the step: below that
+    moment, dp2 x tp2 of a batch b per replica peaks where tp2 of batch b does (the planner added a bucket copy
+    of the gradients: 1.12x the measured dp2 x tp2 peak of a Llama shape)."""
+    cfg = ModelConfig.from_name("tiny-llama", n_layer=6, d_model=256, n_head=8, n_kv_head=2, d_ff=1024,
+                                vocab_size=512, max_seq_len=256)
+    hw = Hardware(device="cpu")
+    for extra in (dict(tp=2), dict(pp=2, microbatches=2)):
+        alone = estimate(Workload(cfg, 2, 256), Layout(**extra), hw)
+        replicated = estimate(Workload(cfg, 4, 256), Layout(dp=2, strategy="allreduce", **extra), hw)
+        assert replicated.phase == alone.phase and replicated.peak == alone.peak
+        assert replicated.peak > replicated.parameters * 3 + replicated.optimizer  # the copy is not the peak

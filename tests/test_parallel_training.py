@@ -194,7 +194,8 @@ def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(tmp_path):
 
 
 def _cli_fixtures(root: Path) -> tuple[Path, Path]:
-    """A tiny GPT-2 folder (random weights, a letter-level WordPiece vocabulary) and a small corpus."""
+    """A tiny GPT-2 folder (random weights, a letter-level WordPiece vocabulary of 57 tokens, the model's: a
+    vocabulary that tensor parallelism of degree 2 pads) and a small corpus."""
     import random
     import string
 
@@ -202,7 +203,8 @@ def _cli_fixtures(root: Path) -> tuple[Path, Path]:
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase,
              *("##" + c for c in string.ascii_lowercase)]
-    save_model(_model(), root / "tiny-gpt2")
+    torch.manual_seed(0)
+    save_model(Decoder(ModelConfig.from_name("tiny-gpt2", vocab_size=len(vocab))), root / "tiny-gpt2")
     (root / "tiny-gpt2" / "vocab.txt").write_text("\n".join(vocab) + "\n")
     rng = random.Random(0)
     words = ["the", "cat", "sat", "on", "mat", "dog", "ran", "far", "away"]
@@ -280,14 +282,29 @@ def test_cli_train_data_parallel_under_torchrun_equals_the_single_process_run(st
 def test_cli_train_tensor_parallel_under_torchrun_saves_the_single_process_model(cli_run, tmp_path, nproc,
                                                                                  batch_size, layout):
     """`torchrun --nproc-per-node 2 -m lmforge.cli train --strategy ddp --tp 2 --activation-checkpointing`, and
-    2-D FSDP x TP on 4 ranks (`--strategy fsdp --tp 2`, batch 2 per data-parallel rank): the HF folder rank 0
-    gathers and saves at the end holds the single-process run's weights."""
+    2-D FSDP x TP on 4 ranks (`--strategy fsdp --tp 2`, batch 2 per data-parallel rank), on a vocabulary of 57
+    (padded to 58 rows while sharded): the HF folder rank 0 gathers and saves at the end holds the
+    single-process run's weights, 57 rows, and loads in transformers with the same logits; `lmforge export` of
+    the last sharded checkpoint gives the same folder."""
+    import transformers
+
+    from lmforge.cli import main
     from lmforge.io import load_model
 
     arguments, single = cli_run
     _torchrun_cli([*arguments(batch_size, tmp_path / "tp"), *layout], nproc)
-    got = load_model(str(tmp_path / "tp" / "model")).state_dict()
+    trained = load_model(str(tmp_path / "tp" / "model"))
+    got = trained.state_dict()
     want = load_model(str(single / "model")).state_dict()
+    assert got["embed_tokens.weight"].shape == (57, 32)
+    assert main(["export", str(latest_checkpoint(tmp_path / "tp")), str(tmp_path / "export")]) == 0
+    exported = load_model(str(tmp_path / "export")).state_dict()
+    assert exported.keys() == got.keys() and all(torch.equal(exported[k], got[k]) for k in got)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tp" / "model").eval()
+    assert hf.config.vocab_size == 57
+    ids = torch.randint(0, 57, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, trained.eval()(ids).logits, rtol=0, atol=1e-4)
     # The key bias's gradient is zero in exact arithmetic (softmax ignores a shift shared by every key), so
     # Adam turns its rounding noise, which differs between one process and two shards, into steps of up to
     # lr = 1e-2: those rows are held to 1e-4, everything else to 1e-5.

@@ -17,7 +17,9 @@ Ranks form the (dp, pp, tp) DeviceMesh of `lmforge.parallel.mesh.Layout`: rank =
 tp_index. PP x TP: `shard` applies tensor parallelism (`tensor_parallel.parallelize`, on the "tp" dimension) to
 the whole model before it is cut, so each stage's modules are the tensor-parallel ones of its tp sub-mesh (the
 vocabulary-parallel embedding on the first stage, the vocabulary-parallel head and the loss-parallel
-cross-entropy on the last); activations between stages are ordinary (replicated) tensors. Gradients are
+cross-entropy on the last); activations between stages are ordinary (replicated) tensors; a vocabulary the
+degree does not divide is padded as under TP alone, its padded rows cut off in checkpoints and `full_model` and
+added again (zeros) when a PP x TP run loads a single-process checkpoint. Gradients are
 averaged over "dp"; a head tied to the embedding is held by the first and the last stage, whose gradients of it
 are summed (shard by shard: the ranks of the same tp index hold the same rows), so both copies take the same
 optimizer steps. The loss is computed on the last stage with the objective's own loss, each schedule
@@ -55,7 +57,7 @@ from lmforge.parallel import mesh as meshes
 from lmforge.parallel import sharded_checkpoint
 from lmforge.parallel.plans import clip_grad_norm
 from lmforge.parallel.strategy import Distributed
-from lmforge.parallel.tensor_parallel import fused_rows, parallelize
+from lmforge.parallel.tensor_parallel import fused_rows, parallelize, vocab_rows
 from lmforge.training import TrainConfig, load_checkpoint, save_checkpoint
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B}
@@ -280,10 +282,11 @@ class PipelineStrategy(Distributed):
                 else:
                     value.copy_(model_state[name])
         optimizer.load_state_dict(state["optimizer"])
-        names = {id(p): n for n, p in model.named_parameters()}
+        names, vocab = {id(p): n for n, p in model.named_parameters()}, vocab_rows(model)
         for p, st in optimizer.state.items():
+            rows = vocab.get(names[id(p)], p.shape[0] if p.dim() else None)  # a padded vocabulary: its real rows
             for key, v in st.items():
-                if isinstance(p, DTensor) and isinstance(v, Tensor) and v.shape == p.shape:
+                if isinstance(p, DTensor) and isinstance(v, Tensor) and v.shape == (rows, *p.shape[1:]):
                     local = sharded_checkpoint.local_shard(v, p, fused.get(names[id(p)]))
                     st[key] = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False)
         return state
@@ -294,7 +297,7 @@ class PipelineStrategy(Distributed):
         n_stages = self.pp * self.virtual
         ranges = stage_layers(model, n_stages, self.split)
         names = {id(p): n for n, p in model.named_parameters()}  # the first name of a tied tensor
-        self.model = model
+        self.model, self.vocab = model, vocab_rows(model)  # (before the other stages' parameters go)
         self.order = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
         self.indices = [self.stage_index + k * self.pp for k in range(self.virtual)]  # stages held here
         self.stages = [DecoderStage(model, ranges[i], i == 0, i == n_stages - 1) for i in self.indices]
@@ -345,7 +348,9 @@ class PipelineStrategy(Distributed):
         self._step = _Step(objective, keys, objective.n_targets(batch), weight, scaler)
         target = torch.stack([batch[k] for k in keys], dim=1) if self.is_last else None  # (B, n_keys, T)
         args = (batch["input_ids"],) if self.is_first else ()
-        self.schedule.step(*args, target=target)
+        # return_outputs=False: else the last stage keeps every micro-batch's logits to the next step and
+        # concatenates them into (B, T, V), which the loop never reads (benchmarks/memory_plan.py measured it)
+        self.schedule.step(*args, target=target, return_outputs=False)
         names = self._names()
         if not self.reports:
             zero = torch.zeros((), device=self.device)
@@ -449,15 +454,15 @@ class PipelineStrategy(Distributed):
     def _gather_stages(self, optimizer: Optimizer | None) -> list[dict[str, Any]]:
         """Every stage's parameters (and optimizer state) by model name, on CPU, from this rank's replica."""
         fused = fused_rows(self.model)  # tensor-parallel tensors are gathered (over tp) in the model's row order
-        cpu = {k: v.cpu() for stage in self.stages
-               for k, v in sharded_checkpoint.full_state_dict(stage, fused).items()}
+        cpu = {k: v.cpu() for stage in self.stages  # (and a padded vocabulary cut to its real rows)
+               for k, v in sharded_checkpoint.full_state_dict(stage, fused, self.vocab).items()}
         if self.tied is not None and self.is_last:
             cpu["embed_tokens.weight"] = cpu["lm_head.weight"]
         state = {}
         if optimizer is not None:
             for p, st in optimizer.state.items():
                 name = self.names[id(p)]
-                state[name] = {k: sharded_checkpoint.full_tensor(v, fused.get(name)).cpu()
+                state[name] = {k: sharded_checkpoint.full_tensor(v, fused.get(name), self.vocab.get(name)).cpu()
                                if isinstance(v, Tensor) else v for k, v in st.items()}
         gathered: list[Any] = [None] * self.pp
         dist.all_gather_object(gathered, {"model": cpu, "optimizer": state}, group=self.pp_group)

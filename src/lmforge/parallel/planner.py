@@ -27,12 +27,17 @@ What one rank holds, as lmforge allocates it (read off training.py, models/ and 
 - activation checkpointing (per block, non-reentrant): each block keeps its input only and recomputes one
   block at a time in backward.
 - communication buffers: lmforge's DistributedOptimizer keeps one flat float32 buffer per bucket for every
-  gradient (a second copy of the gradients), DDP its bucket views; FSDP (torch `fully_shard` per block plus the
-  root) all-gathers a block's parameters (two blocks at once with prefetching) and keeps the root's (embeddings,
-  head) unsharded from forward to the end of backward; pipeline stages keep one activation per micro-batch in
-  flight (GPipe: all m, 1F1B: p - stage).
-- tensor parallelism (Megatron): linear weights, the vocabulary and the attention heads split over t ranks;
-  norms, residual stream and norm inputs replicated (no sequence parallelism).
+  gradient (a second copy of the gradients), DDP its bucket views; data parallelism over tensor- or
+  pipeline-parallel replicas one flat copy of the gradients after the last backward only; FSDP (torch
+  `fully_shard` per block plus the root) all-gathers a block's parameters (two blocks at once with prefetching)
+  and keeps the root's (embeddings, head) unsharded from forward to the end of backward; pipeline stages keep
+  one micro-batch's activations and stage output (the last stage's logits) per micro-batch in flight (GPipe:
+  all m, 1F1B: p - stage; one fewer after the step's first backward, which has no gradients yet) and torch's
+  receive buffers, one per micro-batch for activations and one for their gradients.
+- tensor parallelism (Megatron): linear weights, the vocabulary and the attention heads split over t ranks
+  (a vocabulary t does not divide is padded to the next multiple of t, as `tensor_parallel` does); norms,
+  residual stream and norm inputs replicated (no sequence parallelism); torch's `loss_parallel` holds one more
+  (N, V / t) tensor than `F.cross_entropy` in forward and in backward.
 
 Step time: FLOPs / (devices x peak), times the pipeline's (m + p - 1) / m, plus communication bytes / link
 bandwidth (ring all-reduce 2 (d-1)/d, FSDP 3 (d-1)/d of the parameters, tensor-parallel activation all-reduces
@@ -379,12 +384,20 @@ def _head_activations(config: ModelConfig, batch: int, seq: int, precision: str)
     return n * config.d_model * e * 4 + n * 2 * 4  # dense input, act input, norm input, decoder input
 
 
+def _vocab_share(elements: int, vocab: int, tp: int) -> int:
+    """One tensor-parallel rank's share of `elements` laid out over a vocabulary of `vocab` rows: the vocabulary
+    is padded to a multiple of tp, so every rank holds ceil(vocab / tp) rows."""
+    return elements // vocab * -(-vocab // tp)
+
+
 def _loss_bytes(config: ModelConfig, batch: int, seq: int, tp: int) -> tuple[int, int]:
     """(saved, peak extra) of the loss: cross-entropy saves the float32 log-softmax (N, V); its backward holds
     log-softmax, its gradient and the logits' gradient at once (plus the low-precision logits' gradient under
-    autocast right after)."""
-    nv = batch * seq * config.vocab_size // tp
-    return nv * 4, nv * 4 * 3
+    autocast right after). Under tensor parallelism torch's loss_parallel backward computes
+    (zeros with -1 at the targets + exp(log-softmax)) * grad: log-softmax, the zeros, the exp and their sum at
+    once, four (N, V / t) tensors."""
+    nv = _vocab_share(batch * seq * config.vocab_size, config.vocab_size, tp)
+    return nv * 4, nv * 4 * (4 if tp > 1 else 3)
 
 
 # --- the step's timeline -------------------------------------------------------------------------------------
@@ -403,11 +416,11 @@ def _stage_parameters(cfg: ModelConfig, counts: ParameterCounts, layers: int, fi
     The root is what lies outside the blocks (FSDP keeps it unsharded through the step)."""
     root = 0
     if first:
-        root += counts.embed - counts.vocab_table * (tp - 1) // tp
+        root += counts.embed - counts.vocab_table + _vocab_share(counts.vocab_table, cfg.vocab_size, tp)
     if last:
-        root += counts.head - counts.head_vocab * (tp - 1) // tp
+        root += counts.head - counts.head_vocab + _vocab_share(counts.head_vocab, cfg.vocab_size, tp)
         if cfg.tie_embeddings and not first:
-            root += counts.vocab_table // tp
+            root += _vocab_share(counts.vocab_table, cfg.vocab_size, tp)
     block = counts.layer - counts.layer_linear * (tp - 1) // tp
     return root + block * layers, root
 
@@ -437,17 +450,19 @@ def estimate(workload: Workload, layout: Layout, hardware: Hardware = Hardware()
     per_layer = n * cfg.d_model * 4 if ac else saved  # a checkpointed block keeps its input only
     trans = _layer_transient(cfg, mb, w.seq, w.precision, t)
     copies_layer = counts.layer_linear // t * 2 if amp else 0  # autocast's cast weights of one block
-    accumulating = w.grad_accum > 1 or lay.microbatches > 1
     results = []
     layers_per_stage = _stage_layers(cfg.n_layer, lay.pp)
     for stage, n_layers in enumerate(layers_per_stage):
         first, last = stage == 0, stage == lay.pp - 1
         params, root = _stage_parameters(cfg, counts, n_layers, first, last, t)
-        in_flight = lay.microbatches if lay.schedule == "gpipe" else min(lay.microbatches, lay.pp - stage)
         weights = params * 4 // shard
         grads = params * 4 // shard
         opt_state = params * state_bytes // shard
-        dp_buffers = params * 4 if lay.strategy in ("allreduce", "ddp") else 0  # flat gradient buckets
+        # lmforge's DistributedOptimizer and DDP keep flat gradient buckets through the step; tensor- and
+        # pipeline-parallel layouts (MeshStrategy, PipelineStrategy) average over dp with one flat copy of the
+        # gradients after the step's last backward instead
+        flat_after = lay.dp > 1 and (lay.tp > 1 or lay.pp > 1) and lay.strategy in ("allreduce", "ddp")
+        dp_buffers = params * 4 if lay.strategy in ("allreduce", "ddp") and not flat_after else 0
         fsdp = lay.strategy == "fsdp"
         fsdp_root = root * 4 if fsdp else 0  # the root's parameters, all-gathered, beside its shard
         # FSDP's gathered blocks: forward holds the running block and the prefetched next one; backward the
@@ -457,37 +472,59 @@ def estimate(workload: Workload, layout: Layout, hardware: Hardware = Hardware()
         gloo_extra = 4 if hardware.device == "cpu" else 0
         fsdp_forward = (2 + gloo_extra // 4) * block_params * 4 if fsdp else 0
         fsdp_backward = (4 + gloo_extra) * block_params * 4 if fsdp else 0
-        buffers = dp_buffers + fsdp_root + n * 8 * (3 if mask else 1) * in_flight  # + the batches
-        emb = _embed_activations(cfg, mb, w.seq, mask, hardware.device) if first else n * cfg.d_model * 4
+        batches = n * 8 * (3 if mask else 1)
+        # torch's PipelineStage keeps a receive buffer per micro-batch for the activations (all stages but the
+        # first) and for their gradients (all but the last), allocated at the first step and kept
+        stage_io = (0 if first else 1) + (0 if last else 1)
+        buffers = dp_buffers + fsdp_root + lay.microbatches * n * cfg.d_model * 4 * stage_io
+        emb = _embed_activations(cfg, mb, w.seq, mask, hardware.device) if first else 0  # else a receive buffer
         head = _head_activations(cfg, mb, w.seq, w.precision) if last else 0
+        vocab = _vocab_share(cfg.vocab_size, cfg.vocab_size, t)
         loss_saved, loss_peak = _loss_bytes(cfg, mb, w.seq, t) if last else (0, 0)
-        logits = n * cfg.vocab_size // t * (6 if amp else 4) if last else 0  # (+ their float32 copy)
+        # a pipeline stage's output (the logits on the last stage, the hidden state on the others) stays in the
+        # stage's cache from its micro-batch's forward to its backward
+        output = 0 if lay.pp == 1 else n * vocab * (2 if amp else 4) if last else n * cfg.d_model * 4
+        # the forward's end: the logits (+ their float32 copy under AMP; + loss_parallel's shifted logits under
+        # tp), less a pipeline's output, counted apart
+        logits = n * vocab * ((6 if amp else 4) + (4 if t > 1 else 0)) - output if last else 0
         copies_head = counts.head_linear // t * 2 if amp and last else 0
         copies_all = copies_layer * n_layers + copies_head  # autocast's cache, until the forward ends
         copies_kept = copies_head + (0 if ac else copies_layer * n_layers)  # saved for backward
-        waiting = (in_flight - 1) * (emb + per_layer * n_layers + head + loss_saved + copies_kept)
-        grads_before = grads if accumulating else 0  # earlier micro-batches' gradients
-        activations = waiting + emb + per_layer * n_layers + head
-        points = [  # (moment, parameters, gradients, optimizer, activations, buffers)
-            ("forward (loss)", weights, grads_before, opt_state, activations + copies_all + loss_saved + logits,
-             buffers + fsdp_forward),
-            ("backward (loss)", weights, grads_before, opt_state, activations + copies_kept + loss_peak,
-             buffers + fsdp_forward),
-        ]
         head_grads = root * 4 if last else 0  # the head's (and a tied table's) gradients, unsharded until
         if last and first and cfg.tie_embeddings:  # the end of backward under FSDP as well
-            head_grads = (counts.head + counts.vocab_table // t) * 4
-        for k in range(n_layers, 0, -1):  # backward through the stage's blocks, last first
-            kept = waiting + emb + per_layer * (k - 1) + saved + trans
-            copies = copies_layer * (1 if ac else k)
-            done = head_grads + block_params * 4 * (n_layers - k + 1) // shard
-            points.append((f"backward (block {k - 1})", weights, max(grads_before, done), opt_state,
-                           kept + copies, buffers + fsdp_backward))
-        tied_grad = counts.vocab_table // t * 4 if first and cfg.tie_embeddings else 0  # summed into the tie
-        points.append(("backward (embeddings)", weights, grads, opt_state, waiting + tied_grad, buffers))
+            head_grads = (counts.head + _vocab_share(counts.vocab_table, cfg.vocab_size, t)) * 4
+        tied_grad = _vocab_share(counts.vocab_table, cfg.vocab_size, t) * 4 if first and cfg.tie_embeddings else 0
+        # The micro-batches whose activations are alive at a backward: at the step's first backward (no
+        # gradients yet, unless an earlier loop micro-batch left them) and at the later ones (GPipe: one fewer
+        # each time; 1F1B: a forward follows each backward, p - stage at most)
+        m = lay.microbatches
+        warmup = m if lay.schedule == "gpipe" else min(m, lay.pp - stage)
+        phases = [(warmup, grads if w.grad_accum > 1 else 0)]
+        if m > 1:
+            phases.append((warmup - 1 if lay.schedule == "gpipe" else min(m - 1, warmup), grads))
+        points = []  # (moment, parameters, gradients, optimizer, activations, buffers)
+        for in_flight, grads_before in phases:
+            waiting = (in_flight - 1) * (emb + per_layer * n_layers + head + loss_saved + copies_kept + output)
+            activations = waiting + emb + per_layer * n_layers + head + output
+            io = buffers + batches * in_flight
+            points += [
+                ("forward (loss)", weights, grads_before, opt_state, activations + copies_all + loss_saved + logits,
+                 io + fsdp_forward),
+                ("backward (loss)", weights, grads_before, opt_state, activations + copies_kept + loss_peak,
+                 io + fsdp_forward),
+            ]
+            for k in range(n_layers, 0, -1):  # backward through the stage's blocks, last first
+                kept = waiting + emb + per_layer * (k - 1) + saved + trans + output
+                copies = copies_layer * (1 if ac else k)
+                done = head_grads + block_params * 4 * (n_layers - k + 1) // shard
+                points.append((f"backward (block {k - 1})", weights, max(grads_before, done), opt_state,
+                               kept + copies, io + fsdp_backward))
+            points.append(("backward (embeddings)", weights, grads, opt_state, waiting + tied_grad, io))
+        if flat_after:
+            points.append(("gradient all-reduce", weights, grads, opt_state, 0, buffers + grads))
         cpu_adam = hardware.device == "cpu" and w.optimizer == "adam"  # single-tensor AdamW's temporaries
         points.append(("optimizer step", weights, grads, opt_state, 0,
-                       dp_buffers + (2 * counts.largest * 4 // shard if cpu_adam else 0)))
+                       buffers - fsdp_root + (2 * counts.largest * 4 // shard if cpu_adam else 0)))
         top = max(points, key=lambda q: sum(q[1:]))
         results.append((sum(top[1:]), stage, top))
     _, stage, top = max(results)
@@ -500,9 +537,9 @@ def estimate(workload: Workload, layout: Layout, hardware: Hardware = Hardware()
 
 def _check_layout(w: Workload, lay: Layout) -> None:
     cfg = w.config
-    if cfg.n_head % lay.tp or cfg.n_kv_head % lay.tp or cfg.d_ff % lay.tp or cfg.vocab_size % lay.tp:
-        raise ValueError(f"tp={lay.tp} must divide the heads ({cfg.n_head}, kv {cfg.n_kv_head}), d_ff "
-                         f"({cfg.d_ff}) and the vocabulary ({cfg.vocab_size})")
+    if cfg.n_head % lay.tp or cfg.n_kv_head % lay.tp or cfg.d_ff % lay.tp:
+        raise ValueError(f"tp={lay.tp} must divide the heads ({cfg.n_head}, kv {cfg.n_kv_head}) and d_ff "
+                         f"({cfg.d_ff}); the vocabulary is padded")
     if lay.pp > cfg.n_layer:
         raise ValueError(f"pp={lay.pp} exceeds the {cfg.n_layer} layers")
     if lay.pp == 1 and lay.microbatches != 1:
@@ -683,7 +720,7 @@ def generation_plan(config: ModelConfig, batch: int, seq: int, dtype: str, hardw
     out = []
     for tp in _divisors(devices):
         pp = devices // tp
-        if config.n_kv_head % tp or config.n_head % tp or pp > config.n_layer or config.vocab_size % tp:
+        if config.n_kv_head % tp or config.n_head % tp or pp > config.n_layer:
             continue
         layers = max(_stage_layers(config.n_layer, pp))
         weights = max(_stage_parameters(config, counts, k, s == 0, s == pp - 1, tp)[0]

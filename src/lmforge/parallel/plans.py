@@ -108,7 +108,7 @@ def clip_grad_norm(parameters: list[torch.Tensor], max_norm: float, sum_group: A
             dims = tuple(names[i] for i, pl in enumerate(p.grad.placements)
                          if not (pl.is_replicate() or pl.is_partial()))  # Shard, FSDP's _StridedShard
             meshes[dims] = p.grad.device_mesh
-        squares = local.double().pow(2).sum()
+        squares = local.float().pow(2).sum(dtype=torch.float64)  # (no float64 copy of the gradient)
         sums[dims] = sums[dims] + squares if dims in sums else squares
     total = torch.zeros((), dtype=torch.float64, device=device)
     for dims in sorted(sums):  # the same kinds, in the same order, on every rank of a group

@@ -9,7 +9,9 @@ written once) plus trainer.pt (scheduler, scaler, RNG states, step, data positio
 named and shaped as in the unsharded model, so DCP re-shards them on load for whatever layout loads them
 (tensor-parallel 2 -> data-parallel 2, FSDP -> one process, ...). The one thing DCP cannot see is the row
 order `tensor_parallel.parallelize` gives fused projections: those are saved as their parts in the model's own
-order (`<name>.part0`, `.part1`, ...), from views of each rank's shard, so loading writes them in place.
+order (`<name>.part0`, `.part1`, ...), from views of each rank's shard, so loading writes them in place. A
+vocabulary padded for tensor parallelism is saved without its padded rows (`tensor_parallel.real_rows`), so
+the checkpoint holds the model's real vocabulary whatever the degree that wrote it.
 
 Crash safety is training.py's: everything goes to a temporary folder, which rank 0 fsyncs and renames only
 after every rank has written its part, so a kill at any moment leaves the previous checkpoint intact.
@@ -39,7 +41,9 @@ from lmforge.parallel.tensor_parallel import (
     canonical_pieces,
     fused_rows,
     is_tensor_parallel,
+    real_rows,
     tp_degree,
+    vocab_rows,
 )
 from lmforge.training import new_checkpoint_folder, publish_checkpoint
 
@@ -53,14 +57,24 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
     return (path / DCP_METADATA).is_file() and (path / TRAINER_FILE).is_file()
 
 
-def _split_fused(entries: dict[str, Any], fused: dict[str, list[int]],
-                 write_back: list[Callable[[], None]]) -> dict[str, Any]:
-    """`entries` with every fused tensor replaced by its parts in the model's row order. For a part that is a
-    copy (FSDP shards, gathered), `write_back` gets a function that copies loaded values into the original."""
+def _canonical_entries(entries: dict[str, Any], fused: dict[str, list[int]], write_back: list[Callable[[], None]],
+                 vocab: dict[str, int] | None = None) -> dict[str, Any]:
+    """`entries` with every fused tensor replaced by its parts in the model's row order, and every
+    vocabulary-padded tensor (`vocab`: name -> real rows) by its real rows. For a part that is a copy (FSDP
+    shards, gathered), `write_back` gets a function that copies loaded values into the original."""
     out = {}
+    vocab = vocab or {}
     for name, value in entries.items():
         parts = fused.get(name)
-        if parts is None or not isinstance(value, Tensor) or value.dim() == 0:  # an optimizer's step count
+        if not isinstance(value, Tensor) or value.dim() == 0:  # an optimizer's step count
+            out[name] = value
+            continue
+        if name in vocab:
+            out[name] = real = real_rows(value, vocab[name])
+            if isinstance(value, DTensor) and not isinstance(real, DTensor):  # a gathered copy (FSDP x TP)
+                write_back.append(lambda value=value, real=real: value.to_local().copy_(local_shard(real, value)))
+            continue
+        if parts is None:
             out[name] = value
             continue
         pieces = canonical_pieces(value, parts)
@@ -75,9 +89,12 @@ def _split_fused(entries: dict[str, Any], fused: dict[str, list[int]],
 def local_shard(full: Tensor, like: DTensor, parts: list[int] | None = None) -> Tensor:
     """This rank's local tensor of `full` (a whole tensor in the model's own row order; `parts`: its row counts
     when it is a fused projection) laid out as the DTensor `like` (tensor parallel, FSDP, both): the inverse of
-    `full_tensor`, without communication."""
+    `full_tensor`, without communication. A `full` with fewer rows than `like` (the real rows of a vocabulary
+    padded for tensor parallelism) gets zero rows up to `like`'s, as `parallelize` pads."""
     from torch.distributed.tensor import distribute_tensor
 
+    if full.dim() > 0 and full.shape[0] < like.shape[0]:
+        full = torch.cat([full, full.new_zeros((like.shape[0] - full.shape[0], *full.shape[1:]))])
     tp = tp_degree(like)
     if parts is not None and tp > 1:  # to `parallelize`'s row order
         full = full.clone()
@@ -94,12 +111,16 @@ def _copy_into(sharded: DTensor, pieces: list[Tensor]) -> None:
 def _state(model: nn.Module, optimizer: Optimizer,
            write_back: list[Callable[[], None]]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(what DCP saves or loads into, the model state dict, the optimizer state dict) of a sharded model."""
-    fused = fused_rows(model)
+    fused, vocab = fused_rows(model), vocab_rows(model)
     model_sd = get_model_state_dict(model)
     optim_sd = get_optimizer_state_dict(model, optimizer)
-    saved = {"model": _split_fused(model_sd, fused, write_back),
-             "optimizer": {"state": {name: _split_fused(state, {k: fused[name] for k in state}, write_back)
-                                     if name in fused else state
+
+    def each(name: str) -> dict[str, int]:  # an optimizer state's tensors, by the rule of their parameter
+        return dict.fromkeys(optim_sd["state"][name], vocab[name]) if name in vocab else {}
+
+    saved = {"model": _canonical_entries(model_sd, fused, write_back, vocab),
+             "optimizer": {"state": {name: _canonical_entries(state, {k: fused[name] for k in state}, write_back)
+                                     if name in fused else _canonical_entries(state, {}, write_back, each(name))
                                      for name, state in optim_sd["state"].items()},
                            "param_groups": optim_sd["param_groups"]}}
     return saved, model_sd, optim_sd
@@ -143,8 +164,9 @@ def load(path: str | Path, model: nn.Module, optimizer: Optimizer) -> dict[str, 
     for fn in write_back:
         fn()
     for name, state in optim_sd["state"].items():  # what DCP may have replaced rather than filled in place
-        loaded = saved["optimizer"]["state"][name]
-        state.update({key: loaded[key] for key in state if key in loaded})
+        loaded = saved["optimizer"]["state"][name]  # (real rows of a padded tensor were loaded into it)
+        state.update({key: loaded[key] for key in state if key in loaded
+                      and getattr(loaded[key], "shape", None) == getattr(state[key], "shape", None)})
     optim_sd["param_groups"] = saved["optimizer"]["param_groups"]
     set_model_state_dict(model, model_sd)
     set_optimizer_state_dict(model, optimizer, optim_sd)
@@ -158,23 +180,30 @@ def load_model_weights(path: str | Path, model: nn.Module) -> nn.Module:
     if not is_sharded_checkpoint(path):
         raise FileNotFoundError(f"{str(path)!r} is not a sharded checkpoint (expected DCP's {DCP_METADATA} and "
                                 f"{TRAINER_FILE})")
-    dcp.load({"model": _split_fused(model.state_dict(), fused_rows(model), [])}, checkpoint_id=Path(path))
+    dcp.load({"model": _canonical_entries(model.state_dict(), fused_rows(model), [])}, checkpoint_id=Path(path))
     return model
 
 
 @torch.no_grad()
-def full_tensor(value: Tensor, parts: list[int] | None = None) -> Tensor:
+def full_tensor(value: Tensor, parts: list[int] | None = None, rows: int | None = None) -> Tensor:
     """The whole tensor of a (possibly sharded) parameter or optimizer state in the model's own row order
-    (`parts`: its row counts when it is a fused projection); a collective over the mesh of a DTensor."""
+    (`parts`: its row counts when it is a fused projection; `rows`: its real rows when it is vocabulary-padded,
+    the padded ones cut off); a collective over the mesh of a DTensor."""
     if parts is not None and value.dim() > 0:
-        return torch.cat([p.full_tensor() if isinstance(p, DTensor) else p for p in canonical_pieces(value, parts)])
-    return value.full_tensor() if isinstance(value, DTensor) else value
+        value = torch.cat([p.full_tensor() if isinstance(p, DTensor) else p for p in canonical_pieces(value, parts)])
+    elif isinstance(value, DTensor):
+        value = value.full_tensor()
+    return value if rows is None or value.dim() == 0 else value[:rows]  # (an optimizer's step count: 0-d)
 
 
 @torch.no_grad()
-def full_state_dict(model: nn.Module, fused: dict[str, list[int]] | None = None) -> dict[str, Tensor]:
-    """The whole model's state dict as ordinary tensors in the model's own layout, on every rank (a collective
-    when the model is sharded): what `io.save_model` writes as an HF folder. fused: the fused projections'
-    row counts by name (default `fused_rows(model)`; a pipeline stage passes its whole model's)."""
+def full_state_dict(model: nn.Module, fused: dict[str, list[int]] | None = None,
+                    vocab: dict[str, int] | None = None) -> dict[str, Tensor]:
+    """The whole model's state dict as ordinary tensors in the model's own layout (a padded vocabulary cut to its
+    real rows), on every rank (a collective when the model is sharded): what `io.save_model` writes as an HF
+    folder. fused, vocab: the fused projections' row counts and the padded tensors' real rows by name (default
+    `fused_rows(model)`, `vocab_rows(model)`; a pipeline stage passes its whole model's)."""
     fused = fused_rows(model) if fused is None else fused
-    return {name: full_tensor(value, fused.get(name)).detach().clone() for name, value in model.state_dict().items()}
+    vocab = vocab_rows(model) if vocab is None else vocab
+    return {name: full_tensor(value, fused.get(name), vocab.get(name)).detach().clone()
+            for name, value in model.state_dict().items()}

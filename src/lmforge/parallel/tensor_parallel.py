@@ -16,6 +16,16 @@ which style, in torchtitan's `parallelize_*` shape:
 - sequence_parallel: norms (and dropout) run on sequence shards (B, T/tp, C); the column-parallel inputs
   all-gather the sequence and the row-parallel outputs reduce-scatter it.
 
+Vocabulary padding (Megatron's, what torch does not provide): a vocabulary the degree does not divide (GPT-2's
+50,257 at tp 2) is padded at shard time with zero rows of the embedding and the head (and the MLM decoder's
+bias) to the next multiple of the degree, so that every rank holds the same number of rows. No id reaches a
+padded row of the embedding, and the head's padded logits are -inf on the ranks that hold them (sharded logits
+under `loss_parallel`: the cross-entropy, its gradient and argmax are those of the real vocabulary; their rows
+get zero gradients) or cut off (gathered logits: generation sees exactly `config.vocab_size` columns).
+`config.vocab_size` stays the real size, and `vocab_rows` / `real_rows` give checkpoints and exports the real
+rows only, so nothing padded leaves the run. With the chunking torch's Shard(0) uses for uneven sizes, rank
+r's real rows are exactly those of an unpadded tensor sharded over the same ranks.
+
 Fused projections (what torch does not provide): `qkv.weight` holds the query rows, then the key rows, then the
 value rows; a plain column split would give rank 0 all queries and rank 1 the keys and values. `parallelize`
 permutes those rows in place once, to [q_0 k_0 v_0 | q_1 k_1 v_1 | ...], before sharding, so each rank's
@@ -27,6 +37,7 @@ pieces of the original order for checkpoints, so a checkpoint never depends on t
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -40,18 +51,23 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-__all__ = ["check_divisible", "fused_rows", "parallelize", "canonical_pieces", "is_tensor_parallel", "tp_degree"]
+__all__ = ["canonical_pieces", "check_divisible", "fused_rows", "is_tensor_parallel", "padded_vocab", "parallelize",
+           "real_rows", "tp_degree", "vocab_rows"]
 
 
 def check_divisible(config, tp: int) -> None:
     """Raise ValueError naming the size that tensor parallelism of degree `tp` cannot split evenly."""
-    sizes = {"n_head": config.n_head, "n_kv_head": config.n_kv_head, "d_ff": config.d_ff,
-             "vocab_size": config.vocab_size}
+    sizes = {"n_head": config.n_head, "n_kv_head": config.n_kv_head, "d_ff": config.d_ff}
     bad = {k: v for k, v in sizes.items() if v % tp}
     if bad:
         detail = ", ".join(f"{k}={v}" for k, v in bad.items())
-        raise ValueError(f"tensor parallelism of degree {tp} needs n_head, n_kv_head, d_ff and vocab_size "
-                         f"divisible by {tp}; this model has {detail}")
+        raise ValueError(f"tensor parallelism of degree {tp} needs n_head, n_kv_head and d_ff divisible by {tp} "
+                         f"(the vocabulary is padded); this model has {detail}")
+
+
+def padded_vocab(vocab_size: int, tp: int) -> int:
+    """The vocabulary rows a model holds under tensor parallelism of degree `tp`: the next multiple of `tp`."""
+    return -(-vocab_size // tp) * tp
 
 
 def fused_rows(model: nn.Module) -> dict[str, list[int]]:
@@ -113,6 +129,94 @@ def canonical_pieces(tensor: Tensor, parts: list[int]) -> list[Tensor]:
     return [torch.cat([shard[j] for shard in shards]) for j in range(len(parts))]
 
 
+def _vocab_head(model: nn.Module) -> nn.Linear | None:
+    """The module that projects onto the vocabulary (a decoder's lm_head, an encoder's MLM decoder), or None."""
+    if getattr(model, "lm_head", None) is not None:
+        return model.lm_head
+    mlm = getattr(model, "mlm_head", None)
+    return mlm.decoder if mlm is not None else None
+
+
+def vocab_rows(model: nn.Module) -> dict[str, int]:
+    """State-dict name of every parameter padded beyond the vocabulary (see the module docs) -> its real row
+    count, `config.vocab_size`. Empty for a model that is not padded. `model` may also be a pipeline stage
+    (which holds the embedding, the head, or neither)."""
+    rows = model.config.vocab_size
+    embed = getattr(model, "embed_tokens", None)
+    out = {"embed_tokens.weight": embed.weight} if embed is not None else {}
+    head = _vocab_head(model)
+    if head is not None:
+        prefix = "lm_head" if head is getattr(model, "lm_head", None) else "mlm_head.decoder"
+        out |= {f"{prefix}.{name}": t for name, t in (("weight", head.weight), ("bias", head.bias)) if t is not None}
+    return {name: rows for name, t in out.items() if t.shape[0] != rows}
+
+
+def real_rows(tensor: Tensor, rows: int) -> Tensor:
+    """The first `rows` rows of a vocabulary-padded tensor (a parameter or its optimizer state).
+
+    A tensor-parallel DTensor (Shard(0) over the 1-D "tp" mesh) gives a DTensor of global shape (rows, ...)
+    whose local tensor is a view of this rank's real rows (torch's uneven Shard(0) places exactly those rows on
+    this rank), so loading into it writes the parameter in place; a plain tensor gives the view of its first
+    rows; any other DTensor (2-D FSDP x TP shards) a gathered copy (the padded rows are the last rows of the
+    gathered tensor: tensor parallelism pads the whole vocabulary once, FSDP shards the padded shards).
+    """
+    if tensor.shape[0] == rows:
+        return tensor
+    if is_tensor_parallel(tensor) and tuple(tensor.placements) == (Shard(0),):
+        per_rank = tensor.shape[0] // tensor.device_mesh.size()
+        start = tensor.device_mesh.get_local_rank() * per_rank
+        local = tensor.to_local()[:max(0, min(per_rank, rows - start))]
+        shape = torch.Size((rows, *tensor.shape[1:]))
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(local, tensor.device_mesh, [Shard(0)], run_check=False, shape=shape,
+                                  stride=stride)
+    full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return full[:rows]
+
+
+@torch.no_grad()
+def _pad_vocabulary(model: nn.Module, tp: int) -> None:
+    """Pad the token embedding and the vocabulary head (weight and bias, a tied weight once) with zero rows to
+    `padded_vocab` rows, in place, before sharding."""
+    rows = padded_vocab(model.config.vocab_size, tp)
+    extra = rows - model.config.vocab_size
+    if extra == 0:
+        return
+
+    def padded(param: nn.Parameter) -> nn.Parameter:
+        zeros = param.new_zeros((extra, *param.shape[1:]))
+        return nn.Parameter(torch.cat([param.detach(), zeros]), requires_grad=param.requires_grad)
+
+    embed, head = model.embed_tokens, _vocab_head(model)
+    old = embed.weight
+    embed.weight, embed.num_embeddings = padded(old), rows
+    if head is not None:
+        head.weight = embed.weight if head.weight is old else padded(head.weight)
+        if head.bias is not None:
+            head.bias = padded(head.bias)
+        head.out_features = rows
+
+
+def _hide_padded_logits(vocab_size: int):
+    """A forward hook for the vocabulary head of a padded model: sharded logits (a DTensor, Shard(-1)) get -inf
+    in the padded columns this rank holds; gathered logits lose their padded columns."""
+
+    def hook(module: nn.Module, inputs: Any, logits: Tensor) -> Tensor:
+        if not isinstance(logits, DTensor):
+            return logits[..., :vocab_size]
+        local = logits.to_local()
+        per_rank = local.shape[-1]
+        real = vocab_size - logits.device_mesh.get_local_rank() * per_rank
+        if real >= per_rank:
+            return logits
+        padded = torch.arange(per_rank, device=local.device) >= real
+        local = local.masked_fill(padded, float("-inf"))
+        return DTensor.from_local(local, logits.device_mesh, logits.placements, run_check=False,
+                                  shape=logits.shape, stride=logits.stride())
+
+    return hook
+
+
 def _local_config(config, tp: int):
     """The config an attention module computes with: its shard's head counts, the same head size."""
     return dataclasses.replace(config, n_head=config.n_head // tp, n_kv_head=config.n_kv_head // tp,
@@ -145,6 +249,7 @@ def parallelize(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool =
 
     for name, parts in fused_rows(model).items():
         _interleave_rows(model.get_parameter(name), parts, tp)
+    _pad_vocabulary(model, tp)
     block_plan = {
         "attn.qkv": ColwiseParallel(),
         "attn.out": RowwiseParallel(output_layouts=residual),
@@ -187,4 +292,6 @@ def parallelize(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool =
     parallelize_module(model, tp_mesh, plan)
     if tied:  # both modules shard the same (vocab, C) matrix by rows: share the embedding's DTensor again
         model.get_submodule(head_name).weight = model.embed_tokens.weight
+    if head is not None and vocab_rows(model):
+        head.register_forward_hook(_hide_padded_logits(cfg.vocab_size))
     return model
