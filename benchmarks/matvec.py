@@ -1,7 +1,8 @@
 """The decode step's matrix products in each weight format of `lmforge.models.linear`, against `F.linear` in
 float32 (what transformers runs), on SmolLM2-135M's shapes, alternating call by call.
 
-    python benchmarks/matvec.py             # 1 and 10 rows; formats: F.linear bf16, packed fp32/bf16, int8, int4
+    python benchmarks/matvec.py             # 1 and 10 rows: F.linear bf16, lmforge's matvec kernel fp32/bf16,
+                                            # packed fp32/bf16, int8 (its matvec kernel for <= 16 rows), int4
 
 For each shape, 30 distinct weights (one per layer, as in a decode step, so that they stream from memory
 rather than sit in cache) are multiplied by x (rows, in). Printed: the weight bytes each format reads per
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from common import alternate, host, ratio_summary, read_bandwidth
 
 from lmforge.models.linear import Int4Linear, Int8Linear, PackedLinear
+from lmforge.models.matvec import matvec
 
 # SmolLM2-135M: fused q/k/v, o, fused gate/up, down, and the 49152-token LM head (out, in)
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate/up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
@@ -29,6 +31,8 @@ def formats(weights: list[torch.Tensor]) -> dict[str, tuple[list, torch.dtype, i
     return {
         "F.linear fp32": ([lambda x, w=w: F.linear(x, w) for w in weights], torch.float32, 4 * n),
         "F.linear bf16": ([lambda x, w=w: F.linear(x, w) for w in bf16], torch.bfloat16, 2 * n),
+        "matvec fp32": ([lambda x, w=w: matvec(x, w) for w in weights], torch.float32, 4 * n),
+        "matvec bf16": ([lambda x, w=w: matvec(x, w) for w in bf16], torch.bfloat16, 2 * n),
         "packed fp32": ([PackedLinear(w) for w in weights], torch.float32, 4 * n),
         "packed bf16": ([PackedLinear(w) for w in bf16], torch.bfloat16, 2 * n),
         "int8 fp32": ([Int8Linear.from_float(w) for w in weights], torch.float32, n),
@@ -40,6 +44,7 @@ def formats(weights: list[torch.Tensor]) -> dict[str, tuple[list, torch.dtype, i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 10], help="activation rows (default 1 10)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -51,7 +56,7 @@ def main() -> None:
             count = 1 if name == "lm_head" else 30
             weights = [torch.randn(out, inn) * 0.02 for _ in range(count)]
             fmts = formats(weights)
-            for rows in (1, 10):
+            for rows in args.rows:
                 x = torch.randn(rows, inn)
                 inputs = [x.to(dt) for _, dt, _ in fmts.values()]
                 pairs = zip(fmts.values(), inputs, strict=True)

@@ -26,13 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.models.blocks import Linear
-from lmforge.models.matvec import matvec, usable
+from lmforge.models.matvec import MAX_ROWS, matvec, usable
 
 __all__ = ["BlockInt8Linear", "Int4Linear", "Int8Linear", "PackedLinear", "QUANTIZED", "RowEmbedding", "convert",
            "install", "is_quantized", "quantize", "quantize_state", "targets"]
 
 GROUP = 32  # elements per quantization block along K (GGUF's QK4_0 / QK4_1 / QK8_0)
-MATVEC_ROWS = 16  # up to this many rows (decode steps) int8 products read the int8 weight directly
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -97,7 +96,7 @@ class Int8Linear(nn.Module):
         if usable(x, self.weight):
             return matvec(x, self.weight, self.scales, self.bias)
         flat = _flat(x)
-        if x.device.type == "cpu" and x.dtype == self.scales.dtype and flat.shape[0] <= MATVEC_ROWS:
+        if x.device.type == "cpu" and x.dtype == self.scales.dtype and flat.shape[0] <= MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
         else:  # many rows (a prompt): compute-bound, so a transient float copy of this one weight is cheap
             y = F.linear(flat, self.weight.to(x.dtype)) * self.scales.to(x.dtype)

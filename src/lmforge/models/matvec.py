@@ -30,7 +30,7 @@ from torch import Tensor
 __all__ = ["MAX_ROWS", "available", "matvec", "usable"]
 
 MAX_ROWS = 16  # activation rows up to which a product is a decode step's (more rows: torch's GEMM)
-BF16_ROWS = 2  # bfloat16 weights: from 4 rows on, oneDNN's bfloat16 GEMM beats the kernel (measured, 1 thread)
+BF16_ROWS = 2  # bfloat16 weights: from 4 rows on oneDNN's GEMM matches or beats the kernel (benchmarks/matvec.py)
 SOURCES = [Path(__file__).with_name("matvec_op.cpp"), Path(__file__).with_name("matvec.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w"]
 _state: dict[str, bool] = {}
