@@ -1,4 +1,4 @@
-"""lmforge's CPU matvec kernels (models/matvec.c as the operator lmforge::matvec) against float64 references."""
+"""lmforge's CPU matvec kernels (models/matvec_kernels.h as the operator lmforge::matvec) against float64 references."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
-"""Decode-step products on the CPU: lmforge's own matrix-vector kernels (matvec.c), built for this host.
+"""Decode-step products on the CPU: lmforge's own matrix-vector kernels (matvec_kernels.h), built for this host.
 
 A decode step multiplies a few rows of activations (one per sequence) by every weight of the model once, so its
 speed is how fast the weights stream from memory. torch's CPU kernels fall short of that at these shapes for
-bfloat16 and int8 weights (they convert more than they read); matvec.c reads each weight once per step for all
-rows, converts it in registers and accumulates in float32.
+bfloat16 and int8 weights (they convert more than they read); the kernels read each weight once per step for all
+rows, convert it in registers (bfloat16 against bfloat16 activations: vdpbf16ps, or AMX tiles from 2 rows) and
+accumulate in float32.
 
 The kernels are the torch operator `lmforge::matvec` (matvec_op.cpp), compiled on first use with the host's C++
 compiler (`$CXX`, else `c++`; -O3 -march=native -fopenmp, against the installed torch's headers) into lmforge's
@@ -30,10 +31,13 @@ from torch import Tensor
 __all__ = ["MAX_ROWS", "available", "matvec", "usable"]
 
 MAX_ROWS = 16  # activation rows up to which a product is a decode step's (more rows: torch's GEMM)
-BF16_ROWS = 2  # bfloat16 weights: from 4 rows on oneDNN's GEMM matches or beats the kernel (benchmarks/matvec.py)
-SOURCES = [Path(__file__).with_name("matvec_op.cpp"), Path(__file__).with_name("matvec.c")]
+# bfloat16 weights on hosts without AVX512-BF16 (the kernel widens them to float32): from 4 rows on oneDNN's GEMM
+# matches or beats it (benchmarks/matvec.py)
+BF16_ROWS = 2
+BF16_DOT = 4  # bit of lmforge::matvec_features: bfloat16 x and W multiplied by vdpbf16ps (and AMX where present)
+SOURCES = [Path(__file__).with_name("matvec_op.cpp"), Path(__file__).with_name("matvec_kernels.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w"]
-_state: dict[str, bool] = {}
+_state: dict[str, int] = {}
 
 
 def _cpu_key() -> str:
@@ -75,6 +79,7 @@ def _build() -> bool:
             return False
     torch.ops.load_library(str(library))
     torch.library.register_fake("lmforge::matvec")(_fake)
+    _state["features"] = torch.ops.lmforge.matvec_features()
     return True
 
 
@@ -91,14 +96,16 @@ def available() -> bool:
 
 def usable(x: Tensor, weight: Tensor) -> bool:
     """Whether a product of activations x (..., K) with `weight` (N, K) is a decode step's that `matvec` takes:
-    CPU, no autograd, at most MAX_ROWS rows (BF16_ROWS for bfloat16 weights), plain contiguous tensors of a
-    format the kernels read."""
+    CPU, no autograd, at most MAX_ROWS rows (BF16_ROWS for bfloat16 weights on hosts without AVX512-BF16),
+    plain contiguous tensors of a format the kernels read."""
     autograd = x.requires_grad or weight.requires_grad and torch.is_grad_enabled()
-    rows = BF16_ROWS if weight.dtype == torch.bfloat16 else MAX_ROWS
-    return (x.device.type == "cpu" and not autograd
-            and type(x) is Tensor and weight.dtype in (torch.float32, torch.bfloat16, torch.int8)
-            and x.numel() <= rows * x.shape[-1] and type(weight.data) is Tensor and weight.is_contiguous()
-            and available())
+    if (x.device.type != "cpu" or autograd or type(x) is not Tensor or type(weight.data) is not Tensor
+            or weight.dtype not in (torch.float32, torch.bfloat16, torch.int8) or not weight.is_contiguous()
+            or not available()):
+        return False
+    dot = weight.dtype == x.dtype == torch.bfloat16 and _state["features"] & BF16_DOT
+    rows = BF16_ROWS if weight.dtype == torch.bfloat16 and not dot else MAX_ROWS
+    return x.numel() <= rows * x.shape[-1]
 
 
 def matvec(x: Tensor, weight: Tensor, scale: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
