@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from lmforge.models.blocks import Linear
 from lmforge.models.linear import BlockInt8Linear, Int8Linear
-from lmforge.models.matvec import BF16_ROWS, MAX_ROWS, available, matvec, usable
+from lmforge.models.matvec import BF16_ROWS, MAX_ROWS, available, decode_attention, matvec, usable
 
 # N not a multiple of the 4-row blocks nor of the 16-row thread blocks; K with a tail after the 16-wide steps.
 SHAPES = [(1, 37, 40), (5, 130, 96), (MAX_ROWS, 67, 1568)]
@@ -93,3 +93,26 @@ def test_bad_inputs_name_the_shapes():
         matvec(torch.randn(1, 8), torch.randn(4, 9))
     with pytest.raises(RuntimeError, match="int8 weights need their scales"):
         matvec(torch.randn(1, 8), torch.zeros(4, 8, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_matches_sdpa(dtype):
+    g = torch.Generator().manual_seed(3)
+    B, H, Hkv, S, D = 3, 6, 2, 37, 24
+    k = torch.randn(B, Hkv, S + 5, D, generator=g).to(dtype)[:, :, :S]  # the cache's filled slots: a strided view
+    v = torch.randn(B, Hkv, S + 5, D, generator=g).to(dtype)[:, :, :S]
+    q = torch.randn(B, 1, H, D, generator=g).to(dtype).transpose(1, 2)  # (B, H, 1, D), not contiguous
+    mask = torch.rand(B, 1, 1, S, generator=g) > 0.3
+    mask[..., -1] = True  # a query always sees itself
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # float32 sums; a bfloat16 result is rounded once
+    for m in (None, mask, mask[:1]):
+        got = decode_attention(q, k, v, m, 0.3)
+        want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=m, scale=0.3,
+                                              enable_gqa=True)
+        assert got.dtype == dtype and got.shape == (B, H, 1, D)
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    # training (autograd) and several query tokens stay with SDPA
+    assert decode_attention(q.float().clone().requires_grad_(), k.float(), v.float(), None, 0.3) is None
+    assert decode_attention(torch.cat([q, q], 2), k, v, None, 0.3) is None
+    with pytest.raises(RuntimeError, match="mask of"):
+        decode_attention(q, k, v, mask[:2], 0.3)  # 2 mask rows for 3 rows

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
-from lmforge.models.matvec import matvec, usable
+from lmforge.models.matvec import decode_attention, matvec, usable
 
 
 @dataclass
@@ -159,8 +159,11 @@ class Attention(nn.Module):
                 raise ValueError("input_pos was given but the model has no KV cache; call setup_cache first")
             k, v = self.kv_cache.update(input_pos, k, v, kv_len, cache_rows)  # (B, Hkv, S, D)
         p = cfg.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal,
-                                           scale=cfg.attn_scale, enable_gqa=Hkv != H)  # (B, H, T, D)
+        scale = D ** -0.5 if cfg.attn_scale is None else cfg.attn_scale
+        y = None if p or is_causal else decode_attention(q, k, v, mask, scale)  # one new token: lmforge's kernel
+        if y is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal,
+                                               scale=cfg.attn_scale, enable_gqa=Hkv != H)  # (B, H, T, D)
         return self.out(y.transpose(1, 2).reshape(B, T, H * D))
 
 

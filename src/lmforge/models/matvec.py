@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_ROWS", "available", "matvec", "usable"]
+__all__ = ["MAX_ROWS", "available", "decode_attention", "matvec", "usable"]
 
 MAX_ROWS = 16  # activation rows up to which a product is a decode step's (more rows: torch's GEMM)
 # bfloat16 weights on hosts without AVX512-BF16 (the kernel widens them to float32): from 4 rows on oneDNN's GEMM
@@ -79,12 +79,17 @@ def _build() -> bool:
             return False
     torch.ops.load_library(str(library))
     torch.library.register_fake("lmforge::matvec")(_fake)
+    torch.library.register_fake("lmforge::decode_attention")(_fake_attention)
     _state["features"] = torch.ops.lmforge.matvec_features()
     return True
 
 
 def _fake(x: Tensor, weight: Tensor, scale: Tensor | None) -> Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _fake_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    return q.new_empty(q.shape)
 
 
 def available() -> bool:
@@ -117,3 +122,17 @@ def matvec(x: Tensor, weight: Tensor, scale: Tensor | None = None, bias: Tensor 
     y = torch.ops.lmforge.matvec(x.reshape(-1, x.shape[-1]), weight, scale)
     y = y.view(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y + bias
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor | None:
+    """Attention of one new token per row on the CPU, without autograd: q (B, H, 1, D) over k, v (B, Hkv, S, D)
+    (the cache's filled slots), query head h reading key/value head h // (H / Hkv); mask None or boolean,
+    broadcastable to (B, 1, 1, S), True where a key may be seen. None where the kernel does not apply (the caller
+    then runs SDPA): torch's SDPA spends ~100-200 us per call on these shapes at 10 rows, the kernel a few."""
+    if not (q.shape[2] == 1 and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and k.dtype == v.dtype == q.dtype and k.stride(-1) == 1 and v.stride(-1) == 1
+            and (mask is None or mask.dtype == torch.bool) and type(q) is Tensor and type(k) is Tensor
+            and available()):
+        return None
+    return torch.ops.lmforge.decode_attention(q, k, v, mask, scale)

@@ -4,6 +4,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
 #include "matvec_kernels.h"
 
 static at::Tensor matvec(const at::Tensor &x, const at::Tensor &weight, const std::optional<at::Tensor> &scale) {
@@ -49,6 +53,79 @@ static at::Tensor matvec(const at::Tensor &x, const at::Tensor &weight, const st
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
+// Attention of one new token per row: q (B, H, 1, D), k and v (B, Hkv, S, D) (the cache's filled slots; any
+// strides but a contiguous last dimension), H a multiple of Hkv (query head h reads key/value head h / (H / Hkv)),
+// mask None or boolean (B or 1, 1, 1, S), True where a key may be seen. Scores, softmax and sums in float32; one
+// task per (row, key/value head), so each key and value row is read once for the heads that share it.
+static at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                                   const std::optional<at::Tensor> &mask, double scale) {
+    TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(2) == 1 && q.size(0) == k.size(0) &&
+                q.size(3) == k.size(3) && q.size(1) % k.size(1) == 0,
+                "lmforge::decode_attention takes q (B, H, 1, D) and k, v (B, Hkv, S, D), got ", q.sizes(), ", ",
+                k.sizes(), " and ", v.sizes());
+    TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type() &&
+                (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) && k.stride(3) == 1 &&
+                v.stride(3) == 1, "lmforge::decode_attention takes float32 or bfloat16 q, k, v of one dtype with "
+                "a contiguous last dimension");
+    const int64_t B = k.size(0), Hkv = k.size(1), S = k.size(2), D = k.size(3), G = q.size(1) / Hkv;
+    at::Tensor qf = q.to(at::kFloat).contiguous(), out = at::empty({B, q.size(1), 1, D}, qf.options());
+    at::Tensor m;
+    if (mask.has_value()) {
+        m = mask->to(at::kBool).reshape({-1, S}).contiguous();
+        TORCH_CHECK(m.size(0) == 1 || m.size(0) == B, "lmforge::decode_attention: mask of ", mask->sizes(),
+                    " for ", B, " rows and ", S, " keys");
+    }
+    const bool *mp = m.defined() ? m.data_ptr<bool>() : nullptr;
+    const bool bf16 = q.scalar_type() == at::kBFloat16;
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> scores(G * S), row(D);
+        auto load = [&](const at::Tensor &t, int64_t b, int64_t h, int64_t s) { // key or value row as float32
+            const int64_t off = b * t.stride(0) + h * t.stride(1) + s * t.stride(2);
+            if (bf16) {
+                const at::BFloat16 *p = t.const_data_ptr<at::BFloat16>() + off;
+                for (int64_t d = 0; d < D; d++) row[d] = static_cast<float>(p[d]);
+            } else {
+                const float *p = t.const_data_ptr<float>() + off;
+                for (int64_t d = 0; d < D; d++) row[d] = p[d];
+            }
+        };
+        for (int64_t task = begin; task < end; task++) {
+            const int64_t b = task / Hkv, h = task % Hkv;
+            const float *qp = qf.const_data_ptr<float>() + (b * Hkv + h) * G * D; // the G query heads of h
+            const bool *mb = mp ? mp + (m.size(0) == 1 ? 0 : b) * S : nullptr;
+            for (int64_t s = 0; s < S; s++) {
+                if (mb && !mb[s]) { // a hidden key is not read (a compiled step's mask hides the unfilled slots)
+                    for (int64_t g = 0; g < G; g++) scores[g * S + s] = -INFINITY;
+                    continue;
+                }
+                load(k, b, h, s);
+                for (int64_t g = 0; g < G; g++) {
+                    float dot = 0.f;
+                    for (int64_t d = 0; d < D; d++) dot += qp[g * D + d] * row[d];
+                    scores[g * S + s] = dot * (float)scale;
+                }
+            }
+            float *op = out.data_ptr<float>() + (b * Hkv + h) * G * D;
+            for (int64_t g = 0; g < G; g++) {
+                float *sg = scores.data() + g * S, top = -INFINITY, total = 0.f;
+                for (int64_t s = 0; s < S; s++) top = std::max(top, sg[s]);
+                for (int64_t s = 0; s < S; s++) total += (sg[s] = std::exp(sg[s] - top));
+                for (int64_t s = 0; s < S; s++) sg[s] /= total;
+                for (int64_t d = 0; d < D; d++) op[g * D + d] = 0.f;
+            }
+            for (int64_t s = 0; s < S; s++) {
+                if (mb && !mb[s]) continue;
+                load(v, b, h, s);
+                for (int64_t g = 0; g < G; g++) {
+                    const float p = scores[g * S + s];
+                    for (int64_t d = 0; d < D; d++) op[g * D + d] += p * row[d];
+                }
+            }
+        }
+    });
+    return bf16 ? out.to(at::kBFloat16) : out;
+}
+
 // What the build uses on this host: 1 AVX-512, 2 int8 by VNNI, 4 bfloat16 by vdpbf16ps, 8 AMX tiles for bfloat16.
 static int64_t features() {
     int64_t f = 0;
@@ -70,8 +147,10 @@ static int64_t features() {
 TORCH_LIBRARY(lmforge, m) {
     m.def("matvec(Tensor x, Tensor weight, Tensor? scale) -> Tensor");
     m.def("matvec_features() -> int", &features);
+    m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
     m.impl("matvec", &matvec);
+    m.impl("decode_attention", &decode_attention);
 }
