@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <vector>
 
 #include "matvec_kernels.h"
@@ -53,6 +54,32 @@ static at::Tensor matvec(const at::Tensor &x, const at::Tensor &weight, const st
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
+// s[i] = exp(s[i] - top) (0 where s[i] is -inf); returns their sum.
+static float softmax_numerators(float *s, int64_t S, float top) {
+    float total = 0.f;
+#ifdef MV_AVX512
+    // exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln(2) / 2, exp(r) by its Taylor series to r^6 (relative
+    // error below 2e-7); x >= -87 keeps 2^n a normal float.
+    const __m512 t = _mm512_set1_ps(top), lo = _mm512_set1_ps(-87.f), hidden = _mm512_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < S; i += 16) {
+        const __mmask16 m = S - i >= 16 ? 0xFFFF : (__mmask16)((1u << (S - i)) - 1);
+        const __m512 v = _mm512_maskz_loadu_ps(m, s + i), x = _mm512_max_ps(_mm512_sub_ps(v, t), lo);
+        const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x); // ln 2 in two parts
+        r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+        __m512 p = _mm512_set1_ps(1.f / 720);
+        for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, hidden, _CMP_NEQ_OQ) & m, _mm512_scalef_ps(p, n));
+        _mm512_mask_storeu_ps(s + i, m, e);
+        total += _mm512_reduce_add_ps(e);
+    }
+#else
+    for (int64_t i = 0; i < S; i++) total += (s[i] = s[i] == -INFINITY ? 0.f : std::exp(s[i] - top));
+#endif
+    return total;
+}
+
 // Attention of one new token per row: q (B, H, 1, D), k and v (B, Hkv, S, D) (the cache's filled slots; any
 // strides but a contiguous last dimension), H a multiple of Hkv (query head h reads key/value head h / (H / Hkv)),
 // mask None or boolean (B or 1, 1, 1, S), True where a key may be seen. Scores, softmax and sums in float32; one
@@ -77,47 +104,56 @@ static at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, con
     }
     const bool *mp = m.defined() ? m.data_ptr<bool>() : nullptr;
     const bool bf16 = q.scalar_type() == at::kBFloat16;
+    const char *kp = static_cast<const char *>(k.const_data_ptr()), *vp = static_cast<const char *>(v.const_data_ptr());
+    const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)}, vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
+    const float *qbase = qf.const_data_ptr<float>();
+    float *obase = out.data_ptr<float>();
     at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> scores(G * S), row(D);
-        auto load = [&](const at::Tensor &t, int64_t b, int64_t h, int64_t s) { // key or value row as float32
-            const int64_t off = b * t.stride(0) + h * t.stride(1) + s * t.stride(2);
+        std::vector<float> scores(G * S), buffer(D);
+        float *__restrict row = buffer.data();
+        auto load = [&](const char *base, const int64_t *st, int64_t b, int64_t h, int64_t s) { // a row as float32
+            const int64_t off = b * st[0] + h * st[1] + s * st[2];
             if (bf16) {
-                const at::BFloat16 *p = t.const_data_ptr<at::BFloat16>() + off;
-                for (int64_t d = 0; d < D; d++) row[d] = static_cast<float>(p[d]);
+                const uint16_t *__restrict p = reinterpret_cast<const uint16_t *>(base) + off;
+#pragma omp simd
+                for (int64_t d = 0; d < D; d++) row[d] = __builtin_bit_cast(float, (uint32_t)p[d] << 16);
             } else {
-                const float *p = t.const_data_ptr<float>() + off;
+                const float *__restrict p = reinterpret_cast<const float *>(base) + off;
+#pragma omp simd
                 for (int64_t d = 0; d < D; d++) row[d] = p[d];
             }
         };
         for (int64_t task = begin; task < end; task++) {
             const int64_t b = task / Hkv, h = task % Hkv;
-            const float *qp = qf.const_data_ptr<float>() + (b * Hkv + h) * G * D; // the G query heads of h
+            const float *__restrict qp = qbase + (b * Hkv + h) * G * D; // the G query heads of h
             const bool *mb = mp ? mp + (m.size(0) == 1 ? 0 : b) * S : nullptr;
             for (int64_t s = 0; s < S; s++) {
                 if (mb && !mb[s]) { // a hidden key is not read (a compiled step's mask hides the unfilled slots)
                     for (int64_t g = 0; g < G; g++) scores[g * S + s] = -INFINITY;
                     continue;
                 }
-                load(k, b, h, s);
+                load(kp, ks, b, h, s);
                 for (int64_t g = 0; g < G; g++) {
                     float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
                     for (int64_t d = 0; d < D; d++) dot += qp[g * D + d] * row[d];
                     scores[g * S + s] = dot * (float)scale;
                 }
             }
-            float *op = out.data_ptr<float>() + (b * Hkv + h) * G * D;
+            float *__restrict op = obase + (b * Hkv + h) * G * D;
             for (int64_t g = 0; g < G; g++) {
                 float *sg = scores.data() + g * S, top = -INFINITY, total = 0.f;
                 for (int64_t s = 0; s < S; s++) top = std::max(top, sg[s]);
-                for (int64_t s = 0; s < S; s++) total += (sg[s] = std::exp(sg[s] - top));
+                total = softmax_numerators(sg, S, top);
                 for (int64_t s = 0; s < S; s++) sg[s] /= total;
                 for (int64_t d = 0; d < D; d++) op[g * D + d] = 0.f;
             }
             for (int64_t s = 0; s < S; s++) {
                 if (mb && !mb[s]) continue;
-                load(v, b, h, s);
+                load(vp, vs, b, h, s);
                 for (int64_t g = 0; g < G; g++) {
                     const float p = scores[g * S + s];
+#pragma omp simd
                     for (int64_t d = 0; d < D; d++) op[g * D + d] += p * row[d];
                 }
             }
