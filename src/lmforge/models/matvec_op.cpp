@@ -107,6 +107,7 @@ static at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, con
     const char *kp = static_cast<const char *>(k.const_data_ptr()), *vp = static_cast<const char *>(v.const_data_ptr());
     const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)}, vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
     const float *qbase = qf.const_data_ptr<float>();
+    const int64_t elem = bf16 ? 2 : 4;
     float *obase = out.data_ptr<float>();
     at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> scores(G * S), buffer(D);
@@ -123,10 +124,50 @@ static at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, con
                 for (int64_t d = 0; d < D; d++) row[d] = p[d];
             }
         };
+        auto normalise = [&](float *op) { // scores to probabilities per query head; op zeroed
+            for (int64_t g = 0; g < G; g++) {
+                float *sg = scores.data() + g * S, top = -INFINITY;
+                for (int64_t s = 0; s < S; s++) top = std::max(top, sg[s]);
+                const float total = softmax_numerators(sg, S, top);
+                for (int64_t s = 0; s < S; s++) sg[s] /= total;
+                for (int64_t d = 0; d < D; d++) op[g * D + d] = 0.f;
+            }
+        };
         for (int64_t task = begin; task < end; task++) {
             const int64_t b = task / Hkv, h = task % Hkv;
             const float *__restrict qp = qbase + (b * Hkv + h) * G * D; // the G query heads of h
             const bool *mb = mp ? mp + (m.size(0) == 1 ? 0 : b) * S : nullptr;
+            float *__restrict op = obase + (b * Hkv + h) * G * D;
+#ifdef MV_AVX512
+            if (D % 16 == 0) { // 16 lanes of d at a time, rows read in place (bfloat16 widened in registers)
+                const char *kr = kp + (b * ks[0] + h * ks[1]) * elem, *vr = vp + (b * vs[0] + h * vs[1]) * elem;
+                auto ld = [&](const char *row, int64_t d) {
+                    return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                      _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + d))), 16))
+                                : _mm512_loadu_ps((const float *)row + d);
+                };
+                for (int64_t s = 0; s < S; s++) {
+                    const bool hide = mb && !mb[s];
+                    for (int64_t g = 0; g < G; g++) {
+                        __m512 acc = _mm512_setzero_ps();
+                        for (int64_t d = 0; d < D && !hide; d += 16)
+                            acc = _mm512_fmadd_ps(ld(kr + s * ks[2] * elem, d), _mm512_loadu_ps(qp + g * D + d), acc);
+                        scores[g * S + s] = hide ? -INFINITY : _mm512_reduce_add_ps(acc) * (float)scale;
+                    }
+                }
+                normalise(op);
+                for (int64_t s = 0; s < S; s++) {
+                    if (mb && !mb[s]) continue;
+                    for (int64_t d = 0; d < D; d += 16) {
+                        const __m512 x = ld(vr + s * vs[2] * elem, d);
+                        for (int64_t g = 0; g < G; g++)
+                            _mm512_storeu_ps(op + g * D + d, _mm512_fmadd_ps(_mm512_set1_ps(scores[g * S + s]), x,
+                                                                             _mm512_loadu_ps(op + g * D + d)));
+                    }
+                }
+                continue;
+            }
+#endif
             for (int64_t s = 0; s < S; s++) {
                 if (mb && !mb[s]) { // a hidden key is not read (a compiled step's mask hides the unfilled slots)
                     for (int64_t g = 0; g < G; g++) scores[g * S + s] = -INFINITY;
@@ -140,14 +181,7 @@ static at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, con
                     scores[g * S + s] = dot * (float)scale;
                 }
             }
-            float *__restrict op = obase + (b * Hkv + h) * G * D;
-            for (int64_t g = 0; g < G; g++) {
-                float *sg = scores.data() + g * S, top = -INFINITY, total = 0.f;
-                for (int64_t s = 0; s < S; s++) top = std::max(top, sg[s]);
-                total = softmax_numerators(sg, S, top);
-                for (int64_t s = 0; s < S; s++) sg[s] /= total;
-                for (int64_t d = 0; d < D; d++) op[g * D + d] = 0.f;
-            }
+            normalise(op);
             for (int64_t s = 0; s < S; s++) {
                 if (mb && !mb[s]) continue;
                 load(vp, vs, b, h, s);
