@@ -29,6 +29,11 @@ namespace mv {
 constexpr int64_t MAX_X_ROWS = 64; // rows of x an int8 call takes (the callers send at most 16)
 
 #ifdef MV_AVX512
+// The mask of the lanes of 16 from position i that lie before n.
+static inline __mmask16 lanes16(int64_t n, int64_t i) {
+    return n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+}
+
 // Weight formats: S weights per vector step, Acc the accumulator, CHUNK the steps summed before the accumulators
 // are turned into float32 (int32 sums of 8192 products of 127 * 32767 cannot overflow).
 struct F32 { // float32 W, float32 x
@@ -48,7 +53,9 @@ struct BF16 : F32 { // bfloat16 W widened in registers, float32 x
 };
 struct I8 : F32 { // int8 W widened in registers, float32 x (no VNNI)
     using W = int8_t;
-    static __m512 w(const W *p, uint32_t m) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p))); }
+    static __m512 w(const W *p, uint32_t m) {
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+    }
 };
 #ifdef MV_BF16DOT
 struct BF16Dot { // bfloat16 W and x: vdpbf16ps multiplies 32 pairs exactly and sums them in float32
@@ -75,12 +82,12 @@ struct I8Vnni { // int8 W widened to int16 in registers, x rounded to int16: vpd
 static float to_int16(const float *x, int16_t *q, int64_t K) {
     __m512 amax = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16)
-        amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1), x + k)));
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes16(K, k), x + k)));
     const float top = _mm512_reduce_max_ps(amax), step = top > 0.f ? top / 32767.f : 1.f;
     const __m512 inv = _mm512_set1_ps(1.f / step);
     for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 m = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-        _mm256_mask_storeu_epi16(q + k, m, _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + k), inv))));
+        const __m512 scaled = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes16(K, k), x + k), inv);
+        _mm256_mask_storeu_epi16(q + k, lanes16(K, k), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(scaled)));
     }
     return step;
 }
@@ -92,7 +99,8 @@ static inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
     __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
     __m512 s = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
                              _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
-    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s),
+                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
     return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
@@ -316,7 +324,9 @@ static void mv_i8(const float *x, const int8_t *w, const float *scale, float *y,
     if (xq != nullptr) {
         float xs[mv::MAX_X_ROWS];
         for (int64_t m = 0; m < M; m++) xs[m] = mv::to_int16(x + m * K, xq + m * K, K);
-        mv::split(N, threads, [&](int64_t n0, int64_t n1) { mv::rows<mv::I8Vnni>(xq, w, y, M, N, K, n0, n1, scale, xs); });
+        mv::split(N, threads, [&](int64_t n0, int64_t n1) {
+            mv::rows<mv::I8Vnni>(xq, w, y, M, N, K, n0, n1, scale, xs);
+        });
         free(xq);
         return;
     }

@@ -62,7 +62,7 @@ static float softmax_numerators(float *s, int64_t S, float top) {
     // error below 2e-7); x >= -87 keeps 2^n a normal float.
     const __m512 t = _mm512_set1_ps(top), lo = _mm512_set1_ps(-87.f), hidden = _mm512_set1_ps(-INFINITY);
     for (int64_t i = 0; i < S; i += 16) {
-        const __mmask16 m = S - i >= 16 ? 0xFFFF : (__mmask16)((1u << (S - i)) - 1);
+        const __mmask16 m = mv::lanes16(S, i);
         const __m512 v = _mm512_maskz_loadu_ps(m, s + i), x = _mm512_max_ps(_mm512_sub_ps(v, t), lo);
         const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -80,10 +80,49 @@ static float softmax_numerators(float *s, int64_t S, float top) {
     return total;
 }
 
+// One key or value row (float32 or bfloat16, D elements) against float32 vectors: q . row, and o += p * row.
+#ifdef MV_AVX512
+static inline __m512 row16(const void *row, bool bf16, int64_t d, __mmask16 m) {
+    return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                      _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)row + d)), 16))
+                : _mm512_maskz_loadu_ps(m, (const float *)row + d);
+}
+static inline float row_dot(const float *q, const void *row, bool bf16, int64_t D) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+        const __mmask16 m = mv::lanes16(D, d);
+        acc = _mm512_fmadd_ps(row16(row, bf16, d, m), _mm512_maskz_loadu_ps(m, q + d), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+static inline void row_axpy(float *o, float p, const void *row, bool bf16, int64_t D) {
+    for (int64_t d = 0; d < D; d += 16) {
+        const __mmask16 m = mv::lanes16(D, d);
+        _mm512_mask_storeu_ps(o + d, m, _mm512_fmadd_ps(_mm512_set1_ps(p), row16(row, bf16, d, m),
+                                                         _mm512_maskz_loadu_ps(m, o + d)));
+    }
+}
+#else
+static inline float row_at(const void *row, bool bf16, int64_t d) {
+    return bf16 ? __builtin_bit_cast(float, (uint32_t)((const uint16_t *)row)[d] << 16) : ((const float *)row)[d];
+}
+static inline float row_dot(const float *q, const void *row, bool bf16, int64_t D) {
+    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t d = 0; d < D; d++) dot += q[d] * row_at(row, bf16, d);
+    return dot;
+}
+static inline void row_axpy(float *o, float p, const void *row, bool bf16, int64_t D) {
+#pragma omp simd
+    for (int64_t d = 0; d < D; d++) o[d] += p * row_at(row, bf16, d);
+}
+#endif
+
 // Attention of one new token per row: q (B, H, 1, D), k and v (B, Hkv, S, D) (the cache's filled slots; any
 // strides but a contiguous last dimension), H a multiple of Hkv (query head h reads key/value head h / (H / Hkv)),
 // mask None or boolean (B or 1, 1, 1, S), True where a key may be seen. Scores, softmax and sums in float32; one
-// task per (row, key/value head), so each key and value row is read once for the heads that share it.
+// task per (row, key/value head), so each key and value row is read once for the heads that share it, and hidden
+// keys are not read at all (a compiled step's mask hides the cache's unfilled slots).
 static at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                                    const std::optional<at::Tensor> &mask, double scale) {
     TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(2) == 1 && q.size(0) == k.size(0) &&
@@ -103,94 +142,36 @@ static at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, con
                     " for ", B, " rows and ", S, " keys");
     }
     const bool *mp = m.defined() ? m.data_ptr<bool>() : nullptr;
+    const int64_t mrows = m.defined() ? m.size(0) : 0;
     const bool bf16 = q.scalar_type() == at::kBFloat16;
-    const char *kp = static_cast<const char *>(k.const_data_ptr()), *vp = static_cast<const char *>(v.const_data_ptr());
-    const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)}, vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
-    const float *qbase = qf.const_data_ptr<float>();
     const int64_t elem = bf16 ? 2 : 4;
+    const char *kp = static_cast<const char *>(k.const_data_ptr()), *vp = static_cast<const char *>(v.const_data_ptr());
+    const int64_t ks[3] = {k.stride(0) * elem, k.stride(1) * elem, k.stride(2) * elem}; // in bytes
+    const int64_t vs[3] = {v.stride(0) * elem, v.stride(1) * elem, v.stride(2) * elem};
+    const float *qbase = qf.const_data_ptr<float>();
     float *obase = out.data_ptr<float>();
     at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> scores(G * S), buffer(D);
-        float *__restrict row = buffer.data();
-        auto load = [&](const char *base, const int64_t *st, int64_t b, int64_t h, int64_t s) { // a row as float32
-            const int64_t off = b * st[0] + h * st[1] + s * st[2];
-            if (bf16) {
-                const uint16_t *__restrict p = reinterpret_cast<const uint16_t *>(base) + off;
-#pragma omp simd
-                for (int64_t d = 0; d < D; d++) row[d] = __builtin_bit_cast(float, (uint32_t)p[d] << 16);
-            } else {
-                const float *__restrict p = reinterpret_cast<const float *>(base) + off;
-#pragma omp simd
-                for (int64_t d = 0; d < D; d++) row[d] = p[d];
-            }
-        };
-        auto normalise = [&](float *op) { // scores to probabilities per query head; op zeroed
-            for (int64_t g = 0; g < G; g++) {
+        std::vector<float> scores(G * S);
+        for (int64_t task = begin; task < end; task++) {
+            const int64_t b = task / Hkv, h = task % Hkv;
+            const float *qp = qbase + task * G * D; // the G query heads that read key/value head h
+            float *op = obase + task * G * D;
+            const bool *mb = mp ? mp + (mrows == 1 ? 0 : b) * S : nullptr;
+            const char *kr = kp + b * ks[0] + h * ks[1], *vr = vp + b * vs[0] + h * vs[1];
+            for (int64_t s = 0; s < S; s++)
+                for (int64_t g = 0; g < G; g++)
+                    scores[g * S + s] = mb && !mb[s] ? -INFINITY
+                                                     : row_dot(qp + g * D, kr + s * ks[2], bf16, D) * (float)scale;
+            for (int64_t g = 0; g < G; g++) { // scores to probabilities
                 float *sg = scores.data() + g * S, top = -INFINITY;
                 for (int64_t s = 0; s < S; s++) top = std::max(top, sg[s]);
                 const float total = softmax_numerators(sg, S, top);
                 for (int64_t s = 0; s < S; s++) sg[s] /= total;
-                for (int64_t d = 0; d < D; d++) op[g * D + d] = 0.f;
+                std::fill(op + g * D, op + (g + 1) * D, 0.f);
             }
-        };
-        for (int64_t task = begin; task < end; task++) {
-            const int64_t b = task / Hkv, h = task % Hkv;
-            const float *__restrict qp = qbase + (b * Hkv + h) * G * D; // the G query heads of h
-            const bool *mb = mp ? mp + (m.size(0) == 1 ? 0 : b) * S : nullptr;
-            float *__restrict op = obase + (b * Hkv + h) * G * D;
-#ifdef MV_AVX512
-            if (D % 16 == 0) { // 16 lanes of d at a time, rows read in place (bfloat16 widened in registers)
-                const char *kr = kp + (b * ks[0] + h * ks[1]) * elem, *vr = vp + (b * vs[0] + h * vs[1]) * elem;
-                auto ld = [&](const char *row, int64_t d) {
-                    return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                                      _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + d))), 16))
-                                : _mm512_loadu_ps((const float *)row + d);
-                };
-                for (int64_t s = 0; s < S; s++) {
-                    const bool hide = mb && !mb[s];
-                    for (int64_t g = 0; g < G; g++) {
-                        __m512 acc = _mm512_setzero_ps();
-                        for (int64_t d = 0; d < D && !hide; d += 16)
-                            acc = _mm512_fmadd_ps(ld(kr + s * ks[2] * elem, d), _mm512_loadu_ps(qp + g * D + d), acc);
-                        scores[g * S + s] = hide ? -INFINITY : _mm512_reduce_add_ps(acc) * (float)scale;
-                    }
-                }
-                normalise(op);
-                for (int64_t s = 0; s < S; s++) {
-                    if (mb && !mb[s]) continue;
-                    for (int64_t d = 0; d < D; d += 16) {
-                        const __m512 x = ld(vr + s * vs[2] * elem, d);
-                        for (int64_t g = 0; g < G; g++)
-                            _mm512_storeu_ps(op + g * D + d, _mm512_fmadd_ps(_mm512_set1_ps(scores[g * S + s]), x,
-                                                                             _mm512_loadu_ps(op + g * D + d)));
-                    }
-                }
-                continue;
-            }
-#endif
-            for (int64_t s = 0; s < S; s++) {
-                if (mb && !mb[s]) { // a hidden key is not read (a compiled step's mask hides the unfilled slots)
-                    for (int64_t g = 0; g < G; g++) scores[g * S + s] = -INFINITY;
-                    continue;
-                }
-                load(kp, ks, b, h, s);
-                for (int64_t g = 0; g < G; g++) {
-                    float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-                    for (int64_t d = 0; d < D; d++) dot += qp[g * D + d] * row[d];
-                    scores[g * S + s] = dot * (float)scale;
-                }
-            }
-            normalise(op);
-            for (int64_t s = 0; s < S; s++) {
-                if (mb && !mb[s]) continue;
-                load(vp, vs, b, h, s);
-                for (int64_t g = 0; g < G; g++) {
-                    const float p = scores[g * S + s];
-#pragma omp simd
-                    for (int64_t d = 0; d < D; d++) op[g * D + d] += p * row[d];
-                }
-            }
+            for (int64_t s = 0; s < S; s++)
+                if (!mb || mb[s])
+                    for (int64_t g = 0; g < G; g++) row_axpy(op + g * D, scores[g * S + s], vr + s * vs[2], bf16, D);
         }
     });
     return bf16 ? out.to(at::kBFloat16) : out;
