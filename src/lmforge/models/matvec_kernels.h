@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <omp.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #include <immintrin.h>
@@ -177,16 +178,42 @@ static void rows(const float *x, const typename F::W *w, float *y, int64_t M, in
 }
 #endif
 
-// Rows [0, N) split between the threads in blocks of 16 rows.
+// float32 to bfloat16, rounded to nearest even (NaN stays NaN): torch's own conversion, bit for bit.
+static inline void to_bf16(const float *src, uint16_t *dst, int64_t n) {
+    int64_t i = 0;
+#ifdef MV_AVX512
+    for (; i < n; i += 16) {
+        const __mmask16 m = lanes16(n, i);
+        const __m512 v = _mm512_maskz_loadu_ps(m, src + i);
+        const __m512i u = _mm512_castps_si512(v);
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+        r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+        _mm256_mask_storeu_epi16(dst + i, m, _mm512_cvtepi32_epi16(r));
+    }
+#endif
+    for (; i < n; i++) {
+        const uint32_t u = __builtin_bit_cast(uint32_t, src[i]);
+        dst[i] = src[i] != src[i] ? 0x7FC0 : (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+    }
+}
+
+// Rows [0, N) of y (M, N) split between the threads in blocks of 16 rows; where `yb` is given, each thread then
+// writes its rows rounded to bfloat16 into yb (M, N) while they are in its cache.
 template <class Body>
-static void split(int64_t N, int threads, Body body) {
+static void split(int64_t N, int threads, Body body, const float *y = nullptr, uint16_t *yb = nullptr,
+                  int64_t M = 0) {
     const int64_t blocks = (N + 15) / 16;
 #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num(), T = omp_get_num_threads();
         const int64_t b0 = blocks * t / T, b1 = blocks * (t + 1) / T;
         const int64_t n0 = b0 * 16, n1 = b1 * 16 < N ? b1 * 16 : N;
-        if (n0 < n1) body(n0, n1);
+        if (n0 < n1) {
+            body(n0, n1);
+            if (yb)
+                for (int64_t m = 0; m < M; m++) to_bf16(y + m * N + n0, yb + m * N + n0, n1 - n0);
+        }
     }
 }
 
@@ -236,12 +263,28 @@ static bool amx_ready() {
 }
 struct alignas(64) TileConfig { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; };
 constexpr int AMX_BLOCKS = 4; // 16-row blocks of W in flight: accumulators tmm0-3, W tiles tmm4-5, x tile tmm6
-// x (M <= 16, K) bfloat16 as AMX's B operand: per 32 columns of K, a 16 x 16 tile of pairs (k, k + 1) by row of x.
-static void amx_pack_x(const uint16_t *x, uint32_t *xt, int64_t M, int64_t K) {
-    const uint32_t *x32 = (const uint32_t *)x;
-    for (int64_t kb = 0; kb < K / 32; kb++)
-        for (int r = 0; r < 16; r++)
-            for (int m = 0; m < 16; m++) xt[(kb * 16 + r) * 16 + m] = m < M ? x32[m * (K / 2) + kb * 16 + r] : 0;
+// x (M <= 16, K) bfloat16 as AMX's B operand: per 32 columns of K, a 16 x 16 tile of pairs (k, k + 1) by row of x,
+// in a buffer of this thread's that is kept between calls (rows of the tiles past M stay zero).
+static const uint32_t *amx_pack_x(const uint16_t *x, int64_t M, int64_t K) {
+    struct Buffer { uint32_t *p = nullptr; int64_t size = 0; ~Buffer() { free(p); } };
+    thread_local Buffer buf;
+    const int64_t need = K / 32 * 256;
+    if (need > buf.size) {
+        free(buf.p);
+        buf.p = (uint32_t *)aligned_alloc(64, (size_t)need * 4);
+        buf.size = buf.p ? need : 0;
+        if (!buf.p) return nullptr;
+    }
+    uint32_t *xt = buf.p;
+    memset(xt, 0, (size_t)need * 4);
+    const __m512i to_rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                               _mm512_set1_epi32(16));
+    for (int64_t m = 0; m < M; m++) { // row m's 16 pairs of each block go down column m of the block's tile
+        const uint16_t *xm = x + m * K;
+        for (int64_t kb = 0; kb < K / 32; kb++)
+            _mm512_i32scatter_epi32(xt + kb * 256 + m, to_rows, _mm512_loadu_si512(xm + kb * 32), 4);
+    }
+    return xt;
 }
 // Rows [n0, n1) of W, n1 - n0 a multiple of 16, K a multiple of 32.
 static void amx_rows(const uint32_t *xt, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t n0,
@@ -288,37 +331,37 @@ static void amx_rows(const uint32_t *xt, const uint16_t *w, float *y, int64_t M,
 #endif
 
 // y (M, N) = x (M, K) . W^T, x and y float32, W (N, K) row-major.
-static void mv_f32(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
-    mv::split(N, threads, [&](int64_t n0, int64_t n1) { mv::rows<mv::F32>(x, w, y, M, N, K, n0, n1); });
+static void mv_f32(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K, int threads,
+                   uint16_t *yb = nullptr) {
+    mv::split(N, threads, [&](int64_t n0, int64_t n1) { mv::rows<mv::F32>(x, w, y, M, N, K, n0, n1); }, y, yb, M);
 }
-static void mv_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
-    mv::split(N, threads, [&](int64_t n0, int64_t n1) { mv::rows<mv::BF16>(x, w, y, M, N, K, n0, n1); });
+static void mv_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int threads,
+                    uint16_t *yb = nullptr) {
+    mv::split(N, threads, [&](int64_t n0, int64_t n1) { mv::rows<mv::BF16>(x, w, y, M, N, K, n0, n1); }, y, yb, M);
 }
 #ifdef MV_BF16DOT
 // x bfloat16 too: exact products, float32 sums; on AMX's tiles from 2 rows of x where the host has them.
 static void mv_bf16_dot(const uint16_t *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K,
-                        int threads) {
+                        int threads, uint16_t *yb = nullptr) {
 #ifdef MV_AMX
-    uint32_t *xt = M >= 2 && M <= 16 && K % 32 == 0 && mv::amx_ready()
-                       ? (uint32_t *)aligned_alloc(64, (size_t)(K / 32) * 1024) : nullptr;
+    const uint32_t *xt = M >= 2 && M <= 16 && K % 32 == 0 && mv::amx_ready() ? mv::amx_pack_x(x, M, K) : nullptr;
     if (xt != nullptr) {
-        mv::amx_pack_x(x, xt, M, K);
         mv::split(N, threads, [&](int64_t n0, int64_t n1) {
             const int64_t whole = n0 + (n1 - n0) / 16 * 16; // whole 16-row blocks on the tiles, the rest here
             if (whole > n0) mv::amx_rows(xt, w, y, M, N, K, n0, whole);
             if (whole < n1) mv::rows<mv::BF16Dot>(x, w, y, M, N, K, whole, n1);
-        });
-        free(xt);
+        }, y, yb, M);
         return;
     }
 #endif
-    mv::split(N, threads, [&](int64_t n0, int64_t n1) { mv::rows<mv::BF16Dot>(x, w, y, M, N, K, n0, n1); });
+    mv::split(N, threads, [&](int64_t n0, int64_t n1) { mv::rows<mv::BF16Dot>(x, w, y, M, N, K, n0, n1); }, y, yb,
+              M);
 }
 #endif
 // int8 W with one scale per row: y = (x . q^T) * scale. With VNNI, x is first rounded per row to int16 steps of
 // max|x| / 32767 (finer than the bfloat16 activations int8 models run in) and the products are exact integers.
 static void mv_i8(const float *x, const int8_t *w, const float *scale, float *y, int64_t M, int64_t N, int64_t K,
-                  int threads) {
+                  int threads, uint16_t *yb = nullptr) {
 #ifdef MV_VNNI
     int16_t *xq = (int16_t *)malloc((size_t)(M * K) * sizeof(int16_t));
     if (xq != nullptr) {
@@ -326,17 +369,19 @@ static void mv_i8(const float *x, const int8_t *w, const float *scale, float *y,
         for (int64_t m = 0; m < M; m++) xs[m] = mv::to_int16(x + m * K, xq + m * K, K);
         mv::split(N, threads, [&](int64_t n0, int64_t n1) {
             mv::rows<mv::I8Vnni>(xq, w, y, M, N, K, n0, n1, scale, xs);
-        });
+        }, y, yb, M);
         free(xq);
         return;
     }
 #endif
     float ones[mv::MAX_X_ROWS]; // M <= MAX_X_ROWS (matvec_op.cpp checks)
     for (float &o : ones) o = 1.f;
-    mv::split(N, threads, [&](int64_t n0, int64_t n1) { mv::rows<mv::I8>(x, w, y, M, N, K, n0, n1, scale, ones); });
+    mv::split(N, threads, [&](int64_t n0, int64_t n1) {
+        mv::rows<mv::I8>(x, w, y, M, N, K, n0, n1, scale, ones);
+    }, y, yb, M);
 }
 // int8 W with one scale per block of 32 along K (scale (N, K / 32)).
 static void mv_q8(const float *x, const int8_t *w, const float *scale, float *y, int64_t M, int64_t N, int64_t K,
-                  int threads) {
-    mv::split(N, threads, [&](int64_t n0, int64_t n1) { mv::q8_rows(x, w, scale, y, M, N, K, n0, n1); });
+                  int threads, uint16_t *yb = nullptr) {
+    mv::split(N, threads, [&](int64_t n0, int64_t n1) { mv::q8_rows(x, w, scale, y, M, N, K, n0, n1); }, y, yb, M);
 }

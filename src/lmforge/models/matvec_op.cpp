@@ -18,24 +18,27 @@ static at::Tensor matvec(const at::Tensor &x, const at::Tensor &weight, const st
                 "lmforge::matvec takes CPU tensors and a contiguous weight");
     const int64_t M = x.size(0), N = weight.size(0), K = x.size(1);
     at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+    // a bfloat16 x gets a bfloat16 y: each thread rounds the rows it computed (no float32 copy of y is returned)
+    at::Tensor yb = x.scalar_type() == at::kBFloat16 ? at::empty({M, N}, x.options()) : at::Tensor();
+    uint16_t *ybp = yb.defined() ? reinterpret_cast<uint16_t *>(yb.data_ptr()) : nullptr;
     const int threads = at::get_num_threads();
+    float *yp = y.data_ptr<float>();
 #ifdef MV_BF16DOT
     if (weight.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16) { // both bfloat16: exact products
         at::Tensor xb = x.contiguous();
         mv_bf16_dot(reinterpret_cast<const uint16_t *>(xb.data_ptr()),
-                    reinterpret_cast<const uint16_t *>(weight.data_ptr()), y.data_ptr<float>(), M, N, K, threads);
-        return y.to(at::kBFloat16);
+                    reinterpret_cast<const uint16_t *>(weight.data_ptr()), yp, M, N, K, threads, ybp);
+        return yb;
     }
 #endif
     at::Tensor xf = x.to(at::kFloat).contiguous();
     const float *xp = xf.data_ptr<float>();
-    float *yp = y.data_ptr<float>();
     switch (weight.scalar_type()) {
     case at::kFloat:
-        mv_f32(xp, weight.data_ptr<float>(), yp, M, N, K, threads);
+        mv_f32(xp, weight.data_ptr<float>(), yp, M, N, K, threads, ybp);
         break;
     case at::kBFloat16:
-        mv_bf16(xp, reinterpret_cast<const uint16_t *>(weight.data_ptr()), yp, M, N, K, threads);
+        mv_bf16(xp, reinterpret_cast<const uint16_t *>(weight.data_ptr()), yp, M, N, K, threads, ybp);
         break;
     case at::kChar: {
         TORCH_CHECK(scale.has_value(), "lmforge::matvec: int8 weights need their scales");
@@ -45,12 +48,14 @@ static at::Tensor matvec(const at::Tensor &x, const at::Tensor &weight, const st
         TORCH_CHECK((s.dim() == 1 && s.size(0) == N) || (s.dim() == 2 && s.size(0) == N && K % 32 == 0 &&
                     s.size(1) == K / 32), "lmforge::matvec: int8 scales must be (N,) or (N, K / 32), got ",
                     s.sizes());
-        (s.dim() == 1 ? mv_i8 : mv_q8)(xp, weight.data_ptr<int8_t>(), s.data_ptr<float>(), yp, M, N, K, threads);
+        (s.dim() == 1 ? mv_i8 : mv_q8)(xp, weight.data_ptr<int8_t>(), s.data_ptr<float>(), yp, M, N, K, threads,
+                                       ybp);
         break;
     }
     default:
         TORCH_CHECK(false, "lmforge::matvec: weights of dtype ", weight.scalar_type(), " are not supported");
     }
+    if (yb.defined()) return yb;
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
@@ -80,61 +85,129 @@ static float softmax_numerators(float *s, int64_t S, float top) {
     return total;
 }
 
-// One key or value row (float32 or bfloat16, D elements) against float32 vectors: q . row, and o += p * row.
+// The scores of one task: s (G, S) = q (G, D) . K^T over keys [0, S) of one key/value head, K's rows at stride D
+// (float32 or bfloat16, `bf16`); q float32, or bfloat16 where K is and the build multiplies bfloat16 pairs.
+static void scores_of(const void *q, const void *k, bool bf16, float *s, int64_t G, int64_t S, int64_t D) {
 #ifdef MV_AVX512
-static inline __m512 row16(const void *row, bool bf16, int64_t d, __mmask16 m) {
-    return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                      _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)row + d)), 16))
-                : _mm512_maskz_loadu_ps(m, (const float *)row + d);
-}
-static inline float row_dot(const float *q, const void *row, bool bf16, int64_t D) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; d += 16) {
-        const __mmask16 m = mv::lanes16(D, d);
-        acc = _mm512_fmadd_ps(row16(row, bf16, d, m), _mm512_maskz_loadu_ps(m, q + d), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
-}
-static inline void row_axpy(float *o, float p, const void *row, bool bf16, int64_t D) {
-    for (int64_t d = 0; d < D; d += 16) {
-        const __mmask16 m = mv::lanes16(D, d);
-        _mm512_mask_storeu_ps(o + d, m, _mm512_fmadd_ps(_mm512_set1_ps(p), row16(row, bf16, d, m),
-                                                         _mm512_maskz_loadu_ps(m, o + d)));
-    }
-}
+    // the decode kernels' tiles: 4 keys against the G query rows at a time, the sums reduced together
+#ifdef MV_BF16DOT
+    if (bf16) return mv::rows<mv::BF16Dot>((const uint16_t *)q, (const uint16_t *)k, s, G, S, D, 0, S);
+#endif
+    if (bf16) return mv::rows<mv::BF16>((const float *)q, (const uint16_t *)k, s, G, S, D, 0, S);
+    return mv::rows<mv::F32>((const float *)q, (const float *)k, s, G, S, D, 0, S);
 #else
-static inline float row_at(const void *row, bool bf16, int64_t d) {
-    return bf16 ? __builtin_bit_cast(float, (uint32_t)((const uint16_t *)row)[d] << 16) : ((const float *)row)[d];
-}
-static inline float row_dot(const float *q, const void *row, bool bf16, int64_t D) {
-    float dot = 0.f;
+    const float *qf = (const float *)q;
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t j = 0; j < S; j++) {
+            float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-    for (int64_t d = 0; d < D; d++) dot += q[d] * row_at(row, bf16, d);
-    return dot;
+            for (int64_t d = 0; d < D; d++)
+                dot += qf[g * D + d] * (bf16 ? __builtin_bit_cast(float, (uint32_t)((const uint16_t *)k)[j * D + d] << 16)
+                                             : ((const float *)k)[j * D + d]);
+            s[g * S + j] = dot;
+        }
+#endif
 }
-static inline void row_axpy(float *o, float p, const void *row, bool bf16, int64_t D) {
-#pragma omp simd
-    for (int64_t d = 0; d < D; d++) o[d] += p * row_at(row, bf16, d);
+
+// o (G, D) = p (G, S) . V over the keys j < S that `seen` lets through (all when null), V's rows at stride D.
+#ifdef MV_AVX512
+// G2 <= 4 heads by 64 columns at a time: 16 accumulators in registers, each value vector loaded once for them.
+template <int G2>
+static void weighted_block(const float *p, int64_t S, const void *v, bool bf16, const bool *seen, int64_t D,
+                           int64_t d0, float *o) {
+    __m512 acc[G2][4];
+    __mmask16 m[4];
+    for (int i = 0; i < 4; i++) m[i] = d0 + 16 * i < D ? mv::lanes16(D, d0 + 16 * i) : 0;
+    for (int g = 0; g < G2; g++)
+        for (int i = 0; i < 4; i++) acc[g][i] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < S; j++) {
+        if (seen && !seen[j]) continue;
+        __m512 row[4];
+        for (int i = 0; i < 4; i++)
+            row[i] = bf16 ? mv::BF16::w((const uint16_t *)v + j * D + d0 + 16 * i, m[i])
+                          : _mm512_maskz_loadu_ps(m[i], (const float *)v + j * D + d0 + 16 * i);
+        for (int g = 0; g < G2; g++) {
+            const __m512 pg = _mm512_set1_ps(p[g * S + j]);
+            for (int i = 0; i < 4; i++) acc[g][i] = _mm512_fmadd_ps(pg, row[i], acc[g][i]);
+        }
+    }
+    for (int g = 0; g < G2; g++)
+        for (int i = 0; i < 4; i++) _mm512_mask_storeu_ps(o + g * D + d0 + 16 * i, m[i], acc[g][i]);
 }
 #endif
+static void weighted_sum(const float *p, int64_t S, const void *v, bool bf16, const bool *seen, int64_t G,
+                         int64_t D, float *o) {
+#ifdef MV_AVX512
+    for (int64_t d0 = 0; d0 < D; d0 += 64)
+        for (int64_t g = 0; g < G; g += 4) {
+            const float *pg = p + g * S;
+            float *og = o + g * D;
+            switch (G - g < 4 ? G - g : 4) {
+            case 1: weighted_block<1>(pg, S, v, bf16, seen, D, d0, og); break;
+            case 2: weighted_block<2>(pg, S, v, bf16, seen, D, d0, og); break;
+            case 3: weighted_block<3>(pg, S, v, bf16, seen, D, d0, og); break;
+            default: weighted_block<4>(pg, S, v, bf16, seen, D, d0, og);
+            }
+        }
+#else
+    std::fill(o, o + G * D, 0.f);
+    for (int64_t j = 0; j < S; j++) {
+        if (seen && !seen[j]) continue;
+        for (int64_t g = 0; g < G; g++) {
+            const float pj = p[g * S + j];
+#pragma omp simd
+            for (int64_t d = 0; d < D; d++)
+                o[g * D + d] += pj * (bf16 ? __builtin_bit_cast(float, (uint32_t)((const uint16_t *)v)[j * D + d] << 16)
+                                           : ((const float *)v)[j * D + d]);
+        }
+    }
+#endif
+}
 
-// Attention of one new token per row: q (B, H, 1, D), k and v (B, Hkv, S, D) (the cache's filled slots; any
-// strides but a contiguous last dimension), H a multiple of Hkv (query head h reads key/value head h / (H / Hkv)),
-// mask None or boolean (B or 1, 1, 1, S), True where a key may be seen. Scores, softmax and sums in float32; one
-// task per (row, key/value head), so each key and value row is read once for the heads that share it, and hidden
-// keys are not read at all (a compiled step's mask hides the cache's unfilled slots).
-static at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+// One task: o (G, D) = softmax(scale * q . K^T over the keys j < S that `seen` lets through) . V, with scratch
+// scores (G, S).
+static void attend(const void *q, const void *k, const void *v, bool bf16, const bool *seen, float scale,
+                   float *scores, int64_t G, int64_t S, int64_t D, float *o) {
+    scores_of(q, k, bf16, scores, G, S, D);
+    for (int64_t g = 0; g < G; g++) { // scores to probabilities
+        float *sg = scores + g * S, top = -INFINITY;
+        for (int64_t j = 0; j < S; j++) {
+            sg[j] = seen && !seen[j] ? -INFINITY : sg[j] * scale;
+            top = std::max(top, sg[j]);
+        }
+        const float inv = 1.f / softmax_numerators(sg, S, top);
+        for (int64_t j = 0; j < S; j++) sg[j] *= inv;
+    }
+    weighted_sum(scores, S, v, bf16, seen, G, D, o);
+}
+
+// Attention of one new token per row: q (B, H, 1, D), k and v (B, Hkv, S, D) (the cache's filled slots: any batch
+// and head strides), H a multiple of Hkv (query head h reads key/value head h / (H / Hkv)), mask None or boolean
+// (B or 1, 1, 1, S), True where a key may be seen. Scores, softmax and sums in float32, the result in q's dtype.
+// One task per (row, key/value head): the G = H / Hkv query heads that share it are multiplied together, so each
+// key and value row is read once per task; keys after a row's last visible one (a compiled step's unfilled cache
+// slots) are not read at all, and hidden values are skipped.
+static at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k_in, const at::Tensor &v_in,
                                    const std::optional<at::Tensor> &mask, double scale) {
-    TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(2) == 1 && q.size(0) == k.size(0) &&
-                q.size(3) == k.size(3) && q.size(1) % k.size(1) == 0,
+    TORCH_CHECK(q.dim() == 4 && k_in.dim() == 4 && v_in.sizes() == k_in.sizes() && q.size(2) == 1 &&
+                q.size(0) == k_in.size(0) && q.size(3) == k_in.size(3) && q.size(1) % k_in.size(1) == 0,
                 "lmforge::decode_attention takes q (B, H, 1, D) and k, v (B, Hkv, S, D), got ", q.sizes(), ", ",
-                k.sizes(), " and ", v.sizes());
-    TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type() &&
-                (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) && k.stride(3) == 1 &&
-                v.stride(3) == 1, "lmforge::decode_attention takes float32 or bfloat16 q, k, v of one dtype with "
-                "a contiguous last dimension");
-    const int64_t B = k.size(0), Hkv = k.size(1), S = k.size(2), D = k.size(3), G = q.size(1) / Hkv;
-    at::Tensor qf = q.to(at::kFloat).contiguous(), out = at::empty({B, q.size(1), 1, D}, qf.options());
+                k_in.sizes(), " and ", v_in.sizes());
+    TORCH_CHECK(q.scalar_type() == k_in.scalar_type() && k_in.scalar_type() == v_in.scalar_type() &&
+                (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
+                "lmforge::decode_attention takes float32 or bfloat16 q, k, v of one dtype");
+    const int64_t B = k_in.size(0), Hkv = k_in.size(1), S = k_in.size(2), D = k_in.size(3), G = q.size(1) / Hkv;
+    // key and value rows at stride D (the cache's layout; anything else is copied into it)
+    const at::Tensor k = k_in.stride(3) == 1 && k_in.stride(2) == D ? k_in : k_in.contiguous();
+    const at::Tensor v = v_in.stride(3) == 1 && v_in.stride(2) == D ? v_in : v_in.contiguous();
+    const bool bf16 = q.scalar_type() == at::kBFloat16;
+#ifdef MV_BF16DOT
+    const bool qf32 = !bf16; // bfloat16 queries against bfloat16 keys by vdpbf16ps
+#else
+    const bool qf32 = true;
+#endif
+    at::Tensor qs = qf32 ? q.to(at::kFloat) : q; // a task's G query rows at stride D, as the split of a projection gives
+    if (qs.stride(3) != 1 || qs.stride(1) != D) qs = qs.contiguous();
     at::Tensor m;
     if (mask.has_value()) {
         m = mask->to(at::kBool).reshape({-1, S}).contiguous();
@@ -142,39 +215,26 @@ static at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, con
                     " for ", B, " rows and ", S, " keys");
     }
     const bool *mp = m.defined() ? m.data_ptr<bool>() : nullptr;
-    const int64_t mrows = m.defined() ? m.size(0) : 0;
-    const bool bf16 = q.scalar_type() == at::kBFloat16;
-    const int64_t elem = bf16 ? 2 : 4;
+    const int64_t mrows = m.defined() ? m.size(0) : 0, elem = bf16 ? 2 : 4, qelem = qf32 ? 4 : 2;
     const char *kp = static_cast<const char *>(k.const_data_ptr()), *vp = static_cast<const char *>(v.const_data_ptr());
-    const int64_t ks[3] = {k.stride(0) * elem, k.stride(1) * elem, k.stride(2) * elem}; // in bytes
-    const int64_t vs[3] = {v.stride(0) * elem, v.stride(1) * elem, v.stride(2) * elem};
-    const float *qbase = qf.const_data_ptr<float>();
-    float *obase = out.data_ptr<float>();
+    const char *qp = static_cast<const char *>(qs.const_data_ptr());
+    at::Tensor out = at::empty({B, q.size(1), 1, D}, q.options());
+    char *obase = static_cast<char *>(out.data_ptr());
     at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> scores(G * S);
+        std::vector<float> scores(G * S), sums(bf16 ? G * D : 0); // a bfloat16 result is summed here, then rounded
         for (int64_t task = begin; task < end; task++) {
             const int64_t b = task / Hkv, h = task % Hkv;
-            const float *qp = qbase + task * G * D; // the G query heads that read key/value head h
-            float *op = obase + task * G * D;
-            const bool *mb = mp ? mp + (mrows == 1 ? 0 : b) * S : nullptr;
-            const char *kr = kp + b * ks[0] + h * ks[1], *vr = vp + b * vs[0] + h * vs[1];
-            for (int64_t s = 0; s < S; s++)
-                for (int64_t g = 0; g < G; g++)
-                    scores[g * S + s] = mb && !mb[s] ? -INFINITY
-                                                     : row_dot(qp + g * D, kr + s * ks[2], bf16, D) * (float)scale;
-            for (int64_t g = 0; g < G; g++) { // scores to probabilities
-                float *sg = scores.data() + g * S, top = -INFINITY;
-                for (int64_t s = 0; s < S; s++) top = std::max(top, sg[s]);
-                const float total = softmax_numerators(sg, S, top);
-                for (int64_t s = 0; s < S; s++) sg[s] /= total;
-                std::fill(op + g * D, op + (g + 1) * D, 0.f);
-            }
-            for (int64_t s = 0; s < S; s++)
-                if (!mb || mb[s])
-                    for (int64_t g = 0; g < G; g++) row_axpy(op + g * D, scores[g * S + s], vr + s * vs[2], bf16, D);
+            const bool *seen = mp ? mp + (mrows == 1 ? 0 : b) * S : nullptr;
+            int64_t n = S; // keys [0, n): up to the row's last visible one
+            while (seen && n > 0 && !seen[n - 1]) n--;
+            float *o = bf16 ? sums.data() : (float *)obase + task * G * D, *sc = scores.data();
+            if (n == 0) std::fill(o, o + G * D, NAN); // nothing to attend to (SDPA gives NaN too)
+            else attend(qp + (b * qs.stride(0) + h * G * D) * qelem, kp + (b * k.stride(0) + h * k.stride(1)) * elem,
+                        vp + (b * v.stride(0) + h * v.stride(1)) * elem, bf16, seen, (float)scale, sc, G, n, D, o);
+            if (bf16) mv::to_bf16(o, (uint16_t *)obase + task * G * D, G * D);
         }
     });
-    return bf16 ? out.to(at::kBFloat16) : out;
+    return out;
 }
 
 // What the build uses on this host: 1 AVX-512, 2 int8 by VNNI, 4 bfloat16 by vdpbf16ps, 8 AMX tiles for bfloat16.
