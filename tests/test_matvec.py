@@ -96,23 +96,29 @@ def test_bad_inputs_name_the_shapes():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_matches_sdpa(dtype):
+@pytest.mark.parametrize("B, H, Hkv, S, D", [(3, 6, 2, 37, 24), (2, 10, 2, 70, 80)])  # G = 3 and 5, D < 64 and > 64
+def test_decode_attention_matches_sdpa(dtype, B, H, Hkv, S, D):
     g = torch.Generator().manual_seed(3)
-    B, H, Hkv, S, D = 3, 6, 2, 37, 24
     k = torch.randn(B, Hkv, S + 5, D, generator=g).to(dtype)[:, :, :S]  # the cache's filled slots: a strided view
     v = torch.randn(B, Hkv, S + 5, D, generator=g).to(dtype)[:, :, :S]
     q = torch.randn(B, 1, H, D, generator=g).to(dtype).transpose(1, 2)  # (B, H, 1, D), not contiguous
     mask = torch.rand(B, 1, 1, S, generator=g) > 0.3
     mask[..., -1] = True  # a query always sees itself
+    static = torch.ones(B, 1, 1, S, dtype=torch.bool)  # a compiled step's cache: unfilled slots at the end
+    static[..., S // 2:] = False
+    static[0, ..., :3] = False  # and a left-padded row
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # float32 sums; a bfloat16 result is rounded once
-    for m in (None, mask, mask[:1]):
+    for m in (None, mask, mask[:1], static):
         got = decode_attention(q, k, v, m, 0.3)
         want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=m, scale=0.3,
                                               enable_gqa=True)
         assert got.dtype == dtype and got.shape == (B, H, 1, D)
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    # keys and values whose rows are not contiguous (a transposed layout) are read all the same
+    kt = k.transpose(2, 3).contiguous().transpose(2, 3)
+    torch.testing.assert_close(decode_attention(q, kt, v, None, 0.3), decode_attention(q, k, v, None, 0.3))
     # training (autograd) and several query tokens stay with SDPA
     assert decode_attention(q.float().clone().requires_grad_(), k.float(), v.float(), None, 0.3) is None
     assert decode_attention(torch.cat([q, q], 2), k, v, None, 0.3) is None
     with pytest.raises(RuntimeError, match="mask of"):
-        decode_attention(q, k, v, mask[:2], 0.3)  # 2 mask rows for 3 rows
+        decode_attention(q, k, v, torch.cat([mask, mask]), 0.3)  # 2B mask rows for B rows
