@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.models.blocks import Linear
+from lmforge.models.blocks import Linear, RMSNorm
 from lmforge.models.linear import BlockInt8Linear, Int8Linear
-from lmforge.models.matvec import BF16_ROWS, MAX_ROWS, available, decode_attention, matvec, usable
+from lmforge.models.matvec import (BF16_ROWS, MAX_ROWS, available, decode_attention, matvec, rms_norm, silu_mul,
+                                   usable)
 
 # N not a multiple of the 4-row blocks nor of the 16-row thread blocks; K with a tail after the 16-wide steps.
 SHAPES = [(1, 37, 40), (5, 130, 96), (MAX_ROWS, 67, 1568)]
@@ -122,3 +123,26 @@ def test_decode_attention_matches_sdpa(dtype, B, H, Hkv, S, D):
     assert decode_attention(torch.cat([q, q], 2), k, v, None, 0.3) is None
     with pytest.raises(RuntimeError, match="mask of"):
         decode_attention(q, k, v, torch.cat([mask, mask]), 0.3)  # 2B mask rows for B rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_elementwise_kernels_match_torch(dtype):
+    """The eager decode step's norm and gated activation equal torch's ops (bfloat16 rounded where they round)."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(10, 1, 75, generator=g) * 3).to(dtype)  # 75: a tail after the 16-wide steps
+    w = (1 + torch.randn(75, generator=g) / 4).to(dtype)
+    want = (F.rms_norm(x, (75,), w, 1e-5) if dtype == torch.float32
+            else w * F.rms_norm(x.float(), (75,), None, 1e-5).to(dtype))
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=0)  # 1 bfloat16 step
+    torch.testing.assert_close(rms_norm(x, w, 1e-5), want, **tol)
+    h = (torch.randn(10, 1, 2 * 83, generator=g) * 4).to(dtype)
+    gate, up = h.chunk(2, -1)
+    torch.testing.assert_close(silu_mul(h), F.silu(gate) * up, **tol)
+    # the modules take them for decode steps only: not for prompts, training or other dtypes
+    norm = RMSNorm(75, 1e-5).to(dtype)
+    assert rms_norm(x.reshape(-1, 75).repeat(2, 1), norm.weight, 1e-5) is None  # 20 rows: a prompt
+    assert rms_norm(x, norm.weight, 1e-5) is None  # a parameter that wants its gradient
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), rms_norm(x, norm.weight.detach(), 1e-5))
+    assert silu_mul(h.double()) is None  # float64 stays with torch
+    assert silu_mul(h[..., :-1].contiguous()) is None  # an odd width has no gate/up halves

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
-from lmforge.models.matvec import decode_attention, matvec, usable
+from lmforge.models.matvec import decode_attention, matvec, rms_norm, silu_mul, usable
 
 
 @dataclass
@@ -51,7 +51,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x * rsqrt(mean(x^2) + eps) in fp32 (as the Llama reference computes it), cast back to x's dtype
-        # before the scale; F.rms_norm is that formula in one kernel.
+        # before the scale; F.rms_norm is that formula in one kernel. Eager decode steps: lmforge's kernel.
+        y = rms_norm(x, self.weight, self.eps)
+        if y is not None:
+            return y
         if x.dtype == self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
@@ -183,8 +186,11 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.up(x)
         if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            return self.down(self.inner_dropout(activation(self.activation, gate) * up))
+            y = silu_mul(h) if self.activation == "silu" else None  # eager decode steps: one pass
+            if y is None:
+                gate, up = h.chunk(2, dim=-1)
+                y = activation(self.activation, gate) * up
+            return self.down(self.inner_dropout(y))
         return self.down(self.inner_dropout(activation(self.activation, h)))
 
 

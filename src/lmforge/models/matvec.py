@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_ROWS", "available", "decode_attention", "matvec", "usable"]
+__all__ = ["MAX_ROWS", "available", "decode_attention", "matvec", "rms_norm", "silu_mul", "usable"]
 
 MAX_ROWS = 16  # activation rows up to which a product is a decode step's (more rows: torch's GEMM)
 # bfloat16 weights on hosts without AVX512-BF16 (the kernel widens them to float32): from 4 rows on oneDNN's GEMM
@@ -136,3 +136,26 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale
             and available()):
         return None
     return torch.ops.lmforge.decode_attention(q, k, v, mask, scale)
+
+
+def _eager_step(x: Tensor, *params: Tensor) -> bool:
+    """Whether x is an eager decode step's activation that the element-wise kernels take: CPU, no autograd, not
+    being compiled (inductor fuses these steps itself), at most MAX_ROWS rows, float32 or bfloat16, contiguous."""
+    return (x.device.type == "cpu" and type(x) is Tensor and x.dtype in (torch.float32, torch.bfloat16)
+            and x.numel() <= MAX_ROWS * x.shape[-1] and x.is_contiguous()
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)))
+            and not torch.compiler.is_compiling() and available())
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
+    """lmforge's RMSNorm of a decode step's rows in one pass (as `blocks.RMSNorm` computes it, bfloat16 rounded
+    where it rounds); None where the kernel does not apply. Eager decoding runs ~8 small torch ops per norm."""
+    if not (_eager_step(x, weight) and weight.dtype == x.dtype and weight.dim() == 1 and weight.is_contiguous()):
+        return None
+    return torch.ops.lmforge.rms_norm(x, weight, eps)
+
+
+def silu_mul(h: Tensor) -> Tensor | None:
+    """silu(gate) * up of a decode step's gated-MLP rows h (..., 2F) holding gate then up, in one pass (bfloat16
+    rounded where torch's silu and product round); None where the kernel does not apply."""
+    return torch.ops.lmforge.silu_mul(h) if _eager_step(h) and h.shape[-1] % 2 == 0 else None

@@ -179,24 +179,32 @@ static void rows(const float *x, const typename F::W *w, float *y, int64_t M, in
 #endif
 
 // float32 to bfloat16, rounded to nearest even (NaN stays NaN): torch's own conversion, bit for bit.
+static inline uint16_t bf16_bits(float v) {
+    const uint32_t u = __builtin_bit_cast(uint32_t, v);
+    return v != v ? 0x7FC0 : (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+#ifdef MV_AVX512
+static inline __m512i bf16_bits(__m512 v) { // in the low half of each 32-bit lane
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+}
+static inline __m512 round_bf16(__m512 v) { // v rounded to bfloat16, as float32
+    return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16));
+}
+#endif
 static inline void to_bf16(const float *src, uint16_t *dst, int64_t n) {
     int64_t i = 0;
 #ifdef MV_AVX512
     for (; i < n; i += 16) {
         const __mmask16 m = lanes16(n, i);
-        const __m512 v = _mm512_maskz_loadu_ps(m, src + i);
-        const __m512i u = _mm512_castps_si512(v);
-        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-        r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-        _mm256_mask_storeu_epi16(dst + i, m, _mm512_cvtepi32_epi16(r));
+        _mm256_mask_storeu_epi16(dst + i, m, _mm512_cvtepi32_epi16(bf16_bits(_mm512_maskz_loadu_ps(m, src + i))));
     }
 #endif
-    for (; i < n; i++) {
-        const uint32_t u = __builtin_bit_cast(uint32_t, src[i]);
-        dst[i] = src[i] != src[i] ? 0x7FC0 : (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-    }
+    for (; i < n; i++) dst[i] = bf16_bits(src[i]);
 }
+static inline float round_bf16(float v) { return __builtin_bit_cast(float, (uint32_t)bf16_bits(v) << 16); }
 
 // Rows [0, N) of y (M, N) split between the threads in blocks of 16 rows; where `yb` is given, each thread then
 // writes its rows rounded to bfloat16 into yb (M, N) while they are in its cache.

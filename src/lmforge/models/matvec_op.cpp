@@ -59,23 +59,31 @@ static at::Tensor matvec(const at::Tensor &x, const at::Tensor &weight, const st
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
+#ifdef MV_AVX512
+// exp of 16 lanes: 2^n exp(r), n = round(x / ln 2), |r| <= ln(2) / 2, exp(r) by its Taylor series to r^6 (relative
+// error below 2e-7); x is taken as at least -87, which keeps 2^n a normal float.
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x); // ln 2 in two parts
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.f / 720);
+    for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
 // s[i] = exp(s[i] - top) (0 where s[i] is -inf); returns their sum.
 static float softmax_numerators(float *s, int64_t S, float top) {
     float total = 0.f;
 #ifdef MV_AVX512
-    // exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln(2) / 2, exp(r) by its Taylor series to r^6 (relative
-    // error below 2e-7); x >= -87 keeps 2^n a normal float.
-    const __m512 t = _mm512_set1_ps(top), lo = _mm512_set1_ps(-87.f), hidden = _mm512_set1_ps(-INFINITY);
+    const __m512 t = _mm512_set1_ps(top), hidden = _mm512_set1_ps(-INFINITY);
     for (int64_t i = 0; i < S; i += 16) {
         const __mmask16 m = mv::lanes16(S, i);
-        const __m512 v = _mm512_maskz_loadu_ps(m, s + i), x = _mm512_max_ps(_mm512_sub_ps(v, t), lo);
-        const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x); // ln 2 in two parts
-        r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-        __m512 p = _mm512_set1_ps(1.f / 720);
-        for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-        const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, hidden, _CMP_NEQ_OQ) & m, _mm512_scalef_ps(p, n));
+        const __m512 v = _mm512_maskz_loadu_ps(m, s + i);
+        const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, hidden, _CMP_NEQ_OQ) & m,
+                                             exp16(_mm512_sub_ps(v, t)));
         _mm512_mask_storeu_ps(s + i, m, e);
         total += _mm512_reduce_add_ps(e);
     }
@@ -83,6 +91,109 @@ static float softmax_numerators(float *s, int64_t S, float top) {
     for (int64_t i = 0; i < S; i++) total += (s[i] = s[i] == -INFINITY ? 0.f : std::exp(s[i] - top));
 #endif
     return total;
+}
+
+// --- the element-wise steps of a decode step, one pass each (eager decoding spends more on their many small torch
+// ops than on the arithmetic); results rounded as torch's own ops round them --------------------------------------
+
+// Values of x (float32 or bfloat16) as float32, 16 at a time.
+#ifdef MV_AVX512
+static inline __m512 load16(const void *x, bool bf16, int64_t i, __mmask16 m) {
+    return bf16 ? mv::BF16::w((const uint16_t *)x + i, m) : _mm512_maskz_loadu_ps(m, (const float *)x + i);
+}
+#endif
+static inline float value_at(const void *x, bool bf16, int64_t i) {
+    return bf16 ? __builtin_bit_cast(float, (uint32_t)((const uint16_t *)x)[i] << 16) : ((const float *)x)[i];
+}
+// float32 values out as x's dtype (bfloat16 rounded to nearest even).
+static inline void put(void *y, bool bf16, int64_t i, const float *v, int64_t n) {
+    if (bf16) mv::to_bf16(v, (uint16_t *)y + i, n);
+    else std::copy(v, v + n, (float *)y + i);
+}
+static void check_rows(const at::Tensor &x, const char *op) {
+    TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() >= 1 &&
+                (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+                "lmforge::", op, " takes a contiguous float32 or bfloat16 CPU tensor, got ", x.scalar_type(), " of ",
+                x.sizes());
+}
+
+// RMSNorm of each row of x (..., C) as lmforge's RMSNorm computes it: float32, y = x * rsqrt(mean(x^2) + eps) *
+// weight; bfloat16, t = bf16(x * rsqrt(mean(x^2) + eps)) in float32, then y = bf16(weight * t).
+static at::Tensor rms_norm(const at::Tensor &x, const at::Tensor &weight, double eps) {
+    check_rows(x, "rms_norm");
+    const int64_t C = x.size(-1), rows = x.numel() / std::max<int64_t>(C, 1);
+    TORCH_CHECK(weight.dim() == 1 && weight.size(0) == C && weight.scalar_type() == x.scalar_type() &&
+                weight.is_contiguous(), "lmforge::rms_norm: weight must be (", C, ",) of x's dtype, got ",
+                weight.scalar_type(), " of ", weight.sizes());
+    const bool bf16 = x.scalar_type() == at::kBFloat16;
+    at::Tensor y = at::empty_like(x);
+    const void *xp = x.const_data_ptr(), *wp = weight.const_data_ptr();
+    void *yp = y.data_ptr();
+    std::vector<float> out(C);
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t base = r * C;
+        float ss = 0.f;
+#ifdef MV_AVX512
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < C; i += 16) {
+            const __m512 v = load16(xp, bf16, base + i, mv::lanes16(C, i));
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        ss = _mm512_reduce_add_ps(acc);
+#else
+        for (int64_t i = 0; i < C; i++) ss += value_at(xp, bf16, base + i) * value_at(xp, bf16, base + i);
+#endif
+        const float rstd = 1.f / std::sqrt(ss / (float)C + (float)eps);
+        int64_t i = 0;
+#ifdef MV_AVX512
+        for (; i < C; i += 16) {
+            const __mmask16 m = mv::lanes16(C, i);
+            __m512 t = _mm512_mul_ps(load16(xp, bf16, base + i, m), _mm512_set1_ps(rstd));
+            if (bf16) t = mv::round_bf16(t);
+            _mm512_mask_storeu_ps(out.data() + i, m, _mm512_mul_ps(t, load16(wp, bf16, i, m)));
+        }
+#endif
+        for (; i < C; i++) {
+            const float t = value_at(xp, bf16, base + i) * rstd;
+            out[i] = (bf16 ? mv::round_bf16(t) : t) * value_at(wp, bf16, i);
+        }
+        put(yp, bf16, base, out.data(), C);
+    }
+    return y;
+}
+
+// silu(gate) * up for h (..., 2F) holding gate then up: bfloat16, a = bf16(silu(gate)), y = bf16(a * up).
+static at::Tensor silu_mul(const at::Tensor &h) {
+    check_rows(h, "silu_mul");
+    TORCH_CHECK(h.size(-1) % 2 == 0, "lmforge::silu_mul takes h (..., 2F), got ", h.sizes());
+    const int64_t F = h.size(-1) / 2, rows = h.numel() / std::max<int64_t>(2 * F, 1);
+    const bool bf16 = h.scalar_type() == at::kBFloat16;
+    std::vector<int64_t> shape(h.sizes().begin(), h.sizes().end());
+    shape.back() = F;
+    at::Tensor y = at::empty(shape, h.options());
+    const void *hp = h.const_data_ptr();
+    void *yp = y.data_ptr();
+    std::vector<float> out(F);
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t g0 = r * 2 * F, u0 = g0 + F;
+        int64_t i = 0;
+#ifdef MV_AVX512
+        for (; i < F; i += 16) {
+            const __mmask16 m = mv::lanes16(F, i);
+            const __m512 g = load16(hp, bf16, g0 + i, m);
+            __m512 a = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            if (bf16) a = mv::round_bf16(a); // as torch's silu returns it, before the product
+            _mm512_mask_storeu_ps(out.data() + i, m, _mm512_mul_ps(a, load16(hp, bf16, u0 + i, m)));
+        }
+#else
+        for (; i < F; i++) {
+            const float g = value_at(hp, bf16, g0 + i), a = g / (1.f + std::exp(-g));
+            out[i] = (bf16 ? mv::round_bf16(a) : a) * value_at(hp, bf16, u0 + i);
+        }
+#endif
+        put(yp, bf16, r * F, out.data(), F);
+    }
+    return y;
 }
 
 // The scores of one task: s (G, S) = q (G, D) . K^T over keys [0, S) of one key/value head, K's rows at stride D
@@ -259,9 +370,13 @@ TORCH_LIBRARY(lmforge, m) {
     m.def("matvec(Tensor x, Tensor weight, Tensor? scale) -> Tensor");
     m.def("matvec_features() -> int", &features);
     m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+    m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+    m.def("silu_mul(Tensor h) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
     m.impl("matvec", &matvec);
     m.impl("decode_attention", &decode_attention);
+    m.impl("rms_norm", &rms_norm);
+    m.impl("silu_mul", &silu_mul);
 }
