@@ -146,3 +146,39 @@ def test_elementwise_kernels_match_torch(dtype):
         torch.testing.assert_close(norm(x), rms_norm(x, norm.weight.detach(), 1e-5))
     assert silu_mul(h.double()) is None  # float64 stays with torch
     assert silu_mul(h[..., :-1].contiguous()) is None  # an odd width has no gate/up halves
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])  # rotary and grouped heads; learned positions, biases
+def test_decode_step_attention_matches_the_torch_ops(dtype, name, monkeypatch):
+    """An eager decode step's fused attention (rotation, cache writes, attention) against the same step run by torch's
+    ops: equal keys and values in the cache (bit for bit in bfloat16), logits to the dtype's tolerance."""
+    from lmforge.config import ModelConfig
+    from lmforge.generation.decode import Decoding
+    from lmforge.models import blocks, build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name(name, n_head=6, n_kv_head=2 if name == "tiny-llama" else 6, d_model=96)
+    model = build_model(cfg).to(dtype).eval()
+    ids = torch.randint(3, cfg.vocab_size, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # a left-padded row: its hidden keys and shifted positions
+    runs, kernel, used = [], blocks.decode_step_attention, []
+    for fused in (True, False):  # the kernel (each call counted), then torch's ops alone
+        monkeypatch.setattr(blocks, "decode_step_attention",
+                            (lambda *args: used.append(kernel(*args)) or used[-1]) if fused else (lambda *args: None))
+        with torch.inference_mode():
+            run = Decoding(model, ids, mask, 4, use_compile=False)
+            logits = [run.prefill(ids)]
+            for n in range(3):
+                logits.append(run.step(torch.tensor([5 + n, 9, 11 + n])))
+        runs.append((torch.stack(logits), [(a.kv_cache.k.clone(), a.kv_cache.v.clone()) for a in
+                                           (layer.attn for layer in model.layers)]))
+    assert len(used) == 3 * cfg.n_layer and all(y is not None for y in used)  # every decode step's every layer
+    (fused_logits, fused_cache), (torch_logits, torch_cache) = runs
+    for (k1, v1), (k2, v2) in zip(fused_cache, torch_cache):
+        exact = dict(rtol=0, atol=0) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(k1, k2, **exact)
+        torch.testing.assert_close(v1, v2, **exact)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(fused_logits, torch_logits, rtol=tol, atol=tol)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
-from lmforge.models.matvec import decode_attention, matvec, rms_norm, silu_mul, usable
+from lmforge.models.matvec import decode_attention, decode_step_attention, matvec, rms_norm, silu_mul, usable
 
 
 @dataclass
@@ -106,6 +106,13 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
+    def rows(self, b: int, rows: slice | None = None) -> tuple[Tensor, Tensor]:
+        """Views of the key and value buffers of cache rows `rows` (default [0, b)), which must hold b rows."""
+        ck, cv = (self.k[:b], self.v[:b]) if rows is None else (self.k[rows], self.v[rows])
+        if ck.shape[0] != b:
+            raise ValueError(f"cache rows {rows} hold {ck.shape[0]} rows, the input has {b}")
+        return ck, cv
+
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int,
                rows: slice | None = None) -> tuple[Tensor, Tensor]:
         """Write k, v (b, Hkv, T, D) at slots input_pos of cache rows `rows` (default [0, b)); return keys and
@@ -115,9 +122,7 @@ class KVCache(nn.Module):
         continuously batched server decodes them).
         """
         b = k.shape[0]
-        ck, cv = (self.k[:b], self.v[:b]) if rows is None else (self.k[rows], self.v[rows])  # views
-        if ck.shape[0] != b:
-            raise ValueError(f"cache rows {rows} hold {ck.shape[0]} rows, the input has {b}")
+        ck, cv = self.rows(b, rows)
         if input_pos.dim() == 1:
             ck.index_copy_(2, input_pos, k)
             cv.index_copy_(2, input_pos, v)
@@ -151,18 +156,25 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         cfg = self.config
         H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        qk, v = self.qkv(x).split([(H + Hkv) * D, Hkv * D], dim=-1)
+        p = cfg.dropout if self.training else 0.0
+        scale = D ** -0.5 if cfg.attn_scale is None else cfg.attn_scale
+        if input_pos is not None and self.kv_cache is None:
+            raise ValueError("input_pos was given but the model has no KV cache; call setup_cache first")
+        qkv = self.qkv(x)
+        if input_pos is not None and T == 1 and input_pos.dim() == 1 and not p and not is_causal:
+            # an eager decode step: rotation, cache writes and attention in one kernel where it applies
+            y = decode_step_attention(qkv, rotary, *self.kv_cache.rows(B, cache_rows), int(input_pos[0]), kv_len,
+                                      mask, scale, H)
+            if y is not None:
+                return self.out(y)
+        qk, v = qkv.split([(H + Hkv) * D, Hkv * D], dim=-1)
         qk = qk.view(B, T, H + Hkv, D).transpose(1, 2)  # (B, H + Hkv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         if rotary is not None:  # queries and keys rotated in one call
             qk = apply_rotary(qk, *rotary)
         q, k = qk.split([H, Hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
         if input_pos is not None:
-            if self.kv_cache is None:
-                raise ValueError("input_pos was given but the model has no KV cache; call setup_cache first")
             k, v = self.kv_cache.update(input_pos, k, v, kv_len, cache_rows)  # (B, Hkv, S, D)
-        p = cfg.dropout if self.training else 0.0
-        scale = D ** -0.5 if cfg.attn_scale is None else cfg.attn_scale
         y = None if p or is_causal else decode_attention(q, k, v, mask, scale)  # one new token: lmforge's kernel
         if y is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal,

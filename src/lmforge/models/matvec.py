@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_ROWS", "available", "decode_attention", "matvec", "rms_norm", "silu_mul", "usable"]
+__all__ = ["MAX_ROWS", "available", "decode_attention", "decode_step_attention", "matvec", "rms_norm", "silu_mul",
+           "usable"]
 
 MAX_ROWS = 16  # activation rows up to which a product is a decode step's (more rows: torch's GEMM)
 # bfloat16 weights on hosts without AVX512-BF16 (the kernel widens them to float32): from 4 rows on oneDNN's GEMM
@@ -159,3 +160,18 @@ def silu_mul(h: Tensor) -> Tensor | None:
     """silu(gate) * up of a decode step's gated-MLP rows h (..., 2F) holding gate then up, in one pass (bfloat16
     rounded where torch's silu and product round); None where the kernel does not apply."""
     return torch.ops.lmforge.silu_mul(h) if _eager_step(h) and h.shape[-1] % 2 == 0 else None
+
+
+def decode_step_attention(qkv: Tensor, rotary: tuple[Tensor, Tensor] | None, k_cache: Tensor, v_cache: Tensor,
+                          slot: int, kv_len: int, mask: Tensor | None, scale: float, n_head: int) -> Tensor | None:
+    """An eager decode step's whole attention from the fused projection qkv (B, 1, (H + 2 Hkv) D) in one op: q and
+    k rotated (rotary: cos, sin (B, 1, 1, D), or None), k and v written at `slot` of the caches (B, Hkv, L, D), in
+    place, then `decode_attention` over slots [0, kv_len) under mask; returns (B, 1, H D), or None where the kernel
+    does not apply (the caller then runs the torch ops)."""
+    if not (_eager_step(qkv) and k_cache.dtype == v_cache.dtype == qkv.dtype and qkv.dim() == 3
+            and qkv.shape[1] == 1 and (rotary is None or rotary[0].dtype == qkv.dtype)
+            and (mask is None or mask.dtype == torch.bool)):
+        return None
+    cos, sin = rotary if rotary is not None else (None, None)
+    return torch.ops.lmforge.decode_step_attention(qkv, cos, sin, k_cache, v_cache, slot, kv_len, mask, scale,
+                                                   n_head)

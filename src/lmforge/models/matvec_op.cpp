@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <initializer_list>
 #include <vector>
@@ -348,6 +349,102 @@ static at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k_in, 
     return out;
 }
 
+// y (D) = x * cos + rotate_half(x) * sin (rotate_half(x) = (-x2, x1) for the halves x1, x2), each product and the
+// sum rounded to x's dtype as torch's ops round them.
+static void rotate(const void *x, const void *cos, const void *sin, bool bf16, int64_t D, void *y) {
+    const int64_t half = D / 2;
+    float out[512];
+    for (int64_t i = 0; i < half; i++) {
+        const float x1 = value_at(x, bf16, i), x2 = value_at(x, bf16, half + i);
+        float a = x1 * value_at(cos, bf16, i), b = -x2 * value_at(sin, bf16, i);
+        float c = x2 * value_at(cos, bf16, half + i), d = x1 * value_at(sin, bf16, half + i);
+        if (bf16) { a = mv::round_bf16(a); b = mv::round_bf16(b); c = mv::round_bf16(c); d = mv::round_bf16(d); }
+        out[i] = a + b;
+        out[half + i] = c + d;
+    }
+    put(y, bf16, 0, out, D);
+}
+
+// One decode step's attention from the fused projection qkv (B, 1, (H + 2 Hkv) D), eager: queries and keys rotated
+// by cos, sin (B, 1, 1, D) where given, keys and values written at slot `slot` of k_cache, v_cache (B, Hkv, L, D)
+// (rows at stride D), then decode_attention's computation over slots [0, kv_len); result (B, 1, H D) in qkv's dtype.
+// The ~25 small torch ops this replaces (split, views, rotation, cache writes) cost eager decoding more than the
+// attention itself.
+static at::Tensor decode_step_attention(const at::Tensor &qkv, const std::optional<at::Tensor> &cos,
+                                        const std::optional<at::Tensor> &sin, at::Tensor &k_cache,
+                                        at::Tensor &v_cache, int64_t slot, int64_t kv_len,
+                                        const std::optional<at::Tensor> &mask, double scale, int64_t n_head) {
+    const int64_t B = qkv.size(0), Hkv = k_cache.size(1), D = k_cache.size(3), H = n_head;
+    check_rows(qkv, "decode_step_attention");
+    TORCH_CHECK(qkv.dim() == 3 && qkv.size(1) == 1 && qkv.size(2) == (H + 2 * Hkv) * D && H % Hkv == 0 &&
+                k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.size(0) == B &&
+                0 <= slot && slot < kv_len && kv_len <= k_cache.size(2) && D % 2 == 0 && D <= 512,
+                "lmforge::decode_step_attention: qkv ", qkv.sizes(), ", caches ", k_cache.sizes(), ", slot ", slot,
+                ", kv_len ", kv_len, " and ", n_head, " heads do not fit together");
+    TORCH_CHECK(k_cache.scalar_type() == qkv.scalar_type() && v_cache.scalar_type() == qkv.scalar_type() &&
+                k_cache.stride(3) == 1 && v_cache.stride(3) == 1 && k_cache.stride(2) == D && v_cache.stride(2) == D,
+                "lmforge::decode_step_attention: caches of qkv's dtype with rows at stride D");
+    const bool rope = cos.has_value();
+    at::Tensor c, s;
+    if (rope) {
+        c = cos->expand({B, 1, 1, D}).contiguous();
+        s = sin->expand({B, 1, 1, D}).contiguous();
+        TORCH_CHECK(c.scalar_type() == qkv.scalar_type() && s.scalar_type() == qkv.scalar_type(),
+                    "lmforge::decode_step_attention: cos and sin of qkv's dtype");
+    }
+    const bool bf16 = qkv.scalar_type() == at::kBFloat16;
+#ifdef MV_BF16DOT
+    const bool qf32 = !bf16;
+#else
+    const bool qf32 = true;
+#endif
+    at::Tensor m;
+    if (mask.has_value()) {
+        m = mask->to(at::kBool).reshape({-1, kv_len}).contiguous();
+        TORCH_CHECK(m.size(0) == 1 || m.size(0) == B, "lmforge::decode_step_attention: mask of ", mask->sizes(),
+                    " for ", B, " rows and ", kv_len, " keys");
+    }
+    const bool *mp = m.defined() ? m.data_ptr<bool>() : nullptr;
+    const int64_t mrows = m.defined() ? m.size(0) : 0, G = H / Hkv, elem = bf16 ? 2 : 4, W = (H + 2 * Hkv) * D;
+    const char *qkvp = static_cast<const char *>(qkv.const_data_ptr());
+    const char *cp = rope ? static_cast<const char *>(c.const_data_ptr()) : nullptr;
+    const char *sp = rope ? static_cast<const char *>(s.const_data_ptr()) : nullptr;
+    char *kp = static_cast<char *>(k_cache.data_ptr()), *vp = static_cast<char *>(v_cache.data_ptr());
+    at::Tensor out = at::empty({B, 1, H * D}, qkv.options());
+    char *obase = static_cast<char *>(out.data_ptr());
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> scores(G * kv_len), sums(G * D), qf(G * D);
+        std::vector<uint16_t> qb(bf16 ? G * D : 0);
+        for (int64_t task = begin; task < end; task++) {
+            const int64_t b = task / Hkv, h = task % Hkv;
+            const char *row = qkvp + b * W * elem, *cb = cp + b * D * elem, *sb = sp + b * D * elem;
+            char *kc = kp + (b * k_cache.stride(0) + h * k_cache.stride(1)) * elem;
+            char *vc = vp + (b * v_cache.stride(0) + h * v_cache.stride(1)) * elem;
+            const char *knew = row + (H + h) * D * elem, *vnew = row + (H + Hkv + h) * D * elem;
+            if (rope) rotate(knew, cb, sb, bf16, D, kc + slot * D * elem);
+            else std::memcpy(kc + slot * D * elem, knew, D * elem);
+            std::memcpy(vc + slot * D * elem, vnew, D * elem);
+            for (int64_t g = 0; g < G; g++) { // the task's queries, rotated, as scores_of takes them
+                const char *qsrc = row + (h * G + g) * D * elem;
+                void *qdst = bf16 ? (void *)(qb.data() + g * D) : (void *)(qf.data() + g * D);
+                if (rope) rotate(qsrc, cb, sb, bf16, D, qdst);
+                else std::memcpy(qdst, qsrc, D * elem);
+                if (bf16 && qf32)
+                    for (int64_t d = 0; d < D; d++) qf[g * D + d] = value_at(qb.data(), true, g * D + d);
+            }
+            const bool *seen = mp ? mp + (mrows == 1 ? 0 : b) * kv_len : nullptr;
+            int64_t n = kv_len; // keys [0, n): up to the row's last visible one
+            while (seen && n > 0 && !seen[n - 1]) n--;
+            float *o = bf16 ? sums.data() : (float *)obase + task * G * D;
+            if (n == 0) std::fill(o, o + G * D, NAN);
+            else attend(qf32 ? (const void *)qf.data() : (const void *)qb.data(), kc, vc, bf16, seen, (float)scale,
+                        scores.data(), G, n, D, o);
+            if (bf16) mv::to_bf16(o, (uint16_t *)obase + task * G * D, G * D);
+        }
+    });
+    return out;
+}
+
 // What the build uses on this host: 1 AVX-512, 2 int8 by VNNI, 4 bfloat16 by vdpbf16ps, 8 AMX tiles for bfloat16.
 static int64_t features() {
     int64_t f = 0;
@@ -372,6 +469,8 @@ TORCH_LIBRARY(lmforge, m) {
     m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
     m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
     m.def("silu_mul(Tensor h) -> Tensor");
+    m.def("decode_step_attention(Tensor qkv, Tensor? cos, Tensor? sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+          "int slot, int kv_len, Tensor? mask, float scale, int n_head) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
@@ -379,4 +478,5 @@ TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
     m.impl("decode_attention", &decode_attention);
     m.impl("rms_norm", &rms_norm);
     m.impl("silu_mul", &silu_mul);
+    m.impl("decode_step_attention", &decode_step_attention);
 }
