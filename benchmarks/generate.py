@@ -10,7 +10,9 @@ English prompt, lmforge and its reference called in turn for --rounds rounds, an
 the per-round speed ratio lmforge / reference as median [min - max]. On the CPU lmforge runs eager, then with
 `compile=True` (the first call's compile time is printed); against llama.cpp it runs its compiled step. Batch-1
 cases also print lmforge's fraction of the bandwidth bound: a decode step reads every weight once, so tokens/s
-<= read bandwidth / weight bytes (the bandwidth measured here by a streaming `sum`). References: transformers
+<= read bandwidth / weight bytes, the bandwidth measured by a streaming `sum` over 512 MiB that takes its turn in
+the same alternation (on the CPU; the host's memory speed drifts within a run), the fraction taken per round
+(median printed). References: transformers
 (the same weights, saved by lmforge as an HF folder and loaded by transformers, in the same dtype; int8 and Q4_1
 against its float32) and, when llama-cpp-python is installed, llama.cpp on the same GGUF file (2 threads, greedy
 and 10 samples one after the other, as its Python API generates them). Peak resident memory (VmHWM) of
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -87,10 +90,14 @@ def llama_cpp_call(llm, ids: torch.Tensor, new: int, samples: int):
 
 
 def report(name: str, rows: int, new: int, ours: list[float], theirs: list[float], ref: str,
-           bound: float | None = None) -> None:
+           bounds: list[float] | None = None) -> None:
+    """bounds: the bandwidth bound (tok/s) of each round, in the order of `ours`."""
     med, lo, hi = ratio_summary(ours, theirs)
     tps = [rows * new / sorted(t)[len(t) // 2] for t in (ours, theirs)]
-    extra = f" | lmforge at {tps[0] / bound:4.0%} of the {bound:.0f} tok/s bound" if bound else ""
+    extra = ""
+    if bounds:
+        share = statistics.median(rows * new / t / b for t, b in zip(ours, bounds, strict=True))
+        extra = f" | lmforge at {share:4.0%} of the bound ({statistics.median(bounds):.0f} tok/s)"
     print(f"{name:<34} lmforge {tps[0]:7.1f} tok/s | {ref} {tps[1]:7.1f} tok/s | "
           f"ratio {med:4.2f}x [{lo:.2f}-{hi:.2f}]{extra}", flush=True)
 
@@ -130,8 +137,20 @@ def compile_seconds(model: Decoder, ids: torch.Tensor, **kw) -> float:
     return time.perf_counter() - t
 
 
-def cpu_cases(args: argparse.Namespace, folder: Path, ids: torch.Tensor, bandwidth: float) -> None:
+class ReadProbe:
+    """A streaming read of 512 MiB (`sum`), a candidate of `alternate` beside the generate calls."""
+
+    def __init__(self):
+        self.x = torch.ones(128 * 2**20)
+        self.bytes = self.x.numel() * 4
+
+    def __call__(self):
+        return self.x.sum()
+
+
+def cpu_cases(args: argparse.Namespace, folder: Path, ids: torch.Tensor) -> None:
     cpu = torch.device("cpu")
+    probe = ReadProbe()
     new, rounds = args.new_tokens, args.rounds
     sampled = dict(do_sample=True, num_return_sequences=10)
     hf = {name: transformers_model(folder, getattr(torch, name), cpu) for name in ("float32", "bfloat16")}
@@ -150,16 +169,16 @@ def cpu_cases(args: argparse.Namespace, folder: Path, ids: torch.Tensor, bandwid
     modes = [False] if args.no_compile else [False, True]
     for name, model in models.items():
         ref_name = name if name in hf else "float32"
-        bound = bandwidth / weight_bytes(model)
         for compiled in modes if name != "Q4_1 kept" else [False]:
             label = f"{name}{' compiled' if compiled else ''}"
             if compiled:
                 print(f"  {label}: first call {compile_seconds(model, ids):.0f} s (compiling), batch of 10 "
                       f"{compile_seconds(model, ids, **sampled):.0f} s", flush=True)
             kw = {"compile": True} if compiled else {}
-            ours, theirs = alternate([lmforge_call(model, ids, new, **kw),
-                                      transformers_call(hf[ref_name], ids, new)], rounds)
-            report(f"batch-1 greedy, {label}", 1, new, ours, theirs, f"transformers {ref_name}", bound)
+            ours, theirs, reads = alternate([lmforge_call(model, ids, new, **kw),
+                                             transformers_call(hf[ref_name], ids, new), probe], rounds)
+            bounds = [probe.bytes / t / weight_bytes(model) for t in reads]
+            report(f"batch-1 greedy, {label}", 1, new, ours, theirs, f"transformers {ref_name}", bounds)
             if name in ("float32", "bfloat16"):
                 ours, theirs = alternate([lmforge_call(model, ids, new, **sampled, **kw),
                                           transformers_call(hf[name], ids, new, **sampled)], rounds)
@@ -191,7 +210,7 @@ def cuda_cases(args: argparse.Namespace, folder: Path, ids: torch.Tensor, bandwi
         ours, theirs = alternate([lmforge_call(model, rows, args.new_tokens),
                                   transformers_call(hf, rows, args.new_tokens)], args.rounds, cuda)
         report(f"batch-{batch} greedy, bfloat16 (compiled)", batch, args.new_tokens, ours, theirs,
-               "transformers eager", bandwidth * batch / weight_bytes(model))
+               "transformers eager", [bandwidth * batch / weight_bytes(model)] * len(ours))
 
 
 def main() -> None:
@@ -225,7 +244,7 @@ def main() -> None:
             cuda_cases(args, folder, ids, bandwidth)
             return None
         if not args.rss_only:
-            cpu_cases(args, folder, ids, bandwidth)
+            cpu_cases(args, folder, ids)
         if not args.skip_rss:
             rss = {(side, dtype): peak_rss([side, dtype, str(folder)])
                    for side, dtypes in (("lmforge", ("float32", "bfloat16", "int8", "keep-quantized")),
