@@ -8,8 +8,7 @@ import torch.nn.functional as F
 
 from lmforge.models.blocks import Linear, RMSNorm
 from lmforge.models.linear import BlockInt8Linear, Int8Linear
-from lmforge.models.matvec import (BF16_ROWS, MAX_ROWS, available, decode_attention, matvec, rms_norm, silu_mul,
-                                   usable)
+from lmforge.models.matvec import BF16_ROWS, MAX_ROWS, available, decode_attention, matvec, rms_norm, silu_mul, usable
 
 # N not a multiple of the 4-row blocks nor of the 16-row thread blocks; K with a tail after the 16-wide steps.
 SHAPES = [(1, 37, 40), (5, 130, 96), (MAX_ROWS, 67, 1568)]
@@ -176,7 +175,7 @@ def test_decode_step_attention_matches_the_torch_ops(dtype, name, monkeypatch):
                                            (layer.attn for layer in model.layers)]))
     assert len(used) == 3 * cfg.n_layer and all(y is not None for y in used)  # every decode step's every layer
     (fused_logits, fused_cache), (torch_logits, torch_cache) = runs
-    for (k1, v1), (k2, v2) in zip(fused_cache, torch_cache):
+    for (k1, v1), (k2, v2) in zip(fused_cache, torch_cache, strict=True):
         exact = dict(rtol=0, atol=0) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(k1, k2, **exact)
         torch.testing.assert_close(v1, v2, **exact)
