@@ -293,6 +293,33 @@ static void attend(const void *q, const void *k, const void *v, bool bf16, const
     weighted_sum(scores, S, v, bf16, seen, G, D, o);
 }
 
+#ifdef MV_BF16DOT
+constexpr bool FLOAT_QUERIES = false; // bfloat16 queries against bfloat16 keys by vdpbf16ps; float32 with float32
+#else
+constexpr bool FLOAT_QUERIES = true; // bfloat16 keys are widened against float32 queries
+#endif
+
+// A boolean key mask as (1 or B, S), checked against B rows and S keys; undefined when there is none.
+static at::Tensor key_mask(const std::optional<at::Tensor> &mask, int64_t B, int64_t S, const char *op) {
+    if (!mask.has_value()) return at::Tensor();
+    at::Tensor m = mask->to(at::kBool).reshape({-1, S}).contiguous();
+    TORCH_CHECK(m.size(0) == 1 || m.size(0) == B, "lmforge::", op, ": mask of ", mask->sizes(), " for ", B,
+                " rows and ", S, " keys");
+    return m;
+}
+
+// One task's result into out (G, D) in the dtype of k and v: keys up to the row's last visible one (NaN where none
+// is, as SDPA gives), summed in float32 (`sums` holds a bfloat16 result before it is rounded).
+static void attend_task(const void *q, const void *k, const void *v, bool bf16, const bool *seen, float scale,
+                        int64_t G, int64_t S, int64_t D, float *scores, float *sums, void *out) {
+    int64_t n = S;
+    while (seen && n > 0 && !seen[n - 1]) n--;
+    float *o = bf16 ? sums : (float *)out;
+    if (n == 0) std::fill(o, o + G * D, NAN);
+    else attend(q, k, v, bf16, seen, scale, scores, G, n, D, o);
+    if (bf16) mv::to_bf16(o, (uint16_t *)out, G * D);
+}
+
 // Attention of one new token per row: q (B, H, 1, D), k and v (B, Hkv, S, D) (the cache's filled slots: any batch
 // and head strides), H a multiple of Hkv (query head h reads key/value head h / (H / Hkv)), mask None or boolean
 // (B or 1, 1, 1, S), True where a key may be seen. Scores, softmax and sums in float32, the result in q's dtype.
@@ -312,20 +339,10 @@ static at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k_in, 
     // key and value rows at stride D (the cache's layout; anything else is copied into it)
     const at::Tensor k = k_in.stride(3) == 1 && k_in.stride(2) == D ? k_in : k_in.contiguous();
     const at::Tensor v = v_in.stride(3) == 1 && v_in.stride(2) == D ? v_in : v_in.contiguous();
-    const bool bf16 = q.scalar_type() == at::kBFloat16;
-#ifdef MV_BF16DOT
-    const bool qf32 = !bf16; // bfloat16 queries against bfloat16 keys by vdpbf16ps
-#else
-    const bool qf32 = true;
-#endif
+    const bool bf16 = q.scalar_type() == at::kBFloat16, qf32 = FLOAT_QUERIES || !bf16;
     at::Tensor qs = qf32 ? q.to(at::kFloat) : q; // a task's G query rows at stride D, as the split of a projection gives
     if (qs.stride(3) != 1 || qs.stride(1) != D) qs = qs.contiguous();
-    at::Tensor m;
-    if (mask.has_value()) {
-        m = mask->to(at::kBool).reshape({-1, S}).contiguous();
-        TORCH_CHECK(m.size(0) == 1 || m.size(0) == B, "lmforge::decode_attention: mask of ", mask->sizes(),
-                    " for ", B, " rows and ", S, " keys");
-    }
+    const at::Tensor m = key_mask(mask, B, S, "decode_attention");
     const bool *mp = m.defined() ? m.data_ptr<bool>() : nullptr;
     const int64_t mrows = m.defined() ? m.size(0) : 0, elem = bf16 ? 2 : 4, qelem = qf32 ? 4 : 2;
     const char *kp = static_cast<const char *>(k.const_data_ptr()), *vp = static_cast<const char *>(v.const_data_ptr());
@@ -336,14 +353,10 @@ static at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k_in, 
         std::vector<float> scores(G * S), sums(bf16 ? G * D : 0); // a bfloat16 result is summed here, then rounded
         for (int64_t task = begin; task < end; task++) {
             const int64_t b = task / Hkv, h = task % Hkv;
-            const bool *seen = mp ? mp + (mrows == 1 ? 0 : b) * S : nullptr;
-            int64_t n = S; // keys [0, n): up to the row's last visible one
-            while (seen && n > 0 && !seen[n - 1]) n--;
-            float *o = bf16 ? sums.data() : (float *)obase + task * G * D, *sc = scores.data();
-            if (n == 0) std::fill(o, o + G * D, NAN); // nothing to attend to (SDPA gives NaN too)
-            else attend(qp + (b * qs.stride(0) + h * G * D) * qelem, kp + (b * k.stride(0) + h * k.stride(1)) * elem,
-                        vp + (b * v.stride(0) + h * v.stride(1)) * elem, bf16, seen, (float)scale, sc, G, n, D, o);
-            if (bf16) mv::to_bf16(o, (uint16_t *)obase + task * G * D, G * D);
+            attend_task(qp + (b * qs.stride(0) + h * G * D) * qelem, kp + (b * k.stride(0) + h * k.stride(1)) * elem,
+                        vp + (b * v.stride(0) + h * v.stride(1)) * elem, bf16,
+                        mp ? mp + (mrows == 1 ? 0 : b) * S : nullptr, (float)scale, G, S, D, scores.data(),
+                        sums.data(), obase + task * G * D * elem);
         }
     });
     return out;
@@ -392,18 +405,8 @@ static at::Tensor decode_step_attention(const at::Tensor &qkv, const std::option
         TORCH_CHECK(c.scalar_type() == qkv.scalar_type() && s.scalar_type() == qkv.scalar_type(),
                     "lmforge::decode_step_attention: cos and sin of qkv's dtype");
     }
-    const bool bf16 = qkv.scalar_type() == at::kBFloat16;
-#ifdef MV_BF16DOT
-    const bool qf32 = !bf16;
-#else
-    const bool qf32 = true;
-#endif
-    at::Tensor m;
-    if (mask.has_value()) {
-        m = mask->to(at::kBool).reshape({-1, kv_len}).contiguous();
-        TORCH_CHECK(m.size(0) == 1 || m.size(0) == B, "lmforge::decode_step_attention: mask of ", mask->sizes(),
-                    " for ", B, " rows and ", kv_len, " keys");
-    }
+    const bool bf16 = qkv.scalar_type() == at::kBFloat16, qf32 = FLOAT_QUERIES || !bf16;
+    const at::Tensor m = key_mask(mask, B, kv_len, "decode_step_attention");
     const bool *mp = m.defined() ? m.data_ptr<bool>() : nullptr;
     const int64_t mrows = m.defined() ? m.size(0) : 0, G = H / Hkv, elem = bf16 ? 2 : 4, W = (H + 2 * Hkv) * D;
     const char *qkvp = static_cast<const char *>(qkv.const_data_ptr());
@@ -432,14 +435,9 @@ static at::Tensor decode_step_attention(const at::Tensor &qkv, const std::option
                 if (bf16 && qf32)
                     for (int64_t d = 0; d < D; d++) qf[g * D + d] = value_at(qb.data(), true, g * D + d);
             }
-            const bool *seen = mp ? mp + (mrows == 1 ? 0 : b) * kv_len : nullptr;
-            int64_t n = kv_len; // keys [0, n): up to the row's last visible one
-            while (seen && n > 0 && !seen[n - 1]) n--;
-            float *o = bf16 ? sums.data() : (float *)obase + task * G * D;
-            if (n == 0) std::fill(o, o + G * D, NAN);
-            else attend(qf32 ? (const void *)qf.data() : (const void *)qb.data(), kc, vc, bf16, seen, (float)scale,
-                        scores.data(), G, n, D, o);
-            if (bf16) mv::to_bf16(o, (uint16_t *)obase + task * G * D, G * D);
+            attend_task(qf32 ? (const void *)qf.data() : (const void *)qb.data(), kc, vc, bf16,
+                        mp ? mp + (mrows == 1 ? 0 : b) * kv_len : nullptr, (float)scale, G, kv_len, D,
+                        scores.data(), sums.data(), obase + task * G * D * elem);
         }
     });
     return out;
