@@ -8,7 +8,17 @@ import torch.nn.functional as F
 
 from lmforge.models.blocks import Linear, RMSNorm
 from lmforge.models.linear import BlockInt8Linear, Int8Linear
-from lmforge.models.matvec import BF16_ROWS, MAX_ROWS, available, decode_attention, matvec, rms_norm, silu_mul, usable
+from lmforge.models.matvec import (
+    BF16_ROWS,
+    MAX_ROWS,
+    available,
+    decode_attention,
+    matvec,
+    rms_norm,
+    silu_mul,
+    top_k,
+    usable,
+)
 
 # N not a multiple of the 4-row blocks nor of the 16-row thread blocks; K with a tail after the 16-wide steps.
 SHAPES = [(1, 37, 40), (5, 130, 96), (MAX_ROWS, 67, 1568)]
@@ -89,7 +99,7 @@ def _dequantized(module) -> torch.Tensor:
 
 
 def test_bad_inputs_name_the_shapes():
-    with pytest.raises(RuntimeError, match=r"x \(M, K\) and weight \(N, K\)"):
+    with pytest.raises(RuntimeError, match=r"x \(..., K\) and weight \(N, K\)"):
         matvec(torch.randn(1, 8), torch.randn(4, 9))
     with pytest.raises(RuntimeError, match="int8 weights need their scales"):
         matvec(torch.randn(1, 8), torch.zeros(4, 8, dtype=torch.int8))
@@ -145,6 +155,24 @@ def test_elementwise_kernels_match_torch(dtype):
         torch.testing.assert_close(norm(x), rms_norm(x, norm.weight.detach(), 1e-5))
     assert silu_mul(h.double()) is None  # float64 stays with torch
     assert silu_mul(h[..., :-1].contiguous()) is None  # an odd width has no gate/up halves
+
+
+@pytest.mark.parametrize("B, V, k", [(10, 49152, 50), (3, 1000, 1), (2, 37, 37), (4, 10, 3)])
+def test_top_k_matches_torch(B, V, k):
+    """Sampling's top_k: the values of torch.topk, largest first, and indices that hold them, with ties (repeated
+    values, in index order), -inf (banned tokens) and NaN (which torch ranks above every number); V not a multiple
+    of 16, and below 16."""
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(B, V, generator=g).mul(4).round().div(4)  # many equal values
+    x[0, ::3] = -float("inf")
+    x[-1, V // 2] = float("nan")
+    values, index = top_k(x, k)
+    torch.testing.assert_close(values, torch.topk(x, k).values, equal_nan=True)
+    torch.testing.assert_close(x.gather(1, index), values, equal_nan=True)
+    ties = values[:, 1:] == values[:, :-1]
+    assert bool((index[:, 1:] > index[:, :-1])[ties].all())
+    with pytest.raises(RuntimeError, match="k must be in"):
+        torch.ops.lmforge.topk(x, V + 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

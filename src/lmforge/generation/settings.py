@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.config import ModelConfig
+from lmforge.models.matvec import top_k
 
 __all__ = ["GenerationSettings", "default_dtype", "min_p_filter", "penalise", "preferred_dtype", "process_logits",
            "resolve_settings", "sample", "top_k_filter", "top_p_filter", "warp"]
@@ -245,7 +246,7 @@ def sample(scores: Tensor, s: GenerationSettings, generator: torch.Generator | N
         return scores.argmax(-1)
     index = None
     if 0 < s.top_k < scores.shape[-1]:
-        scores, index = torch.topk(scores, s.top_k)  # (B, k)
+        scores, index = top_k(scores, s.top_k)  # (B, k)
     token = torch.multinomial(warp(scores, s, 0).softmax(-1), 1, generator=generator)  # (B, 1)
     return (token if index is None else index.gather(1, token))[:, 0]
 

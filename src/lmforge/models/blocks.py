@@ -221,12 +221,16 @@ class Block(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool, rotary: tuple[Tensor, Tensor] | None,
                 input_pos: Tensor | None = None, kv_len: int | None = None,
                 cache_rows: slice | None = None) -> Tensor:
+        drop = self.dropout if self.training else _identity  # (a decode step makes no needless module calls)
         if self.pre_norm:
-            x = x + self.dropout(self.attn(self.attn_norm(x), mask, is_causal, rotary, input_pos, kv_len,
-                                           cache_rows))
-            return x + self.dropout(self.mlp(self.mlp_norm(x)))
-        x = self.attn_norm(x + self.dropout(self.attn(x, mask, is_causal, rotary, input_pos, kv_len, cache_rows)))
-        return self.mlp_norm(x + self.dropout(self.mlp(x)))
+            x = x + drop(self.attn(self.attn_norm(x), mask, is_causal, rotary, input_pos, kv_len, cache_rows))
+            return x + drop(self.mlp(self.mlp_norm(x)))
+        x = self.attn_norm(x + drop(self.attn(x, mask, is_causal, rotary, input_pos, kv_len, cache_rows)))
+        return self.mlp_norm(x + drop(self.mlp(x)))
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["MAX_ROWS", "available", "decode_attention", "decode_step_attention", "matvec", "rms_norm", "silu_mul",
-           "usable"]
+           "top_k", "usable"]
 
 MAX_ROWS = 16  # activation rows up to which a product is a decode step's (more rows: torch's GEMM)
 # bfloat16 weights on hosts without AVX512-BF16 (the kernel widens them to float32): from 4 rows on oneDNN's GEMM
@@ -39,6 +39,8 @@ BF16_DOT = 4  # bit of lmforge::matvec_features: bfloat16 x and W multiplied by 
 SOURCES = [Path(__file__).with_name("matvec_op.cpp"), Path(__file__).with_name("matvec_kernels.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w"]
 _state: dict[str, int] = {}
+_PLAIN = (Tensor, torch.nn.Parameter)  # weights the kernels read (not tensor subclasses: sharded, quantized, fake)
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 
 
 def _cpu_key() -> str:
@@ -86,7 +88,7 @@ def _build() -> bool:
 
 
 def _fake(x: Tensor, weight: Tensor, scale: Tensor | None) -> Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0])
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def _fake_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
@@ -103,25 +105,26 @@ def available() -> bool:
 def usable(x: Tensor, weight: Tensor) -> bool:
     """Whether a product of activations x (..., K) with `weight` (N, K) is a decode step's that `matvec` takes:
     CPU, no autograd, at most MAX_ROWS rows (BF16_ROWS for bfloat16 weights on hosts without AVX512-BF16),
-    plain contiguous tensors of a format the kernels read."""
-    autograd = x.requires_grad or weight.requires_grad and torch.is_grad_enabled()
-    if (x.device.type != "cpu" or autograd or type(x) is not Tensor or type(weight.data) is not Tensor
-            or weight.dtype not in (torch.float32, torch.bfloat16, torch.int8) or not weight.is_contiguous()
-            or not available()):
+    plain contiguous tensors of a format the kernels read. (Called for every product of every step: the cheap
+    checks first.)"""
+    if not (x.is_cpu and x.numel() <= MAX_ROWS * x.shape[-1] and type(x) is Tensor and available()):
         return False
-    dot = weight.dtype == x.dtype == torch.bfloat16 and _state["features"] & BF16_DOT
-    rows = BF16_ROWS if weight.dtype == torch.bfloat16 and not dot else MAX_ROWS
-    return x.numel() <= rows * x.shape[-1]
+    if type(weight) not in _PLAIN or weight.dtype not in _WEIGHT_DTYPES or not weight.is_contiguous():
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    if weight.dtype == torch.bfloat16 and not (x.dtype == torch.bfloat16 and _state["features"] & BF16_DOT):
+        return x.numel() <= BF16_ROWS * x.shape[-1]
+    return True
 
 
 def matvec(x: Tensor, weight: Tensor, scale: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
-    """x (..., K) . weight (N, K)^T [* scale] [+ bias], in x's dtype, accumulated in float32: the `usable`
-    cases only. int8 weights need `scale`: (N,) one per row, or (N, K / 32) one per block of 32 along K."""
+    """x (..., K) . weight (N, K)^T [* scale] [+ bias] -> (..., N), in x's dtype, accumulated in float32: the
+    `usable` cases only. int8 weights need `scale`: (N,) one per row, or (N, K / 32) one per block of 32 along K."""
     if not available():
         raise RuntimeError("lmforge's matvec kernels are not built on this host (see the warning above); check "
                            "`usable` before calling matvec")
-    y = torch.ops.lmforge.matvec(x.reshape(-1, x.shape[-1]), weight, scale)
-    y = y.view(*x.shape[:-1], weight.shape[0])
+    y = torch.ops.lmforge.matvec.default(x, weight, scale)
     return y if bias is None else y + bias
 
 
@@ -142,8 +145,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale
 def _eager_step(x: Tensor, *params: Tensor) -> bool:
     """Whether x is an eager decode step's activation that the element-wise kernels take: CPU, no autograd, not
     being compiled (inductor fuses these steps itself), at most MAX_ROWS rows, float32 or bfloat16, contiguous."""
-    return (x.device.type == "cpu" and type(x) is Tensor and x.dtype in (torch.float32, torch.bfloat16)
-            and x.numel() <= MAX_ROWS * x.shape[-1] and x.is_contiguous()
+    return (x.is_cpu and x.numel() <= MAX_ROWS * x.shape[-1] and type(x) is Tensor
+            and x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous()
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)))
             and not torch.compiler.is_compiling() and available())
 
@@ -175,3 +178,12 @@ def decode_step_attention(qkv: Tensor, rotary: tuple[Tensor, Tensor] | None, k_c
     cos, sin = rotary if rotary is not None else (None, None)
     return torch.ops.lmforge.decode_step_attention(qkv, cos, sin, k_cache, v_cache, slot, kv_len, mask, scale,
                                                    n_head)
+
+
+def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """torch.topk(scores, k) of scores (B, V) (values largest first, and their indices), by lmforge's one-pass
+    kernel for float32 CPU scores (equal values in index order); torch.topk elsewhere."""
+    if (scores.is_cpu and scores.dtype == torch.float32 and scores.dim() == 2 and scores.is_contiguous()
+            and type(scores) is Tensor and 1 <= k <= scores.shape[-1] and available()):
+        return torch.ops.lmforge.topk.default(scores, k)
+    return torch.topk(scores, k)
