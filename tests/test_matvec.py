@@ -171,6 +171,8 @@ def test_top_k_matches_torch(B, V, k):
     torch.testing.assert_close(x.gather(1, index), values, equal_nan=True)
     ties = values[:, 1:] == values[:, :-1]
     assert bool((index[:, 1:] > index[:, :-1])[ties].all())
+    if k == 1:  # greedy decoding's argmax: the first of equal maxima (and the first NaN)
+        assert torch.equal(index[:, 0], x.argmax(-1))
     with pytest.raises(RuntimeError, match="k must be in"):
         torch.ops.lmforge.topk(x, V + 1)
 

@@ -243,7 +243,7 @@ def sample(scores: Tensor, s: GenerationSettings, generator: torch.Generator | N
     for a fraction of the work at large vocabularies.
     """
     if not s.do_sample:
-        return scores.argmax(-1)
+        return top_k(scores, 1)[1][:, 0]  # the first of equal maxima, as argmax; one pass on the CPU
     index = None
     if 0 < s.top_k < scores.shape[-1]:
         scores, index = top_k(scores, s.top_k)  # (B, k)

@@ -182,8 +182,12 @@ def decode_step_attention(qkv: Tensor, rotary: tuple[Tensor, Tensor] | None, k_c
 
 def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """torch.topk(scores, k) of scores (B, V) (values largest first, and their indices), by lmforge's one-pass
-    kernel for float32 CPU scores (equal values in index order); torch.topk elsewhere."""
+    kernel for float32 CPU scores (equal values in index order); elsewhere torch.topk, or for k = 1 argmax (the
+    first of equal maxima, as the kernel picks it)."""
     if (scores.is_cpu and scores.dtype == torch.float32 and scores.dim() == 2 and scores.is_contiguous()
             and type(scores) is Tensor and 1 <= k <= scores.shape[-1] and available()):
         return torch.ops.lmforge.topk.default(scores, k)
+    if k == 1:
+        index = scores.argmax(-1, keepdim=True)
+        return scores.gather(-1, index), index
     return torch.topk(scores, k)
