@@ -183,6 +183,20 @@ def test_compiled_step_traces_whole_and_matches(tiny_pair, weights, monkeypatch)
     assert model in decode._compiled_steps  # the compiled step ran, not a fallback
 
 
+def test_compiled_steps_pick_the_right_graph_without_all_guards(tiny_pair, monkeypatch):
+    """Steps after a call's first skip dynamo's guards that never told graphs apart: models of other formats
+    (an int8 swap of the same model), other batch sizes and a model seen again, in turn, all give eager's tokens
+    (the steps of a call reusing the first step's graph with another model's weights would not, or would fail)."""
+    _, model = tiny_pair
+    int8 = quantize(copy.deepcopy(model), "int8")
+    torch._dynamo.reset()
+    monkeypatch.setattr(decode, "_compiled_steps", weakref.WeakKeyDictionary())
+    ids, mask = _prompts([5, 3], pad=0)
+    for m, rows in ((model, 2), (int8, 2), (model, 2), (model, 1), (int8, 1), (model, 2)):
+        expected = generate_ids(m, ids[:rows], mask[:rows], max_new_tokens=5)
+        assert torch.equal(generate_ids(m, ids[:rows], mask[:rows], max_new_tokens=5, compile=True), expected)
+
+
 def _decode_vs_full(model, ids, mask, extra: torch.Tensor):
     """Logits of each token of `extra` (B, N) fed one at a time after a prefill of ids (B, P), and the logits of
     the full-sequence forward at the same positions."""
