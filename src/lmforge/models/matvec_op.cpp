@@ -18,15 +18,17 @@ static at::Tensor matvec(const at::Tensor &x_in, const at::Tensor &weight, const
                 "lmforge::matvec takes x (..., K) and weight (N, K), got ", x_in.sizes(), " and ", weight.sizes());
     TORCH_CHECK(x_in.device().is_cpu() && weight.device().is_cpu() && weight.is_contiguous(),
                 "lmforge::matvec takes CPU tensors and a contiguous weight");
-    const at::Tensor x = x_in.reshape({-1, x_in.size(-1)});
-    const int64_t M = x.size(0), N = weight.size(0), K = x.size(1);
+    // rows of x as they lie where x is contiguous (a decode step's: no reshape, conversion or view to dispatch)
+    const at::Tensor x = x_in.is_contiguous() ? x_in : x_in.reshape({-1, x_in.size(-1)}).contiguous();
+    const int64_t K = x.size(-1), M = x.numel() / std::max<int64_t>(K, 1), N = weight.size(0);
+    TORCH_CHECK(K > 0, "lmforge::matvec takes K > 0, got x ", x_in.sizes());
     std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
     shape.back() = N;
     // a bfloat16 x gets a bfloat16 y: each thread rounds the rows it computed from a float32 scratch that the
     // calling thread keeps (a fresh one per call costs page faults: 2 MB for a 10-row step's vocabulary logits)
     const bool bf16_out = x.scalar_type() == at::kBFloat16;
     at::Tensor yb = bf16_out ? at::empty(shape, x.options()) : at::Tensor();
-    at::Tensor y = bf16_out ? at::Tensor() : at::empty({M, N}, x.options().dtype(at::kFloat));
+    at::Tensor y = bf16_out ? at::Tensor() : at::empty(shape, x.options().dtype(at::kFloat));
     thread_local std::vector<float> scratch;
     if (bf16_out && scratch.size() < (size_t)(M * N)) scratch.resize(M * N);
     uint16_t *ybp = bf16_out ? reinterpret_cast<uint16_t *>(yb.data_ptr()) : nullptr;
@@ -34,13 +36,12 @@ static at::Tensor matvec(const at::Tensor &x_in, const at::Tensor &weight, const
     const int threads = at::get_num_threads();
 #ifdef MV_BF16DOT
     if (weight.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16) { // both bfloat16: exact products
-        at::Tensor xb = x.contiguous();
-        mv_bf16_dot(reinterpret_cast<const uint16_t *>(xb.data_ptr()),
+        mv_bf16_dot(reinterpret_cast<const uint16_t *>(x.data_ptr()),
                     reinterpret_cast<const uint16_t *>(weight.data_ptr()), yp, M, N, K, threads, ybp);
         return yb;
     }
 #endif
-    at::Tensor xf = x.to(at::kFloat).contiguous();
+    at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
     const float *xp = xf.data_ptr<float>();
     switch (weight.scalar_type()) {
     case at::kFloat:
@@ -65,7 +66,7 @@ static at::Tensor matvec(const at::Tensor &x_in, const at::Tensor &weight, const
         TORCH_CHECK(false, "lmforge::matvec: weights of dtype ", weight.scalar_type(), " are not supported");
     }
     if (yb.defined()) return yb;
-    return (x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type())).view(shape);
+    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
 #ifdef MV_AVX512
