@@ -17,6 +17,7 @@ Shapes: B rows being decoded, P prompt length, L cache length, V vocabulary.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,6 +40,7 @@ SEQ2SEQ_OPTIONS = ("decoder_input_ids", "decoder_start_token_id")  # generation 
 STATIC_CACHE_STEP = 256  # compiled steps round the cache length up to this, so later calls reuse the graphs
 
 _compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_STEP_LOCK = threading.Lock()  # compiled steps run one at a time (see Decoding.step)
 
 
 def compiled_step(model: Decoder) -> Callable[..., Any]:
@@ -110,8 +112,9 @@ class Decoding:
             # CPU: the first step of a call checks all of dynamo's guards and picks (or compiles) the graph; the
             # later ones only check the guards that tell the cached graphs apart (~1 ms of a ~5 ms step outside
             # the products): within one call the model, its modules and cache, and every input's shape, dtype
-            # and device are those of the first step, only the inputs' values change.
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=self.guarded and not cuda):
+            # and device are those of the first step, only the inputs' values change. The stance is global to
+            # the process: one thread's compiled step at a time, so no other thread's first step runs under it.
+            with _STEP_LOCK, torch.compiler.set_stance("default", skip_guard_eval_unsafe=self.guarded and not cuda):
                 logits = compiled_step(self.model)(token[:, None], attention_mask=self.mask,
                                                    position_ids=self.position[:, None], input_pos=input_pos).logits
             self.guarded = True
