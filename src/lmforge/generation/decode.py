@@ -86,7 +86,8 @@ class Decoding:
         self.guarded = False  # a compiled step of this call has run under all of dynamo's guards
 
     def prefill(self, input_ids: Tensor, copies: int = 1) -> Tensor:
-        """Run the prompts, return the last logits (B, V) in float32. `copies` > 1: rows come in groups of that
+        """Run the prompts, return the last logits (B, V) in float32 (the caller's own: the decode loops change
+        them in place). `copies` > 1: rows come in groups of that
         many equal prompts (sequences or beams of one prompt); each group runs once and its cache row is
         copied to the group's rows."""
         B, P = input_ids.shape
@@ -103,7 +104,7 @@ class Decoding:
         return logits
 
     def step(self, token: Tensor) -> Tensor:
-        """Logits (B, V) in float32 after feeding token (B,) at the next slot."""
+        """Logits (B, V) in float32 after feeding token (B,) at the next slot (the caller's own, as prefill's)."""
         self.position = self.position + 1
         input_pos = torch.tensor([self.length], device=self.device)
         self.length += 1
@@ -147,7 +148,8 @@ class Seq2SeqDecoding:
 
     def prefill(self, decoder_input_ids: Tensor, copies: int = 1) -> Tensor:
         """Encode the prompts, remember the cross-attention keys/values, run the decoder prompts (B, P); the
-        last logits (B, V) in float32. (`copies` is implied: the rows of a prompt share its encoder row.)"""
+        last logits (B, V) in float32, the caller's own. (`copies` is implied: the rows of a prompt share its
+        encoder row.)"""
         memory = self.model.encode(self.input_ids, self.memory_mask)
         self.model.remember(memory)
         P = decoder_input_ids.shape[1]
@@ -157,7 +159,7 @@ class Seq2SeqDecoding:
         return out.logits[:, -1].float()
 
     def step(self, token: Tensor) -> Tensor:
-        """Logits (B, V) in float32 after feeding token (B,) at the next decoder position."""
+        """Logits (B, V) in float32 after feeding token (B,) at the next decoder position (the caller's own)."""
         input_pos = torch.tensor([self.length], device=self.device)
         self.length += 1
         out = self.model.decode(token[:, None], memory_mask=self.memory_mask, input_pos=input_pos)
@@ -200,7 +202,7 @@ def token_loop(run: Decoding, input_ids: Tensor, s: GenerationSettings, generato
     logits = run.prefill(input_ids, s.num_return_sequences)
     for n in range(s.max_new_tokens):
         cur = P + n
-        scores = penalise(logits, seqs[:, :cur], run.mask[:, :cur], n, s) if penalised else logits
+        scores = penalise(logits, seqs[:, :cur], run.mask[:, :cur], n, s, owned=True) if penalised else logits
         token = sample(scores, s, generator)
         token = torch.where(unfinished, token, s.pad_id)
         seqs[:, cur] = token

@@ -210,14 +210,16 @@ def process_logits(scores: Tensor, seqs: Tensor, valid: Tensor, new_tokens: int,
     return warp(scores, s, s.top_k, min_keep) if s.do_sample else scores
 
 
-def penalise(scores: Tensor, seqs: Tensor, valid: Tensor, new_tokens: int, s: GenerationSettings) -> Tensor:
-    """The processors that do not depend on sampling: repetition penalty, n-gram ban, min_new_tokens."""
+def penalise(scores: Tensor, seqs: Tensor, valid: Tensor, new_tokens: int, s: GenerationSettings,
+             owned: bool = False) -> Tensor:
+    """The processors that do not depend on sampling: repetition penalty, n-gram ban, min_new_tokens. `owned`:
+    scores may be changed in place (a decode loop's own logits: no copy of (B, V) per step)."""
     if s.repetition_penalty != 1.0:
         scores = apply_repetition_penalty(scores, seqs, valid, s.repetition_penalty)
     if s.no_repeat_ngram_size > 0:
         scores = ban_repeated_ngrams(scores, seqs, s.no_repeat_ngram_size)
     if new_tokens < s.min_new_tokens and s.eos_ids:
-        scores = scores.clone()
+        scores = scores if owned else scores.clone()
         scores[:, list(s.eos_ids)] = -math.inf
     return scores
 
