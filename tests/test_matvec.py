@@ -103,6 +103,8 @@ def test_bad_inputs_name_the_shapes():
         matvec(torch.randn(1, 8), torch.randn(4, 9))
     with pytest.raises(RuntimeError, match="int8 weights need their scales"):
         matvec(torch.randn(1, 8), torch.zeros(4, 8, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match=r"K > 0, got x \[3, 0\]"):
+        matvec(torch.randn(3, 0), torch.randn(4, 0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

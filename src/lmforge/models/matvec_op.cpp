@@ -20,8 +20,8 @@ static at::Tensor matvec(const at::Tensor &x_in, const at::Tensor &weight, const
                 "lmforge::matvec takes CPU tensors and a contiguous weight");
     // rows of x as they lie where x is contiguous (a decode step's: no reshape, conversion or view to dispatch)
     const at::Tensor x = x_in.is_contiguous() ? x_in : x_in.reshape({-1, x_in.size(-1)}).contiguous();
-    const int64_t K = x.size(-1), M = x.numel() / std::max<int64_t>(K, 1), N = weight.size(0);
-    TORCH_CHECK(K > 0, "lmforge::matvec takes K > 0, got x ", x_in.sizes());
+    TORCH_CHECK(x.size(-1) > 0, "lmforge::matvec takes K > 0, got x ", x_in.sizes());
+    const int64_t K = x.size(-1), M = x.numel() / K, N = weight.size(0);
     std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
     shape.back() = N;
     // a bfloat16 x gets a bfloat16 y: each thread rounds the rows it computed from a float32 scratch that the
